@@ -1,0 +1,301 @@
+"""Run fp32 and int8 side by side on a soak fixture and turn the outputs into a verdict."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import FixtureError, SignatureMismatchError
+from .metrics import (
+    DegenerateOutputError,
+    DropTerm,
+    Interval,
+    PairMetrics,
+    bootstrap_drop,
+    check_finite_and_varying,
+    pair_metrics,
+    samples_needed,
+)
+from .soak import FeedPlan, Fixture, TensorSpec
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from .registry import Entry
+
+PASS, FAIL = "PASS", "FAIL"
+
+
+def signature(session: ort.InferenceSession) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Return the (inputs, outputs) of a session as TensorSpecs."""
+
+    def spec(arg: Any) -> TensorSpec:
+        return TensorSpec(arg.name, arg.type, tuple(arg.shape))
+
+    return tuple(spec(a) for a in session.get_inputs()), tuple(spec(a) for a in session.get_outputs())
+
+
+def check_signatures(fp32: ort.InferenceSession, int8: ort.InferenceSession, fp32_name: str, int8_name: str) -> None:
+    """Refuse an int8 graph whose inputs or outputs differ from the fp32 graph's (names, types, fixed dims)."""
+    (fi, fo), (qi, qo) = signature(fp32), signature(int8)
+    for kind, ref, test in (("inputs", fi, qi), ("outputs", fo, qo)):
+        ref_names = [s.name for s in ref]
+        test_names = [s.name for s in test]
+        if sorted(ref_names) != sorted(test_names):
+            raise SignatureMismatchError(
+                f"{int8_name}: int8 graph {kind} {test_names} differ from the fp32 graph's {ref_names} ({fp32_name})"
+            )
+        by_name = {s.name: s for s in test}
+        for r in ref:
+            t = by_name[r.name]
+            fixed_r = tuple(d if isinstance(d, int) else None for d in r.shape)
+            fixed_t = tuple(d if isinstance(d, int) else None for d in t.shape)
+            if r.type != t.type or fixed_r != fixed_t:
+                raise SignatureMismatchError(
+                    f"{int8_name}: int8 {kind[:-1]} {r.name!r} is {t.describe()}, the fp32 graph has {r.describe()}"
+                )
+
+
+def run_model(session: ort.InferenceSession, fixture: Fixture, plan: FeedPlan, label: str) -> dict[str, np.ndarray]:
+    """Run a session over every fixture sample; return each output with samples on axis 0."""
+    names = [o.name for o in session.get_outputs()]
+    pieces: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for part in plan.slices():
+        if plan.batched:
+            feed = {k: v[part] for k, v in fixture.inputs.items()}
+        else:
+            feed = {k: v[part.start] for k, v in fixture.inputs.items()}
+        outs = session.run(names, feed)
+        for name, out in zip(names, outs):
+            out = np.asarray(out)
+            if plan.batched:
+                count = part.stop - part.start
+                if out.ndim == 0 or out.shape[0] != count:
+                    raise FixtureError(
+                        f"{label}: output {name!r} has shape {out.shape} for a batch of {count}; the model does "
+                        f"not keep the batch axis, so stack one model input per sample (add a leading axis)"
+                    )
+                pieces[name].append(out)
+            else:
+                pieces[name].append(out[None, ...])
+    return {n: np.concatenate(p, axis=0) for n, p in pieces.items()}
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    """Metrics of one output: int8 vs fp32, and fp32/int8 vs target where the output has one."""
+
+    name: str
+    drop: float
+    vs_fp32: PairMetrics
+    fp32_vs_target: PairMetrics | None = None
+    int8_vs_target: PairMetrics | None = None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The verdict of one entry on one EP, with every number needed to explain it."""
+
+    entry_id: str
+    ep: str
+    mode: str
+    samples: int
+    budget: float
+    verdict: str
+    reason: str
+    kind: str  # "pass" | "drop" | "nonfinite" | "constant" | "affine" | "mae" | "max_abs" | "unresolved"
+    drop: float | None = None
+    interval: Interval | None = None
+    outputs: tuple[OutputReport, ...] = ()
+    compare: str = "output"
+    decision: str = "point"
+    needed_samples: int | None = None
+    warnings: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Return True when the sidecar passed."""
+        return self.verdict == PASS
+
+    @property
+    def headroom(self) -> float | None:
+        """Return budget / drop (how many times the drop fits in the budget); inf when drop <= 0."""
+        if self.drop is None:
+            return None
+        return float("inf") if self.drop <= 0 else self.budget / self.drop
+
+    def to_row(self) -> dict[str, Any]:
+        """Return a JSON-able summary row (travels from xdist workers to the controller)."""
+        row = {
+            "id": self.entry_id,
+            "ep": self.ep,
+            "mode": self.mode,
+            "samples": self.samples,
+            "drop": self.drop,
+            "budget": self.budget,
+            "headroom": self.headroom,
+            "verdict": self.verdict,
+            "kind": self.kind,
+            "reason": self.reason,
+            "decision": self.decision,
+            "ci": [self.interval.low, self.interval.high] if self.interval else None,
+            "ci_level": self.interval.level if self.interval else None,
+            "needed_samples": self.needed_samples,
+            "warnings": list(self.warnings),
+            "outputs": [
+                {
+                    "name": o.name,
+                    "drop": o.drop,
+                    "vs_fp32": asdict(o.vs_fp32),
+                    "fp32_vs_target": asdict(o.fp32_vs_target) if o.fp32_vs_target else None,
+                    "int8_vs_target": asdict(o.int8_vs_target) if o.int8_vs_target else None,
+                }
+                for o in self.outputs
+            ],
+        }
+        row.update(self.extra)
+        return row
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Statistics knobs that come from the settings."""
+
+    bootstrap: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+    decision: str = "point"
+    strict: bool = False
+
+
+def _residual_base(entry: Entry, fixture: Fixture, inputs: Sequence[TensorSpec], output: str) -> np.ndarray:
+    name = entry.residual_input
+    if name is None:
+        if len(inputs) != 1:
+            raise FixtureError(
+                f"entry {entry.id!r}: quant_compare is 'residual' but the model has {len(inputs)} inputs; "
+                f"name one in 'quant_residual_input'"
+            )
+        name = inputs[0].name
+    if name not in fixture.inputs:
+        raise FixtureError(f"entry {entry.id!r}: quant_residual_input {name!r} is not a model input")
+    return fixture.inputs[name].astype(np.float64)
+
+
+def _target_output(entry: Entry, outputs: Sequence[TensorSpec], fixture: Fixture) -> str | None:
+    if fixture.target is None:
+        return None
+    names = [o.name for o in outputs]
+    if entry.target_output is not None:
+        if entry.target_output not in names:
+            raise FixtureError(f"entry {entry.id!r}: quant_target_output {entry.target_output!r} is not an output {names}")
+        return entry.target_output
+    if len(names) != 1:
+        raise FixtureError(
+            f"{fixture.path}: has a 'target' but the model has outputs {names}; "
+            f"name the one it belongs to in the entry's 'quant_target_output'"
+        )
+    return names[0]
+
+
+def _seed_for(base: int, entry_id: str) -> int:
+    # a stable per-entry stream: verdicts never depend on collection order or on the xdist worker
+    return base ^ int.from_bytes(hashlib.sha256(entry_id.encode()).digest()[:4], "little")
+
+
+def compare(
+    entry: Entry,
+    ep: str,
+    fixture: Fixture,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    fp32_out: Mapping[str, np.ndarray],
+    int8_out: Mapping[str, np.ndarray],
+    options: CompareOptions,
+) -> GateResult:
+    """Compute every metric, the drop and its interval, and decide the verdict."""
+    samples = fixture.samples
+    base = dict(entry_id=entry.id, ep=ep, mode=entry.mode, samples=samples, budget=entry.budget_plcc,
+                compare=entry.compare, decision=options.decision)
+    target_name = _target_output(entry, outputs, fixture)
+    reports: list[OutputReport] = []
+    terms: list[DropTerm] = []
+    for spec in outputs:
+        ref = fp32_out[spec.name].astype(np.float64)
+        test = int8_out[spec.name].astype(np.float64)
+        target = None
+        if spec.name == target_name:
+            target = fixture.target.astype(np.float64).reshape(ref.shape) if fixture.target.size == ref.size else None
+            if target is None:
+                raise FixtureError(
+                    f"{fixture.path}: 'target' has shape {fixture.target.shape}, output {spec.name!r} has {ref.shape}"
+                )
+        if entry.compare == "residual":
+            resid = _residual_base(entry, fixture, inputs, spec.name)
+            if resid.size != ref.size:
+                raise FixtureError(
+                    f"entry {entry.id!r}: residual comparison needs output {spec.name!r} {ref.shape} and its input "
+                    f"{resid.shape} to have the same shape"
+                )
+            resid = resid.reshape(ref.shape)
+            ref, test = ref - resid, test - resid
+            if target is not None:
+                target = target - resid
+        try:
+            check_finite_and_varying(ref, f"fp32 output {spec.name!r}")
+            check_finite_and_varying(test, f"int8 output {spec.name!r}")
+        except DegenerateOutputError as exc:
+            return GateResult(**base, verdict=FAIL, kind=exc.kind, reason=str(exc), outputs=tuple(reports))
+        vs_fp32 = pair_metrics(ref, test)
+        if target is not None:
+            fp32_t, int8_t = pair_metrics(ref, target), pair_metrics(test, target)
+            drop = fp32_t.plcc - int8_t.plcc
+            reports.append(OutputReport(spec.name, drop, vs_fp32, fp32_t, int8_t))
+        else:
+            reports.append(OutputReport(spec.name, 1.0 - vs_fp32.plcc, vs_fp32))
+        terms.append(DropTerm(ref, test, target))
+
+    worst = max(reports, key=lambda r: r.drop)
+    drop = worst.drop
+    interval = bootstrap_drop(terms, samples, options.bootstrap, _seed_for(options.seed, entry.id), options.confidence)
+    needed = samples_needed(samples, interval, drop, entry.budget_plcc) if interval else None
+    warnings: list[str] = []
+    if entry.min_samples is not None and samples < entry.min_samples:
+        warnings.append(f"fixture has {samples} samples, fewer than quant_min_samples={entry.min_samples}")
+    if needed is not None:
+        warnings.append(
+            f"the {interval.level:.0%} interval [{interval.low:.6f}, {interval.high:.6f}] straddles the budget "
+            f"{entry.budget_plcc:g}: this fixture cannot resolve the verdict; about {needed} samples would"
+        )
+    common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
+                  warnings=tuple(warnings))
+
+    # the verdict: first the absolute checks (PLCC ignores gain and offset), then the drop
+    for rep in reports:
+        m = rep.vs_fp32
+        if abs(m.slope - 1.0) > entry.budget_slope or m.offset_rel > entry.budget_slope:
+            return GateResult(**common, verdict=FAIL, kind="affine", reason=(
+                f"output {rep.name!r}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset error exceeds "
+                f"quant_budget_slope {entry.budget_slope:g} (|slope−1| {abs(m.slope - 1):.4f}, "
+                f"offset {m.offset_rel:.4f} std)"))
+        if entry.budget_mae is not None and m.mae > entry.budget_mae:
+            return GateResult(**common, verdict=FAIL, kind="mae", reason=(
+                f"output {rep.name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae {entry.budget_mae:g}"))
+        if entry.budget_max_abs is not None and m.max_abs > entry.budget_max_abs:
+            return GateResult(**common, verdict=FAIL, kind="max_abs", reason=(
+                f"output {rep.name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds quant_budget_max_abs "
+                f"{entry.budget_max_abs:g}"))
+    over = drop > entry.budget_plcc
+    if options.decision == "conservative" and interval is not None:
+        over = interval.high > entry.budget_plcc
+    if over:
+        bound = "" if options.decision == "point" else f" (upper {interval.level:.0%} bound {interval.high:.6f})"
+        return GateResult(**common, verdict=FAIL, kind="drop", reason=(
+            f"PLCC drop {drop:.6f} > budget {entry.budget_plcc:g}{bound} on output {worst.name!r}"))
+    return GateResult(**common, verdict=PASS, kind="pass", reason=(
+        f"PLCC drop {drop:.6f} <= budget {entry.budget_plcc:g}"))

@@ -1,0 +1,127 @@
+"""The gate for one entry on one EP, independent of pytest: check inputs, run both models, compare."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .comparison import CompareOptions, GateResult, check_signatures, compare, run_model, signature
+from .errors import HashMismatchError, ModelFileError
+from .fileio import sha256_file
+from .providers import SessionSpec, open_session
+from .registry import Entry, Registry
+from .settings import Settings
+from .soak import FeedPlan, Fixture, TensorSpec, find_fixture, load_fixture, plan_feeds
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything checked and loaded for one (entry, EP): ready to run."""
+
+    entry: Entry
+    ep: str
+    fp32_path: Path
+    int8_path: Path
+    fp32_sha256: str
+    int8_sha256: str
+    fixture: Fixture
+    plan: FeedPlan
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    fp32: ort.InferenceSession
+    int8: ort.InferenceSession
+
+
+def check_model_file(path: Path, role: str, entry: Entry, registry: Registry) -> None:
+    """Refuse a missing, empty or unsafe ONNX file before ORT sees it."""
+    if not path.exists():
+        raise ModelFileError(f"{registry.path}: entry {entry.id!r}: {role} model {path} does not exist")
+    if not path.is_file():
+        raise ModelFileError(f"{registry.path}: entry {entry.id!r}: {role} model {path} is not a file")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{registry.path}: entry {entry.id!r}: {role} model {path} is empty")
+    check_external_data(path)
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX file whose external data points outside its own folder (or cannot be parsed)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends for garbage and truncated files
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    folder = path.parent.resolve()
+    for tensor in _all_tensors(model.graph):
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            target = (path.parent / location).resolve()
+            if Path(location).is_absolute() or not target.is_relative_to(folder):
+                raise ModelFileError(
+                    f"{path}: initializer {tensor.name!r} reads external data from {location!r}, outside {folder}"
+                )
+
+
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Yield every initializer and attribute tensor of a graph, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def check_hash(path: Path, pinned: str | None, field: str, entry: Entry, registry: Registry) -> str:
+    """Return the file's sha256; raise HashMismatchError when it differs from the pinned value."""
+    actual = sha256_file(path)
+    if pinned is not None and actual.lower() != pinned.lower():
+        raise HashMismatchError(
+            f"{registry.path}: entry {entry.id!r} field {field!r}: {path} has sha256 {actual}, "
+            f"the registry pins {pinned.lower()}; if the file change is intended, re-pin with "
+            f"`quantgate pin {registry.path} --id {entry.id}`"
+        )
+    return actual
+
+
+def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings) -> Prepared:
+    """Check files, hashes, fixture and EP, and open both sessions; raise an InputError subclass on bad input."""
+    fp32_path = registry.fp32_path(entry)
+    int8_path = registry.int8_path(entry)
+    check_model_file(fp32_path, "fp32", entry, registry)
+    check_model_file(int8_path, "int8", entry, registry)
+    fp32_sha = check_hash(fp32_path, entry.sha256, "sha256", entry, registry)
+    int8_sha = check_hash(int8_path, entry.int8_sha256, "int8_sha256", entry, registry)
+    fixture = load_fixture(find_fixture(registry.soak_candidates(entry, settings.fixtures_dir)))
+    spec = SessionSpec(ep, settings.ep_options)
+    fp32 = open_session(fp32_path, spec)
+    int8 = open_session(int8_path, spec)
+    check_signatures(fp32, int8, str(fp32_path), str(int8_path))
+    inputs, outputs = signature(fp32)
+    plan = plan_feeds(fixture, inputs, settings.batch_size)
+    return Prepared(entry, ep, fp32_path, int8_path, fp32_sha, int8_sha, fixture, plan, inputs, outputs, fp32, int8)
+
+
+def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
+    """Run fp32 and int8 over every soak sample and compare them."""
+    p = prepared
+    fp32_out = run_model(p.fp32, p.fixture, p.plan, str(p.fp32_path))
+    int8_out = run_model(p.int8, p.fixture, p.plan, str(p.int8_path))
+    options = CompareOptions(
+        bootstrap=settings.bootstrap,
+        seed=settings.seed,
+        confidence=settings.confidence,
+        decision=settings.decision,
+        strict=settings.strict,
+    )
+    return compare(p.entry, p.ep, p.fixture, p.inputs, p.outputs, fp32_out, int8_out, options)

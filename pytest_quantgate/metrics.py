@@ -1,0 +1,165 @@
+"""Agreement metrics in float64 (scipy.stats) and a paired, seeded bootstrap of the PLCC drop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DegenerateOutputError(ValueError):
+    """An output is NaN/inf or constant, so a correlation is meaningless; always a failure."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "nonfinite" | "constant"
+
+
+def check_finite_and_varying(values: np.ndarray, label: str) -> None:
+    """Raise DegenerateOutputError when ``values`` holds NaN/inf or has no spread."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        nan = int(np.isnan(values).sum())
+        inf = int(np.isinf(values).sum())
+        raise DegenerateOutputError("nonfinite", f"{label} has {nan} NaN and {inf} inf value(s) of {values.size}")
+    if values.size < 2 or float(np.ptp(values)) == 0.0:
+        raise DegenerateOutputError("constant", f"{label} is constant ({values.flat[0]!r} everywhere)")
+
+
+@dataclass(frozen=True)
+class PairMetrics:
+    """How closely ``y`` follows ``x`` (both flattened, float64)."""
+
+    n: int
+    plcc: float
+    srocc: float
+    krcc: float
+    rmse: float
+    mae: float
+    max_abs: float
+    slope: float
+    intercept: float
+    offset_rel: float  # |intercept + (slope - 1)·mean(x)| / std(x): the affine error at the mean, in std units
+
+
+def pair_metrics(x: np.ndarray, y: np.ndarray) -> PairMetrics:
+    """Return PLCC, SROCC, KRCC, RMSE, mean/max absolute error and the regression of ``y`` on ``x``."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
+    diff = y - x
+    plcc = float(stats.pearsonr(x, y).statistic)
+    srocc = float(stats.spearmanr(x, y).statistic)
+    krcc = float(stats.kendalltau(x, y).statistic)
+    fit = stats.linregress(x, y)
+    std_x = float(np.std(x))
+    offset = float(fit.intercept + (fit.slope - 1.0) * float(np.mean(x)))
+    return PairMetrics(
+        n=int(x.size),
+        plcc=plcc,
+        srocc=srocc,
+        krcc=krcc,
+        rmse=float(np.sqrt(np.mean(diff * diff))),
+        mae=float(np.mean(np.abs(diff))),
+        max_abs=float(np.max(np.abs(diff))),
+        slope=float(fit.slope),
+        intercept=float(fit.intercept),
+        offset_rel=abs(offset) / std_x if std_x > 0 else math.inf,
+    )
+
+
+def _sample_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-sample sufficient statistics [n, Σa, Σb, Σa², Σb², Σab] of centred float64 data, shape (S, 6)."""
+    samples = a.shape[0]
+    a = a.reshape(samples, -1)
+    b = b.reshape(samples, -1)
+    # centring on the global means keeps the one-pass formulas free of cancellation
+    a = a - a.mean()
+    b = b - b.mean()
+    n = np.full(samples, a.shape[1], dtype=np.float64)
+    return np.stack([n, a.sum(1), b.sum(1), (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)], axis=1)
+
+
+def _plcc_from_sums(sums: np.ndarray) -> np.ndarray:
+    n, sa, sb, saa, sbb, sab = (sums[:, i] for i in range(6))
+    cov = sab - sa * sb / n
+    var_a = saa - sa * sa / n
+    var_b = sbb - sb * sb / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.sqrt(var_a * var_b)
+
+
+@dataclass(frozen=True)
+class DropTerm:
+    """One output's contribution to the drop: ``1 − PLCC(ref, test)`` or ``PLCC(ref, t) − PLCC(test, t)``."""
+
+    ref: np.ndarray  # (samples, ...) float64
+    test: np.ndarray
+    target: np.ndarray | None = None
+
+    def point(self) -> float:
+        """Return the drop on the full fixture (moment formulas; pair_metrics gives the scipy value)."""
+        return float(self.replicates(np.ones((1, self.ref.shape[0])))[0])
+
+    def replicates(self, weights: np.ndarray) -> np.ndarray:
+        """Return the drop for each row of sample weights (bootstrap counts), shape (B,)."""
+        if self.target is None:
+            return 1.0 - _plcc_from_sums(weights @ _sample_moments(self.ref, self.test))
+        ref_t = _plcc_from_sums(weights @ _sample_moments(self.ref, self.target))
+        test_t = _plcc_from_sums(weights @ _sample_moments(self.test, self.target))
+        return ref_t - test_t
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided bootstrap percentile interval of the drop."""
+
+    low: float
+    high: float
+    level: float
+    replicates: int
+
+
+def bootstrap_drop(terms: Sequence[DropTerm], samples: int, replicates: int, seed: int, level: float) -> Interval | None:
+    """Paired bootstrap over samples of the overall drop (max over terms); None when disabled.
+
+    The same resampled sample indices serve fp32, int8 and target, so the interval is of the *paired*
+    difference. Drawing is seeded, so the interval is reproducible run to run and across xdist workers.
+    """
+    if replicates <= 0 or samples < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    drops = np.full(replicates, -np.inf)
+    chunk = max(1, min(replicates, 4_000_000 // max(samples, 1)))
+    for start in range(0, replicates, chunk):
+        count = min(chunk, replicates - start)
+        weights = rng.multinomial(samples, np.full(samples, 1.0 / samples), size=count).astype(np.float64)
+        block = np.full(count, -np.inf)
+        for term in terms:
+            block = np.maximum(block, term.replicates(weights))
+        drops[start : start + count] = block
+    finite = drops[np.isfinite(drops)]
+    if finite.size == 0:
+        return None
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(finite, [tail, 1.0 - tail])
+    return Interval(float(low), float(high), level, int(replicates))
+
+
+def samples_needed(samples: int, interval: Interval, drop: float, budget: float) -> int | None:
+    """Estimate the sample count at which the interval would clear the budget (half-width ∝ 1/√n).
+
+    Returns None when the interval already lies on one side of the budget.
+    """
+    if interval.high <= budget or interval.low > budget:
+        return None
+    half = (interval.high - interval.low) / 2.0
+    margin = abs(budget - drop)
+    if margin == 0.0 or half == 0.0:
+        return None
+    return int(math.ceil(samples * (half / margin) ** 2))

@@ -1,0 +1,128 @@
+"""pytest hooks and options of pytest-quantgate; the logic lives in the modules named for each concern."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .settings import (
+    DECISION_CHOICES,
+    EP_CHOICES,
+    OPENVINO_PRECISIONS,
+    REGEN_CHOICES,
+    Settings,
+    confidence_level,
+    non_negative_int,
+    positive_int,
+    resolve,
+)
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+ROWS_KEY = pytest.StashKey[dict[str, dict[str, Any]]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the quantgate options, each flag with an ini twin that shares its help text."""
+    group = parser.getgroup("quantgate", "quantised-model regression gate")
+
+    def both(flag: str, help: str, ini_type: str | None = None, **kwargs: Any) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        group.addoption(flag, dest=dest, help=help, **kwargs)
+        parser.addini(dest, help=help, type=ini_type)
+
+    both("--quantgate", "run the int8-vs-fp32 gate on the registry's entries", "bool",
+         action="store_true", default=False)
+    both("--quantgate-registry", "registry JSON (default: model/registry.json under the rootdir)",
+         metavar="PATH", default=None)
+    both("--quantgate-fixtures", "folder of soak fixtures <id>.npz (default: fixtures/ under the rootdir)",
+         metavar="DIR", default=None)
+    both("--quantgate-select", "gate only entries whose id matches this glob (repeatable)", "linelist",
+         action="append", metavar="ID", default=None)
+    both("--quantgate-ep", f"execution provider, repeatable: {', '.join(EP_CHOICES)} (default: auto = every "
+         "available one)", "linelist", action="append", choices=EP_CHOICES, metavar="EP", default=None)
+    both("--quantgate-strict-ep", "an EP that is asked for but unavailable is an error, not a skip", "bool",
+         action="store_true", default=False)
+    both("--quantgate-strict", "a fixture too small to resolve the budget is an error, not a warning", "bool",
+         action="store_true", default=False)
+    both("--quantgate-batch-size", "samples per run where the batch axis is dynamic (default 256)",
+         type=positive_int, metavar="N", default=None)
+    both("--quantgate-bootstrap", "bootstrap replicates for the drop's interval; 0 disables (default 1000)",
+         type=non_negative_int, metavar="N", default=None)
+    both("--quantgate-seed", "seed of the bootstrap (default 0)", type=non_negative_int, metavar="N", default=None)
+    both("--quantgate-confidence", "confidence level of the interval (default 0.95)", type=confidence_level,
+         metavar="LEVEL", default=None)
+    both("--quantgate-decision", f"verdict rule: {' | '.join(DECISION_CHOICES)} (point: drop > budget fails; "
+         "conservative: upper bound > budget fails)", choices=DECISION_CHOICES, default=None)
+    both("--quantgate-regen", f"rebuild sidecars: {' | '.join(REGEN_CHOICES)} (default: missing; never when CI=true)",
+         choices=REGEN_CHOICES, default=None)
+    both("--quantgate-cuda-device", "CUDA device id (default 0)", type=non_negative_int, metavar="N", default=None)
+    both("--quantgate-openvino-device", "OpenVINO device_type: CPU, GPU, NPU, ... (default CPU)",
+         metavar="DEVICE", default=None)
+    both("--quantgate-openvino-precision", f"OpenVINO inference precision: {', '.join(OPENVINO_PRECISIONS)} "
+         "(default FP32, so the fp32 baseline never runs in f16)", choices=OPENVINO_PRECISIONS, default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Resolve the settings once; register the collecting plugin only when --quantgate is on."""
+    config.addinivalue_line("markers", "quantgate: an int8-vs-fp32 gate item of pytest-quantgate")
+    settings = resolve(config)
+    config.stash[SETTINGS_KEY] = settings
+    if not settings.enabled:
+        return
+    if not settings.registry.is_file():
+        raise pytest.UsageError(
+            f"quantgate: registry {settings.registry} not found (set --quantgate-registry or quantgate_registry)"
+        )
+    _ensure_registry_collected(config, settings.registry)
+    config.stash[ROWS_KEY] = {}
+    config.pluginmanager.register(QuantGateSession(config), "quantgate-session")
+
+
+def _ensure_registry_collected(config: pytest.Config, registry: Path) -> None:
+    """Add the registry to the collection arguments unless an argument already covers it."""
+    for arg in config.args:
+        target = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if registry == target or registry.is_relative_to(target):
+            return
+    config.args.append(str(registry))
+
+
+class QuantGateSession:
+    """Hooks that only exist while the gate is on."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl
+    def pytest_collect_file(self, file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+        """Collect the configured registry file."""
+        settings = parent.config.stash[SETTINGS_KEY]
+        if file_path.resolve() == settings.registry:
+            from .items import RegistryFile
+
+            return RegistryFile.from_parent(parent, path=file_path)
+        return None
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Gather each item's summary row (sent by xdist workers in user_properties)."""
+        from .items import ROW_PROPERTY
+
+        for name, value in report.user_properties:
+            if name == ROW_PROPERTY:
+                self.config.stash[ROWS_KEY][report.nodeid] = json.loads(value)
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
+        """Print one row per gated item."""
+        from .reports import summary_lines
+
+        rows = config.stash.get(ROWS_KEY, {})
+        if not rows:
+            return
+        terminalreporter.section("quantgate summary")
+        for line in summary_lines(list(rows.values())):
+            terminalreporter.line(line)

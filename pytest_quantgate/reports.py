@@ -1,0 +1,115 @@
+"""Text for people: the failure report of one item and the end-of-run summary table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .comparison import GateResult
+
+REMEDIES = {
+    "drop": [
+        "Rebuild the sidecar: `quantgate {producer} {registry} --id {id}` and compare again.",
+        "Static/QAT: try another calibration method (entropy, percentile) or a calibration set closer to the soak data.",
+        "Exclude the most sensitive nodes (StaticConfig.nodes_to_exclude) or move the entry to a stronger mode "
+        "(dynamic -> static -> qat).",
+        "Raise quant_accuracy_budget_plcc in {registry} only with a reviewed reason.",
+    ],
+    "nonfinite": [
+        "The int8 graph produces NaN/inf: a scale or zero point is broken, or an op overflowed. Rebuild the sidecar.",
+    ],
+    "constant": [
+        "A constant output carries no signal; a correlation with it is undefined. Rebuild the sidecar and check that "
+        "the soak fixture exercises the model (its inputs vary).",
+    ],
+    "affine": [
+        "PLCC ignores gain and offset, so this sidecar would pass a PLCC-only gate. Check the output "
+        "quantisation scale/zero point; rebuild the sidecar.",
+        "If a gain change is intended, set quant_budget_slope for the entry in {registry}.",
+    ],
+    "mae": ["The absolute error budget quant_budget_mae is exceeded; rebuild the sidecar or review the budget."],
+    "max_abs": ["The worst-case error budget quant_budget_max_abs is exceeded; rebuild the sidecar or review it."],
+}
+PRODUCER = {"dynamic": "ptq-dynamic", "static": "ptq-static", "qat": "qat"}
+
+
+def _f(value: float | None, digits: int = 6) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+def metrics_table(result: GateResult) -> list[str]:
+    """Return a fixed-width table of every output's metrics."""
+    lines: list[str] = []
+    for rep in result.outputs:
+        cols = [("int8 vs fp32", rep.vs_fp32)]
+        if rep.fp32_vs_target is not None:
+            cols = [("fp32 vs target", rep.fp32_vs_target), ("int8 vs target", rep.int8_vs_target), *cols]
+        head = f"  output {rep.name!r} ({result.compare}, drop {_f(rep.drop)})"
+        lines.append(head)
+        lines.append("    " + "metric".ljust(12) + "".join(name.rjust(16) for name, _ in cols))
+        for label, attr in (("PLCC", "plcc"), ("SROCC", "srocc"), ("KRCC", "krcc"), ("RMSE", "rmse"),
+                            ("mean |err|", "mae"), ("max |err|", "max_abs"), ("slope", "slope"),
+                            ("intercept", "intercept")):
+            lines.append("    " + label.ljust(12) + "".join(_f(getattr(m, attr)).rjust(16) for _, m in cols))
+    return lines
+
+
+def failure_text(result: GateResult, registry: str) -> str:
+    """Return the pytest-regressions style report: verdict line, metrics table, remedy."""
+    ci = ""
+    if result.interval is not None:
+        ci = f", {result.interval.level:.0%} CI [{_f(result.interval.low)}, {_f(result.interval.high)}]"
+    drop = f"drop {_f(result.drop)} vs budget {result.budget:g}{ci}" if result.drop is not None else "no drop computed"
+    lines = [
+        f"quantgate FAILED: {result.entry_id} [{result.ep}] mode={result.mode}: {result.reason}",
+        f"  {drop}; {result.samples} samples; decision rule: {result.decision}",
+        "",
+    ]
+    lines += metrics_table(result)
+    for warning in result.warnings:
+        lines.append(f"  warning: {warning}")
+    lines += ["", "What to do:"]
+    for remedy in REMEDIES.get(result.kind, REMEDIES["drop"]):
+        text = remedy.format(producer=PRODUCER.get(result.mode, "ptq-static"), registry=registry, id=result.entry_id)
+        lines.append(f"  - {text}")
+    return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = ("id", "EP", "mode", "samples", "drop", "CI", "budget", "headroom", "verdict")
+
+
+def _ci_cell(row: Mapping[str, Any]) -> str:
+    ci = row.get("ci")
+    return f"[{ci[0]:.5f}, {ci[1]:.5f}]" if ci else "-"
+
+
+def _headroom_cell(row: Mapping[str, Any]) -> str:
+    value = row.get("headroom")
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"x{value:.1f}"
+
+
+def summary_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Return the summary table: one row per item, sorted by id then EP."""
+    table = [SUMMARY_COLUMNS]
+    for row in sorted(rows, key=lambda r: (r["id"], r["ep"])):
+        drop = row.get("drop")
+        table.append((
+            row["id"], row["ep"], row.get("mode", "-"), str(row.get("samples") or "-"),
+            "-" if drop is None else f"{drop:.6f}", _ci_cell(row),
+            "-" if row.get("budget") is None else f"{row['budget']:g}",
+            _headroom_cell(row), row["verdict"],
+        ))
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(SUMMARY_COLUMNS))]
+    out = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    notes = [r for r in rows if r["verdict"] != "PASS" and r.get("reason")]
+    for row in sorted(notes, key=lambda r: (r["id"], r["ep"])):
+        out.append(f"{row['id']} [{row['ep']}] {row['verdict']}: {row['reason']}")
+    return out

@@ -1,0 +1,200 @@
+"""Resolve the gate's options (command line, then ini, then default) into one frozen settings object."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytest
+
+EP_CHOICES = ("cpu", "cuda", "openvino", "auto")
+REGEN_CHOICES = ("missing", "all", "never")
+DECISION_CHOICES = ("point", "conservative")
+OPENVINO_PRECISIONS = ("FP32", "FP16", "ACCURACY")
+
+DEFAULT_REGISTRY = "model/registry.json"
+DEFAULT_FIXTURES = "fixtures"
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_BOOTSTRAP = 1000
+DEFAULT_SEED = 0
+DEFAULT_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class EpOptions:
+    """Provider options that travel with every session the gate creates."""
+
+    cuda_device_id: int = 0
+    openvino_device: str = "CPU"
+    openvino_precision: str = "FP32"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of one gate run, resolved once in :func:`resolve`."""
+
+    enabled: bool = False
+    registry: Path = Path(DEFAULT_REGISTRY)
+    fixtures_dir: Path = Path(DEFAULT_FIXTURES)
+    select: tuple[str, ...] = ()
+    eps: tuple[str, ...] = ("auto",)
+    strict_ep: bool = False
+    strict: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    seed: int = DEFAULT_SEED
+    confidence: float = DEFAULT_CONFIDENCE
+    decision: str = "point"
+    regen: str = "missing"
+    ep_options: EpOptions = EpOptions()
+
+
+# --- parse-time validators (argparse ``type=``): the message names the value and what is allowed ---
+
+
+def positive_int(text: str) -> int:
+    """Parse an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """Parse an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def confidence_level(text: str) -> float:
+    """Parse a confidence level strictly between 0.5 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.5 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie strictly between 0.5 and 1")
+    return value
+
+
+def _usage(name: str, value: object, allowed: str) -> pytest.UsageError:
+    import pytest
+
+    return pytest.UsageError(f"quantgate: {name} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _pick(config: pytest.Config, option: str, ini: str) -> tuple[Any, str]:
+    """Return (value, where) from the command line if given, else from the ini file (None if neither)."""
+    value = config.getoption(option)
+    if value is not None and value != []:
+        return value, "--" + option.replace("_", "-")
+    raw = config.getini(ini)
+    if raw in (None, "", []):
+        return None, ini
+    return raw, f"{ini} (ini)"
+
+
+def _choice(config: pytest.Config, option: str, ini: str, choices: tuple[str, ...], default: str) -> str:
+    value, where = _pick(config, option, ini)
+    if value is None:
+        return default
+    canonical = {c.lower(): c for c in choices}.get(str(value).strip().lower())
+    if canonical is None:
+        raise _usage(where, value, ", ".join(choices))
+    return canonical
+
+
+def _int(config: pytest.Config, option: str, ini: str, default: int, minimum: int) -> int:
+    value, where = _pick(config, option, ini)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise _usage(where, value, f"an integer >= {minimum}") from None
+    if number < minimum:
+        raise _usage(where, value, f"an integer >= {minimum}")
+    return number
+
+
+def _flag(config: pytest.Config, option: str, ini: str) -> bool:
+    if config.getoption(option):
+        return True
+    return bool(config.getini(ini))
+
+
+def _path(config: pytest.Config, option: str, ini: str, default: str) -> Path:
+    """CLI paths are relative to the invocation folder; ini paths and defaults to the rootdir."""
+    value = config.getoption(option)
+    if value:
+        return (config.invocation_params.dir / value).resolve()
+    raw = config.getini(ini)
+    base = config.inipath.parent if config.inipath is not None else config.rootpath
+    if raw:
+        return (base / str(raw)).resolve()
+    return (config.rootpath / default).resolve()
+
+
+def _eps(config: pytest.Config) -> tuple[str, ...]:
+    value, where = _pick(config, "quantgate_ep", "quantgate_ep")
+    if value is None:
+        return ("auto",)
+    items = [str(v).strip().lower() for v in value for v in str(v).replace(",", " ").split()]
+    for item in items:
+        if item not in EP_CHOICES:
+            raise _usage(where, item, ", ".join(EP_CHOICES))
+    # keep the user's order but drop repeats so ids stay unique
+    return tuple(dict.fromkeys(items))
+
+
+def default_regen() -> str:
+    """Return ``never`` under CI (a sidecar nobody reviewed must not be gated), else ``missing``."""
+    return "never" if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes") else "missing"
+
+
+def resolve(config: pytest.Config) -> Settings:
+    """Build the settings from the command line, the ini file and the defaults; raise UsageError on bad values."""
+    select_value, _ = _pick(config, "quantgate_select", "quantgate_select")
+    select = tuple(s for v in (select_value or []) for s in str(v).replace(",", " ").split())
+    confidence_value, where = _pick(config, "quantgate_confidence", "quantgate_confidence")
+    confidence = DEFAULT_CONFIDENCE
+    if confidence_value is not None:
+        try:
+            confidence = confidence_level(str(confidence_value))
+        except argparse.ArgumentTypeError as exc:
+            raise _usage(where, confidence_value, "a number strictly between 0.5 and 1") from exc
+    ov_device, _ = _pick(config, "quantgate_openvino_device", "quantgate_openvino_device")
+    return Settings(
+        enabled=_flag(config, "quantgate", "quantgate"),
+        registry=_path(config, "quantgate_registry", "quantgate_registry", DEFAULT_REGISTRY),
+        fixtures_dir=_path(config, "quantgate_fixtures", "quantgate_fixtures", DEFAULT_FIXTURES),
+        select=select,
+        eps=_eps(config),
+        strict_ep=_flag(config, "quantgate_strict_ep", "quantgate_strict_ep"),
+        strict=_flag(config, "quantgate_strict", "quantgate_strict"),
+        batch_size=_int(config, "quantgate_batch_size", "quantgate_batch_size", DEFAULT_BATCH_SIZE, 1),
+        bootstrap=_int(config, "quantgate_bootstrap", "quantgate_bootstrap", DEFAULT_BOOTSTRAP, 0),
+        seed=_int(config, "quantgate_seed", "quantgate_seed", DEFAULT_SEED, 0),
+        confidence=confidence,
+        decision=_choice(config, "quantgate_decision", "quantgate_decision", DECISION_CHOICES, "point"),
+        regen=_choice(config, "quantgate_regen", "quantgate_regen", REGEN_CHOICES, default_regen()),
+        ep_options=EpOptions(
+            cuda_device_id=_int(config, "quantgate_cuda_device", "quantgate_cuda_device", 0, 0),
+            openvino_device=str(ov_device or "CPU").strip().upper(),
+            openvino_precision=_choice(
+                config, "quantgate_openvino_precision", "quantgate_openvino_precision", OPENVINO_PRECISIONS, "FP32"
+            ),
+        ),
+    )

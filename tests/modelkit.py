@@ -1,0 +1,85 @@
+"""Build small, real ONNX models and soak fixtures for the tests (weights fitted on real scikit-learn data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pytest_quantgate.fileio import sha256_file
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return (train_x, train_y, test_x, test_y) from scikit-learn's digits: 64 pixel features -> digit value."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    y = data.target.astype(np.float64)
+    rng = np.random.default_rng(7)
+    order = rng.permutation(len(x))
+    train, test = order[:600], order[600:]
+    return x[train], y[train], x[test], y[test]
+
+
+def fitted_mlp_weights(hidden: int = 32) -> dict[str, np.ndarray]:
+    """Fit a random-feature MLP (fixed projection + least-squares readout) on the digits table."""
+    train_x, train_y, _, _ = digits_split()
+    rng = np.random.default_rng(11)
+    w1 = rng.normal(0, 0.5, size=(64, hidden)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, size=(hidden,)).astype(np.float32)
+    h = np.maximum(train_x @ w1 + b1, 0)
+    design = np.hstack([h, np.ones((len(h), 1), np.float32)])
+    coef, *_ = np.linalg.lstsq(design, train_y, rcond=None)
+    w2 = coef[:-1].reshape(hidden, 1).astype(np.float32)
+    b2 = np.array([coef[-1]], dtype=np.float32)
+    return {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+
+
+def mlp_model(weights: dict[str, np.ndarray], input_name: str = "features", output_name: str = "score",
+              opset: int = 17) -> onnx.ModelProto:
+    """Return a Gemm-Relu-Gemm ONNX model with a dynamic batch axis."""
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    nodes = [
+        helper.make_node("Gemm", [input_name, "w1", "b1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu1"),
+        helper.make_node("Gemm", ["hr", "w2", "b2"], [output_name], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", weights["w1"].shape[0]])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", 1])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def quantize_dynamic_file(fp32: Path, int8: Path) -> None:
+    """Write a real ORT dynamic-int8 sidecar."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+
+
+def write_registry(path: Path, models: list[dict[str, Any]], schema_version: int = 1) -> Path:
+    """Write a registry.json and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema_version": schema_version, "models": models}, indent=2))
+    return path
+
+
+def pin(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Fill in sha256 and int8_sha256 of an entry from the files in ``folder``."""
+    entry = dict(entry)
+    entry["sha256"] = sha256_file(folder / entry["onnx"])
+    int8 = entry.get("int8_onnx", entry["onnx"].removesuffix(".onnx") + ".int8.onnx")
+    if (folder / int8).exists():
+        entry["int8_sha256"] = sha256_file(folder / int8)
+    return entry
