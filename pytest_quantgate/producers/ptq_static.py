@@ -285,9 +285,9 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
             continue
         rank = len(spec.dims)
         if array.ndim == rank + 1:
-            per_sample[name], compare, offset = True, array.shape[1:], 0
+            per_sample[name], model_dims = True, spec.dims
         elif array.ndim == rank and rank >= 1:
-            per_sample[name], compare, offset = False, array.shape[1:], 1
+            per_sample[name], model_dims = False, spec.dims[1:]
         else:
             problems.append(
                 f"array {name!r}: shape {list(array.shape)} (rank {array.ndim}), expected rank {rank} "
@@ -295,14 +295,11 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
                 f"(one model input per sample: [samples, {_fmt_dims(spec.dims)[1:-1]}])"
             )
             continue
-        wrong = [
-            (axis + offset + (1 if per_sample[name] else 0), want, got)
-            for axis, (want, got) in enumerate(zip(spec.dims[offset:], compare, strict=True))
-            if want is not None and want != got
-        ]
+        wrong = [(axis, want, got) for axis, (want, got) in enumerate(zip(model_dims, array.shape[1:]), start=1)
+                 if want is not None and want != got]
         if wrong:
             detail = ", ".join(f"axis {axis}: {got} != {want}" for axis, want, got in wrong)
-            layout = "[samples, " + _fmt_dims(spec.dims)[1:] if per_sample[name] else _fmt_dims(spec.dims)
+            layout = "[samples, " + _fmt_dims(model_dims)[1:] if per_sample[name] else _fmt_dims(spec.dims)
             problems.append(f"array {name!r}: shape {list(array.shape)}, expected {layout} ({detail})")
     if len(set(counts.values())) > 1:
         problems.append("arrays hold different numbers of samples: "
