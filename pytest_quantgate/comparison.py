@@ -115,6 +115,7 @@ class GateResult:
     decision: str = "point"
     needed_samples: int | None = None
     warnings: tuple[str, ...] = ()
+    also: tuple[str, ...] = ()  # further budget breaches after the first
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -147,6 +148,7 @@ class GateResult:
             "ci_level": self.interval.level if self.interval else None,
             "needed_samples": self.needed_samples,
             "warnings": list(self.warnings),
+            "also": list(self.also),
             "outputs": [
                 {
                     "name": o.name,
@@ -275,27 +277,33 @@ def compare(
     common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
                   warnings=tuple(warnings))
 
-    # the verdict: first the absolute checks (PLCC ignores gain and offset), then the drop
-    for rep in reports:
-        m = rep.vs_fp32
-        if abs(m.slope - 1.0) > entry.budget_slope or m.offset_rel > entry.budget_slope:
-            return GateResult(**common, verdict=FAIL, kind="affine", reason=(
-                f"output {rep.name!r}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset error exceeds "
-                f"quant_budget_slope {entry.budget_slope:g} (|slope−1| {abs(m.slope - 1):.4f}, "
-                f"offset {m.offset_rel:.4f} std)"))
-        if entry.budget_mae is not None and m.mae > entry.budget_mae:
-            return GateResult(**common, verdict=FAIL, kind="mae", reason=(
-                f"output {rep.name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae {entry.budget_mae:g}"))
-        if entry.budget_max_abs is not None and m.max_abs > entry.budget_max_abs:
-            return GateResult(**common, verdict=FAIL, kind="max_abs", reason=(
-                f"output {rep.name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds quant_budget_max_abs "
-                f"{entry.budget_max_abs:g}"))
+    # every budget is checked and every breach reported; the PLCC drop leads, then the absolute checks that
+    # catch what PLCC cannot see (gain and offset errors have PLCC 1.0)
+    breaches: list[tuple[str, str]] = []
     over = drop > entry.budget_plcc
     if options.decision == "conservative" and interval is not None:
         over = interval.high > entry.budget_plcc
     if over:
-        bound = "" if options.decision == "point" else f" (upper {interval.level:.0%} bound {interval.high:.6f})"
-        return GateResult(**common, verdict=FAIL, kind="drop", reason=(
-            f"PLCC drop {drop:.6f} > budget {entry.budget_plcc:g}{bound} on output {worst.name!r}"))
+        bound = "" if options.decision == "point" or interval is None else (
+            f" (upper {interval.level:.0%} bound {interval.high:.6f})")
+        breaches.append(("drop", f"PLCC drop {drop:.6f} > budget {entry.budget_plcc:g}{bound} on output {worst.name!r}"))
+    for rep in reports:
+        m = rep.vs_fp32
+        if abs(m.slope - 1.0) > entry.budget_slope or m.offset_rel > entry.budget_slope:
+            breaches.append(("affine", (
+                f"output {rep.name!r}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset error exceeds "
+                f"quant_budget_slope {entry.budget_slope:g} (|slope−1| {abs(m.slope - 1):.4f}, "
+                f"offset {m.offset_rel:.4f} std)")))
+        if entry.budget_mae is not None and m.mae > entry.budget_mae:
+            breaches.append(("mae", (
+                f"output {rep.name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae {entry.budget_mae:g}")))
+        if entry.budget_max_abs is not None and m.max_abs > entry.budget_max_abs:
+            breaches.append(("max_abs", (
+                f"output {rep.name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds quant_budget_max_abs "
+                f"{entry.budget_max_abs:g}")))
+    if breaches:
+        kind, reason = breaches[0]
+        return GateResult(**common, verdict=FAIL, kind=kind, reason=reason,
+                          also=tuple(text for _, text in breaches[1:]))
     return GateResult(**common, verdict=PASS, kind="pass", reason=(
         f"PLCC drop {drop:.6f} <= budget {entry.budget_plcc:g}"))

@@ -68,8 +68,9 @@ def failure_text(result: GateResult, registry: str) -> str:
     lines = [
         f"quantgate FAILED: {result.entry_id} [{result.ep}] mode={result.mode}: {result.reason}",
         f"  {drop}; {result.samples} samples; decision rule: {result.decision}",
-        "",
     ]
+    lines += [f"  also: {text}" for text in result.also]
+    lines.append("")
     lines += metrics_table(result)
     for warning in result.warnings:
         lines.append(f"  warning: {warning}")
