@@ -372,10 +372,12 @@ def ort_failure(fp32_path: Path, stage: str, exc: BaseException) -> ProducerErro
     """
     where = ""
     frames = traceback.extract_tb(exc.__traceback__)
-    ort_frames = [f for f in frames if f"{os.sep}onnxruntime{os.sep}" in f.filename]
-    if ort_frames:
-        last = ort_frames[-1]
-        where = f" in onnxruntime {Path(last.filename).name}:{last.lineno} {last.name}()"
+    if frames:
+        where = f" in {frames[-1].name}()"
+        ort_frames = [f for f in frames if f"{os.sep}onnxruntime{os.sep}" in f.filename]
+        if ort_frames:
+            last = ort_frames[-1]
+            where += f" (onnxruntime {Path(last.filename).name}:{last.lineno} {last.name}())"
     return ProducerError(
         f"{fp32_path}: stage '{stage}': onnxruntime crashed{where}: {_one_line(exc)}. "
         "This model cannot be quantised with these options; try excluding the node or op type named in the "
