@@ -349,6 +349,29 @@ def test_static_nodes_and_op_types_to_exclude(tmp_path: Path, conv_cal: Path) ->
     assert result.provenance["nodes_excluded_by_op_type"] == ["fc"]
 
 
+def test_static_exclusion_survives_preprocessing_fusion(tmp_path: Path) -> None:
+    """ORT's pre-processing optimiser fuses MatMul+Add into a Gemm named 'mm/MatMulAddFusion', which would
+    silently drop an exclusion of 'mm'; the producer re-runs pre-processing without optimisation instead."""
+    inits = [numpy_helper.from_array(_weights((8, 4)), "W"), numpy_helper.from_array(_weights((4,), 1.0), "b"),
+             numpy_helper.from_array(_weights((4, 4), 2.0), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
+             helper.make_node("MatMul", ["a", "W2"], ["out"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])], inits)
+    fp32 = _save(helper.make_model(graph), tmp_path / "m.onnx", 17)
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=_inputs(64, (8,)))
+    result = quantize_static(fp32, tmp_path / "m.int8.onnx", StaticConfig(calibration_set=cal, nodes_to_exclude=("mm",)))
+    step = next(s for s in result.provenance["steps"] if s["step"] == "quant_pre_process")
+    assert step["optimisation"] is False and step["attempts"][-1]["skip_optimization"] is True
+    assert "optimiser removed excluded node(s) ['mm']" in step["attempts"][-1]["reason"]
+    mm = _node(result.int8_path, "mm")
+    assert mm.op_type == "MatMul" and mm.input[1] == "W"
+    assert _producers(result.int8_path)[_node(result.int8_path, "mm2").input[1]] == "DequantizeLinear"
+    _assert_close(fp32, result.int8_path, {"x": _inputs(4, (8,), seed=9)})
+
+
 def test_static_symbolic_shape_inference_failure_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # ORT drops sym_shape_infer_temp.onnx into the CWD when symbolic inference fails
     fp32 = make_two_input(tmp_path / "m.onnx")

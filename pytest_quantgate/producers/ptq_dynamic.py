@@ -367,8 +367,8 @@ def _one_line(exc: BaseException) -> str:
 def ort_failure(fp32_path: Path, stage: str, exc: BaseException) -> ProducerError:
     """Turn an exception raised inside onnxruntime.quantization into a ProducerError naming model and stage.
 
-    The innermost onnxruntime function on the traceback is named too (e.g.
-    ``_adjust_weight_quant_params_for_bias_tensors``), which is what a bug report upstream needs.
+    The innermost function on the traceback (e.g. ``_adjust_weight_quant_params_for_bias_tensors``) and the
+    innermost onnxruntime frame are named too, which is what a bug report upstream needs.
     """
     where = ""
     frames = traceback.extract_tb(exc.__traceback__)
