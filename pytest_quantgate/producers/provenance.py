@@ -18,6 +18,7 @@ Public API (kept small on purpose; the QAT producer uses it too):
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib.metadata as metadata
 import json
 import os
@@ -49,7 +50,7 @@ _ORT_DISTRIBUTIONS = (
     "ort-nightly-gpu",
 )
 _SCRATCH_PREFIX = "quantgate-"
-_SCRATCH_RE = re.compile(rf"^{re.escape(_SCRATCH_PREFIX)}(\d+)-")
+_SCRATCH_RE = re.compile(rf"^{re.escape(_SCRATCH_PREFIX)}(\d+)-([0-9a-f]{{8}})-")
 # A temp file that fileio.atomic_path leaves behind only when its process was killed mid-copy.
 _STALE_PARTIAL_AGE_S = 600.0
 
@@ -131,14 +132,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    """A short tag of this host, so a temp dir shared between containers (other pid namespaces) is left alone."""
+    return hashlib.sha256(platform.node().encode("utf-8", "replace")).hexdigest()[:8]
+
+
 def _sweep_dead_scratch_dirs(base: Path) -> None:
+    host = _host_tag()
     try:
         entries = list(base.iterdir())
     except OSError:
         return
     for entry in entries:
         match = _SCRATCH_RE.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+        if (match and match.group(2) == host and entry.is_dir() and not entry.is_symlink()
+                and not _pid_alive(int(match.group(1)))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -148,12 +156,12 @@ def scratch_dir(label: str = "producer") -> Iterator[Path]:
 
     Producers do all their intermediate writing here, never in the target folder, so a producer killed with
     SIGKILL leaves nothing beside the sidecar. Folders left by killed producers (their pid is gone) are
-    removed the next time any producer starts.
+    removed the next time any producer on the same host starts.
     """
     base = Path(tempfile.gettempdir())
     _sweep_dead_scratch_dirs(base)
     safe_label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[:40]
-    path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-{safe_label}-", dir=base))
+    path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-{_host_tag()}-{safe_label}-", dir=base))
     try:
         yield path
     finally:
