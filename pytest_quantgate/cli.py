@@ -1,8 +1,367 @@
-"""The ``quantgate`` command line (filled in by the producers and measure/validate/pin work)."""
+"""The ``quantgate`` command line: producers, the gate outside pytest, registry validation and pinning.
+
+Exit codes of ``measure`` and ``validate``: 0 pass, 1 a sidecar failed its budget, 2 bad input or usage.
+"""
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-def main(argv: list[str] | None = None) -> int:
+from . import __version__
+from .errors import InputError
+from .settings import (
+    DECISION_CHOICES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_FIXTURES,
+    DEFAULT_REGISTRY,
+    EP_CHOICES,
+    OPENVINO_PRECISIONS,
+    EpOptions,
+    Settings,
+    confidence_level,
+    non_negative_int,
+    positive_int,
+)
+
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- shared option groups ---------------------------------------------------------------------------------
+
+
+def _add_registry_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("registry", nargs="?", default=DEFAULT_REGISTRY, type=Path,
+                        help=f"registry JSON (default: {DEFAULT_REGISTRY})")
+    parser.add_argument("--fixtures", type=Path, default=Path(DEFAULT_FIXTURES), metavar="DIR",
+                        help=f"folder of soak fixtures and calibration sets (default: {DEFAULT_FIXTURES})")
+    parser.add_argument("--id", dest="ids", action="append", default=None, metavar="ID",
+                        help="only entries whose id matches this glob (repeatable)")
+
+
+def _add_gate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ep", dest="eps", action="append", choices=EP_CHOICES, default=None,
+                        help="execution provider, repeatable (default: auto = every available one)")
+    parser.add_argument("--strict-ep", action="store_true", help="an unavailable EP is an error, not a skip")
+    parser.add_argument("--strict", action="store_true", help="a fixture too small to resolve the budget is an error")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_BOOTSTRAP, metavar="N")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N")
+    parser.add_argument("--confidence", type=confidence_level, default=DEFAULT_CONFIDENCE, metavar="LEVEL")
+    parser.add_argument("--decision", choices=DECISION_CHOICES, default="point")
+    parser.add_argument("--cuda-device", type=non_negative_int, default=0, metavar="N")
+    parser.add_argument("--openvino-device", default="CPU", metavar="DEVICE")
+    parser.add_argument("--openvino-precision", choices=OPENVINO_PRECISIONS, default="FP32")
+    parser.add_argument("--json", dest="json_out", type=Path, default=None, metavar="PATH",
+                        help="also write every outcome as JSON")
+
+
+def _settings(ns: argparse.Namespace) -> Settings:
+    return Settings(
+        enabled=True,
+        registry=ns.registry.resolve(),
+        fixtures_dir=ns.fixtures.resolve(),
+        select=tuple(ns.ids or ()),
+        eps=tuple(dict.fromkeys(ns.eps or ["auto"])),
+        strict_ep=ns.strict_ep,
+        strict=ns.strict,
+        batch_size=ns.batch_size,
+        bootstrap=ns.bootstrap,
+        seed=ns.seed,
+        confidence=ns.confidence,
+        decision=ns.decision,
+        ep_options=EpOptions(ns.cuda_device, ns.openvino_device.upper(), ns.openvino_precision),
+    )
+
+
+def _load(ns: argparse.Namespace) -> Any:
+    from .registry import load_registry
+
+    return load_registry(ns.registry)
+
+
+def _selected(registry: Any, ids: Sequence[str] | None) -> list[Any]:
+    from .errors import RegistryError
+
+    entries = list(registry.entries)
+    if not ids:
+        return entries
+    unknown = [p for p in ids if not any(fnmatch.fnmatchcase(e.id, p) for e in entries)]
+    if unknown:
+        known = ", ".join(e.id for e in entries) or "none"
+        raise RegistryError(f"--id {', '.join(unknown)} match no entry of {registry.path} (ids: {known})")
+    return [e for e in entries if any(fnmatch.fnmatchcase(e.id, p) for p in ids)]
+
+
+# --- measure --------------------------------------------------------------------------------------------
+
+
+def cmd_measure(ns: argparse.Namespace) -> int:
+    """Gate every selected entry on every EP; print reports and the summary table."""
+    from . import providers
+    from .gate import Outcome, run_one
+    from .reports import failure_text, summary_lines
+
+    settings = _settings(ns)
+    try:
+        registry = _load(ns)
+        entries = [e for e in _selected(registry, ns.ids) if e.gated]
+    except InputError as exc:
+        _err(f"quantgate: error: {exc}")
+        return EXIT_ERROR
+    outcomes: list[Outcome] = []
+    for problem in registry.problems:
+        if not ns.ids or any(fnmatch.fnmatchcase(problem.label, p) for p in ns.ids):
+            outcomes.append(Outcome(problem.label, "-", "-", "error", problem.message))
+    eps = providers.expand(settings.eps)
+    for entry in entries:
+        for ep in eps:
+            outcomes.append(run_one(registry, entry, ep, settings))
+    for outcome in outcomes:
+        if outcome.status == "fail" and outcome.result is not None:
+            _out(failure_text(outcome.result, str(registry.path)))
+            _out()
+        elif outcome.status in ("error", "skip"):
+            _out(f"quantgate {outcome.status.upper()}: {outcome.entry_id} [{outcome.ep}]: {outcome.message}")
+    if outcomes:
+        _out()
+        for line in summary_lines([o.to_row() for o in outcomes]):
+            _out(line)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
+    _out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
+    if ns.json_out is not None:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(ns.json_out, json.dumps([o.to_row() for o in outcomes], indent=2) + "\n")
+    if counts["error"]:
+        return EXIT_ERROR
+    return EXIT_FAIL if counts["fail"] else EXIT_PASS
+
+
+# --- validate -------------------------------------------------------------------------------------------
+
+
+def cmd_validate(ns: argparse.Namespace) -> int:
+    """Check the schema, that every file exists and every pinned hash matches; run nothing."""
+    from .fileio import sha256_file
+
+    try:
+        registry = _load(ns)
+        entries = _selected(registry, ns.ids)
+    except InputError as exc:
+        _err(f"quantgate: error: {exc}")
+        return EXIT_ERROR
+    problems = [p.message for p in registry.problems]
+    for entry in entries:
+        try:
+            checks = [(registry.fp32_path(entry), entry.sha256, "sha256")]
+            if entry.gated:
+                checks.append((registry.int8_path(entry), entry.int8_sha256, "int8_sha256"))
+                from .soak import find_fixture
+
+                find_fixture(registry.soak_candidates(entry, ns.fixtures.resolve()))
+            if entry.mode == "static":
+                from .producers.dispatch import calibration_set
+
+                calibration_set(registry, entry, ns.fixtures.resolve())
+            for path, pinned, field in checks:
+                if not path.is_file():
+                    problems.append(f"{registry.path}: entry {entry.id!r} field {field.replace('sha256', 'onnx')!r}"
+                                    f": {path} does not exist")
+                    continue
+                actual = sha256_file(path)
+                if pinned is not None and actual != pinned.lower():
+                    problems.append(f"{registry.path}: entry {entry.id!r} field {field!r}: {path} has sha256 "
+                                    f"{actual}, the registry pins {pinned.lower()}")
+        except InputError as exc:
+            problems.append(str(exc))
+    for problem in problems:
+        _out(f"quantgate ERROR: {problem}")
+    _out(f"{registry.path}: {len(entries)} entries, {len(problems)} problem(s)")
+    return EXIT_ERROR if problems else EXIT_PASS
+
+
+# --- pin ------------------------------------------------------------------------------------------------
+
+
+def cmd_pin(ns: argparse.Namespace) -> int:
+    """Write the current sha256 of each selected entry's files into the registry, keeping its formatting."""
+    from .fileio import atomic_write_text, sha256_file
+    from .registry import pin_text
+
+    try:
+        registry = _load(ns)
+        entries = _selected(registry, ns.ids)
+        updates: dict[str, dict[str, str]] = {}
+        for entry in entries:
+            fields: dict[str, str] = {}
+            fp32 = registry.fp32_path(entry)
+            if fp32.is_file():
+                fields["sha256"] = sha256_file(fp32)
+            if entry.gated and registry.int8_path(entry).is_file():
+                fields["int8_sha256"] = sha256_file(registry.int8_path(entry))
+            changed = {k: v for k, v in fields.items() if (entry.raw.get(k) or "").lower() != v}
+            if changed:
+                updates[entry.id] = changed
+                for key, value in changed.items():
+                    _out(f"{entry.id}: {key} {entry.raw.get(key, '(none)')} -> {value}")
+        if not updates:
+            _out(f"{registry.path}: every selected hash is already pinned")
+            return EXIT_PASS
+        text = registry.path.read_text(encoding="utf-8")
+        atomic_write_text(registry.path, pin_text(text, updates, registry.path))
+    except InputError as exc:
+        _err(f"quantgate: error: {exc}")
+        return EXIT_ERROR
+    _out(f"{registry.path}: pinned {sum(len(v) for v in updates.values())} hash(es)")
+    return EXIT_PASS
+
+
+# --- producers ------------------------------------------------------------------------------------------
+
+
+def _produce_file(ns: argparse.Namespace, mode: str) -> int:
+    """Run one producer on an ONNX file (``MODEL.onnx``) or on a registry entry (``registry.json --id ID``)."""
+    from .producers.base import ProducerError
+
+    source = Path(ns.source)
+    try:
+        if source.suffix == ".json":
+            return _produce_registry(ns, mode)
+        output = Path(ns.output) if ns.output else source.with_name(source.name.removesuffix(".onnx") + ".int8.onnx")
+        if mode == "dynamic":
+            from .producers import ptq_dynamic as mod
+        else:
+            from .producers import ptq_static as mod
+        config = mod.config_from_args(ns)
+        fn = mod.quantize_dynamic if mode == "dynamic" else mod.quantize_static
+        result = fn(source, output, config)
+    except (ProducerError, InputError, ValueError, TypeError) as exc:
+        _err(f"quantgate: error: {exc}")
+        return EXIT_ERROR
+    _out(f"wrote {result.int8_path}")
+    _out(f"provenance {result.provenance_path}")
+    _out(f"int8_sha256 {result.sha256}")
+    return EXIT_PASS
+
+
+def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
+    from .producers.dispatch import produce
+
+    from .registry import load_registry
+
+    registry = load_registry(ns.source)
+    entries = _selected(registry, ns.ids)
+    picked = [e for e in entries if e.mode == mode]
+    if not picked:
+        _err(f"quantgate: error: no selected entry of {registry.path} has quant_mode {mode!r}")
+        return EXIT_ERROR
+    overrides = _explicit_overrides(ns)
+    for entry in picked:
+        result = produce(registry, entry, ns.fixtures.resolve(), allow_recipes=getattr(ns, "allow_recipes", False),
+                         progress=_out, overrides=overrides)
+        _out(f"{entry.id}: wrote {result.int8_path}")
+        _out(f"{entry.id}: int8_sha256 {result.sha256} (pin with `quantgate pin {registry.path} --id {entry.id}`)")
+    return EXIT_PASS
+
+
+def _explicit_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """Return the producer options given on the command line (None means 'not given')."""
+    skip = {"command", "source", "output", "fixtures", "ids", "allow_recipes", "func", "calibration_set"}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items()
+            if k not in skip and v is not None}
+
+
+def cmd_ptq_dynamic(ns: argparse.Namespace) -> int:
+    """Dynamic PTQ."""
+    return _produce_file(ns, "dynamic")
+
+
+def cmd_ptq_static(ns: argparse.Namespace) -> int:
+    """Static PTQ."""
+    if Path(ns.source).suffix != ".json" and ns.calibration_set is None:
+        _err("quantgate ptq-static: error: --calibration-set is required for an ONNX file")
+        return EXIT_ERROR
+    return _produce_file(ns, "static")
+
+
+def cmd_qat(ns: argparse.Namespace) -> int:
+    """QAT (two-step bridge or pt2e) for registry entries with a recipe."""
+    from .producers.base import ProducerError
+
+    try:
+        return _produce_registry(ns, "qat")
+    except (ProducerError, InputError) as exc:
+        _err(f"quantgate: error: {exc}")
+        return EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="quantgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("measure", help="gate the registry outside pytest (exit 0 pass, 1 fail, 2 error)")
+    _add_registry_args(p)
+    _add_gate_args(p)
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("validate", help="check schema, files and pinned hashes without running models")
+    _add_registry_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("pin", help="write the files' current sha256 into the registry")
+    _add_registry_args(p)
+    p.set_defaults(func=cmd_pin)
+
+    from .producers import ptq_dynamic, ptq_static
+
+    for name, mod, func in (("ptq-dynamic", ptq_dynamic, cmd_ptq_dynamic), ("ptq-static", ptq_static, cmd_ptq_static)):
+        p = sub.add_parser(name, help=f"{name.replace('-', ' ')}: write an int8 sidecar "
+                                      "(MODEL.onnx [-o OUT], or REGISTRY.json [--id ID])")
+        p.add_argument("source", help="an fp32 .onnx file, or a registry .json to rebuild its entries")
+        p.add_argument("-o", "--output", default=None, help="sidecar path (default: <stem>.int8.onnx beside MODEL)")
+        p.add_argument("--fixtures", type=Path, default=Path(DEFAULT_FIXTURES), metavar="DIR")
+        p.add_argument("--id", dest="ids", action="append", default=None, metavar="ID")
+        mod.add_arguments(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("qat", help="QAT: fine-tune with fake quantisation and write the sidecar (runs the recipe)")
+    _add_registry_args(p)
+    p.add_argument("--allow-recipes", action="store_true", help="allow running the entries' qat_recipe files")
+    p.add_argument("--epochs-qat", type=positive_int, default=None, metavar="N")
+    p.add_argument("--lr-qat", type=float, default=None)
+    p.add_argument("--route", choices=("bridge", "pt2e"), default=None)
+    p.add_argument("--seed", type=non_negative_int, default=None)
+    p.set_defaults(func=cmd_qat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the quantgate command line and return its exit code."""
-    return 0
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
+        return int(exc.code or 0)
+    return int(ns.func(ns))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

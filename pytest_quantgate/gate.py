@@ -94,14 +94,17 @@ def check_hash(path: Path, pinned: str | None, field: str, entry: Entry, registr
     return actual
 
 
-def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings) -> Prepared:
-    """Check files, hashes, fixture and EP, and open both sessions; raise an InputError subclass on bad input."""
+def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, int8_pinned: bool = True) -> Prepared:
+    """Check files, hashes, fixture and EP, and open both sessions; raise an InputError subclass on bad input.
+
+    ``int8_pinned=False`` skips the int8 hash check for a sidecar this run rebuilt (its pin is reported apart).
+    """
     fp32_path = registry.fp32_path(entry)
     int8_path = registry.int8_path(entry)
     check_model_file(fp32_path, "fp32", entry, registry)
     check_model_file(int8_path, "int8", entry, registry)
     fp32_sha = check_hash(fp32_path, entry.sha256, "sha256", entry, registry)
-    int8_sha = check_hash(int8_path, entry.int8_sha256, "int8_sha256", entry, registry)
+    int8_sha = check_hash(int8_path, entry.int8_sha256 if int8_pinned else None, "int8_sha256", entry, registry)
     fixture = load_fixture(find_fixture(registry.soak_candidates(entry, settings.fixtures_dir)))
     spec = SessionSpec(ep, settings.ep_options)
     fp32 = open_session(fp32_path, spec)
@@ -125,3 +128,39 @@ def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
         strict=settings.strict,
     )
     return compare(p.entry, p.ep, p.fixture, p.inputs, p.outputs, fp32_out, int8_out, options)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one (entry, EP) outside pytest: pass, fail, error or skip."""
+
+    entry_id: str
+    ep: str
+    mode: str
+    status: str  # "pass" | "fail" | "error" | "skip"
+    message: str
+    result: GateResult | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        """Return the summary row of this outcome."""
+        if self.result is not None:
+            return self.result.to_row()
+        return {"id": self.entry_id, "ep": self.ep, "mode": self.mode, "samples": None, "drop": None,
+                "budget": None, "headroom": None, "verdict": self.status.upper(), "reason": self.message}
+
+
+def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings) -> Outcome:
+    """Gate one entry on one EP; bad input becomes an error outcome, never an exception."""
+    from .errors import EpUnavailableError, InputError
+
+    try:
+        prepared = prepare(registry, entry, ep, settings)
+        result = evaluate(prepared, settings)
+    except EpUnavailableError as exc:
+        status = "error" if settings.strict_ep else "skip"
+        return Outcome(entry.id, ep, entry.mode, status, str(exc))
+    except InputError as exc:
+        return Outcome(entry.id, ep, entry.mode, "error", str(exc))
+    if settings.strict and result.needed_samples is not None:
+        return Outcome(entry.id, ep, entry.mode, "error", result.warnings[-1], result)
+    return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result)

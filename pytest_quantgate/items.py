@@ -78,6 +78,7 @@ class QuantGateItem(pytest.Item):
         self.ep = ep
         self.prepared: Any = None
         self.result: GateResult | None = None
+        self.regen_note: str | None = None
         self.add_marker("quantgate")
 
     def _row(self, verdict: str, reason: str) -> dict[str, Any]:
@@ -88,18 +89,26 @@ class QuantGateItem(pytest.Item):
         """Check every input (files, hashes, fixture, EP) so bad input is an ERROR, not a failed comparison."""
         from . import gate
 
+        from . import regen
+        from .plugin import RUN_ID_KEY
+
         settings = settings_of(self.config)
         try:
-            self.prepared = gate.prepare(self.registry, self.entry, self.ep, settings)
+            built = regen.ensure_sidecar(self.registry, self.entry, settings, self.config.stash[RUN_ID_KEY])
+            if built is not None:
+                self.regen_note = built.note(self.registry, self.entry)
+                if not built.matches_pin:
+                    self.warn(pytest.PytestWarning(f"quantgate {self.entry.id}: {self.regen_note}"))
+            self.prepared = gate.prepare(self.registry, self.entry, self.ep, settings, int8_pinned=built is None)
             return
         except EpUnavailableError as exc:
             if not settings.strict_ep:
                 self.user_properties.append((ROW_PROPERTY, json.dumps(self._row("SKIP", str(exc)))))
                 pytest.skip(f"quantgate: {exc} (use --quantgate-strict-ep to make this an error)")
-            message = f"quantgate ERROR: {self.entry.id} [{self.ep}]: {exc} (--quantgate-strict-ep)"
+            reason = f"{exc} (--quantgate-strict-ep)"
         except InputError as exc:
-            message = f"quantgate ERROR: {self.entry.id} [{self.ep}]: {exc}"
-        _error(self, message, self._row("ERROR", message.split(": ", 1)[1]))
+            reason = str(exc)
+        _error(self, f"quantgate ERROR: {self.entry.id} [{self.ep}]: {reason}", self._row("ERROR", reason))
 
     def runtest(self) -> None:
         """Run fp32 and int8 on every soak sample; raise QuantGateFailure when the sidecar fails."""
@@ -109,7 +118,9 @@ class QuantGateItem(pytest.Item):
         result = gate.evaluate(self.prepared, settings)
         self.result = result
         self.prepared = None  # release the sessions and arrays as soon as possible
-        self.user_properties.append((ROW_PROPERTY, json.dumps(result.to_row())))
+        row = result.to_row()
+        row["regenerated"] = self.regen_note
+        self.user_properties.append((ROW_PROPERTY, json.dumps(row)))
         for name, value in (("quantgate_drop", result.drop), ("quantgate_budget", result.budget),
                             ("quantgate_verdict", result.verdict)):
             self.user_properties.append((name, value))

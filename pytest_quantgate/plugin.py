@@ -21,6 +21,7 @@ from .settings import (
 )
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
+RUN_ID_KEY = pytest.StashKey[str]()
 ROWS_KEY = pytest.StashKey[dict[str, dict[str, Any]]]()
 
 
@@ -58,6 +59,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
          "conservative: upper bound > budget fails)", choices=DECISION_CHOICES, default=None)
     both("--quantgate-regen", f"rebuild sidecars: {' | '.join(REGEN_CHOICES)} (default: missing; never when CI=true)",
          choices=REGEN_CHOICES, default=None)
+    both("--quantgate-allow-recipes", "let regeneration run the Python qat_recipe files named in the registry "
+         "(they execute with your rights)", "bool", action="store_true", default=False)
     both("--quantgate-cuda-device", "CUDA device id (default 0)", type=non_negative_int, metavar="N", default=None)
     both("--quantgate-openvino-device", "OpenVINO device_type: CPU, GPU, NPU, ... (default CPU)",
          metavar="DEVICE", default=None)
@@ -70,6 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "quantgate: an int8-vs-fp32 gate item of pytest-quantgate")
     settings = resolve(config)
     config.stash[SETTINGS_KEY] = settings
+    config.stash[RUN_ID_KEY] = _run_id(config)
     if not settings.enabled:
         return
     if not settings.registry.is_file():
@@ -79,6 +83,22 @@ def pytest_configure(config: pytest.Config) -> None:
     _ensure_registry_collected(config, settings.registry)
     config.stash[ROWS_KEY] = {}
     config.pluginmanager.register(QuantGateSession(config), "quantgate-session")
+
+
+def _run_id(config: pytest.Config) -> str:
+    """Return an id shared by the controller and every xdist worker of this run."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "quantgate_run_id" in workerinput:
+        return str(workerinput["quantgate_run_id"])
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Hand the controller's run id to each xdist worker."""
+    node.workerinput["quantgate_run_id"] = node.config.stash[RUN_ID_KEY]
 
 
 def _ensure_registry_collected(config: pytest.Config, registry: Path) -> None:

@@ -268,3 +268,79 @@ def load_registry(path: str | Path) -> Registry:
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from None
     return parse_registry(data, path)
+
+
+def _entry_spans(text: str) -> list[tuple[int, int]]:
+    """Return the (start, end) offsets of every object two levels deep (the entries of ``models``)."""
+    spans: list[tuple[int, int]] = []
+    depth = 0
+    start = -1
+    in_string = escaped = False
+    for pos, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+            if char == "{" and depth == 3:  # root object, models array, entry object
+                start = pos
+        elif char in "}]":
+            if char == "}" and depth == 3 and start >= 0:
+                spans.append((start, pos + 1))
+                start = -1
+            depth -= 1
+    return spans
+
+
+def pin_text(text: str, updates: Mapping[str, Mapping[str, str]], path: Path) -> str:
+    """Return the registry text with hash fields set, keeping the file's formatting and key order.
+
+    ``updates`` maps entry id -> {field: value}. A missing field is inserted right after the entry's ``onnx``.
+    """
+    import re
+
+    pending = {k: dict(v) for k, v in updates.items()}
+    pieces: list[str] = []
+    last = 0
+    for start, end in _entry_spans(text):
+        body = text[start:end]
+        try:
+            entry_id = json.loads(body).get("id")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if entry_id not in pending:
+            continue
+        for key, value in pending.pop(entry_id).items():
+            pattern = re.compile(r'("%s"\s*:\s*)"[^"]*"' % re.escape(key))
+            if pattern.search(body):
+                body = pattern.sub(lambda m, v=value: f'{m.group(1)}"{v}"', body, count=1)
+                continue
+            anchor = re.search(r'"onnx"\s*:\s*"[^"]*"', body)
+            if anchor is None:
+                raise RegistryError(f"{path}: entry {entry_id!r}: cannot find where to insert {key!r}")
+            line_start = body.rfind("\n", 0, anchor.start())
+            indent = body[line_start + 1 : anchor.start()] if line_start >= 0 else ""
+            sep = f",\n{indent}" if line_start >= 0 and not indent.strip() else ", "
+            body = f'{body[: anchor.end()]}{sep}"{key}": "{value}"{body[anchor.end():]}'
+        pieces.append(text[last:start])
+        pieces.append(body)
+        last = end
+    pieces.append(text[last:])
+    if pending:
+        raise RegistryError(f"{path}: no entry with id {', '.join(repr(k) for k in pending)}")
+    result = "".join(pieces)
+    # the edit must change exactly the requested fields and nothing else
+    before, after = json.loads(text), json.loads(result)
+    for raw in before["models"]:
+        if isinstance(raw, dict) and raw.get("id") in updates:
+            raw.update(updates[raw["id"]])
+    if before != after:
+        raise RegistryError(f"{path}: pinning would change more than the hash fields; edit the file by hand")
+    return result

@@ -98,6 +98,7 @@ def _headroom_cell(row: Mapping[str, Any]) -> str:
 
 def summary_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     """Return the summary table: one row per item, sorted by id then EP."""
+    rows = list(rows)
     table = [SUMMARY_COLUMNS]
     for row in sorted(rows, key=lambda r: (r["id"], r["ep"])):
         drop = row.get("drop")
@@ -110,7 +111,10 @@ def summary_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in table) for i in range(len(SUMMARY_COLUMNS))]
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     out.insert(1, "  ".join("-" * w for w in widths))
+    rows = list(rows)
     notes = [r for r in rows if r["verdict"] != "PASS" and r.get("reason")]
     for row in sorted(notes, key=lambda r: (r["id"], r["ep"])):
         out.append(f"{row['id']} [{row['ep']}] {row['verdict']}: {row['reason']}")
+    for row in sorted((r for r in rows if r.get("regenerated")), key=lambda r: (r["id"], r["ep"])):
+        out.append(f"{row['id']} [{row['ep']}] regenerated: {row['regenerated']}")
     return out

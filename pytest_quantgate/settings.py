@@ -50,6 +50,7 @@ class Settings:
     confidence: float = DEFAULT_CONFIDENCE
     decision: str = "point"
     regen: str = "missing"
+    allow_recipes: bool = False
     ep_options: EpOptions = EpOptions()
 
 
@@ -190,6 +191,7 @@ def resolve(config: pytest.Config) -> Settings:
         confidence=confidence,
         decision=_choice(config, "quantgate_decision", "quantgate_decision", DECISION_CHOICES, "point"),
         regen=_choice(config, "quantgate_regen", "quantgate_regen", REGEN_CHOICES, default_regen()),
+        allow_recipes=_flag(config, "quantgate_allow_recipes", "quantgate_allow_recipes"),
         ep_options=EpOptions(
             cuda_device_id=_int(config, "quantgate_cuda_device", "quantgate_cuda_device", 0, 0),
             openvino_device=str(ov_device or "CPU").strip().upper(),

@@ -565,7 +565,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of :class:`StaticConfig` to ``parser`` (defaults come from the dataclass)."""
     d = _defaults(StaticConfig)
     group = parser.add_argument_group("static PTQ")
-    group.add_argument("--calibration-set", type=Path, required=True, metavar="NPZ",
+    group.add_argument("--calibration-set", type=Path, default=None, metavar="NPZ",
                        help="calibration .npz: one array per model input, axis 0 = samples ('target' is ignored)")
     group.add_argument("--calibrate-method", choices=_CALIBRATE_METHODS, default=None,
                        help=f"how activation ranges are chosen (default: {d['calibrate_method']})")

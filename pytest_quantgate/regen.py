@@ -1,0 +1,104 @@
+"""Rebuild a missing (or every) int8 sidecar before it is gated, once per run, safely across xdist workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelFileError, RegistryError
+from .fileio import atomic_write_text, sha256_file
+from .registry import Entry, Registry
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Regenerated:
+    """A sidecar this run rebuilt, and how its hash compares with the pin."""
+
+    path: Path
+    sha256: str
+    pinned: str | None
+
+    @property
+    def matches_pin(self) -> bool:
+        """Return True when the rebuilt file hashes to the pinned value."""
+        return self.pinned is not None and self.pinned.lower() == self.sha256
+
+    def note(self, registry: Registry, entry: Entry) -> str:
+        """Return the line that tells the user what was rebuilt and whether to re-pin."""
+        if self.matches_pin:
+            return f"rebuilt {self.path.name}; sha256 matches the pin"
+        return (f"rebuilt {self.path.name}: sha256 {self.sha256} differs from the pinned int8_sha256 "
+                f"{self.pinned}; review it, then re-pin with `quantgate pin {registry.path} --id {entry.id}`")
+
+
+def _lock_path(sidecar: Path) -> Path:
+    # locks live in the temp dir, not beside the model, so they never show up in the user's git status
+    digest = hashlib.sha256(str(sidecar.resolve()).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "quantgate-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{digest}.lock"
+
+
+def _built_in_run(sidecar: Path, run_id: str) -> bool:
+    provenance = sidecar.with_name(sidecar.name.removesuffix(".onnx") + ".json")
+    try:
+        return json.loads(provenance.read_text("utf-8")).get("gate_run_id") == run_id
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _stamp(provenance: Path, run_id: str) -> None:
+    try:
+        record = json.loads(provenance.read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    record["gate_run_id"] = run_id
+    atomic_write_text(provenance, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id: str) -> Regenerated | None:
+    """Build the entry's sidecar when the regen policy asks for it; return what was built, if anything.
+
+    A file lock makes one worker build while the others wait; the build lands by atomic rename, so nobody
+    reads a half-written file. With ``all``, the run id stamped into the provenance stops a second build
+    of the same sidecar in the same run (several EPs, several workers).
+    """
+    from filelock import FileLock
+
+    registry.fp32_path(entry)  # refuse a bad fp32 path first: it is what the int8 default derives from
+    sidecar = registry.int8_path(entry)
+    if settings.regen == "never":
+        if not sidecar.exists():
+            raise ModelFileError(
+                f"{registry.path}: entry {entry.id!r}: int8 sidecar {sidecar} does not exist and "
+                f"--quantgate-regen is 'never'; build it with `quantgate {_producer(entry)} {registry.path} "
+                f"--id {entry.id}` or run with --quantgate-regen missing"
+            )
+        return None
+    if settings.regen == "missing" and sidecar.exists():
+        return None
+    with FileLock(str(_lock_path(sidecar))):
+        if settings.regen == "missing" and sidecar.exists():
+            built_here = _built_in_run(sidecar, run_id)
+            return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256) if built_here else None
+        if settings.regen == "all" and _built_in_run(sidecar, run_id):
+            return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256)
+        from .producers.base import ProducerError
+        from .producers.dispatch import produce
+
+        try:
+            result = produce(registry, entry, settings.fixtures_dir, allow_recipes=settings.allow_recipes)
+        except ProducerError as exc:
+            raise ModelFileError(f"{registry.path}: entry {entry.id!r}: rebuilding {sidecar.name} failed: {exc}") from None
+        except RegistryError:
+            raise
+        _stamp(result.provenance_path, run_id)
+        return Regenerated(sidecar, result.sha256, entry.int8_sha256)
+
+
+def _producer(entry: Entry) -> str:
+    return {"dynamic": "ptq-dynamic", "static": "ptq-static", "qat": "qat"}.get(entry.mode, "ptq-static")
