@@ -115,7 +115,7 @@ def cmd_measure(ns: argparse.Namespace) -> int:
     """Gate every selected entry on every EP; print reports and the summary table."""
     from . import providers
     from .gate import Outcome, run_one
-    from .reports import failure_text, summary_lines
+    from .reports import failure_text, per_ep_lines, summary_lines
 
     settings = _settings(ns)
     try:
@@ -140,7 +140,8 @@ def cmd_measure(ns: argparse.Namespace) -> int:
             _out(f"quantgate {outcome.status.upper()}: {outcome.entry_id} [{outcome.ep}]: {outcome.message}")
     if outcomes:
         _out()
-        for line in summary_lines([o.to_row() for o in outcomes]):
+        rows = [o.to_row() for o in outcomes]
+        for line in summary_lines(rows) + [""] + per_ep_lines(rows):
             _out(line)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
     _out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")

@@ -205,6 +205,16 @@ def _target_output(entry: Entry, outputs: Sequence[TensorSpec], fixture: Fixture
     return names[0]
 
 
+PROBE_SIZE = 64
+
+
+def fp32_probe(values: np.ndarray) -> list[float]:
+    """Return fp32 output values at fixed, evenly spaced positions: compared across EPs in the summary."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    index = np.linspace(0, flat.size - 1, num=min(PROBE_SIZE, flat.size)).astype(np.int64)
+    return [float(v) for v in flat[index]]
+
+
 def _seed_for(base: int, entry_id: str) -> int:
     # a stable per-entry stream: verdicts never depend on collection order or on the xdist worker
     return base ^ int.from_bytes(hashlib.sha256(entry_id.encode()).digest()[:4], "little")
@@ -263,6 +273,7 @@ def compare(
         terms.append(DropTerm(ref, test, target))
 
     worst = max(reports, key=lambda r: r.drop)
+    probe = fp32_probe(fp32_out[outputs[0].name])
     drop = worst.drop
     interval = bootstrap_drop(terms, samples, options.bootstrap, _seed_for(options.seed, entry.id), options.confidence)
     needed = samples_needed(samples, interval, drop, entry.budget_plcc) if interval else None
@@ -275,7 +286,7 @@ def compare(
             f"{entry.budget_plcc:g}: this fixture cannot resolve the verdict; about {needed} samples would"
         )
     common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
-                  warnings=tuple(warnings))
+                  warnings=tuple(warnings), extra={"fp32_probe": probe})
 
     # every budget is checked and every breach reported; the PLCC drop leads, then the absolute checks that
     # catch what PLCC cannot see (gain and offset errors have PLCC 1.0)

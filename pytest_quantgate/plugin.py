@@ -102,7 +102,14 @@ def pytest_configure_node(node: Any) -> None:
 
 
 def _ensure_registry_collected(config: pytest.Config, registry: Path) -> None:
-    """Add the registry to the collection arguments unless an argument already covers it."""
+    """Make the registry a collection argument.
+
+    With no path on the command line, ``pytest --quantgate`` runs the gate alone (the registry replaces
+    testpaths); with paths, the registry is added beside them unless one of them already covers it.
+    """
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = [str(registry)]
+        return
     for arg in config.args:
         target = (config.invocation_params.dir / arg.split("::")[0]).resolve()
         if registry == target or registry.is_relative_to(target):
@@ -138,7 +145,7 @@ class QuantGateSession:
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
         """Print one row per gated item."""
-        from .reports import summary_lines
+        from .reports import per_ep_lines, summary_lines
 
         rows = config.stash.get(ROWS_KEY, {})
         if not rows:
@@ -146,3 +153,8 @@ class QuantGateSession:
         terminalreporter.section("quantgate summary")
         for line in summary_lines(list(rows.values())):
             terminalreporter.line(line)
+        per_ep = per_ep_lines(list(rows.values()))
+        if per_ep:
+            terminalreporter.section("quantgate drops per execution provider")
+            for line in per_ep:
+                terminalreporter.line(line)

@@ -118,3 +118,57 @@ def summary_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     for row in sorted((r for r in rows if r.get("regenerated")), key=lambda r: (r["id"], r["ep"])):
         out.append(f"{row['id']} [{row['ep']}] regenerated: {row['regenerated']}")
     return out
+
+
+# fp32 outputs on two EPs may differ by rounding (fused kernels, other reduction orders), not by more than this
+# fraction of the output's spread; beyond it the EP computes a different fp32 baseline.
+EP_FP32_TOLERANCE = 1e-3
+
+
+def fp32_disagreement(a: list[float], b: list[float]) -> float:
+    """Return max |a − b| over the probe, relative to the spread of ``a``."""
+    import numpy as np
+
+    x, y = np.asarray(a), np.asarray(b)
+    if x.shape != y.shape or x.size == 0:
+        return float("inf")
+    spread = float(np.ptp(x)) or 1.0
+    return float(np.max(np.abs(x - y)) / spread)
+
+
+def per_ep_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Return a table of drops per EP side by side, flagging fp32 baselines that disagree across EPs."""
+    rows = [r for r in rows if r.get("ep") not in (None, "-")]
+    eps = sorted({r["ep"] for r in rows}, key=lambda e: ("cpu", "cuda", "openvino").index(e)
+                 if e in ("cpu", "cuda", "openvino") else 9)
+    if len(eps) < 2:
+        return []
+    by_id: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+        by_id.setdefault(row["id"], {})[row["ep"]] = row
+    table = [("id", *eps, "fp32 across EPs")]
+    flags: list[str] = []
+    for entry_id in sorted(by_id):
+        cells = []
+        for ep in eps:
+            row = by_id[entry_id].get(ep)
+            if row is None:
+                cells.append("-")
+            elif row.get("drop") is None:
+                cells.append(row["verdict"])
+            else:
+                cells.append(f"{row['drop']:.6f} {row['verdict']}")
+        probes = {ep: r["fp32_probe"] for ep, r in by_id[entry_id].items() if r.get("fp32_probe")}
+        agree = "-"
+        if len(probes) >= 2:
+            ref_ep = next(iter(sorted(probes)))
+            worst = max(fp32_disagreement(probes[ref_ep], p) for ep, p in probes.items() if ep != ref_ep)
+            agree = "agree" if worst <= EP_FP32_TOLERANCE else f"DISAGREE ({worst:.2e})"
+            if worst > EP_FP32_TOLERANCE:
+                flags.append(f"{entry_id}: fp32 outputs differ across EPs by {worst:.2e} of their range "
+                             f"(tolerance {EP_FP32_TOLERANCE:g}): the EPs do not compute the same baseline")
+        table.append((entry_id, *cells, agree))
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out + flags
