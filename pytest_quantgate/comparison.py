@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -60,16 +61,25 @@ def check_signatures(fp32: ort.InferenceSession, int8: ort.InferenceSession, fp3
                 )
 
 
-def run_model(session: ort.InferenceSession, fixture: Fixture, plan: FeedPlan, label: str) -> dict[str, np.ndarray]:
-    """Run a session over every fixture sample; return each output with samples on axis 0."""
+def run_model(session: ort.InferenceSession, fixture: Fixture, plan: FeedPlan, label: str,
+              timings: list[float] | None = None) -> dict[str, np.ndarray]:
+    """Run a session over every fixture sample; return each output with samples on axis 0.
+
+    ``timings``, when given, receives the wall time of each full-size run (seconds), so latency comes from
+    the gate's own runs instead of extra ones.
+    """
     names = [o.name for o in session.get_outputs()]
     pieces: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    full = plan.batch if plan.batched else 1
     for part in plan.slices():
         if plan.batched:
             feed = {k: v[part] for k, v in fixture.inputs.items()}
         else:
             feed = {k: v[part.start] for k, v in fixture.inputs.items()}
+        start = time.perf_counter()
         outs = session.run(names, feed)
+        if timings is not None and part.stop - part.start == full:
+            timings.append(time.perf_counter() - start)
         for name, out in zip(names, outs):
             out = np.asarray(out)
             if plan.batched:
