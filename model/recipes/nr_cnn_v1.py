@@ -32,7 +32,7 @@ def _bundled(module: str):
 class NrCnnRecipe:
     """Rebuilds ``nr_cnn_v1`` and its training data for the QAT producer."""
 
-    fp32_lr = 1e-3  # the fp32 training LR; QatConfig.lr_qat defaults to a tenth of it
+    fp32_lr = 2e-3  # peak LR of the fp32 training (nr_cnn.LR); QatConfig.lr_qat defaults to a tenth of it
 
     def __init__(self, n_train: int | None = None) -> None:
         self._n_train = n_train

@@ -190,6 +190,23 @@ def load_onnx_initializers(model: torch.nn.Module, onnx_path: str | os.PathLike[
 # Writing without leaving partial files
 
 
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _link_fd(fd: int, path: Path) -> None:
+    """Give the unnamed file ``fd`` the name ``path`` (``linkat`` with ``AT_SYMLINK_FOLLOW`` on ``/proc/self/fd``).
+
+    ``os.link`` cannot do this: CPython calls ``link(2)``, which links the ``/proc`` symlink itself (EXDEV).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
 def _write_no_partial(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` atomically; a SIGKILL at any point leaves no partial file beside ``target``.
 
@@ -214,7 +231,11 @@ def _write_no_partial(target: Path, data: bytes) -> None:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
-        os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
+        try:
+            _link_fd(fd, tmp)
+        except OSError:  # no /proc linkat support here: fall back to the named temp file
+            atomic_write_bytes(target, data)
+            return
         try:
             os.replace(tmp, target)
         except BaseException:

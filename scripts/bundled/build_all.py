@@ -97,6 +97,7 @@ def build_nr(timings: dict[str, float]) -> None:
     x_soak, y_soak = nr_cnn.soak_data()
     common.seed_everything(nr_cnn.SEED)
     model = nr_cnn.build_model()
+    nr_cnn.init_for_training(model, y_tr)
     common.train_model(model, x_tr, y_tr, nr_cnn.loss, epochs=nr_cnn.EPOCHS, lr=nr_cnn.LR, batch_size=nr_cnn.BATCH,
                        seed=nr_cnn.SEED, log=_say)
     fp32 = common.MODEL_DIR / "nr_cnn_v1.onnx"
@@ -107,7 +108,7 @@ def build_nr(timings: dict[str, float]) -> None:
     t = time.monotonic()
     common.seed_everything(NR_QAT_SEED)
     result = quantize_qat(fp32, common.MODEL_DIR / "nr_cnn_v1.int8.onnx",
-                          QatConfig(epochs_qat=NR_QAT_EPOCHS, seed=NR_QAT_SEED),
+                          QatConfig(epochs_qat=NR_QAT_EPOCHS, lr_qat=nr_cnn.LR_QAT, seed=NR_QAT_SEED),
                           recipe=common.MODEL_DIR / "recipes" / "nr_cnn_v1.py", progress=_say)
     timings["nr_cnn_v1_qat"] = time.monotonic() - t
     _say(f"[nr_cnn] QAT {timings['nr_cnn_v1_qat']:.1f}s, losses {result.epoch_losses}, "
