@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .comparison import CompareOptions, GateResult, check_signatures, compare, run_model, signature
 from .errors import HashMismatchError, ModelFileError
@@ -116,10 +119,12 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
 
 
 def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
-    """Run fp32 and int8 over every soak sample and compare them."""
+    """Run fp32 and int8 over every soak sample and compare them; add size, speed and plot data."""
     p = prepared
-    fp32_out = run_model(p.fp32, p.fixture, p.plan, str(p.fp32_path))
-    int8_out = run_model(p.int8, p.fixture, p.plan, str(p.int8_path))
+    fp32_times: list[float] = []
+    int8_times: list[float] = []
+    fp32_out = run_model(p.fp32, p.fixture, p.plan, str(p.fp32_path), fp32_times)
+    int8_out = run_model(p.int8, p.fixture, p.plan, str(p.int8_path), int8_times)
     options = CompareOptions(
         bootstrap=settings.bootstrap,
         seed=settings.seed,
@@ -127,7 +132,97 @@ def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
         decision=settings.decision,
         strict=settings.strict,
     )
-    return compare(p.entry, p.ep, p.fixture, p.inputs, p.outputs, fp32_out, int8_out, options)
+    result = compare(p.entry, p.ep, p.fixture, p.inputs, p.outputs, fp32_out, int8_out, options)
+    extra = dict(result.extra)
+    extra.update(speed_and_size(p, fp32_times, int8_times))
+    extra.update(provenance(p, settings))
+    if settings.html is not None:
+        extra["plot"] = plot_data(p, fp32_out, int8_out)
+    result = replace(result, extra=extra)
+    return check_speed(result, p.entry)
+
+
+def _median_warm(times: list[float]) -> float | None:
+    # the first full-size run pays for allocation and kernel selection: it is the warm-up, not a sample
+    warm = times[1:] if len(times) > 1 else times
+    return float(statistics.median(warm)) * 1000.0 if warm else None
+
+
+def speed_and_size(p: Prepared, fp32_times: list[float], int8_times: list[float]) -> dict[str, Any]:
+    """Return on-disk bytes and the median warm latency (ms per run of one batch) of both models."""
+    fp32_ms, int8_ms = _median_warm(fp32_times), _median_warm(int8_times)
+    fp32_bytes, int8_bytes = p.fp32_path.stat().st_size, p.int8_path.stat().st_size
+    return {
+        "fp32_bytes": fp32_bytes,
+        "int8_bytes": int8_bytes,
+        "size_ratio": int8_bytes / fp32_bytes if fp32_bytes else None,
+        "fp32_ms": fp32_ms,
+        "int8_ms": int8_ms,
+        "speedup": fp32_ms / int8_ms if fp32_ms and int8_ms else None,
+        "latency_batch": p.plan.batch,
+        "latency_runs": max(len(fp32_times) - 1, len(fp32_times)),
+    }
+
+
+def check_speed(result: GateResult, entry: Entry) -> GateResult:
+    """Fail a sidecar slower than the entry's optional ``quant_min_speedup`` (off by default)."""
+    minimum = entry.raw.get("quant_min_speedup")
+    speedup = result.extra.get("speedup")
+    if minimum is None or speedup is None or speedup >= minimum:
+        return result
+    reason = (f"int8 speedup x{speedup:.2f} (fp32 {result.extra['fp32_ms']:.3f} ms vs int8 "
+              f"{result.extra['int8_ms']:.3f} ms per batch) is below quant_min_speedup x{minimum:g}")
+    if result.passed:
+        return replace(result, verdict="FAIL", kind="speed", reason=reason)
+    return replace(result, also=(*result.also, reason))
+
+
+def provenance(p: Prepared, settings: Settings) -> dict[str, Any]:
+    """Return what produced this verdict: files and hashes, EP and options, onnxruntime, CPU, time."""
+    from . import __version__, providers, system
+
+    return {
+        "provenance": {
+            "fp32": {"path": str(p.fp32_path), "sha256": p.fp32_sha256},
+            "int8": {"path": str(p.int8_path), "sha256": p.int8_sha256},
+            "fixture": {"path": str(p.fixture.path), "sha256": p.fixture.sha256},
+            "ep": p.ep,
+            "providers": [str(x) for x in p.int8.get_providers()],
+            "provider_options": p.int8.get_provider_options(),
+            "onnxruntime": providers.ort_distribution(),
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "quantgate": __version__,
+            "bootstrap": settings.bootstrap,
+            "seed": settings.seed,
+            "decision": settings.decision,
+            **system.describe(),
+        }
+    }
+
+
+PLOT_POINTS = 2000
+HIST_BINS = 60
+
+
+def plot_data(p: Prepared, fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Return a deterministic subsample of the first output (and target) for the HTML report's plots."""
+    name = p.outputs[0].name
+    ref = np.asarray(fp32_out[name], dtype=np.float64).ravel()
+    test = np.asarray(int8_out[name], dtype=np.float64).ravel()
+    index = np.linspace(0, ref.size - 1, num=min(PLOT_POINTS, ref.size)).astype(np.int64)
+    target = None
+    if p.fixture.target is not None and p.fixture.target.size == ref.size:
+        target = [float(v) for v in np.asarray(p.fixture.target, dtype=np.float64).ravel()[index]]
+    diff = test - ref
+    counts, edges = np.histogram(diff[np.isfinite(diff)], bins=HIST_BINS)
+    return {
+        "output": name,
+        "fp32": [float(v) for v in ref[index]],
+        "int8": [float(v) for v in test[index]],
+        "target": target,
+        "hist_edges": [float(v) for v in edges],
+        "hist_counts": [int(v) for v in counts],
+    }
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,9 +14,6 @@ from .errors import EpUnavailableError, InputError, InsufficientSamplesError, Qu
 from .registry import Entry, EntryProblem, Registry, load_registry
 from .reports import failure_text
 from .settings import Settings
-
-ROW_PROPERTY = "quantgate_result"
-
 
 def settings_of(config: pytest.Config) -> Settings:
     """Return the settings resolved in pytest_configure."""
@@ -52,44 +48,61 @@ class RegistryFile(pytest.File):
                 )
             entries = [e for e in entries if any(fnmatch.fnmatchcase(e.id, p) for p in settings.select)]
             problems = [p for p in problems if any(fnmatch.fnmatchcase(p.label, p2) for p2 in settings.select)]
+        lines = _id_lines(self.path)
         items: list[pytest.Item] = []
         for entry in entries:
             for ep in eps:
                 items.append(QuantGateItem.from_parent(self, name=f"{entry.id}[{ep}]", registry=registry,
-                                                       entry=entry, ep=ep))
+                                                       entry=entry, ep=ep, line=lines.get(entry.id, 0)))
         for problem in problems:
             items.append(BrokenEntryItem.from_parent(self, name=problem.label, problem=problem))
         yield from sorted(items, key=lambda item: item.name)
 
 
+def _id_lines(path: Path) -> dict[str, int]:
+    """Return the 0-based line of each ``"id": "..."`` in the registry, so reports can point at the entry."""
+    import re
+
+    found: dict[str, int] = {}
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for match in re.finditer(r'"id"\s*:\s*"((?:[^"\\]|\\.)*)"', text):
+        found.setdefault(match.group(1), text.count("\n", 0, match.start()))
+    return found
+
+
 def _error(item: pytest.Item, message: str, row: dict[str, Any]) -> NoReturn:
     """Record an ERROR row and fail the setup phase with the message alone (no Python traceback)."""
-    item.user_properties.append((ROW_PROPERTY, json.dumps(row)))
+    item.quantgate_row = row  # type: ignore[attr-defined]
     pytest.fail(message, pytrace=False)
+
+
+# metrics that also go to JUnit XML (record_property style), so CI test views show them
+JUNIT_KEYS = ("verdict", "drop", "budget", "headroom", "ci", "samples", "speedup", "fp32_ms", "int8_ms",
+              "fp32_bytes", "int8_bytes")
 
 
 class QuantGateItem(pytest.Item):
     """One registry entry gated on one execution provider."""
 
-    def __init__(self, *, registry: Registry, entry: Entry, ep: str, **kwargs: Any) -> None:
+    def __init__(self, *, registry: Registry, entry: Entry, ep: str, line: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.line = line
         self.registry = registry
         self.entry = entry
         self.ep = ep
-        self.prepared: Any = None
         self.result: GateResult | None = None
         self.regen_note: str | None = None
+        self.quantgate_row: dict[str, Any] | None = None
         self.add_marker("quantgate")
 
     def _row(self, verdict: str, reason: str) -> dict[str, Any]:
         return {"id": self.entry.id, "ep": self.ep, "mode": self.entry.mode, "samples": None, "drop": None,
-                "budget": self.entry.budget_plcc, "headroom": None, "verdict": verdict, "reason": reason}
+                "budget": self.entry.budget_plcc, "headroom": None, "verdict": verdict, "reason": reason,
+                "regenerated": self.regen_note}
 
     def setup(self) -> None:
-        """Check every input (files, hashes, fixture, EP) so bad input is an ERROR, not a failed comparison."""
-        from . import gate
-
-        from . import regen
+        """Check every input and run both models; bad input is an ERROR here, never a failed comparison."""
+        from . import cache, gate, regen
         from .plugin import RUN_ID_KEY
 
         settings = settings_of(self.config)
@@ -99,33 +112,45 @@ class QuantGateItem(pytest.Item):
                 self.regen_note = built.note(self.registry, self.entry)
                 if not built.matches_pin:
                     self.warn(pytest.PytestWarning(f"quantgate {self.entry.id}: {self.regen_note}"))
-            self.prepared = gate.prepare(self.registry, self.entry, self.ep, settings, int8_pinned=built is None)
+            key = cache.key(self.registry, self.entry, self.ep, settings) if settings.cache else None
+            cached = cache.lookup(self.config, key) if key else None
+            if cached is not None:
+                cached.update(verdict="PASS", reason=f"cached: {cached.get('reason', '')}", cached=True)
+                self.quantgate_row = cached
+                pytest.skip(f"quantgate: unchanged since a passing run (--quantgate-cache); {self.entry.id} "
+                            f"[{self.ep}] drop {cached.get('drop')}")
+            prepared = gate.prepare(self.registry, self.entry, self.ep, settings, int8_pinned=built is None)
+            self.result = gate.evaluate(prepared, settings)
+            if settings.strict and self.result.needed_samples is not None:
+                raise InsufficientSamplesError(f"{self.registry.path}: entry {self.entry.id!r}: "
+                                               f"{self.result.warnings[-1]} (--quantgate-strict)")
+            self._record(self.result, key)
             return
         except EpUnavailableError as exc:
             if not settings.strict_ep:
-                self.user_properties.append((ROW_PROPERTY, json.dumps(self._row("SKIP", str(exc)))))
+                self.quantgate_row = self._row("SKIP", str(exc))
                 pytest.skip(f"quantgate: {exc} (use --quantgate-strict-ep to make this an error)")
             reason = f"{exc} (--quantgate-strict-ep)"
         except InputError as exc:
             reason = str(exc)
         _error(self, f"quantgate ERROR: {self.entry.id} [{self.ep}]: {reason}", self._row("ERROR", reason))
 
-    def runtest(self) -> None:
-        """Run fp32 and int8 on every soak sample; raise QuantGateFailure when the sidecar fails."""
-        from . import gate
+    def _record(self, result: GateResult, key: str | None) -> None:
+        from . import cache
 
-        settings = settings_of(self.config)
-        result = gate.evaluate(self.prepared, settings)
-        self.result = result
-        self.prepared = None  # release the sessions and arrays as soon as possible
         row = result.to_row()
         row["regenerated"] = self.regen_note
-        self.user_properties.append((ROW_PROPERTY, json.dumps(row)))
-        for name, value in (("quantgate_drop", result.drop), ("quantgate_budget", result.budget),
-                            ("quantgate_verdict", result.verdict)):
-            self.user_properties.append((name, value))
-        if settings.strict and result.needed_samples is not None:
-            raise InsufficientSamplesError(result.warnings[-1])
+        self.quantgate_row = row
+        for name in JUNIT_KEYS:
+            if row.get(name) is not None:
+                self.user_properties.append((f"quantgate_{name}", row[name]))
+        if key is not None and result.passed:
+            cache.store(self.config, key, row)
+
+    def runtest(self) -> None:
+        """Deliver the verdict measured in setup; raise QuantGateFailure when the sidecar fails."""
+        result = self.result
+        assert result is not None  # setup either measured or raised
         for warning in result.warnings:
             self.warn(pytest.PytestWarning(f"quantgate {self.entry.id} [{self.ep}]: {warning}"))
         if not result.passed:
@@ -141,7 +166,7 @@ class QuantGateItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         """Name the registry entry, so ``-v`` and reports point at it."""
-        return self.registry.path, None, f"quantgate {self.entry.id} [{self.ep}] ({self.registry.path.name}" \
+        return self.registry.path, self.line, f"quantgate {self.entry.id} [{self.ep}] ({self.registry.path.name}" \
             f" {self.entry.location}, mode={self.entry.mode})"
 
 
@@ -151,6 +176,7 @@ class BrokenEntryItem(pytest.Item):
     def __init__(self, *, problem: EntryProblem, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.problem = problem
+        self.quantgate_row: dict[str, Any] | None = None
         self.add_marker("quantgate")
 
     def setup(self) -> None:
@@ -164,4 +190,4 @@ class BrokenEntryItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         """Name the broken entry."""
-        return self.path, None, f"quantgate registry entry {self.problem.label} (models[{self.problem.index}])"
+        return self.path, 0, f"quantgate registry entry {self.problem.label} (models[{self.problem.index}])"

@@ -61,6 +61,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
          choices=REGEN_CHOICES, default=None)
     both("--quantgate-allow-recipes", "let regeneration run the Python qat_recipe files named in the registry "
          "(they execute with your rights)", "bool", action="store_true", default=False)
+    both("--quantgate-report", "write every item's metrics, interval, verdict and provenance to this JSON file",
+         metavar="PATH", default=None)
+    both("--quantgate-html", "write a self-contained HTML report with plots (plots need matplotlib)",
+         metavar="PATH", default=None)
+    both("--quantgate-cache", "skip items whose inputs are unchanged since they passed (pytest's cache)", "bool",
+         action="store_true", default=False)
     both("--quantgate-cuda-device", "CUDA device id (default 0)", type=non_negative_int, metavar="N", default=None)
     both("--quantgate-openvino-device", "OpenVINO device_type: CPU, GPU, NPU, ... (default CPU)",
          metavar="DEVICE", default=None)
@@ -133,28 +139,55 @@ class QuantGateSession:
             return RegistryFile.from_parent(parent, path=file_path)
         return None
 
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """Attach the item's summary row to its report; xdist carries report attributes to the controller."""
+        outcome = yield
+        row = getattr(item, "quantgate_row", None)
+        if row is not None and call.when in ("setup", "call"):
+            outcome.get_result().quantgate_row = row
+
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Gather each item's summary row (sent by xdist workers in user_properties)."""
-        from .items import ROW_PROPERTY
+        """Gather each item's summary row (on the controller when xdist runs workers)."""
+        row = getattr(report, "quantgate_row", None)
+        if row is not None:
+            self.config.stash[ROWS_KEY][report.nodeid] = row
 
-        for name, value in report.user_properties:
-            if name == ROW_PROPERTY:
-                self.config.stash[ROWS_KEY][report.nodeid] = json.loads(value)
+    @pytest.hookimpl
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Write the JSON, HTML and GitHub step-summary reports (controller only)."""
+        if getattr(self.config, "workerinput", None) is not None:
+            return
+        from . import reports
+
+        rows = list(self.config.stash.get(ROWS_KEY, {}).values())
+        settings = self.config.stash[SETTINGS_KEY]
+        if settings.report is not None:
+            reports.write_json(settings.report, rows, settings)
+        if settings.html is not None:
+            from .html import write_html
+
+            write_html(settings.html, rows, title=f"quantgate: {settings.registry}")
+        reports.append_github_summary(rows)
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
-        """Print one row per gated item."""
+        """Print one row per gated item, then drops per EP when several ran."""
         from .reports import per_ep_lines, summary_lines
 
-        rows = config.stash.get(ROWS_KEY, {})
+        rows = list(config.stash.get(ROWS_KEY, {}).values())
         if not rows:
             return
         terminalreporter.section("quantgate summary")
-        for line in summary_lines(list(rows.values())):
+        for line in summary_lines(rows):
             terminalreporter.line(line)
-        per_ep = per_ep_lines(list(rows.values()))
+        per_ep = per_ep_lines(rows)
         if per_ep:
             terminalreporter.section("quantgate drops per execution provider")
             for line in per_ep:
                 terminalreporter.line(line)
+        settings = config.stash[SETTINGS_KEY]
+        for label, path in (("JSON report", settings.report), ("HTML report", settings.html)):
+            if path is not None:
+                terminalreporter.line(f"quantgate {label}: {path}")

@@ -81,7 +81,11 @@ def failure_text(result: GateResult, registry: str) -> str:
     return "\n".join(lines)
 
 
-SUMMARY_COLUMNS = ("id", "EP", "mode", "samples", "drop", "CI", "budget", "headroom", "verdict")
+SUMMARY_COLUMNS = ("id", "EP", "mode", "samples", "drop", "CI", "budget", "headroom", "size", "speed-up", "verdict")
+
+
+def _ratio_cell(value: float | None) -> str:
+    return "-" if value is None else f"x{value:.2f}"
 
 
 def _ci_cell(row: Mapping[str, Any]) -> str:
@@ -106,7 +110,8 @@ def summary_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
             row["id"], row["ep"], row.get("mode", "-"), str(row.get("samples") or "-"),
             "-" if drop is None else f"{drop:.6f}", _ci_cell(row),
             "-" if row.get("budget") is None else f"{row['budget']:g}",
-            _headroom_cell(row), row["verdict"],
+            _headroom_cell(row), _ratio_cell(row.get("size_ratio")), _ratio_cell(row.get("speedup")),
+            row["verdict"] + (" (cached)" if row.get("cached") else ""),
         ))
     widths = [max(len(str(r[i])) for r in table) for i in range(len(SUMMARY_COLUMNS))]
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
@@ -172,3 +177,60 @@ def per_ep_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     out.insert(1, "  ".join("-" * w for w in widths))
     return out + flags
+
+
+def write_json(path: Any, rows: list[Mapping[str, Any]], settings: Any) -> None:
+    """Write every item's row (metrics, interval, budget, verdict, provenance) as one JSON document."""
+    import json
+    from dataclasses import asdict
+
+    from . import __version__
+    from .fileio import atomic_write_text
+
+    settings_doc = {k: str(v) if not isinstance(v, (bool, int, float, list, tuple, dict, type(None))) else v
+                    for k, v in asdict(settings).items()}
+    doc = {
+        "format": 1,
+        "tool": f"pytest-quantgate {__version__}",
+        "registry": str(settings.registry),
+        "settings": settings_doc,
+        "items": sorted((_without_plot(r) for r in rows), key=lambda r: (r["id"], r["ep"])),
+        "totals": {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "ERROR", "SKIP")},
+    }
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _without_plot(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "plot"}
+
+
+def markdown_lines(rows: list[Mapping[str, Any]]) -> list[str]:
+    """Return the summary as a GitHub-flavoured markdown table."""
+    icon = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "ERROR": "⚠️ ERROR", "SKIP": "⏭️ SKIP"}
+    out = ["### quantgate", "", "| id | EP | mode | samples | drop | 95% CI | budget | headroom | speed-up | verdict |",
+           "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
+    for row in sorted(rows, key=lambda r: (r["id"], r["ep"])):
+        drop = row.get("drop")
+        speed = row.get("speedup")
+        out.append("| " + " | ".join([
+            f"`{row['id']}`", str(row["ep"]), str(row.get("mode", "-")), str(row.get("samples") or "-"),
+            "-" if drop is None else f"{drop:.6f}", _ci_cell(row),
+            "-" if row.get("budget") is None else f"{row['budget']:g}", _headroom_cell(row),
+            "-" if speed is None else f"x{speed:.2f}", icon.get(row["verdict"], row["verdict"]),
+        ]) + " |")
+    for row in rows:
+        if row["verdict"] != "PASS" and row.get("reason"):
+            reason = str(row["reason"]).replace("|", "\\|")
+            out.append(f"\n- **{row['id']} [{row['ep']}] {row['verdict']}**: {reason}")
+    return out
+
+
+def append_github_summary(rows: list[Mapping[str, Any]]) -> None:
+    """Append the markdown summary to ``$GITHUB_STEP_SUMMARY`` when GitHub Actions sets it."""
+    import os
+
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target or not rows:
+        return
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(markdown_lines(rows)) + "\n")

@@ -51,6 +51,9 @@ class Settings:
     decision: str = "point"
     regen: str = "missing"
     allow_recipes: bool = False
+    report: Path | None = None
+    html: Path | None = None
+    cache: bool = False
     ep_options: EpOptions = EpOptions()
 
 
@@ -148,6 +151,17 @@ def _path(config: pytest.Config, option: str, ini: str, default: str) -> Path:
     return (config.rootpath / default).resolve()
 
 
+def _optional_path(config: pytest.Config, option: str, ini: str) -> Path | None:
+    value = config.getoption(option)
+    if value:
+        return (config.invocation_params.dir / value).resolve()
+    raw = config.getini(ini)
+    if raw:
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+        return (base / str(raw)).resolve()
+    return None
+
+
 def _eps(config: pytest.Config) -> tuple[str, ...]:
     value, where = _pick(config, "quantgate_ep", "quantgate_ep")
     if value is None:
@@ -192,6 +206,9 @@ def resolve(config: pytest.Config) -> Settings:
         decision=_choice(config, "quantgate_decision", "quantgate_decision", DECISION_CHOICES, "point"),
         regen=_choice(config, "quantgate_regen", "quantgate_regen", REGEN_CHOICES, default_regen()),
         allow_recipes=_flag(config, "quantgate_allow_recipes", "quantgate_allow_recipes"),
+        report=_optional_path(config, "quantgate_report", "quantgate_report"),
+        html=_optional_path(config, "quantgate_html", "quantgate_html"),
+        cache=_flag(config, "quantgate_cache", "quantgate_cache"),
         ep_options=EpOptions(
             cuda_device_id=_int(config, "quantgate_cuda_device", "quantgate_cuda_device", 0, 0),
             openvino_device=str(ov_device or "CPU").strip().upper(),

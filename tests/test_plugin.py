@@ -48,7 +48,7 @@ def test_healthy_sidecars_pass_and_the_summary_has_a_row_each(project: GateProje
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines([
         "*quantgate summary*",
-        "id*EP*mode*samples*drop*CI*budget*headroom*verdict",
+        "id*EP*mode*samples*drop*CI*budget*headroom*size*speed-up*verdict",
         "alpha*cpu*dynamic*1197*PASS",
         "beta*cpu*static*1197*PASS",
     ])
@@ -282,3 +282,65 @@ def test_plugin_module_has_no_heavy_imports() -> None:
             "print(sorted(m for m in ('onnxruntime','torch','onnx','scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.replace("'", '"')) == []
+
+
+def test_json_report_junit_properties_and_github_summary(project: GateProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    import xml.etree.ElementTree as ET
+
+    int8 = onnx.load(project.model / "digits.int8.onnx")
+    project.write([project.add_sidecar("good"), project.add_sidecar("fake", affine(int8, 0.5, 10.0))])
+    summary = project.root / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = project.run("-n", "2", "--quantgate-report", "out/report.json", "--junitxml", "junit.xml")
+    result.assert_outcomes(passed=1, failed=1)
+    doc = json.loads((project.root / "out" / "report.json").read_text())
+    assert doc["totals"] == {"PASS": 1, "FAIL": 1, "ERROR": 0, "SKIP": 0}
+    good, fake = sorted(doc["items"], key=lambda r: r["id"], reverse=True)
+    assert good["id"] == "good" and good["verdict"] == "PASS" and fake["kind"] == "affine"
+    assert good["ci"][0] <= good["drop"] <= good["ci"][1]
+    prov = good["provenance"]
+    assert prov["int8"]["sha256"] == doc["items"][1]["provenance"]["int8"]["sha256"] or prov["int8"]["sha256"]
+    assert prov["ep"] == "cpu" and prov["providers"] == ["CPUExecutionProvider"]
+    assert prov["onnxruntime"].startswith("onnxruntime")
+    assert "avx2" in prov["cpu"]["isa"] or prov["cpu"]["isa"] is not None
+    assert prov["fixture"]["sha256"] and prov["python"]
+    assert good["fp32_bytes"] > 0 and good["int8_bytes"] > 0 and good["fp32_ms"] > 0 and good["speedup"] > 0
+    props = {p.get("name"): p.get("value") for p in ET.parse(project.root / "junit.xml").iter("property")}
+    assert props["quantgate_verdict"] in ("PASS", "FAIL") and float(props["quantgate_drop"]) < 0.01
+    text = summary.read_text()
+    assert "| `good` | cpu | dynamic | 1197 |" in text and "❌ FAIL" in text
+
+
+def test_cache_skips_unchanged_passing_items_and_reruns_changed_ones(project: GateProject) -> None:
+    project.write([project.add_sidecar("steady")])
+    args = ("-p", "cacheprovider", "--quantgate-cache")
+    first = project.pytester.runpytest("--quantgate", *args)
+    first.assert_outcomes(passed=1)
+    second = project.pytester.runpytest("--quantgate", *args)
+    second.assert_outcomes(skipped=1)
+    second.stdout.fnmatch_lines(["steady*PASS (cached)"])
+    # changing the budget changes the key: the item is measured again
+    entry = json.loads((project.model / "registry.json").read_text())["models"][0]
+    entry["quant_accuracy_budget_plcc"] = 0.02
+    project.write([entry])
+    third = project.pytester.runpytest("--quantgate", *args)
+    third.assert_outcomes(passed=1)
+
+
+def test_strict_mode_turns_an_unresolvable_fixture_into_an_error(project: GateProject) -> None:
+    import numpy as np
+
+    entry = project.add_sidecar("tiny", fixture="digits_notarget.npz")
+    data = dict(np.load(project.fixtures / "tiny.npz"))
+    np.savez(project.fixtures / "tiny.npz", features=data["features"][:40])
+    project.write([entry])
+    project.run("--quantgate-report", "r.json").assert_outcomes(passed=1)
+    drop = json.loads((project.root / "r.json").read_text())["items"][0]["drop"]
+    # a budget equal to the point estimate lies inside the interval: 40 samples cannot resolve it
+    project.write([{**entry, "quant_accuracy_budget_plcc": drop * 1.05}])
+    warned = project.run("-W", "default")
+    warned.assert_outcomes(passed=1)
+    warned.stdout.fnmatch_lines(["*straddles the budget*this fixture cannot resolve the verdict; about * samples would*"])
+    strict = project.run("--quantgate-strict")
+    strict.assert_outcomes(errors=1)
+    strict.stdout.fnmatch_lines(["*quantgate ERROR: tiny [[]cpu[]]:*straddles the budget*(--quantgate-strict)*"])

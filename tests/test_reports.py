@@ -13,7 +13,8 @@ def row(entry_id: str, ep: str, drop: float | None, verdict: str, probe: list[fl
 
 def test_summary_has_headroom_ci_and_sorted_rows() -> None:
     lines = summary_lines([row("b", "cpu", 0.002, "PASS"), row("a", "cpu", 0.02, "FAIL")])
-    assert lines[0].split() == ["id", "EP", "mode", "samples", "drop", "CI", "budget", "headroom", "verdict"]
+    assert lines[0].split() == ["id", "EP", "mode", "samples", "drop", "CI", "budget", "headroom", "size",
+                                "speed-up", "verdict"]
     assert lines[2].split()[:2] == ["a", "cpu"] and lines[2].endswith("FAIL")
     assert "x5.0" in lines[3]
     assert lines[-1] == "a [cpu] FAIL: r"
