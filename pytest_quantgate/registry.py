@@ -14,8 +14,10 @@ from .errors import RegistryError
 
 # Budgets used when an entry has no ``quant_accuracy_budget_plcc`` (ADR-0129 for PTQ, ADR-0208 for QAT).
 DEFAULT_BUDGET_PLCC = {"dynamic": 0.01, "static": 0.01, "qat": 0.002}
-# Affine check (int8 regressed on fp32): |slope - 1| and |offset| / std(fp32) must stay below this.
-DEFAULT_BUDGET_SLOPE = 0.05
+# Affine check (int8 regressed on fp32): |slope - 1| and |offset| / std(fp32) must stay below this. 0.1 leaves
+# room for the fp32 drift of a QAT fine-tune (nr_cnn_v1: slope 1.02, offset 0.075 std) and still fails a 10 % gain
+# error, let alone 0.5·y + 10.
+DEFAULT_BUDGET_SLOPE = 0.1
 QUANT_MODES = ("fp32", "static", "dynamic", "qat")
 
 
