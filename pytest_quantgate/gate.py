@@ -138,8 +138,26 @@ def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
     extra.update(provenance(p, settings))
     if settings.html is not None:
         extra["plot"] = plot_data(p, fp32_out, int8_out)
-    result = replace(result, extra=extra)
-    return check_speed(result, p.entry)
+    result = check_speed(replace(result, extra=extra), p.entry)
+    if not result.passed and result.kind != "speed":
+        result = with_diagnosis(result, p)
+    return result
+
+
+DIAGNOSIS_SAMPLES = 8
+
+
+def with_diagnosis(result: GateResult, p: Prepared) -> GateResult:
+    """Attach where the drop comes from (worst tensors by SQNR) to a failed result."""
+    from .diagnosis import diagnose
+
+    count = min(DIAGNOSIS_SAMPLES, p.fixture.samples)
+    if p.plan.batched:
+        feeds = [{k: v[:count] for k, v in p.fixture.inputs.items()}]
+    else:
+        feeds = [{k: v[i] for k, v in p.fixture.inputs.items()} for i in range(count)]
+    found = diagnose(p.fp32_path, p.int8_path, feeds)
+    return replace(result, extra={**result.extra, "diagnosis": found.to_dict(), "diagnosis_lines": found.lines()})
 
 
 def _median_warm(times: list[float]) -> float | None:

@@ -74,6 +74,9 @@ def failure_text(result: GateResult, registry: str) -> str:
     lines += metrics_table(result)
     for warning in result.warnings:
         lines.append(f"  warning: {warning}")
+    diagnosis = result.extra.get("diagnosis_lines")
+    if diagnosis:
+        lines += ["", *diagnosis]
     lines += ["", "What to do:"]
     for remedy in REMEDIES.get(result.kind, REMEDIES["drop"]):
         text = remedy.format(producer=PRODUCER.get(result.mode, "ptq-static"), registry=registry, id=result.entry_id)
@@ -201,7 +204,7 @@ def write_json(path: Any, rows: list[Mapping[str, Any]], settings: Any) -> None:
 
 
 def _without_plot(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != "plot"}
+    return {k: v for k, v in row.items() if k not in ("plot", "diagnosis_lines")}
 
 
 def markdown_lines(rows: list[Mapping[str, Any]]) -> list[str]:
