@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         passed = r["with_target"] <= budget
         ok &= passed
         _say(f"{entry['id']:20s} {entry['quant_mode']:8s} drop(target) {r['with_target']:+.6f}  "
-             f"1-PLCC(fp32,int8) {r['without_target']:.6f}  PLCC fp32/target {r['plcc_fp32_target']:.4f}  "
+             f"1-PLCC(fp32,int8) {r['without_target']:.6f}  implied {r['implied']:.6f}  PLCC fp32/target {r['plcc_fp32_target']:.4f}  "
              f"budget {budget}  {'PASS' if passed else 'FAIL'}")
     size = sum(p.stat().st_size for d in (common.MODEL_DIR, common.FIXTURES_DIR) for p in d.rglob("*") if p.is_file())
     _say(f"model/ + fixtures/: {size / 1e6:.2f} MB")

@@ -255,4 +255,6 @@ def gate_drop(
         res["plcc_fp32_target"] = plcc(out_f, target)
         res["plcc_int8_target"] = plcc(out_q, target)
         res["with_target"] = res["plcc_fp32_target"] - res["plcc_int8_target"]
+        # the plugin's "implied" drop: what the int8 deviations would cost were they unrelated to the target
+        res["implied"] = res["plcc_fp32_target"] * res["without_target"]
     return res
