@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -96,23 +97,47 @@ def _plcc_from_sums(sums: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DropTerm:
-    """One output's contribution to the drop: ``1 − PLCC(ref, test)`` or ``PLCC(ref, t) − PLCC(test, t)``."""
+    """One output's contribution to the drop: ``1 − PLCC(ref, test)`` or ``PLCC(ref, t) − PLCC(test, t)``.
+
+    With a target and ``implied=True`` the drop is the larger of the target drop and the *implied* drop
+    ``PLCC(ref, t) · (1 − PLCC(ref, test))``: the drop the int8 deviations from fp32 would cause were they
+    unrelated to the target (for ``test = ref + e`` with ``e`` independent of ``ref`` and ``t``,
+    ``PLCC(test, t) = PLCC(ref, t) · PLCC(ref, test)`` exactly). Quantisation error is such a deviation, so for a
+    healthy sidecar both agree; a sidecar whose deviations happen to line up with the target (another model of
+    similar quality, or chance on a small fixture) shows a small target drop but a large implied one.
+    """
 
     ref: np.ndarray  # (samples, ...) float64
     test: np.ndarray
     target: np.ndarray | None = None
+    implied: bool = False
+
+    @cached_property
+    def _moments(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if self.target is None:
+            return _sample_moments(self.ref, self.test), None, None
+        return (_sample_moments(self.ref, self.test), _sample_moments(self.ref, self.target),
+                _sample_moments(self.test, self.target))
 
     def point(self) -> float:
         """Return the drop on the full fixture (moment formulas; pair_metrics gives the scipy value)."""
         return float(self.replicates(np.ones((1, self.ref.shape[0])))[0])
 
+    def parts(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (target drop, implied drop) per row of sample weights; without a target both are 1 − PLCC."""
+        ref_test, ref_t, test_t = self._moments
+        fidelity = 1.0 - _plcc_from_sums(weights @ ref_test)
+        if ref_t is None or test_t is None:
+            return fidelity, fidelity
+        plcc_ref_t = _plcc_from_sums(weights @ ref_t)
+        return plcc_ref_t - _plcc_from_sums(weights @ test_t), plcc_ref_t * fidelity
+
     def replicates(self, weights: np.ndarray) -> np.ndarray:
         """Return the drop for each row of sample weights (bootstrap counts), shape (B,)."""
-        if self.target is None:
-            return 1.0 - _plcc_from_sums(weights @ _sample_moments(self.ref, self.test))
-        ref_t = _plcc_from_sums(weights @ _sample_moments(self.ref, self.target))
-        test_t = _plcc_from_sums(weights @ _sample_moments(self.test, self.target))
-        return ref_t - test_t
+        target_drop, implied_drop = self.parts(weights)
+        if self.target is not None and self.implied:
+            return np.maximum(target_drop, implied_drop)
+        return target_drop
 
 
 @dataclass(frozen=True)

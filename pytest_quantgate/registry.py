@@ -48,6 +48,7 @@ class Entry:
     budget_mae: float | None = None
     budget_max_abs: float | None = None
     budget_slope: float = DEFAULT_BUDGET_SLOPE
+    budget_relative: float | None = None
     min_samples: int | None = None
     qat_recipe: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -197,6 +198,7 @@ def _entry_from(raw: Mapping[str, Any], index: int) -> Entry:
         budget_mae=raw.get("quant_budget_mae"),
         budget_max_abs=raw.get("quant_budget_max_abs"),
         budget_slope=float(raw.get("quant_budget_slope", DEFAULT_BUDGET_SLOPE)),
+        budget_relative=raw.get("quant_budget_relative"),
         min_samples=raw.get("quant_min_samples"),
         qat_recipe=raw.get("qat_recipe"),
         raw=raw,
