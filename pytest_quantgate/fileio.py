@@ -38,10 +38,18 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's mode)
+        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:

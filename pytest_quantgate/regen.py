@@ -21,6 +21,7 @@ class Regenerated:
     path: Path
     sha256: str
     pinned: str | None
+    reused: bool = False  # another item (EP, xdist worker) of this run already rebuilt it
 
     @property
     def matches_pin(self) -> bool:
@@ -29,9 +30,10 @@ class Regenerated:
 
     def note(self, registry: Registry, entry: Entry) -> str:
         """Return the line that tells the user what was rebuilt and whether to re-pin."""
+        verb = "reused the sidecar rebuilt earlier in this run," if self.reused else "rebuilt"
         if self.matches_pin:
-            return f"rebuilt {self.path.name}; sha256 matches the pin"
-        return (f"rebuilt {self.path.name}: sha256 {self.sha256} differs from the pinned int8_sha256 "
+            return f"{verb} {self.path.name}; sha256 matches the pin"
+        return (f"{verb} {self.path.name}: sha256 {self.sha256} differs from the pinned int8_sha256 "
                 f"{self.pinned}; review it, then re-pin with `quantgate pin {registry.path} --id {entry.id}`")
 
 
@@ -49,6 +51,13 @@ def _built_in_run(sidecar: Path, run_id: str) -> bool:
         return json.loads(provenance.read_text("utf-8")).get("gate_run_id") == run_id
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _reused(sidecar: Path, entry: Entry, run_id: str) -> Regenerated | None:
+    """Return the sidecar as 'reused' when an earlier item of this run built it, else None (nothing rebuilt)."""
+    if not _built_in_run(sidecar, run_id):
+        return None
+    return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256, reused=True)
 
 
 def _stamp(provenance: Path, run_id: str) -> None:
@@ -80,13 +89,10 @@ def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id:
             )
         return None
     if settings.regen == "missing" and sidecar.exists():
-        return None
+        return _reused(sidecar, entry, run_id)
     with FileLock(str(_lock_path(sidecar))):
-        if settings.regen == "missing" and sidecar.exists():
-            built_here = _built_in_run(sidecar, run_id)
-            return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256) if built_here else None
-        if settings.regen == "all" and _built_in_run(sidecar, run_id):
-            return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256)
+        if (settings.regen == "missing" and sidecar.exists()) or _built_in_run(sidecar, run_id):
+            return _reused(sidecar, entry, run_id)
         from .producers.base import ProducerError
         from .producers.dispatch import produce
 

@@ -1,0 +1,89 @@
+"""Sidecar regeneration through ``pytest --quantgate``: missing, all, never; serial and under xdist."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import GateProject
+
+from pytest_quantgate.cli import main
+
+
+def _shared_pair(project: GateProject) -> list[dict]:
+    """Two entries that point at the same fp32 model and the same sidecar: a race if both rebuilt it."""
+    first = project.add_sidecar("twin_a")
+    second = {**first, "id": "twin_b"}
+    (project.fixtures / "twin_b.npz").write_bytes((project.fixtures / "twin_a.npz").read_bytes())
+    return [first, second]
+
+
+def test_missing_sidecar_is_rebuilt_gated_and_reported(project: GateProject) -> None:
+    entry = project.add_sidecar("lost")
+    project.write([entry])
+    (project.model / "lost.int8.onnx").unlink()
+    result = project.run("--quantgate-regen", "missing", "-W", "default")
+    result.assert_outcomes(passed=1)
+    assert (project.model / "lost.int8.onnx").is_file()
+    provenance = json.loads((project.model / "lost.int8.json").read_text())
+    assert provenance["mode"] == "ptq-dynamic" and provenance["gate_run_id"]
+    # ORT's dynamic quantiser is deterministic here: the rebuilt file matches the pin
+    result.stdout.fnmatch_lines(["lost [[]cpu[]] regenerated: rebuilt lost.int8.onnx; sha256 matches the pin"])
+    assert not list(project.model.glob("*.partial")) and not list(project.model.glob("*.lock"))
+
+
+def test_rebuilt_sidecar_that_differs_from_the_pin_says_both_hashes_and_how_to_repin(project: GateProject) -> None:
+    entry = project.add_sidecar("moved", quant_options={"per_channel": True})
+    project.write([entry])
+    (project.model / "moved.int8.onnx").unlink()
+    result = project.run("--quantgate-regen", "missing", "-W", "default")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([
+        f"moved [[]cpu[]] regenerated: rebuilt moved.int8.onnx: sha256 * differs from the pinned int8_sha256 "
+        f"{entry['int8_sha256']}; review it, then re-pin with `quantgate pin */model/registry.json --id moved`",
+    ])
+    assert main(["pin", str(project.model / "registry.json"), "--id", "moved"]) == 0
+    assert project.run("--quantgate-regen", "never").ret == 0
+
+
+def test_never_makes_a_missing_sidecar_an_error_with_the_build_command(project: GateProject) -> None:
+    project.write([project.add_sidecar("gone"), project.add_sidecar("here")])
+    (project.model / "gone.int8.onnx").unlink()
+    result = project.run("--quantgate-regen", "never")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*gone.int8.onnx does not exist and --quantgate-regen is 'never'; build it with "
+                                 "`quantgate ptq-dynamic */registry.json --id gone`*"])
+
+
+def test_ci_defaults_to_never(project: GateProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    project.write([project.add_sidecar("gone")])
+    (project.model / "gone.int8.onnx").unlink()
+    monkeypatch.setenv("CI", "true")
+    project.run().assert_outcomes(errors=1)
+    monkeypatch.setenv("CI", "")
+    project.run().assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+@pytest.mark.parametrize("policy", ["missing", "all"])
+def test_a_shared_sidecar_is_built_once_per_run(project: GateProject, workers: list[str], policy: str) -> None:
+    project.write(_shared_pair(project))
+    if policy == "missing":
+        (project.model / "twin_a.int8.onnx").unlink()
+    result = project.run("--quantgate-regen", policy, *workers)
+    result.assert_outcomes(passed=2)
+    notes = [line for line in result.stdout.lines if " regenerated: " in line]
+    assert len(notes) == 2, result.stdout.str()
+    assert sum(": rebuilt twin_a.int8.onnx" in n for n in notes) == 1
+    assert sum("reused the sidecar rebuilt earlier in this run" in n for n in notes) == 1
+
+
+def test_qat_regeneration_needs_the_recipe_opt_in(project: GateProject) -> None:
+    entry = project.add_sidecar("trained", mode="qat")
+    entry["qat_recipe"] = "recipes/trained.py"
+    project.write([entry])
+    (project.model / "trained.int8.onnx").unlink()
+    result = project.run("--quantgate-regen", "missing")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*field 'qat_recipe': rebuilding this sidecar runs the Python file "
+                                 "*recipes/trained.py; opt in with --quantgate-allow-recipes*"])
