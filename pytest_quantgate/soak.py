@@ -81,24 +81,46 @@ def find_fixture(candidates: Sequence[Path]) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+        if candidate.exists():
+            # a directory, FIFO or device: opening a FIFO would block the run, so refuse it by its type
+            raise FixtureError(f"{candidate}: the soak fixture path exists but is not a regular file "
+                               f"({_file_kind(candidate)}); expected an .npz archive")
     looked = ", ".join(str(c) for c in candidates)
     raise FixtureError(f"soak fixture not found; looked in: {looked} (no random data is substituted)")
+
+
+def _file_kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def load_fixture(path: Path) -> Fixture:
     """Load an ``.npz`` soak fixture with ``allow_pickle=False``; refuse anything that is not plain numeric arrays."""
     try:
         digest = sha256_file(path)
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise FixtureError(f"{path}: not an .npz archive (got a single array); save with numpy.savez")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            # a bare .npy holds one array and is no context manager: refuse it before using it as one
+            raise FixtureError(f"{path}: not an .npz archive (got a single array); save with numpy.savez")
+        with loaded as npz:
             arrays: dict[str, np.ndarray] = {}
             for key in sorted(npz.files):
                 try:
-                    arrays[key] = npz[key]
+                    value = npz[key]
                 except ValueError as exc:
                     # object arrays (pickles) refuse to load without allow_pickle: never unpickle a fixture
                     raise FixtureError(f"{path}: array {key!r} cannot be loaded without pickle ({exc})") from None
+                if not isinstance(value, np.ndarray):
+                    # numpy hands back the raw bytes of a member that is not a .npy file (a pickle, a text file)
+                    raise FixtureError(f"{path}: member {key!r} is not a .npy array ({len(value)} raw bytes); "
+                                       f"only numpy arrays saved with numpy.savez are accepted, nothing is unpickled")
+                arrays[key] = value
     except FixtureError:
         raise
     except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
