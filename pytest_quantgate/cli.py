@@ -115,7 +115,6 @@ def cmd_measure(ns: argparse.Namespace) -> int:
     """Gate every selected entry on every EP; print reports and the summary table."""
     from . import providers
     from .gate import Outcome, run_one
-    from .reports import failure_text, per_ep_lines, summary_lines
 
     settings = _settings(ns)
     try:
@@ -132,9 +131,16 @@ def cmd_measure(ns: argparse.Namespace) -> int:
     for entry in entries:
         for ep in eps:
             outcomes.append(run_one(registry, entry, ep, settings))
+    return report_outcomes(outcomes, str(registry.path), ns.json_out)
+
+
+def report_outcomes(outcomes: Sequence[Any], registry_path: str, json_out: Path | None) -> int:
+    """Print failure reports, errors, skips, the summary tables and the counts; return measure's exit code."""
+    from .reports import failure_text, per_ep_lines, summary_lines
+
     for outcome in outcomes:
         if outcome.status == "fail" and outcome.result is not None:
-            _out(failure_text(outcome.result, str(registry.path)))
+            _out(failure_text(outcome.result, registry_path))
             _out()
         elif outcome.status in ("error", "skip"):
             _out(f"quantgate {outcome.status.upper()}: {outcome.entry_id} [{outcome.ep}]: {outcome.message}")
@@ -145,10 +151,10 @@ def cmd_measure(ns: argparse.Namespace) -> int:
             _out(line)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
     _out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
-    if ns.json_out is not None:
+    if json_out is not None:
         from .fileio import atomic_write_text
 
-        atomic_write_text(ns.json_out, json.dumps([o.to_row() for o in outcomes], indent=2) + "\n")
+        atomic_write_text(json_out, json.dumps([o.to_row() for o in outcomes], indent=2) + "\n")
     if counts["error"]:
         return EXIT_ERROR
     return EXIT_FAIL if counts["fail"] else EXIT_PASS
@@ -322,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry_args(p)
     _add_gate_args(p)
     p.set_defaults(func=cmd_measure)
+
+    from . import precommit
+
+    p = sub.add_parser("pre-commit", help="gate only the entries whose files changed (for pre-commit hooks)")
+    precommit.add_arguments(p)
+    p.set_defaults(func=precommit.run)
 
     p = sub.add_parser("validate", help="check schema, files and pinned hashes without running models")
     _add_registry_args(p)
