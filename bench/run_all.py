@@ -1,0 +1,43 @@
+"""Run every benchmark and print one table: measured, baseline (same run), ratio, target, met?
+
+Usage: ``python bench/run_all.py [--quick] [--json PATH]``. Wall times are medians of interleaved repetitions;
+no target is asserted anywhere (CI machines are too noisy): read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_collect  # noqa: E402
+import bench_gate  # noqa: E402
+import bench_startup  # noqa: E402
+import bench_xdist  # noqa: E402
+from common import print_table  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    q = args.quick
+    results = [
+        bench_gate.run(3 if q else 7),
+        *bench_gate.run_inprocess(3 if q else 5),
+        bench_collect.run(3 if q else 7),
+        bench_startup.run(7 if q else 21),
+        bench_xdist.run(2 if q else 5),
+    ]
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
