@@ -137,7 +137,7 @@ def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
     extra.update(speed_and_size(p, fp32_times, int8_times))
     extra.update(provenance(p, settings))
     if settings.html is not None:
-        extra["plot"] = plot_data(p, fp32_out, int8_out)
+        extra["plot"] = plot_data(p, fp32_out, int8_out, result)
     result = check_speed(replace(result, extra=extra), p.entry)
     if not result.passed and result.kind != "speed":
         result = with_diagnosis(result, p)
@@ -218,29 +218,25 @@ def provenance(p: Prepared, settings: Settings) -> dict[str, Any]:
     }
 
 
-PLOT_POINTS = 2000
-HIST_BINS = 60
+def plot_data(p: Prepared, fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndarray],
+              result: GateResult) -> dict[str, Any]:
+    """Return the HTML report's plot data for the worst output, as compared (residuals when asked)."""
+    from .html import plot_data as subsample
 
-
-def plot_data(p: Prepared, fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Return a deterministic subsample of the first output (and target) for the HTML report's plots."""
-    name = p.outputs[0].name
-    ref = np.asarray(fp32_out[name], dtype=np.float64).ravel()
-    test = np.asarray(int8_out[name], dtype=np.float64).ravel()
-    index = np.linspace(0, ref.size - 1, num=min(PLOT_POINTS, ref.size)).astype(np.int64)
+    name = max(result.outputs, key=lambda r: r.drop).name if result.outputs else p.outputs[0].name
+    ref = np.asarray(fp32_out[name], dtype=np.float64)
+    test = np.asarray(int8_out[name], dtype=np.float64)
     target = None
     if p.fixture.target is not None and p.fixture.target.size == ref.size:
-        target = [float(v) for v in np.asarray(p.fixture.target, dtype=np.float64).ravel()[index]]
-    diff = test - ref
-    counts, edges = np.histogram(diff[np.isfinite(diff)], bins=HIST_BINS)
-    return {
-        "output": name,
-        "fp32": [float(v) for v in ref[index]],
-        "int8": [float(v) for v in test[index]],
-        "target": target,
-        "hist_edges": [float(v) for v in edges],
-        "hist_counts": [int(v) for v in counts],
-    }
+        target = np.asarray(p.fixture.target, dtype=np.float64).reshape(ref.shape)
+    if p.entry.compare == "residual":
+        base_name = p.entry.residual_input or p.inputs[0].name
+        base = np.asarray(p.fixture.inputs[base_name], dtype=np.float64)
+        if base.size == ref.size:
+            base = base.reshape(ref.shape)
+            ref, test = ref - base, test - base
+            target = None if target is None else target - base
+    return subsample(name, ref, test, target)
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,11 @@ def _path(config: pytest.Config, option: str, ini: str, default: str) -> Path:
     base = config.inipath.parent if config.inipath is not None else config.rootpath
     if raw:
         return (base / str(raw)).resolve()
+    # pytest picks the rootdir before plugin options are known, so `--quantgate-html out.html` (with a space)
+    # can move it; the invocation folder is the second place the default is looked for
+    for folder in (config.rootpath, config.invocation_params.dir):
+        if (folder / default).exists():
+            return (folder / default).resolve()
     return (config.rootpath / default).resolve()
 
 
