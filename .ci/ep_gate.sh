@@ -137,6 +137,67 @@ case "$ep" in
     gate "$work/gate.xml" --quantgate-strict-ep || fail "the $ep gate did not pass"
     check_items "$work/gate.xml" passed || fail "not every $ep item passed"
     done_step "gate"
+    if [[ "$ep" == openvino ]]; then
+      step "OpenVINO refusals: graphs it cannot take, a device that is missing (never a silent CPU run)"
+      "$vpy" - "$work" <<'PY' || fail "OpenVINO refusal checks"
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pytest_quantgate.errors import EpUnavailableError
+from pytest_quantgate.providers import SessionSpec, open_session
+from pytest_quantgate.settings import EpOptions
+
+work = Path(sys.argv[1])
+
+
+def save(name, nodes, x, y, inits=()):
+    model = helper.make_model(helper.make_graph(nodes, name, [x], [y], initializer=list(inits)),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, work / f"{name}.onnx")
+    return work / f"{name}.onnx"
+
+
+def refused(path, options, *expected):
+    try:
+        open_session(path, SessionSpec("openvino", options))
+    except EpUnavailableError as exc:
+        text = str(exc)
+        missing = [e for e in expected if e not in text]
+        print(f"   {path.name} {options.openvino_device}/{options.openvino_precision}: refused: {text[:220]}",
+              file=sys.stderr)
+        if missing:
+            sys.exit(f"{path.name}: message lacks {missing}: {text}")
+        return
+    sys.exit(f"{path.name}: OpenVINO session opened, expected a refusal naming {expected}")
+
+
+cpu = EpOptions()
+# a node OpenVINO lacks: named, never run on CPU behind OpenVINO's back
+det = save("det", [helper.make_node("Relu", ["x"], ["r"], name="relu0"), helper.make_node("Det", ["r"], ["y"], name="det0")],
+           helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3]),
+           helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]))
+refused(det, cpu, "OpenVINO cannot take", "Det (det0)", "CPU fallback is disabled")
+# dynamic int8 Conv: onnxruntime-openvino refuses the whole graph, even with CPU fallback allowed
+w = numpy_helper.from_array(np.full((4, 1, 3, 3), 130, np.uint8), "w")
+wz = numpy_helper.from_array(np.array(128, np.uint8), "wz")
+conv = save("convinteger", [
+    helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"),
+    helper.make_node("ConvInteger", ["xq", "w", "xz", "wz"], ["ci"], name="conv_quant", pads=[1, 1, 1, 1]),
+    helper.make_node("Cast", ["ci"], ["cf"], to=TensorProto.FLOAT, name="cast"),
+    helper.make_node("Mul", ["cf", "xs"], ["y"], name="mul")],
+    helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8]),
+    helper.make_tensor_value_info("y", TensorProto.FLOAT, None), [w, wz])
+refused(conv, cpu, "ConvInteger (conv_quant)", "even with CPU fallback allowed", "while the CPU EP loads it")
+# a precision the device does not accept: OpenVINO's own reason, not ORT's "assigned to the default CPU EP"
+refused(det, EpOptions(openvino_precision="FP16"), "CPU only supports FP32, ACCURACY")
+PY
+      done_step "OpenVINO refusal checks"
+    fi
     ;;
   cuda)
     expect="${QUANTGATE_CUDA_EXPECT:-}"
