@@ -77,6 +77,14 @@ def entry_files(registry: Any, entry: Any, fixtures_dir: Path) -> set[Path]:
     return files
 
 
+def _shown(path: Path) -> str:
+    """Return the path relative to the working folder when it lies inside it (as pre-commit named it)."""
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def run(ns: argparse.Namespace) -> int:
     """Gate the entries touched by ``ns.filenames``; return measure's exit code (0 when nothing gated changed)."""
     from .cli import EXIT_ERROR, EXIT_PASS, _err, _out, _settings, report_outcomes
@@ -100,9 +108,9 @@ def run(ns: argparse.Namespace) -> int:
     for entry in registry.entries:
         if not entry.gated:
             continue
-        why = sorted(str(p) for p in entry_files(registry, entry, fixtures_dir) & changed)
+        why = sorted(_shown(p) for p in entry_files(registry, entry, fixtures_dir) & changed)
         if edited is None or entry.id in edited:
-            why.insert(0, f"{registry_path} (entry changed)")
+            why.insert(0, f"{_shown(registry_path)} (entry changed)")
         if why:
             picked.append((entry, why))
     from .gate import Outcome
