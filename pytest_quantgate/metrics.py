@@ -45,6 +45,17 @@ class PairMetrics:
     offset_rel: float  # |intercept + (slope - 1)·mean(x)| / std(x): the affine error at the mean, in std units
 
 
+RANK_LIMIT = 20_000
+
+
+def rank_subsample(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``x, y`` or, beyond RANK_LIMIT elements, the same evenly spaced subsample of both."""
+    if x.size <= RANK_LIMIT:
+        return x, y
+    index = np.linspace(0, x.size - 1, num=RANK_LIMIT).astype(np.int64)
+    return x[index], y[index]
+
+
 def pair_metrics(x: np.ndarray, y: np.ndarray) -> PairMetrics:
     """Return PLCC, SROCC, KRCC, RMSE, mean/max absolute error and the regression of ``y`` on ``x``."""
     from scipy import stats
@@ -55,8 +66,11 @@ def pair_metrics(x: np.ndarray, y: np.ndarray) -> PairMetrics:
         raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
     diff = y - x
     plcc = float(stats.pearsonr(x, y).statistic)
-    srocc = float(stats.spearmanr(x, y).statistic)
-    krcc = float(stats.kendalltau(x, y).statistic)
+    # rank correlations are descriptive (the verdict uses PLCC and the absolute checks) and O(n log n) with a
+    # large constant: on more than RANK_LIMIT elements they use a fixed, evenly spaced subsample
+    rx, ry = rank_subsample(x, y)
+    srocc = float(stats.spearmanr(rx, ry).statistic)
+    krcc = float(stats.kendalltau(rx, ry).statistic)
     fit = stats.linregress(x, y)
     std_x = float(np.std(x))
     offset = float(fit.intercept + (fit.slope - 1.0) * float(np.mean(x)))
@@ -163,7 +177,11 @@ def bootstrap_drop(terms: Sequence[DropTerm], samples: int, replicates: int, see
     chunk = max(1, min(replicates, 4_000_000 // max(samples, 1)))
     for start in range(0, replicates, chunk):
         count = min(chunk, replicates - start)
-        weights = rng.multinomial(samples, np.full(samples, 1.0 / samples), size=count).astype(np.float64)
+        # counts of each sample among `samples` uniform draws with replacement, one row per replicate: one
+        # bincount over flattened (row, index) pairs is ~20x faster than Generator.multinomial here
+        draws = rng.integers(0, samples, size=(count, samples))
+        draws += np.arange(count)[:, None] * samples
+        weights = np.bincount(draws.ravel(), minlength=count * samples).reshape(count, samples).astype(np.float64)
         block = np.full(count, -np.inf)
         for term in terms:
             block = np.maximum(block, term.replicates(weights))

@@ -54,6 +54,7 @@ class Settings:
     report: Path | None = None
     html: Path | None = None
     cache: bool = False
+    threads: int | None = None  # ORT intra-op threads; set under xdist so workers do not oversubscribe cores
     ep_options: EpOptions = EpOptions()
 
 
@@ -179,6 +180,14 @@ def _eps(config: pytest.Config) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _worker_threads(config: pytest.Config) -> int | None:
+    """Return the cores per xdist worker (ORT would otherwise start one thread per core in every worker)."""
+    workerinput = getattr(config, "workerinput", None)
+    if not workerinput or "workercount" not in workerinput:
+        return None
+    return max(1, (os.cpu_count() or 1) // int(workerinput["workercount"]))
+
+
 def default_regen() -> str:
     """Return ``never`` under CI (a sidecar nobody reviewed must not be gated), else ``missing``."""
     return "never" if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes") else "missing"
@@ -214,6 +223,7 @@ def resolve(config: pytest.Config) -> Settings:
         report=_optional_path(config, "quantgate_report", "quantgate_report"),
         html=_optional_path(config, "quantgate_html", "quantgate_html"),
         cache=_flag(config, "quantgate_cache", "quantgate_cache"),
+        threads=_worker_threads(config),
         ep_options=EpOptions(
             cuda_device_id=_int(config, "quantgate_cuda_device", "quantgate_cuda_device", 0, 0),
             openvino_device=str(ov_device or "CPU").strip().upper(),
