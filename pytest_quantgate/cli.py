@@ -272,7 +272,7 @@ def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
 
     from .registry import load_registry
 
-    registry = load_registry(ns.source)
+    registry = load_registry(getattr(ns, "source", None) or ns.registry)
     entries = _selected(registry, ns.ids)
     picked = [e for e in entries if e.mode == mode]
     if not picked:
@@ -289,7 +289,7 @@ def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
 
 def _explicit_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     """Return the producer options given on the command line (None means 'not given')."""
-    skip = {"command", "source", "output", "fixtures", "ids", "allow_recipes", "func", "calibration_set"}
+    skip = {"command", "source", "registry", "output", "fixtures", "ids", "allow_recipes", "func", "calibration_set"}
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items()
             if k not in skip and v is not None}
 

@@ -265,3 +265,31 @@ def test_sigkill_leaves_no_partial_or_temp_file(tmp_path: Path, stage: str) -> N
     # onnxruntime's native library writes a session-id file ``$TMPDIR/.ses`` on every session creation and
     # keeps it on a normal exit too: it is ORT's own state, not a temp file of the killed run
     assert [p.name for p in tmp.iterdir() if p.name != ".ses"] == []
+
+
+def test_a_model_the_quantiser_cannot_annotate_is_refused_not_fine_tuned_silently() -> None:
+    """Bare ``x @ W`` gets no fake-quant from the x86 quantiser: QAT would be plain fp32 fine-tuning."""
+    import torch
+
+    from pytest_quantgate.producers import qat
+    from pytest_quantgate.producers.base import ProducerError
+
+    class Bare(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.w
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    assert qat.fake_quant_count(qat._prepare_qat(Linear(), torch.ones(8, 4))) > 0
+    with pytest.raises(ProducerError, match="inserted no fake-quant node"):
+        qat._prepare_qat(Bare(), torch.ones(8, 4))

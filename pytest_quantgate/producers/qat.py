@@ -445,9 +445,22 @@ def _prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.Grap
     model.train()
     try:
         exported = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(example)).module()
-        return prepare_qat_pt2e(exported, _quantizer())
+        prepared = prepare_qat_pt2e(exported, _quantizer())
     except Exception as exc:
         raise ProducerError(f"torch.export / prepare_qat_pt2e failed on the recipe model: {type(exc).__name__}: {exc}") from exc
+    # the x86 quantiser annotates conv/linear patterns only; a model built from bare matmuls gets no fake-quant
+    # at all, and "QAT" would silently be plain fp32 fine-tuning
+    if fake_quant_count(prepared) == 0:
+        raise ProducerError(
+            "prepare_qat_pt2e inserted no fake-quant node: the quantiser found no conv/linear pattern in the recipe "
+            "model (bare `x @ W` matmuls are not annotated); build it from torch.nn.Linear / Conv modules"
+        )
+    return prepared
+
+
+def fake_quant_count(prepared: torch.fx.GraphModule) -> int:
+    """Return how many fake-quantize modules ``prepare_qat_pt2e`` inserted."""
+    return sum(1 for _, module in prepared.named_modules() if "FakeQuant" in type(module).__name__)
 
 
 def _fine_tune(prepared, recipe, x_train, y_train, config, lr, say) -> tuple[list[float], list[int]]:
