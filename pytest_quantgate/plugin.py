@@ -71,7 +71,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     both("--quantgate-openvino-device", "OpenVINO device_type: CPU, GPU, NPU, ... (default CPU)",
          metavar="DEVICE", default=None)
     both("--quantgate-openvino-precision", f"OpenVINO inference precision: {', '.join(OPENVINO_PRECISIONS)} "
-         "(default FP32, so the fp32 baseline never runs in f16)", choices=OPENVINO_PRECISIONS, default=None)
+         "(default FP32, so the fp32 baseline never runs in f16)", type=str.upper, choices=OPENVINO_PRECISIONS,
+         default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
