@@ -30,6 +30,14 @@ REMEDIES = {
     ],
     "mae": ["The absolute error budget quant_budget_mae is exceeded; rebuild the sidecar or review the budget."],
     "max_abs": ["The worst-case error budget quant_budget_max_abs is exceeded; rebuild the sidecar or review it."],
+    "relative": [
+        "int8 keeps less than quant_budget_relative of the fp32 correlation with the target. Rebuild the sidecar "
+        "(`quantgate {producer} {registry} --id {id}`) or move the entry to a stronger mode.",
+    ],
+    "speed": [
+        "The int8 sidecar is not fast enough for quant_min_speedup on this EP. Dynamic int8 of Conv runs ConvInteger, "
+        "often slower than fp32 on CPU: try static (QDQ) quantisation, or review the speed budget.",
+    ],
 }
 PRODUCER = {"dynamic": "ptq-dynamic", "static": "ptq-static", "qat": "qat"}
 

@@ -133,3 +133,27 @@ def test_qat_refuses_to_run_a_recipe_without_opt_in(tmp_path: Path, capsys: pyte
     code, out = run(capsys, "qat", str(tmp_path / "model" / "registry.json"), "--id", "nr_cnn_v1")
     assert code == 2
     assert "opt in with --quantgate-allow-recipes (pytest) or --allow-recipes (quantgate)" in out
+
+
+def test_qat_rebuilds_the_bundled_qat_sidecar_with_opt_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`quantgate qat` on the bundled nr_cnn_v1 entry: fine-tune, bridge, atomic write, sha to pin, gate passes."""
+    shutil.copytree(REPO / "model", tmp_path / "model")
+    shutil.copytree(REPO / "fixtures", tmp_path / "fixtures")
+    registry = str(tmp_path / "model" / "registry.json")
+    code, out = run(capsys, "qat", registry, "--id", "nr_cnn_v1", "--allow-recipes")
+    # the bundled recipe reuses the training code in scripts/bundled/: without it, a clean error, no traceback
+    assert code == 2 and "QAT recipe" in out and "raised" in out and "Traceback" not in out
+    shutil.copytree(REPO / "scripts", tmp_path / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    sidecar = tmp_path / "model" / "nr_cnn_v1.int8.onnx"
+    sidecar.unlink()
+    code, out = run(capsys, "qat", registry, "--id", "nr_cnn_v1", "--allow-recipes", "--fixtures",
+                    str(tmp_path / "fixtures"))
+    assert code == 0, out
+    assert f"nr_cnn_v1: int8_sha256 {sha256_file(sidecar)}" in out
+    provenance = json.loads((tmp_path / "model" / "nr_cnn_v1.int8.json").read_text())
+    assert provenance["config"]["epochs_qat"] == 2 and provenance["config"]["lr_qat"] == 3e-5
+    assert not [p for p in (tmp_path / "model").iterdir() if p.name.startswith(".")]
+    run(capsys, "pin", registry, "--id", "nr_cnn_v1")
+    code, out = run(capsys, "measure", registry, "--fixtures", str(tmp_path / "fixtures"), "--id", "nr_cnn_v1",
+                    "--bootstrap", "200")
+    assert code == 0, out

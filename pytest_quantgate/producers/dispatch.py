@@ -68,6 +68,12 @@ def produce(
             )
         from .qat import QatConfig, quantize_qat
 
-        return quantize_qat(fp32, int8, _config(QatConfig, options, entry, registry), recipe=recipe,
-                            progress=progress)
+        config = _config(QatConfig, options, entry, registry)
+        try:
+            return quantize_qat(fp32, int8, config, recipe=recipe, progress=progress)
+        except ProducerError:
+            raise
+        except Exception as exc:  # the recipe is user code: whatever it raises is reported, never a traceback
+            raise ProducerError(f"{registry.path}: entry {entry.id!r}: QAT recipe {recipe} raised "
+                                f"{type(exc).__name__}: {exc}") from exc
     raise ProducerError(f"{registry.path}: entry {entry.id!r}: quant_mode {entry.mode!r} has no producer")
