@@ -61,26 +61,24 @@ class Settings:
 # --- parse-time validators (argparse ``type=``): the message names the value and what is allowed ---
 
 
-def positive_int(text: str) -> int:
-    """Parse an integer >= 1."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parse an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """Parse an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+    return _int_at_least(text, 0)
 
 
 def confidence_level(text: str) -> float:

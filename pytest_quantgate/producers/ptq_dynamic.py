@@ -82,19 +82,11 @@ def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig) ->
     then publish it atomically with ``m.int8.json`` beside it. Raises :class:`ProducerError` naming the model
     and the stage on any failure; the old sidecar, if any, is then left untouched.
     """
-    fp32_path, int8_path = _check_paths(fp32_path, int8_path)
-    if not isinstance(config, DynamicConfig):
-        raise ProducerError(f"{fp32_path}: quantize_dynamic needs a DynamicConfig, got {type(config).__name__}")
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    started = time.monotonic()
-    sweep_stale_partials(int8_path)
-    fp32_sha = sha256_file(fp32_path)
-    model = load_model(fp32_path)
-    check_node_names(fp32_path, model, "nodes_to_exclude", config.nodes_to_exclude)
-    if config.nodes_to_quantize is not None:
-        check_node_names(fp32_path, model, "nodes_to_quantize", config.nodes_to_quantize)
+    fp32_path, int8_path, started, fp32_sha, model = begin(fp32_path, int8_path, config, DynamicConfig,
+                                                           "quantize_dynamic")
     steps: list[dict[str, Any]] = []
     steps.append(drop_initializer_value_info(model))
     if config.per_channel:
@@ -132,18 +124,7 @@ def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig) ->
             except Exception as exc2:
                 raise ort_failure(fp32_path, "quantize_dynamic (retry with DefaultTensorType=FLOAT)", exc2) from exc2
         check_ort_loads(fp32_path, built, "verify")
-        record = {
-            "producer": "ptq_dynamic",
-            "mode": "ptq-dynamic",
-            "config": config.to_dict(),
-            "fp32_path": str(fp32_path),
-            "fp32_sha256": fp32_sha,
-            "steps": steps,
-            "extra_options": {k: _jsonable_option(v) for k, v in extra_options.items()},
-            "int8_op_counts": op_counts(built),
-            "library_versions": library_versions(),
-            "duration_s": round(time.monotonic() - started, 3),
-        }
+        record = provenance_record("ptq_dynamic", config, fp32_path, fp32_sha, steps, extra_options, built, started)
         return publish_sidecar(built, int8_path, record)
 
 
@@ -182,6 +163,43 @@ def config_from_args(ns: argparse.Namespace) -> DynamicConfig:
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers shared with ptq_static (same package; not part of the public API)
+
+
+def begin(fp32_path: Path, int8_path: Path, config: Any, config_cls: type, name: str
+          ) -> tuple[Path, Path, float, str, onnx.ModelProto]:
+    """Check the paths and config, sweep stale partials, hash and load the fp32 model, check node names.
+
+    Returns ``(fp32_path, int8_path, start time, fp32 sha256, model)``: the common start of every PTQ producer.
+    """
+    fp32_path, int8_path = _check_paths(fp32_path, int8_path)
+    if not isinstance(config, config_cls):
+        raise ProducerError(f"{fp32_path}: {name} needs a {config_cls.__name__}, got {type(config).__name__}")
+    started = time.monotonic()
+    sweep_stale_partials(int8_path)
+    fp32_sha = sha256_file(fp32_path)
+    model = load_model(fp32_path)
+    check_node_names(fp32_path, model, "nodes_to_exclude", config.nodes_to_exclude)
+    if config.nodes_to_quantize is not None:
+        check_node_names(fp32_path, model, "nodes_to_quantize", config.nodes_to_quantize)
+    return fp32_path, int8_path, started, fp32_sha, model
+
+
+def provenance_record(producer: str, config: Any, fp32_path: Path, fp32_sha: str, steps: list[dict[str, Any]],
+                      extra_options: dict[str, Any], built: Path, started: float, **extra: Any) -> dict[str, Any]:
+    """Return the provenance record every PTQ producer writes beside its sidecar."""
+    return {
+        "producer": producer,
+        "mode": producer.replace("_", "-"),
+        "config": config.to_dict(),
+        "fp32_path": str(fp32_path),
+        "fp32_sha256": fp32_sha,
+        **extra,
+        "steps": steps,
+        "extra_options": {k: _jsonable_option(v) for k, v in extra_options.items()},
+        "int8_op_counts": op_counts(built),
+        "library_versions": library_versions(),
+        "duration_s": round(time.monotonic() - started, 3),
+    }
 
 
 def csv_names(text: str) -> list[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,31 +35,29 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_quantgate.fileio import sha256_file
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
-from pytest_quantgate.producers.provenance import library_versions, publish_sidecar, scratch_dir, sweep_stale_partials
+from pytest_quantgate.producers.provenance import publish_sidecar, scratch_dir
 from pytest_quantgate.producers.ptq_dynamic import (
     DEFAULT_TARGET_OPSET,
     _check_bool,
     _check_choice,
     _check_opset,
-    _check_paths,
     _config_to_dict,
     _defaults,
     _given,
-    _jsonable_option,
     _normalise_names,
     _one_line,
     _onnx_float,
-    check_node_names,
+    begin,
     check_ort_loads,
     csv_names,
     drop_initializer_value_info,
     is_default_tensor_type_error,
-    load_model,
-    op_counts,
     ort_failure,
+    provenance_record,
     save_model,
     upgrade_opset,
 )
+from pytest_quantgate.settings import positive_int
 
 if TYPE_CHECKING:
     import numpy as np
@@ -377,16 +374,8 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> P
     See the module docstring for the pipeline. Raises :class:`ProducerError` (naming the model, the calibration
     set or the stage) on any failure; the old sidecar, if any, is then left untouched.
     """
-    fp32_path, int8_path = _check_paths(fp32_path, int8_path)
-    if not isinstance(config, StaticConfig):
-        raise ProducerError(f"{fp32_path}: quantize_static needs a StaticConfig, got {type(config).__name__}")
-    started = time.monotonic()
-    sweep_stale_partials(int8_path)
-    fp32_sha = sha256_file(fp32_path)
-    model = load_model(fp32_path)
-    check_node_names(fp32_path, model, "nodes_to_exclude", config.nodes_to_exclude)
-    if config.nodes_to_quantize is not None:
-        check_node_names(fp32_path, model, "nodes_to_quantize", config.nodes_to_quantize)
+    fp32_path, int8_path, started, fp32_sha, model = begin(fp32_path, int8_path, config, StaticConfig,
+                                                           "quantize_static")
     calibration = load_calibration_set(fp32_path, model, config)
 
     steps: list[dict[str, Any]] = [drop_initializer_value_info(model)]
@@ -407,13 +396,9 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> P
         built = work / "int8.onnx"
         _run_quantize_static(fp32_path, prepared, built, calibration, config, nodes_to_exclude, extra_options, steps)
         check_ort_loads(fp32_path, built, "verify", feed=next(calibration.feeds()))
-        record = {
-            "producer": "ptq_static",
-            "mode": "ptq-static",
-            "config": config.to_dict(),
-            "fp32_path": str(fp32_path),
-            "fp32_sha256": fp32_sha,
-            "calibration": {
+        record = provenance_record(
+            "ptq_static", config, fp32_path, fp32_sha, steps, extra_options, built, started,
+            calibration={
                 "path": str(calibration.path),
                 "sha256": calibration.sha256,
                 "sample_count": calibration.sample_count,
@@ -422,14 +407,9 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> P
                 "batches": calibration.batch_count(),
                 "layout": calibration.layout(),
             },
-            "steps": steps,
-            "nodes_excluded": nodes_to_exclude,
-            "nodes_excluded_by_op_type": excluded_by_type,
-            "extra_options": {k: _jsonable_option(v) for k, v in extra_options.items()},
-            "int8_op_counts": op_counts(built),
-            "library_versions": library_versions(),
-            "duration_s": round(time.monotonic() - started, 3),
-        }
+            nodes_excluded=nodes_to_exclude,
+            nodes_excluded_by_op_type=excluded_by_type,
+        )
         return publish_sidecar(built, int8_path, record)
 
 
@@ -587,9 +567,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="quantise only these node names (default: all)")
     group.add_argument("--nodes-to-exclude", type=csv_names, action="extend", default=None, metavar="NODE[,NODE...]",
                        help="leave these node names in float (repeatable)")
-    group.add_argument("--max-calibration-samples", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--max-calibration-samples", type=positive_int, default=None, metavar="N",
                        help="use at most the first N calibration samples (default: all)")
-    group.add_argument("--calibration-batch-size", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--calibration-batch-size", type=positive_int, default=None, metavar="N",
                        help="samples per calibration run (default: 1, or the model's fixed batch size)")
     group.add_argument("--percentile", type=float, default=None,
                        help=f"percentile kept by --calibrate-method percentile (default: {d['percentile']})")
@@ -612,13 +592,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(ns: argparse.Namespace) -> StaticConfig:
     """Build a :class:`StaticConfig` from parsed arguments; options left unset keep the dataclass default."""
     return StaticConfig(**_given(ns, StaticConfig))
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value

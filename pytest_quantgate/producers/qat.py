@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import platform
 import secrets
 import sys
 import tempfile
@@ -73,6 +72,8 @@ class QatConfig:
 
     ``lr_qat=None`` means the recipe's fp32 learning rate (its ``fp32_lr`` attribute) divided by 10 (ADR-0208).
     ``n_calibration`` samples for the bridge's static step are drawn (seeded) from the recipe's training data.
+    ``threads`` pins torch's intra-op threads while training: float reductions split over another thread count
+    round differently, so 1 (the default) is what makes a rerun on any machine write the same bytes.
     """
 
     epochs_qat: int = 3
@@ -83,8 +84,11 @@ class QatConfig:
     route: Literal["bridge", "pt2e"] = "bridge"
     per_channel: bool = True
     calibrate_method: str = "minmax"
+    threads: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"QatConfig.threads must be an int >= 1, got {self.threads!r}")
         if not isinstance(self.epochs_qat, int) or self.epochs_qat < 1:
             raise ValueError(f"QatConfig.epochs_qat must be an int >= 1, got {self.epochs_qat!r}")
         if self.lr_qat is not None and not (isinstance(self.lr_qat, (int, float)) and 0 < self.lr_qat < math.inf):
@@ -335,7 +339,9 @@ def quantize_qat(
         )
 
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    prev_threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(config.threads)
     try:
         torch.manual_seed(config.seed)
         say(f"loading fp32 weights from {fp32_path.name}")
@@ -377,6 +383,7 @@ def quantize_qat(
             calibration = {"source": "fake-quant observers during QAT (pt2e convert)", "n_samples": int(len(x_train))}
     finally:
         torch.use_deterministic_algorithms(prev_deterministic)
+        torch.set_num_threads(prev_threads)
 
     _check_loads(int8_bytes, int8_path)
     say(f"writing {int8_path}")

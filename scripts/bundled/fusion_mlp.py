@@ -35,6 +35,7 @@ SEED = 20260303
 N_TRAIN = 8000
 N_SOAK = 1200
 N_FEATURES = 8
+INPUT_SHAPE = (N_FEATURES,)  # one sample; the batch axis comes first
 EPOCHS = 60
 LR = 2e-3
 BATCH = 64

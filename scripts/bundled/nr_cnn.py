@@ -22,6 +22,7 @@ from . import common
 
 MODEL_ID = "nr_cnn_v1"
 PATCH = 32
+INPUT_SHAPE = (1, PATCH, PATCH)  # one sample; the batch axis comes first
 SEED = 20260301
 N_TRAIN = 8000
 N_SOAK = 1024

@@ -18,6 +18,7 @@ from . import common
 
 MODEL_ID = "residual_filter_v1"
 PATCH = 32
+INPUT_SHAPE = (1, PATCH, PATCH)  # one sample; the batch axis comes first
 SEED = 20260302
 N_TRAIN = 6000
 N_CALIB = 128
