@@ -87,3 +87,25 @@ def test_qat_regeneration_needs_the_recipe_opt_in(project: GateProject) -> None:
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*field 'qat_recipe': rebuilding this sidecar runs the Python file "
                                  "*recipes/trained.py; opt in with --quantgate-allow-recipes*"])
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_deleted_bundled_sidecars_are_rebuilt_to_their_pins(pytester: pytest.Pytester, workers: list[str]) -> None:
+    """Delete every bundled sidecar; the gate rebuilds dynamic, static and QAT ones byte for byte, then passes."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for folder in ("model", "fixtures", "scripts"):
+        shutil.copytree(repo / folder, pytester.path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for sidecar in (pytester.path / "model").glob("*.int8.onnx"):
+        sidecar.unlink()
+    result = pytester.runpytest("--quantgate", "-p", "no:cacheprovider", "--quantgate-regen", "missing",
+                                "--quantgate-allow-recipes", "--quantgate-bootstrap", "200", *workers)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines_random([
+        "fusion_mlp_v1 [[]cpu[]] regenerated: rebuilt fusion_mlp_v1.int8.onnx; sha256 matches the pin",
+        "residual_filter_v1 [[]cpu[]] regenerated: rebuilt residual_filter_v1.int8.onnx; sha256 matches the pin",
+        "nr_cnn_v1 [[]cpu[]] regenerated: rebuilt nr_cnn_v1.int8.onnx; sha256 matches the pin",
+    ])
+    assert not [p.name for p in (pytester.path / "model").iterdir() if p.name.startswith(".")]
