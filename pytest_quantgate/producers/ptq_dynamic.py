@@ -132,28 +132,33 @@ def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig) ->
 # argparse glue (the CLI's ``quantgate ptq-dynamic`` subcommand builds its options here)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of :class:`DynamicConfig` to ``parser`` (defaults come from the dataclass)."""
-    defaults = _defaults(DynamicConfig)
-    group = parser.add_argument_group("dynamic PTQ")
+def add_common_arguments(group: Any, defaults: dict[str, Any]) -> None:
+    """Add the options every PTQ producer shares (defaults shown from the producer's own config dataclass)."""
     group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                        help=f"one weight scale per output channel (default: {defaults['per_channel']})")
-    group.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"7-bit weights, for CPUs without VNNI (default: {defaults['reduce_range']})")
     group.add_argument("--weight-type", choices=_WEIGHT_TYPES, default=None,
                        help=f"weight integer type (default: {defaults['weight_type']})")
+    group.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"7-bit weights, for CPUs without VNNI (default: {defaults['reduce_range']})")
     group.add_argument("--op-types-to-quantize", type=csv_names, action="extend", default=None, metavar="OP[,OP...]",
                        help="quantise only these op types (default: every op ORT supports)")
     group.add_argument("--nodes-to-quantize", type=csv_names, action="extend", default=None, metavar="NODE[,NODE...]",
                        help="quantise only these node names (default: all)")
     group.add_argument("--nodes-to-exclude", type=csv_names, action="extend", default=None, metavar="NODE[,NODE...]",
                        help="leave these node names in float (repeatable)")
-    group.add_argument("--matmul-const-b-only", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"quantise only MatMuls with a constant B (default: {defaults['matmul_const_b_only']})")
     group.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
                        help="symmetric weight ranges (default: ORT's choice, symmetric for int8)")
     group.add_argument("--target-opset", type=int, default=None,
                        help=f"opset that graphs below 13 are converted to for per-channel (default: {defaults['target_opset']})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of :class:`DynamicConfig` to ``parser`` (defaults come from the dataclass)."""
+    defaults = _defaults(DynamicConfig)
+    group = parser.add_argument_group("dynamic PTQ")
+    add_common_arguments(group, defaults)
+    group.add_argument("--matmul-const-b-only", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"quantise only MatMuls with a constant B (default: {defaults['matmul_const_b_only']})")
 
 
 def config_from_args(ns: argparse.Namespace) -> DynamicConfig:

@@ -47,6 +47,7 @@ from pytest_quantgate.producers.ptq_dynamic import (
     _normalise_names,
     _one_line,
     _onnx_float,
+    add_common_arguments,
     begin,
     check_ort_loads,
     csv_names,
@@ -545,28 +546,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of :class:`StaticConfig` to ``parser`` (defaults come from the dataclass)."""
     d = _defaults(StaticConfig)
     group = parser.add_argument_group("static PTQ")
+    add_common_arguments(group, d)
     group.add_argument("--calibration-set", type=Path, default=None, metavar="NPZ",
                        help="calibration .npz: one array per model input, axis 0 = samples ('target' is ignored)")
     group.add_argument("--calibrate-method", choices=_CALIBRATE_METHODS, default=None,
                        help=f"how activation ranges are chosen (default: {d['calibrate_method']})")
-    group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"one weight scale per output channel (default: {d['per_channel']})")
     group.add_argument("--quant-format", choices=_QUANT_FORMATS, default=None,
                        help=f"QDQ pairs or QLinear* operators (default: {d['quant_format']})")
     group.add_argument("--activation-type", choices=_INT_TYPES, default=None,
                        help=f"activation integer type (default: {d['activation_type']})")
-    group.add_argument("--weight-type", choices=_INT_TYPES, default=None,
-                       help=f"weight integer type (default: {d['weight_type']})")
-    group.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"7-bit weights, for CPUs without VNNI (default: {d['reduce_range']})")
-    group.add_argument("--op-types-to-quantize", type=csv_names, action="extend", default=None, metavar="OP[,OP...]",
-                       help="quantise only these op types (default: every op ORT supports)")
     group.add_argument("--op-types-to-exclude", type=csv_names, action="extend", default=None, metavar="OP[,OP...]",
                        help="leave every node of these op types in float (repeatable)")
-    group.add_argument("--nodes-to-quantize", type=csv_names, action="extend", default=None, metavar="NODE[,NODE...]",
-                       help="quantise only these node names (default: all)")
-    group.add_argument("--nodes-to-exclude", type=csv_names, action="extend", default=None, metavar="NODE[,NODE...]",
-                       help="leave these node names in float (repeatable)")
     group.add_argument("--max-calibration-samples", type=positive_int, default=None, metavar="N",
                        help="use at most the first N calibration samples (default: all)")
     group.add_argument("--calibration-batch-size", type=positive_int, default=None, metavar="N",
@@ -575,8 +565,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"percentile kept by --calibrate-method percentile (default: {d['percentile']})")
     group.add_argument("--activation-symmetric", action=argparse.BooleanOptionalAction, default=None,
                        help=f"symmetric activation ranges (default: {d['activation_symmetric']})")
-    group.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
-                       help="symmetric weight ranges (default: ORT's choice, symmetric for int8)")
     group.add_argument("--calib-range-symmetric", action=argparse.BooleanOptionalAction, default=None,
                        help=f"make calibrated ranges symmetric around 0 (default: {d['calib_range_symmetric']})")
     group.add_argument("--moving-average", action=argparse.BooleanOptionalAction, default=None,
@@ -585,8 +573,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"smoothing factor of --moving-average (default: {d['moving_average_constant']})")
     group.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=None,
                        help=f"run ORT's quant_pre_process first (default: {d['preprocess']})")
-    group.add_argument("--target-opset", type=int, default=None,
-                       help=f"opset that graphs below 13 are converted to for per-channel (default: {d['target_opset']})")
 
 
 def config_from_args(ns: argparse.Namespace) -> StaticConfig:
