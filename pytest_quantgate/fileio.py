@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,9 +61,3 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     atomic_write_bytes(target, text.encode("utf-8"))
-
-
-def atomic_write_with(target: str | os.PathLike[str], writer: Callable[[Path], object], suffix: str = "") -> None:
-    """Call ``writer(tmp_path)`` and move its output onto ``target`` atomically."""
-    with atomic_path(target, suffix=suffix) as tmp:
-        writer(tmp)

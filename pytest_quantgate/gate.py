@@ -144,19 +144,15 @@ def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
     return result
 
 
-DIAGNOSIS_SAMPLES = 8
+DIAGNOSIS_BATCH = 16  # every intermediate tensor of every diagnosis feed is held in memory: keep feeds small
 
 
 def with_diagnosis(result: GateResult, p: Prepared) -> GateResult:
     """Attach where the drop comes from (worst tensors by SQNR) to a failed result."""
-    from .diagnosis import diagnose
+    from .diagnosis import diagnose, feeds_from_fixture
 
-    count = min(DIAGNOSIS_SAMPLES, p.fixture.samples)
-    if p.plan.batched:
-        feeds = [{k: v[:count] for k, v in p.fixture.inputs.items()}]
-    else:
-        feeds = [{k: v[i] for k, v in p.fixture.inputs.items()} for i in range(count)]
-    found = diagnose(p.fp32_path, p.int8_path, feeds)
+    batch = p.plan.batch if p.plan.fixed_batch else DIAGNOSIS_BATCH
+    found = diagnose(p.fp32_path, p.int8_path, feeds_from_fixture(p.fixture.inputs, p.plan.batched, batch=batch))
     return replace(result, extra={**result.extra, "diagnosis": found.to_dict(), "diagnosis_lines": found.lines()})
 
 

@@ -69,6 +69,7 @@ class FeedPlan:
     samples: int
     batched: bool
     batch: int
+    fixed_batch: bool = False  # the model fixes its batch axis: every run must feed exactly ``batch`` samples
 
     def slices(self) -> list[slice]:
         """Return the sample slices, one per session run."""
@@ -220,5 +221,5 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
                 f"{where}: the model's batch axis is fixed at {batch}; the fixture's {samples} samples "
                 f"are not a multiple of it"
             )
-        return FeedPlan(samples=samples, batched=True, batch=batch)
+        return FeedPlan(samples=samples, batched=True, batch=batch, fixed_batch=True)
     return FeedPlan(samples=samples, batched=batched, batch=batch_size if batched else 1)
