@@ -386,7 +386,8 @@ def compare(
     if needed is not None:
         warnings.append(
             f"the {interval.level:.0%} interval [{interval.low:.6f}, {interval.high:.6f}] straddles the budget "
-            f"{budget:g}: this fixture cannot resolve the verdict; about {needed} samples would"
+            f"{budget:g}: this fixture cannot resolve the verdict; "
+            + (f"about {needed} samples would" if needed else "the drop sits on the budget, no sample count would")
         )
     common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
                   warnings=tuple(warnings), extra={"fp32_probe": probe})

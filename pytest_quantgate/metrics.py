@@ -197,12 +197,13 @@ def bootstrap_drop(terms: Sequence[DropTerm], samples: int, replicates: int, see
 def samples_needed(samples: int, interval: Interval, drop: float, budget: float) -> int | None:
     """Estimate the sample count at which the interval would clear the budget (half-width ∝ 1/√n).
 
-    Returns None when the interval already lies on one side of the budget.
+    Returns None when the interval already lies on one side of the budget, and 0 when no sample count can
+    resolve it (the drop sits exactly on the budget).
     """
     if interval.high <= budget or interval.low > budget:
         return None
     half = (interval.high - interval.low) / 2.0
     margin = abs(budget - drop)
-    if margin == 0.0 or half == 0.0:
-        return None
+    if margin == 0.0:
+        return 0
     return int(math.ceil(samples * (half / margin) ** 2))

@@ -96,3 +96,5 @@ def test_samples_needed_only_when_the_interval_straddles_the_budget() -> None:
     assert samples_needed(100, Interval(0.001, 0.003, 0.95, 100), 0.002, 0.01) is None
     needed = samples_needed(100, Interval(0.006, 0.012, 0.95, 100), 0.009, 0.01)
     assert needed == math.ceil(100 * (0.003 / 0.001) ** 2)
+    # a drop exactly on the budget: unresolved, and no sample count would resolve it
+    assert samples_needed(100, Interval(0.006, 0.012, 0.95, 100), 0.01, 0.01) == 0
