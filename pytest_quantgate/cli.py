@@ -163,9 +163,19 @@ def report_outcomes(outcomes: Sequence[Any], registry_path: str, json_out: Path 
 # --- validate -------------------------------------------------------------------------------------------
 
 
+def _check_model(registry: Any, entry: Any, role: str, pinned: str | None, field: str) -> None:
+    """Run the gate's checks on one model file of an entry: present, parseable, confined, hash as pinned."""
+    from .gate import check_hash, check_model_file
+
+    path = registry.fp32_path(entry) if role == "fp32" else registry.int8_path(entry)
+    check_model_file(path, role, entry, registry)
+    check_hash(path, pinned, field, entry, registry)
+
+
 def cmd_validate(ns: argparse.Namespace) -> int:
-    """Check the schema, that every file exists and every pinned hash matches; run nothing."""
-    from .fileio import sha256_file
+    """Check the schema, that every file exists and is readable, and every pinned hash matches; run nothing."""
+    from .producers.dispatch import calibration_set
+    from .soak import find_fixture
 
     try:
         registry = _load(ns)
@@ -173,30 +183,22 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     except InputError as exc:
         _err(f"quantgate: error: {exc}")
         return EXIT_ERROR
+    fixtures = ns.fixtures.resolve()
     problems = [p.message for p in registry.problems]
     for entry in entries:
-        try:
-            checks = [(registry.fp32_path(entry), entry.sha256, "sha256")]
-            if entry.gated:
-                checks.append((registry.int8_path(entry), entry.int8_sha256, "int8_sha256"))
-                from .soak import find_fixture
-
-                find_fixture(registry.soak_candidates(entry, ns.fixtures.resolve()))
-            if entry.mode == "static":
-                from .producers.dispatch import calibration_set
-
-                calibration_set(registry, entry, ns.fixtures.resolve())
-            for path, pinned, field in checks:
-                if not path.is_file():
-                    problems.append(f"{registry.path}: entry {entry.id!r} field {field.replace('sha256', 'onnx')!r}"
-                                    f": {path} does not exist")
-                    continue
-                actual = sha256_file(path)
-                if pinned is not None and actual != pinned.lower():
-                    problems.append(f"{registry.path}: entry {entry.id!r} field {field!r}: {path} has sha256 "
-                                    f"{actual}, the registry pins {pinned.lower()}")
-        except InputError as exc:
-            problems.append(str(exc))
+        # the gate's own checks, one problem per file, so one bad file does not hide the next
+        steps: list[tuple[Any, ...]] = [(_check_model, registry, entry, "fp32", entry.sha256, "sha256")]
+        if entry.gated:
+            steps += [(_check_model, registry, entry, "int8", entry.int8_sha256, "int8_sha256"),
+                      # soak_candidates itself refuses escaping paths: resolve it inside the try too
+                      (lambda e=entry: find_fixture(registry.soak_candidates(e, fixtures)),)]
+        if entry.mode == "static":
+            steps.append((calibration_set, registry, entry, fixtures))
+        for check, *args in steps:
+            try:
+                check(*args)
+            except InputError as exc:
+                problems.append(str(exc))
     for problem in problems:
         _out(f"quantgate ERROR: {problem}")
     _out(f"{registry.path}: {len(entries)} entries, {len(problems)} problem(s)")

@@ -127,7 +127,6 @@ def summary_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in table) for i in range(len(SUMMARY_COLUMNS))]
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     out.insert(1, "  ".join("-" * w for w in widths))
-    rows = list(rows)
     notes = [r for r in rows if r["verdict"] != "PASS" and r.get("reason")]
     for row in sorted(notes, key=lambda r: (r["id"], r["ep"])):
         out.append(f"{row['id']} [{row['ep']}] {row['verdict']}: {row['reason']}")

@@ -138,24 +138,8 @@ def _flag(config: pytest.Config, option: str, ini: str) -> bool:
     return bool(config.getini(ini))
 
 
-def _path(config: pytest.Config, option: str, ini: str, default: str) -> Path:
-    """CLI paths are relative to the invocation folder; ini paths and defaults to the rootdir."""
-    value = config.getoption(option)
-    if value:
-        return (config.invocation_params.dir / value).resolve()
-    raw = config.getini(ini)
-    base = config.inipath.parent if config.inipath is not None else config.rootpath
-    if raw:
-        return (base / str(raw)).resolve()
-    # pytest picks the rootdir before plugin options are known, so `--quantgate-html out.html` (with a space)
-    # can move it; the invocation folder is the second place the default is looked for
-    for folder in (config.rootpath, config.invocation_params.dir):
-        if (folder / default).exists():
-            return (folder / default).resolve()
-    return (config.rootpath / default).resolve()
-
-
 def _optional_path(config: pytest.Config, option: str, ini: str) -> Path | None:
+    """CLI paths are relative to the invocation folder, ini paths to the ini file's folder; None if neither."""
     value = config.getoption(option)
     if value:
         return (config.invocation_params.dir / value).resolve()
@@ -164,6 +148,19 @@ def _optional_path(config: pytest.Config, option: str, ini: str) -> Path | None:
         base = config.inipath.parent if config.inipath is not None else config.rootpath
         return (base / str(raw)).resolve()
     return None
+
+
+def _path(config: pytest.Config, option: str, ini: str, default: str) -> Path:
+    """Like :func:`_optional_path`, falling back to ``default`` under the rootdir."""
+    given = _optional_path(config, option, ini)
+    if given is not None:
+        return given
+    # pytest picks the rootdir before plugin options are known, so `--quantgate-html out.html` (with a space)
+    # can move it; the invocation folder is the second place the default is looked for
+    for folder in (config.rootpath, config.invocation_params.dir):
+        if (folder / default).exists():
+            return (folder / default).resolve()
+    return (config.rootpath / default).resolve()
 
 
 def _eps(config: pytest.Config) -> tuple[str, ...]:

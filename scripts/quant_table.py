@@ -248,10 +248,11 @@ def build(plan: ModelPlan, entry: dict[str, Any], work: Path) -> Built:
     calib_array: np.ndarray | None = None
     if entry.get("quant_calibration_set"):
         calib = work / Path(entry["quant_calibration_set"]).name
-        registered_calib = REGISTRY.parent / entry["quant_calibration_set"]  # the registry's lookup order
-        if not registered_calib.is_file():
-            registered_calib = FIXTURES / entry["quant_calibration_set"]
-        shutil.copyfile(registered_calib, calib)
+        from pytest_quantgate.producers.dispatch import calibration_set
+        from pytest_quantgate.registry import load_registry
+
+        registry = load_registry(REGISTRY)  # the gate's own lookup: registry folder, then fixtures folder
+        shutil.copyfile(calibration_set(registry, registry.entry(plan.id), FIXTURES), calib)
         out.notes.append(f"static calibration: the registered set {entry['quant_calibration_set']}")
     else:
         calib, calib_array = _training_calibration(plan, input_name, work)
