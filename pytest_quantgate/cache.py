@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,16 +45,45 @@ def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | 
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def lookup(config: pytest.Config, digest: str) -> dict[str, Any] | None:
-    """Return the row cached for this digest, if any."""
-    if config.cache is None:
-        return None
-    value = config.cache.get(CACHE_PREFIX + digest, None)
-    return dict(value) if isinstance(value, dict) else None
+class PytestCache:
+    """Passing rows in pytest's own cache (``.pytest_cache``), shared by xdist workers."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def get(self, digest: str) -> dict[str, Any] | None:
+        """Return the row cached for this digest, if any."""
+        if self.config.cache is None:
+            return None
+        value = self.config.cache.get(CACHE_PREFIX + digest, None)
+        return dict(value) if isinstance(value, dict) else None
+
+    def set(self, digest: str, row: dict[str, Any]) -> None:
+        """Remember a passing row (failures are never cached: they must be re-measured)."""
+        if self.config.cache is not None:
+            self.config.cache.set(CACHE_PREFIX + digest, _slim(row))
 
 
-def store(config: pytest.Config, digest: str, row: dict[str, Any]) -> None:
-    """Remember a passing row (failures are never cached: they must be re-measured)."""
-    if config.cache is not None:
-        slim = {k: v for k, v in row.items() if k not in ("plot", "diagnosis")}
-        config.cache.set(CACHE_PREFIX + digest, slim)
+class FolderCache:
+    """Passing rows as JSON files in a folder: the cache of ``quantgate measure --cache``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def get(self, digest: str) -> dict[str, Any] | None:
+        """Return the row cached for this digest, if any."""
+        try:
+            value = json.loads((self.folder / f"{digest}.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        return dict(value) if isinstance(value, dict) else None
+
+    def set(self, digest: str, row: dict[str, Any]) -> None:
+        """Remember a passing row atomically."""
+        from .fileio import atomic_write_text
+
+        atomic_write_text(self.folder / f"{digest}.json", json.dumps(_slim(row), default=str))
+
+
+def _slim(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("plot", "diagnosis", "diagnosis_lines")}

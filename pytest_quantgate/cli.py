@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,30 +14,16 @@ from typing import Any
 from . import __version__
 from .errors import InputError
 from .settings import (
-    DECISION_CHOICES,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_BOOTSTRAP,
-    DEFAULT_CONFIDENCE,
     DEFAULT_FIXTURES,
     DEFAULT_REGISTRY,
-    EP_CHOICES,
-    OPENVINO_PRECISIONS,
-    EpOptions,
-    Settings,
-    confidence_level,
     non_negative_int,
     positive_int,
 )
 
-EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
-
-
-def _out(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def _err(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+from .reports import EXIT_ERROR, EXIT_PASS, report_outcomes
+from .reports import err as _err
+from .reports import out as _out
+from .settings import add_gate_args, settings_from_args
 
 
 # --- shared option groups ---------------------------------------------------------------------------------
@@ -52,41 +36,6 @@ def _add_registry_args(parser: argparse.ArgumentParser) -> None:
                         help=f"folder of soak fixtures and calibration sets (default: {DEFAULT_FIXTURES})")
     parser.add_argument("--id", dest="ids", action="append", default=None, metavar="ID",
                         help="only entries whose id matches this glob (repeatable)")
-
-
-def _add_gate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ep", dest="eps", action="append", choices=EP_CHOICES, default=None,
-                        help="execution provider, repeatable (default: auto = every available one)")
-    parser.add_argument("--strict-ep", action="store_true", help="an unavailable EP is an error, not a skip")
-    parser.add_argument("--strict", action="store_true", help="a fixture too small to resolve the budget is an error")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N")
-    parser.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_BOOTSTRAP, metavar="N")
-    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N")
-    parser.add_argument("--confidence", type=confidence_level, default=DEFAULT_CONFIDENCE, metavar="LEVEL")
-    parser.add_argument("--decision", choices=DECISION_CHOICES, default="point")
-    parser.add_argument("--cuda-device", type=non_negative_int, default=0, metavar="N")
-    parser.add_argument("--openvino-device", default="CPU", metavar="DEVICE")
-    parser.add_argument("--openvino-precision", choices=OPENVINO_PRECISIONS, default="FP32")
-    parser.add_argument("--json", dest="json_out", type=Path, default=None, metavar="PATH",
-                        help="also write every outcome as JSON")
-
-
-def _settings(ns: argparse.Namespace) -> Settings:
-    return Settings(
-        enabled=True,
-        registry=ns.registry.resolve(),
-        fixtures_dir=ns.fixtures.resolve(),
-        select=tuple(ns.ids or ()),
-        eps=tuple(dict.fromkeys(ns.eps or ["auto"])),
-        strict_ep=ns.strict_ep,
-        strict=ns.strict,
-        batch_size=ns.batch_size,
-        bootstrap=ns.bootstrap,
-        seed=ns.seed,
-        confidence=ns.confidence,
-        decision=ns.decision,
-        ep_options=EpOptions(ns.cuda_device, ns.openvino_device.upper(), ns.openvino_precision),
-    )
 
 
 def _load(ns: argparse.Namespace) -> Any:
@@ -116,7 +65,7 @@ def cmd_measure(ns: argparse.Namespace) -> int:
     from . import providers
     from .gate import Outcome, run_one
 
-    settings = _settings(ns)
+    settings = settings_from_args(ns)
     try:
         registry = _load(ns)
         entries = [e for e in _selected(registry, ns.ids) if e.gated]
@@ -132,32 +81,6 @@ def cmd_measure(ns: argparse.Namespace) -> int:
         for ep in eps:
             outcomes.append(run_one(registry, entry, ep, settings))
     return report_outcomes(outcomes, str(registry.path), ns.json_out)
-
-
-def report_outcomes(outcomes: Sequence[Any], registry_path: str, json_out: Path | None) -> int:
-    """Print failure reports, errors, skips, the summary tables and the counts; return measure's exit code."""
-    from .reports import failure_text, per_ep_lines, summary_lines
-
-    for outcome in outcomes:
-        if outcome.status == "fail" and outcome.result is not None:
-            _out(failure_text(outcome.result, registry_path))
-            _out()
-        elif outcome.status in ("error", "skip"):
-            _out(f"quantgate {outcome.status.upper()}: {outcome.entry_id} [{outcome.ep}]: {outcome.message}")
-    if outcomes:
-        _out()
-        rows = [o.to_row() for o in outcomes]
-        for line in summary_lines(rows) + [""] + per_ep_lines(rows):
-            _out(line)
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
-    _out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
-    if json_out is not None:
-        from .fileio import atomic_write_text
-
-        atomic_write_text(json_out, json.dumps([o.to_row() for o in outcomes], indent=2) + "\n")
-    if counts["error"]:
-        return EXIT_ERROR
-    return EXIT_FAIL if counts["fail"] else EXIT_PASS
 
 
 # --- validate -------------------------------------------------------------------------------------------
@@ -328,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("measure", help="gate the registry outside pytest (exit 0 pass, 1 fail, 2 error)")
     _add_registry_args(p)
-    _add_gate_args(p)
+    add_gate_args(p)
     p.set_defaults(func=cmd_measure)
 
     from . import precommit

@@ -1,8 +1,22 @@
-"""Run fp32 and int8 side by side on a soak fixture and turn the outputs into a verdict.
+"""Turn streamed fp32 and int8 outputs into a verdict: what is compared, the budgets, one decision.
+
+The statistics are folded chunk by chunk into per-sample sums (:mod:`.streaming`); this module decides what
+each output is (values, labels), how it is viewed (residual, channels, argmax), and what the sums mean.
 
 What is compared
-    Per output, over every fixture sample (flattened, float64): the int8 output against the fp32 output, and
-    both against the fixture's ``target`` where it has one. With ``quant_compare: residual`` the named input
+    Per output, over every fixture sample (float64 sums): the int8 output against the fp32 output, and
+    both against the fixture's ``target`` where it has one.
+    Channels: an output of rank ≥ 3 (samples first) is also judged per channel along axis 1 (NCHW maps,
+    ``[N, 4 + classes, anchors]`` detector heads) unless the entry sets ``quant_channel_axis`` (an axis, or
+    null for none); the output's drop is the larger of the whole-output drop and the worst channel's, so a
+    collapsed score channel fails even when the box channels dominate the flattened correlation. Rank-2
+    outputs (a feature or logit vector per sample) are not split: one value per sample and channel is too
+    little to correlate. A channel whose fp32 values are constant is skipped; an int8 channel that is
+    constant where fp32 varies counts as a drop of 1.
+    Labels: integer and boolean outputs (class ids from ArgMax, masks) are compared by agreement, never by
+    PLCC: the flip rate (share of elements that differ) must stay within ``quant_budget_label_flip``
+    (default 0.01), with its own paired bootstrap interval. ``quant_argmax_axis`` adds the same top-1
+    agreement check on float outputs (logits, per-pixel class scores) along that axis. With ``quant_compare: residual`` the named input
     (the filter's own input) is subtracted from the outputs and the target first, so a residual filter's
     near-identity output does not inflate the correlation.
 
@@ -50,96 +64,32 @@ The other budgets (checked on the full fixture, every breach reported; the first
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FixtureError, SignatureMismatchError
-from .metrics import (
-    DegenerateOutputError,
-    DropTerm,
-    Interval,
-    PairMetrics,
-    bootstrap_drop,
-    check_finite_and_varying,
-    pair_metrics,
-    samples_needed,
-)
-from .soak import FeedPlan, Fixture, TensorSpec
+from .errors import FixtureError
+from .metrics import Interval, MomentTerm, PairMetrics, bootstrap_drop, samples_needed
+from .soak import Fixture, TensorSpec
+from .streaming import MAD, N, SA, SAA, SB, SBB, LabelAccumulator, PairAccumulator, describe_sums, pair_moments
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
-
     from .registry import Entry
 
 PASS, FAIL = "PASS", "FAIL"
+DEFAULT_LABEL_FLIP = 0.01
 
 
-def signature(session: ort.InferenceSession) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Return the (inputs, outputs) of a session as TensorSpecs."""
+@dataclass(frozen=True)
+class LabelReport:
+    """Agreement of an integer output (or of argmax along an axis): flip rate against its budget."""
 
-    def spec(arg: Any) -> TensorSpec:
-        return TensorSpec(arg.name, arg.type, tuple(arg.shape))
-
-    return tuple(spec(a) for a in session.get_inputs()), tuple(spec(a) for a in session.get_outputs())
-
-
-def check_signatures(fp32: ort.InferenceSession, int8: ort.InferenceSession, fp32_name: str, int8_name: str) -> None:
-    """Refuse an int8 graph whose inputs or outputs differ from the fp32 graph's (names, types, fixed dims)."""
-    (fi, fo), (qi, qo) = signature(fp32), signature(int8)
-    for kind, ref, test in (("inputs", fi, qi), ("outputs", fo, qo)):
-        ref_names = [s.name for s in ref]
-        test_names = [s.name for s in test]
-        if sorted(ref_names) != sorted(test_names):
-            raise SignatureMismatchError(
-                f"{int8_name}: int8 graph {kind} {test_names} differ from the fp32 graph's {ref_names} ({fp32_name})"
-            )
-        by_name = {s.name: s for s in test}
-        for r in ref:
-            t = by_name[r.name]
-            fixed_r = tuple(d if isinstance(d, int) else None for d in r.shape)
-            fixed_t = tuple(d if isinstance(d, int) else None for d in t.shape)
-            if r.type != t.type or fixed_r != fixed_t:
-                raise SignatureMismatchError(
-                    f"{int8_name}: int8 {kind[:-1]} {r.name!r} is {t.describe()}, the fp32 graph has {r.describe()}"
-                )
-
-
-def run_model(session: ort.InferenceSession, fixture: Fixture, plan: FeedPlan, label: str,
-              timings: list[float] | None = None) -> dict[str, np.ndarray]:
-    """Run a session over every fixture sample; return each output with samples on axis 0.
-
-    ``timings``, when given, receives the wall time of each full-size run (seconds), so latency comes from
-    the gate's own runs instead of extra ones.
-    """
-    names = [o.name for o in session.get_outputs()]
-    pieces: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    full = plan.batch if plan.batched else 1
-    for part in plan.slices():
-        if plan.batched:
-            feed = {k: v[part] for k, v in fixture.inputs.items()}
-        else:
-            feed = {k: v[part.start] for k, v in fixture.inputs.items()}
-        start = time.perf_counter()
-        outs = session.run(names, feed)
-        if timings is not None and part.stop - part.start == full:
-            timings.append(time.perf_counter() - start)
-        for name, out in zip(names, outs):
-            out = np.asarray(out)
-            if plan.batched:
-                count = part.stop - part.start
-                if out.ndim == 0 or out.shape[0] != count:
-                    raise FixtureError(
-                        f"{label}: output {name!r} has shape {out.shape} for a batch of {count}; the model does "
-                        f"not keep the batch axis, so stack one model input per sample (add a leading axis)"
-                    )
-                pieces[name].append(out)
-            else:
-                pieces[name].append(out[None, ...])
-    return {n: np.concatenate(p, axis=0) for n, p in pieces.items()}
+    what: str  # "labels" or "argmax(axis=k)"
+    flip_rate: float
+    budget: float
+    interval: Interval | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +101,11 @@ class OutputReport:
     vs_fp32: PairMetrics
     fp32_vs_target: PairMetrics | None = None
     int8_vs_target: PairMetrics | None = None
+    channels: int = 1
+    channel_axis: int | None = None
+    worst_channel: int | None = None
+    worst_channel_drop: float | None = None
+    labels: LabelReport | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +119,7 @@ class GateResult:
     budget: float
     verdict: str
     reason: str
-    kind: str  # "pass" | "drop" | "relative" | "nonfinite" | "constant" | "affine" | "mae" | "max_abs" | "speed"
+    kind: str  # "pass" | "drop" | "relative" | "nonfinite" | "constant" | "affine" | "mae" | "max_abs" | "speed" | "labels"
     drop: float | None = None
     interval: Interval | None = None
     outputs: tuple[OutputReport, ...] = ()
@@ -213,6 +168,11 @@ class GateResult:
                     "vs_fp32": asdict(o.vs_fp32),
                     "fp32_vs_target": asdict(o.fp32_vs_target) if o.fp32_vs_target else None,
                     "int8_vs_target": asdict(o.int8_vs_target) if o.int8_vs_target else None,
+                    "channels": o.channels,
+                    "channel_axis": o.channel_axis,
+                    "worst_channel": o.worst_channel,
+                    "worst_channel_drop": o.worst_channel_drop,
+                    "labels": asdict(o.labels) if o.labels else None,
                 }
                 for o in self.outputs
             ],
@@ -232,18 +192,57 @@ class CompareOptions:
     strict: bool = False
 
 
-def _residual_base(entry: Entry, fixture: Fixture, inputs: Sequence[TensorSpec], output: str) -> np.ndarray:
-    name = entry.residual_input
-    if name is None:
-        if len(inputs) != 1:
-            raise FixtureError(
-                f"entry {entry.id!r}: quant_compare is 'residual' but the model has {len(inputs)} inputs; "
-                f"name one in 'quant_residual_input'"
-            )
-        name = inputs[0].name
-    if name not in fixture.inputs:
-        raise FixtureError(f"entry {entry.id!r}: quant_residual_input {name!r} is not a model input")
-    return fixture.inputs[name].astype(np.float64)
+# --- what each output is, and how it is viewed --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How one output is compared: as values or labels, along which channel axis, minus which input."""
+
+    spec: TensorSpec
+    labels: bool
+    channel_axis: int | None
+    argmax_axis: int | None
+    residual: str | None
+    target: bool
+
+
+def _is_label_type(spec: TensorSpec) -> bool:
+    return spec.type.startswith("tensor(") and any(
+        t in spec.type for t in ("int8)", "int16)", "int32)", "int64)", "bool)")) and "uint8" not in spec.type
+
+
+def plan_outputs(entry: Entry, fixture: Fixture, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec]) -> tuple[OutputPlan, ...]:
+    """Decide, before anything runs, how every output is compared; raise FixtureError on a contradiction."""
+    target_name = _target_output(entry, outputs, fixture)
+    residual = None
+    if entry.compare == "residual":
+        residual = entry.residual_input
+        if residual is None:
+            if len(inputs) != 1:
+                raise FixtureError(
+                    f"entry {entry.id!r}: quant_compare is 'residual' but the model has {len(inputs)} inputs; "
+                    f"name one in 'quant_residual_input'"
+                )
+            residual = inputs[0].name
+        if residual not in fixture.inputs:
+            raise FixtureError(f"entry {entry.id!r}: quant_residual_input {residual!r} is not a model input")
+    if entry.budget_relative is not None and fixture.target is None:
+        raise FixtureError(
+            f"entry {entry.id!r} field 'quant_budget_relative': the soak fixture {fixture.path} has no "
+            f"{'target'!r} array; a relative budget compares int8 and fp32 against the target"
+        )
+    plans = []
+    for spec in outputs:
+        labels = _is_label_type(spec)
+        plans.append(OutputPlan(spec, labels, None if labels else _channel_axis(entry), entry.argmax_axis,
+                                None if labels else residual, spec.name == target_name))
+    return tuple(plans)
+
+
+def _channel_axis(entry: Entry) -> int | None:
+    return entry.channel_axis if entry.channel_axis_set else 1
 
 
 def _target_output(entry: Entry, outputs: Sequence[TensorSpec], fixture: Fixture) -> str | None:
@@ -262,38 +261,322 @@ def _target_output(entry: Entry, outputs: Sequence[TensorSpec], fixture: Fixture
     return names[0]
 
 
-PROBE_SIZE = 64
-
-
-def fp32_probe(values: np.ndarray) -> list[float]:
-    """Return fp32 output values at fixed, evenly spaced positions: compared across EPs in the summary."""
-    flat = np.asarray(values, dtype=np.float64).ravel()
-    index = np.linspace(0, flat.size - 1, num=min(PROBE_SIZE, flat.size)).astype(np.int64)
-    return [float(v) for v in flat[index]]
-
-
 def _seed_for(base: int, entry_id: str) -> int:
     # a stable per-entry stream: verdicts never depend on collection order or on the xdist worker
     return base ^ int.from_bytes(hashlib.sha256(entry_id.encode()).digest()[:4], "little")
 
 
-def _affine_breach(name: str, ref: np.ndarray, test: np.ndarray, budget: float, what: str) -> str | None:
-    """Return the breach text when int8 regressed on fp32 has a gain or offset error beyond ``budget``."""
-    x = ref.ravel()
-    y = test.ravel()
-    xm, ym = float(x.mean()), float(y.mean())
-    dx = x - xm
-    var = float(dx @ dx)
-    std = float(np.sqrt(var / x.size))
-    if var == 0.0:
+def _channels_view(array: np.ndarray, axis: int | None) -> np.ndarray:
+    """Return (n, C, m): the channel axis second, everything else flattened (C = 1 without one)."""
+    count = array.shape[0]
+    if axis is None or array.ndim < 3 or axis >= array.ndim or axis == 0:
+        return array.reshape(count, 1, -1)
+    moved = np.moveaxis(array, axis, 1)
+    return moved.reshape(count, moved.shape[1], -1)
+
+
+class Collector:
+    """Fold chunks of (fp32, int8) outputs of one entry into streaming statistics, then decide."""
+
+    def __init__(self, entry: Entry, plans: Sequence[OutputPlan], samples: int, seed: int, where: str = "") -> None:
+        self.entry = entry
+        self.where = where  # the fixture, named in messages about its target
+        self.plans = tuple(plans)
+        self.samples = samples
+        self.seed = _seed_for(seed, entry.id)
+        self.values: dict[str, PairAccumulator] = {}
+        self.raw: dict[str, PairAccumulator] = {}  # residual entries: the outputs before subtraction
+        self.labels: dict[str, LabelAccumulator] = {}
+        self.target_range = [np.inf, -np.inf]
+        self.filled = 0
+
+    def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool) -> PairAccumulator:
+        if name not in store:
+            store[name] = PairAccumulator(self.samples, channels, with_target=target, seed=self.seed)
+        acc = store[name]
+        if acc.channels != channels:
+            raise FixtureError(f"output {name!r} changed its channel count between runs ({acc.channels} -> {channels})")
+        return acc
+
+    def add(self, start: int, inputs: Mapping[str, np.ndarray], target: np.ndarray | None,
+            fp32: Mapping[str, np.ndarray], int8: Mapping[str, np.ndarray]) -> None:
+        """Fold samples ``start ..`` in: outputs and inputs carry the samples on axis 0."""
+        for plan in self.plans:
+            name = plan.spec.name
+            a, b = fp32[name], int8[name]
+            count = a.shape[0] if a.ndim else 0
+            if a.shape != b.shape:
+                raise FixtureError(f"output {name!r}: the int8 output has shape {b.shape}, fp32 has {a.shape}")
+            if plan.labels:
+                self.labels.setdefault(name, LabelAccumulator(self.samples)).add(start, a, b)
+                continue
+            if plan.argmax_axis is not None:
+                axis = plan.argmax_axis
+                if not 0 < axis < a.ndim:
+                    raise FixtureError(f"entry {self.entry.id!r} field 'quant_argmax_axis': output {name!r} has "
+                                       f"shape {a.shape} (samples first); axis {axis} is not one of its class axes")
+                self.labels.setdefault(f"{name}:argmax", LabelAccumulator(self.samples)).add(
+                    start, np.argmax(a, axis=axis), np.argmax(b, axis=axis))
+            t = None
+            if plan.target and target is not None:
+                if target.size != a.size:
+                    raise FixtureError(f"array 'target' has {target[0].size if target.ndim else 1} values per sample,"
+                                       f" output {name!r} has {a[0].size if a.ndim > 1 else 1}")
+                t = target.reshape(a.shape)
+                self.target_range = [min(self.target_range[0], float(np.min(t))),
+                                     max(self.target_range[1], float(np.max(t)))]
+            base = None
+            if plan.residual is not None:
+                base = np.asarray(inputs[plan.residual])
+                if base.size != a.size:
+                    raise FixtureError(
+                        f"entry {self.entry.id!r}: residual comparison needs output {name!r} {a.shape[1:]} and its "
+                        f"input {base.shape[1:]} to have the same number of values"
+                    )
+                base = _channels_view(base.reshape(a.shape), plan.channel_axis)
+                self._acc(self.raw, name, _channels_view(a, plan.channel_axis).shape[1], False).add(
+                    start, _channels_view(a, plan.channel_axis), _channels_view(b, plan.channel_axis))
+            va, vb = _channels_view(a, plan.channel_axis), _channels_view(b, plan.channel_axis)
+            vt = None if t is None else _channels_view(t, plan.channel_axis)
+            self._acc(self.values, name, va.shape[1], vt is not None).add(start, va, vb, vt, base)
+            del count
+        self.filled = max(self.filled, start + next(iter(fp32.values())).shape[0])
+
+    def worst_samples(self, count: int) -> list[int]:
+        """Return the samples where int8 departs most from fp32 (relative to each output's spread)."""
+        score = np.zeros(self.samples)
+        for acc in self.values.values():
+            score += acc.disagreement()
+        for lab in self.labels.values():
+            score += lab.counts[:, 0] / np.maximum(lab.counts[:, 1], 1)
+        order = np.argsort(-score, kind="stable")
+        return [int(i) for i in order[:count]]
+
+    def reservoir(self, name: str) -> np.ndarray:
+        """Return the kept (fp32, int8, target) element triples of an output, as compared."""
+        acc = self.values.get(name)
+        return acc.reservoir() if acc is not None else np.zeros((0, 3))
+
+    def decide(self, ep: str, options: CompareOptions) -> GateResult:
+        """Compute every metric, the drop and its interval, and the verdict (rules in the module docstring)."""
+        return _decide(self, ep, options)
+
+
+# --- budget checks: each returns its breaches (kind, text) ----------------------------------------------------
+
+
+def _degenerate(name: str, acc: PairAccumulator, what: str) -> tuple[str, str] | None:
+    """Return a breach when an output holds NaN/inf or is constant (raw outputs first)."""
+    bad_a, bad_b, count = acc.nonfinite()
+    if bad_a or bad_b:
+        side = "fp32" if bad_a else "int8"
+        return "nonfinite", f"{side} output {name!r}{what} has NaN/inf values in {count} of {acc.samples} samples"
+    rows = acc.output_rows()
+    totals = rows.sum(axis=0)
+    n = totals[N]
+    for side, s, ss in (("fp32", SA, SAA), ("int8", SB, SBB)):
+        var = totals[ss] - totals[s] ** 2 / n if n else 0.0
+        if n < 2 or var <= 0.0:
+            return "constant", f"{side} output {name!r}{what} is constant"
+    return None
+
+
+def _affine(name: str, m: PairMetrics, budget: float, what: str = "") -> tuple[str, str] | None:
+    if abs(m.slope - 1.0) <= budget and m.offset_rel <= budget:
         return None
-    slope = float(dx @ (y - ym)) / var
-    intercept = ym - slope * xm
-    offset = abs(ym - xm) / std  # the affine error at the mean, in fp32 standard deviations
-    if abs(slope - 1.0) <= budget and offset <= budget:
-        return None
-    return (f"output {name!r}{what}: int8 ≈ {slope:.4f}·fp32 {intercept:+.4g}; the gain/offset error exceeds "
-            f"quant_budget_slope {budget:g} (|slope−1| {abs(slope - 1):.4f}, offset {offset:.4f} std)")
+    return "affine", (f"output {name!r}{what}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset error "
+                      f"exceeds quant_budget_slope {budget:g} (|slope−1| {abs(m.slope - 1):.4f}, offset "
+                      f"{m.offset_rel:.4f} std)")
+
+
+def _absolute(name: str, m: PairMetrics, entry: Entry) -> list[tuple[str, str]]:
+    out = []
+    if entry.budget_mae is not None and m.mae > entry.budget_mae:
+        out.append(("mae", f"output {name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae "
+                           f"{entry.budget_mae:g}"))
+    if entry.budget_max_abs is not None and m.max_abs > entry.budget_max_abs:
+        out.append(("max_abs", f"output {name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds quant_budget_max_abs "
+                               f"{entry.budget_max_abs:g}"))
+    return out
+
+
+def _metrics(values: np.ndarray, shift: np.ndarray, x: int, y: int, sample: np.ndarray) -> PairMetrics:
+    return PairMetrics(**describe_sums(values, shift, x, y, sample))
+
+
+def _label_term(acc: LabelAccumulator) -> Any:
+    class _Term:
+        def replicates(self, weights: np.ndarray) -> np.ndarray:
+            return acc.rate(weights)
+
+    return _Term()
+
+
+def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
+    entry = c.entry
+    samples = c.samples
+    base: dict[str, Any] = dict(entry_id=entry.id, ep=ep, mode=entry.mode, samples=samples,
+                                budget=entry.budget_plcc, compare=entry.compare, decision=options.decision)
+    if c.target_range[0] == c.target_range[1]:
+        raise FixtureError(f"{c.where}: array 'target' is constant; a correlation against it is undefined")
+    reports: list[OutputReport] = []
+    terms: list[MomentTerm] = []
+    breaches: list[tuple[str, str]] = []
+    probe: list[float] = []
+    for plan in c.plans:
+        name = plan.spec.name
+        if plan.labels:
+            continue
+        acc = c.values[name]
+        if name in c.raw:
+            # raw outputs first: a constant output minus the residual input is not constant
+            found = _degenerate(name, c.raw[name], "")
+            if found is not None:
+                return GateResult(**base, verdict=FAIL, kind=found[0], reason=found[1], outputs=tuple(reports))
+        found = _degenerate(name, acc, " (residual)" if name in c.raw else "")
+        if found is not None:
+            return GateResult(**base, verdict=FAIL, kind=found[0], reason=found[1], outputs=tuple(reports))
+        sample = acc.reservoir()
+        if not probe:
+            probe = [float(v) for v in (sample[:64, 0] + (0.0 if name not in c.raw else 0.0))]
+        rows = acc.output_rows()
+        shift = acc.output_shift()
+        totals = rows.sum(axis=0)
+        totals[MAD] = rows[:, MAD].max()
+        vs_fp32 = _metrics(totals, shift, 0, 1, sample)
+        has_t = plan.target and acc.with_target
+        fp32_t = _metrics(totals, shift, 0, 2, sample) if has_t else None
+        int8_t = _metrics(totals, shift, 1, 2, sample) if has_t else None
+        term = MomentTerm(pair_moments(rows, 0, 1),
+                          pair_moments(rows, 0, 2) if has_t else None,
+                          pair_moments(rows, 1, 2) if has_t else None, implied=True)
+        drop = term.point()
+        terms.append(term)
+        worst_channel = worst_drop = None
+        if acc.channels > 1:
+            sums = acc.channel_sums()
+            fp32_var = sums.values[:, SAA] - sums.values[:, SA] ** 2 / sums.values[:, N]
+            mask = fp32_var > 0
+            channel_term = MomentTerm(pair_moments(acc.stats, 0, 1), mask=mask)
+            fidelity = 1.0 - sums.plcc(0, 1)
+            fidelity = np.where(np.isfinite(fidelity), fidelity, 1.0)
+            fidelity = np.where(mask, fidelity, -np.inf)
+            worst_channel = int(np.argmax(fidelity))
+            worst_drop = float(fidelity[worst_channel])
+            terms.append(channel_term)
+            drop = max(drop, worst_drop)
+        reports.append(OutputReport(name, drop, vs_fp32, fp32_t, int8_t, channels=acc.channels,
+                                    channel_axis=plan.channel_axis if acc.channels > 1 else None,
+                                    worst_channel=worst_channel, worst_channel_drop=worst_drop))
+        if name in c.raw:
+            raw = c.raw[name]
+            raw_rows = raw.output_rows()
+            raw_totals = raw_rows.sum(axis=0)
+            raw_totals[MAD] = raw_rows[:, MAD].max()
+            found = _affine(name, _metrics(raw_totals, raw.output_shift(), 0, 1, raw.reservoir()),
+                            entry.budget_slope, " (raw, before the residual)")
+            if found is not None:
+                breaches.append(found)
+
+    label_reports: dict[str, LabelReport] = {}
+    label_breaches: list[tuple[str, str]] = []
+    seed = c.seed
+    for key, lab in sorted(c.labels.items()):
+        budget = entry.budget_label_flip if entry.budget_label_flip is not None else DEFAULT_LABEL_FLIP
+        rate = float(lab.rate())
+        interval = bootstrap_drop([_label_term(lab)], samples, options.bootstrap, seed, options.confidence)
+        what = "labels" if not key.endswith(":argmax") else f"argmax(axis={entry.argmax_axis})"
+        label_reports[key] = LabelReport(what, rate, budget, interval)
+        over = rate > budget if options.decision == "point" or interval is None else interval.high > budget
+        if over:
+            name = key.removesuffix(":argmax")
+            label_breaches.append(("labels", f"output {name!r}: {what} differ on {rate:.2%} of elements "
+                                             f"(int8 vs fp32), over quant_budget_label_flip {budget:g}"))
+
+    # integer outputs: a report carrying only the label agreement
+    for plan in c.plans:
+        if plan.labels:
+            lab = label_reports[plan.spec.name]
+            nan = float("nan")
+            empty = PairMetrics(0, nan, nan, nan, nan, nan, nan, nan, nan, nan)
+            reports.append(OutputReport(plan.spec.name, 0.0, empty, labels=lab))
+        elif f"{plan.spec.name}:argmax" in label_reports:
+            i = next(i for i, r in enumerate(reports) if r.name == plan.spec.name)
+            reports[i] = OutputReport(**{**reports[i].__dict__, "labels": label_reports[f"{plan.spec.name}:argmax"]})
+
+    budget = entry.budget_plcc
+    relative_note = ""
+    relative = entry.budget_relative
+    if relative is not None:
+        ref_t = next((r.fp32_vs_target for r in reports if r.fp32_vs_target is not None), None)
+        if ref_t is None:
+            raise FixtureError(f"entry {entry.id!r} field 'quant_budget_relative': no output is compared with the "
+                               f"fixture's target")
+        allowed = (1.0 - relative) * ref_t.plcc
+        explicit = entry.explicit_budget_plcc
+        budget = allowed if explicit is None else min(float(explicit), allowed)
+        relative_note = (f" (quant_budget_relative {relative:g}: int8 PLCC vs target must be >= {relative:g} × fp32 "
+                         f"PLCC vs target {ref_t.plcc:.6f})")
+        base["budget"] = budget
+
+    value_reports = [r for r in reports if r.labels is None or r.vs_fp32.n > 0]
+    if not value_reports:
+        # only label outputs: the verdict is their agreement
+        if label_breaches:
+            kind, reason = label_breaches[0]
+            return GateResult(**base, verdict=FAIL, kind=kind, reason=reason, outputs=tuple(reports),
+                              also=tuple(t for _, t in label_breaches[1:]))
+        rates = ", ".join(f"{k} {v.flip_rate:.2%}" for k, v in label_reports.items())
+        return GateResult(**base, verdict=PASS, kind="pass", reason=f"label flip rate {rates} within budget",
+                          outputs=tuple(reports))
+
+    worst = max(value_reports, key=lambda r: r.drop)
+    drop = worst.drop
+    interval = bootstrap_drop(terms, samples, options.bootstrap, seed, options.confidence)
+    needed = samples_needed(samples, interval, drop, budget) if interval else None
+    warnings: list[str] = []
+    if needed is not None and interval is not None:
+        warnings.append(
+            f"the {interval.level:.0%} interval [{interval.low:.6f}, {interval.high:.6f}] straddles the budget "
+            f"{budget:g}: this fixture cannot resolve the verdict; "
+            + (f"about {needed} samples would" if needed else "the drop sits on the budget, no sample count would")
+        )
+    common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
+                  warnings=tuple(warnings), extra={"fp32_probe": probe})
+
+    # every budget is checked and every breach reported; a gross gain/offset error of a residual entry's raw
+    # output leads (it is the diagnosis), then the PLCC drop, then the checks PLCC cannot see (gain and offset
+    # errors have PLCC 1.0), the absolute errors and the label agreement
+    over = drop > budget
+    if options.decision == "conservative" and interval is not None:
+        over = interval.high > budget
+    if over:
+        bound = "" if options.decision == "point" or interval is None else (
+            f" (upper {interval.level:.0%} bound {interval.high:.6f})")
+        how = ""
+        if worst.fp32_vs_target is not None and worst.int8_vs_target is not None:
+            target_drop = worst.fp32_vs_target.plcc - worst.int8_vs_target.plcc
+            if drop > target_drop + 1e-12:
+                how = (f"; implied by int8 vs fp32 PLCC {worst.vs_fp32.plcc:.6f} (the int8 output does not track "
+                       f"the fp32 output; against the target alone the drop is {target_drop:.6f})")
+        if worst.worst_channel_drop is not None and worst.worst_channel_drop >= drop:
+            how += (f"; worst channel {worst.worst_channel} of {worst.channels} along axis {worst.channel_axis} "
+                    f"(whole-output drop {1.0 - worst.vs_fp32.plcc:.6f})")
+        kind = "drop" if relative is None else "relative"
+        breaches.append((kind, f"PLCC drop {drop:.6f} > budget {budget:g}{bound} on output {worst.name!r}"
+                               f"{relative_note}{how}"))
+    for rep in value_reports:
+        found = _affine(rep.name, rep.vs_fp32, entry.budget_slope)
+        if found is not None:
+            breaches.append(found)
+        breaches += _absolute(rep.name, rep.vs_fp32, entry)
+    breaches += label_breaches
+    if breaches:
+        kind, reason = breaches[0]
+        return GateResult(**common, verdict=FAIL, kind=kind, reason=reason,
+                          also=tuple(text for _, text in breaches[1:]))
+    return GateResult(**common, verdict=PASS, kind="pass", reason=(
+        f"PLCC drop {drop:.6f} <= budget {budget:g}{relative_note}"))
 
 
 def compare(
@@ -306,128 +589,9 @@ def compare(
     int8_out: Mapping[str, np.ndarray],
     options: CompareOptions,
 ) -> GateResult:
-    """Compute every metric, the drop and its interval, and decide the verdict (rules in the module docstring)."""
-    samples = fixture.samples
-    relative = entry.budget_relative
-    if relative is not None and fixture.target is None:
-        raise FixtureError(
-            f"entry {entry.id!r} field 'quant_budget_relative': the soak fixture {fixture.path} has no "
-            f"{'target'!r} array; a relative budget compares int8 and fp32 against the target"
-        )
-    base = dict(entry_id=entry.id, ep=ep, mode=entry.mode, samples=samples, budget=entry.budget_plcc,
-                compare=entry.compare, decision=options.decision)
-    target_name = _target_output(entry, outputs, fixture)
-    reports: list[OutputReport] = []
-    terms: list[DropTerm] = []
-    raw_breaches: list[tuple[str, str]] = []
-    for spec in outputs:
-        ref = fp32_out[spec.name].astype(np.float64)
-        test = int8_out[spec.name].astype(np.float64)
-        try:
-            # raw outputs first: a constant output minus the residual input is not constant
-            check_finite_and_varying(ref, f"fp32 output {spec.name!r}")
-            check_finite_and_varying(test, f"int8 output {spec.name!r}")
-        except DegenerateOutputError as exc:
-            return GateResult(**base, verdict=FAIL, kind=exc.kind, reason=str(exc), outputs=tuple(reports))
-        target = None
-        if spec.name == target_name:
-            target = fixture.target.astype(np.float64).reshape(ref.shape) if fixture.target.size == ref.size else None
-            if target is None:
-                raise FixtureError(
-                    f"{fixture.path}: 'target' has shape {fixture.target.shape}, output {spec.name!r} has {ref.shape}"
-                )
-        if entry.compare == "residual":
-            resid = _residual_base(entry, fixture, inputs, spec.name)
-            if resid.size != ref.size:
-                raise FixtureError(
-                    f"entry {entry.id!r}: residual comparison needs output {spec.name!r} {ref.shape} and its input "
-                    f"{resid.shape} to have the same shape"
-                )
-            breach = _affine_breach(spec.name, ref, test, entry.budget_slope, " (raw, before the residual)")
-            if breach is not None:
-                raw_breaches.append(("affine", breach))
-            resid = resid.reshape(ref.shape)
-            ref, test = ref - resid, test - resid
-            if target is not None:
-                target = target - resid
-            try:
-                check_finite_and_varying(ref, f"fp32 residual of output {spec.name!r}")
-                check_finite_and_varying(test, f"int8 residual of output {spec.name!r}")
-            except DegenerateOutputError as exc:
-                return GateResult(**base, verdict=FAIL, kind=exc.kind, reason=str(exc), outputs=tuple(reports))
-        vs_fp32 = pair_metrics(ref, test)
-        term = DropTerm(ref, test, target, implied=True)
-        if target is not None:
-            fp32_t, int8_t = pair_metrics(ref, target), pair_metrics(test, target)
-            drop = max(fp32_t.plcc - int8_t.plcc, fp32_t.plcc * (1.0 - vs_fp32.plcc))
-            reports.append(OutputReport(spec.name, drop, vs_fp32, fp32_t, int8_t))
-        else:
-            reports.append(OutputReport(spec.name, 1.0 - vs_fp32.plcc, vs_fp32))
-        terms.append(term)
-
-    budget = entry.budget_plcc
-    relative_note = ""
-    if relative is not None:
-        ref_t = next(r.fp32_vs_target for r in reports if r.fp32_vs_target is not None)
-        allowed = (1.0 - relative) * ref_t.plcc
-        explicit = entry.raw.get("quant_accuracy_budget_plcc")
-        budget = allowed if explicit is None else min(float(explicit), allowed)
-        relative_note = (f" (quant_budget_relative {relative:g}: int8 PLCC vs target must be >= {relative:g} × fp32 "
-                         f"PLCC vs target {ref_t.plcc:.6f})")
-        base["budget"] = budget
-    worst = max(reports, key=lambda r: r.drop)
-    probe = fp32_probe(fp32_out[outputs[0].name])
-    drop = worst.drop
-    interval = bootstrap_drop(terms, samples, options.bootstrap, _seed_for(options.seed, entry.id), options.confidence)
-    needed = samples_needed(samples, interval, drop, budget) if interval else None
-    warnings: list[str] = []
-    if entry.min_samples is not None and samples < entry.min_samples:
-        warnings.append(f"fixture has {samples} samples, fewer than quant_min_samples={entry.min_samples}")
-    if needed is not None:
-        warnings.append(
-            f"the {interval.level:.0%} interval [{interval.low:.6f}, {interval.high:.6f}] straddles the budget "
-            f"{budget:g}: this fixture cannot resolve the verdict; "
-            + (f"about {needed} samples would" if needed else "the drop sits on the budget, no sample count would")
-        )
-    common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
-                  warnings=tuple(warnings), extra={"fp32_probe": probe})
-
-    # every budget is checked and every breach reported; a gross gain/offset error of a residual entry's raw
-    # output leads (it is the diagnosis), then the PLCC drop, then the checks PLCC cannot see (gain and offset
-    # errors have PLCC 1.0) and the absolute errors
-    breaches: list[tuple[str, str]] = list(raw_breaches)
-    over = drop > budget
-    if options.decision == "conservative" and interval is not None:
-        over = interval.high > budget
-    if over:
-        bound = "" if options.decision == "point" or interval is None else (
-            f" (upper {interval.level:.0%} bound {interval.high:.6f})")
-        how = ""
-        if worst.fp32_vs_target is not None and worst.int8_vs_target is not None:
-            target_drop = worst.fp32_vs_target.plcc - worst.int8_vs_target.plcc
-            if drop > target_drop:
-                how = (f"; implied by int8 vs fp32 PLCC {worst.vs_fp32.plcc:.6f} (the int8 output does not track "
-                       f"the fp32 output; against the target alone the drop is {target_drop:.6f})")
-        kind = "drop" if relative is None else "relative"
-        breaches.append((kind, f"PLCC drop {drop:.6f} > budget {budget:g}{bound} on output {worst.name!r}"
-                               f"{relative_note}{how}"))
-    for rep in reports:
-        m = rep.vs_fp32
-        if abs(m.slope - 1.0) > entry.budget_slope or m.offset_rel > entry.budget_slope:
-            breaches.append(("affine", (
-                f"output {rep.name!r}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset error exceeds "
-                f"quant_budget_slope {entry.budget_slope:g} (|slope−1| {abs(m.slope - 1):.4f}, "
-                f"offset {m.offset_rel:.4f} std)")))
-        if entry.budget_mae is not None and m.mae > entry.budget_mae:
-            breaches.append(("mae", (
-                f"output {rep.name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae {entry.budget_mae:g}")))
-        if entry.budget_max_abs is not None and m.max_abs > entry.budget_max_abs:
-            breaches.append(("max_abs", (
-                f"output {rep.name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds quant_budget_max_abs "
-                f"{entry.budget_max_abs:g}")))
-    if breaches:
-        kind, reason = breaches[0]
-        return GateResult(**common, verdict=FAIL, kind=kind, reason=reason,
-                          also=tuple(text for _, text in breaches[1:]))
-    return GateResult(**common, verdict=PASS, kind="pass", reason=(
-        f"PLCC drop {drop:.6f} <= budget {budget:g}{relative_note}"))
+    """Compare whole in-memory outputs (samples on axis 0): one chunk through the same streaming statistics."""
+    plans = plan_outputs(entry, fixture, inputs, outputs)
+    collector = Collector(entry, plans, fixture.samples, options.seed, str(fixture.path))
+    feeds = {name: np.asarray(fixture.inputs[name]) for name in fixture.inputs}
+    collector.add(0, feeds, fixture.target_array(), fp32_out, int8_out)
+    return collector.decide(ep, options)

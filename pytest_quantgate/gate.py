@@ -1,20 +1,26 @@
-"""The gate for one entry on one EP, independent of pytest: check inputs, run both models, compare."""
+"""The gate for one entry on one EP, independent of pytest: check inputs, stream both models, decide.
+
+:func:`run_one` is the one orchestrator: it rebuilds a missing sidecar, consults the cache, checks and
+opens everything (:func:`prepare`), streams the fixture through both models (:func:`evaluate`), diagnoses a
+failure and applies the strict rules. pytest items, ``quantgate measure`` and ``quantgate pre-commit`` only
+translate its :class:`Outcome`.
+"""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .comparison import CompareOptions, GateResult, check_signatures, compare, run_model, signature
-from .errors import HashMismatchError, ModelFileError
+from .comparison import CompareOptions, Collector, GateResult, plan_outputs
+from .errors import FixtureError, HashMismatchError, InsufficientSamplesError, ModelFileError
 from .fileio import sha256_file
 from .providers import SessionSpec, open_session
-from .registry import Entry, Registry
+from .registry import DEFAULT_MIN_SAMPLES, Entry, Registry
+from .sessions import check_signatures, run, signature
 from .settings import Settings
 from .soak import FeedPlan, Fixture, TensorSpec, find_fixture, load_fixture, plan_feeds
 
@@ -108,23 +114,116 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
     check_model_file(int8_path, "int8", entry, registry)
     fp32_sha = check_hash(fp32_path, entry.sha256, "sha256", entry, registry)
     int8_sha = check_hash(int8_path, entry.int8_sha256 if int8_pinned else None, "int8_sha256", entry, registry)
-    fixture = load_fixture(find_fixture(registry.soak_candidates(entry, settings.fixtures_dir)))
+    fixture = load_fixture(find_fixture(registry.soak_candidates(entry, settings.fixtures_dir)),
+                           settings.max_fixture_bytes)
     spec = SessionSpec(ep, settings.ep_options)
     fp32 = open_session(fp32_path, spec, threads=settings.threads)
     int8 = open_session(int8_path, spec, threads=settings.threads)
     check_signatures(fp32, int8, str(fp32_path), str(int8_path))
     inputs, outputs = signature(fp32)
     plan = plan_feeds(fixture, inputs, settings.batch_size)
+    floor = entry.min_samples if entry.min_samples is not None else DEFAULT_MIN_SAMPLES
+    if plan.samples < floor:
+        field = "quant_min_samples" if entry.min_samples is not None else "the default sample floor"
+        raise InsufficientSamplesError(
+            f"{fixture.path}: {plan.samples} sample(s); entry {entry.id!r} needs at least {floor} ({field}): "
+            f"a smaller fixture cannot bound the drop, add samples"
+        )
     return Prepared(entry, ep, fp32_path, int8_path, fp32_sha, int8_sha, fixture, plan, inputs, outputs, fp32, int8)
 
 
+# outputs of one chunk (per model) are kept under this many bytes: chunks shrink for large outputs
+CHUNK_BYTES = 64 << 20
+DIAGNOSIS_SAMPLES = 4
+
+
+def run_batch(p: Prepared) -> int | None:
+    """Return the batch each session run must have: fixed by the model, or the entry's deployment batch."""
+    if not p.plan.batched:
+        return None
+    if p.plan.fixed_batch:
+        return p.plan.batch
+    return p.entry.deploy_batch
+
+
+@dataclass
+class _Clock:
+    fp32: float = 0.0
+    int8: float = 0.0
+    runs: int = 0
+    samples: int = 0
+
+
+def _check_finite(block: Mapping[str, np.ndarray], start: int, where: Path) -> None:
+    for name, value in block.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise FixtureError(f"{where}: array {name!r} holds {bad} NaN/inf value(s) in samples {start}.."
+                               f"{start + value.shape[0] - 1}; soak inputs must be finite")
+
+
+def _run_chunk(p: Prepared, block: Mapping[str, np.ndarray], batch: int | None, clock: _Clock
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run both models over one chunk; return their outputs with samples on axis 0."""
+    count = int(next(iter(block.values())).shape[0])
+    if p.plan.batched:
+        step = batch or count
+        feeds = [{k: v[i : i + step] for k, v in block.items()} for i in range(0, count, step)]
+    else:
+        feeds = [{k: v[i] for k, v in block.items()} for i in range(count)]
+    fp32_parts: dict[str, list[np.ndarray]] = {o.name: [] for o in p.outputs}
+    int8_parts: dict[str, list[np.ndarray]] = {o.name: [] for o in p.outputs}
+    for feed in feeds:
+        size = int(next(iter(feed.values())).shape[0]) if p.plan.batched else 1
+        for session, parts, label, attr in ((p.fp32, fp32_parts, str(p.fp32_path), "fp32"),
+                                            (p.int8, int8_parts, str(p.int8_path), "int8")):
+            outs, seconds = run(session, p.outputs, feed, label)
+            setattr(clock, attr, getattr(clock, attr) + seconds)
+            for name, out in outs.items():
+                if p.plan.batched:
+                    if out.ndim == 0 or out.shape[0] != size:
+                        raise FixtureError(
+                            f"{label}: output {name!r} has shape {out.shape} for a batch of {size}; the model does "
+                            f"not keep the batch axis, so stack one model input per sample (add a leading axis)"
+                        )
+                    parts[name].append(out)
+                else:
+                    parts[name].append(out[None, ...])
+        clock.runs += 1
+    join = (lambda parts: {n: v[0] if len(v) == 1 else np.concatenate(v, axis=0) for n, v in parts.items()})
+    return join(fp32_parts), join(int8_parts)
+
+
 def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
-    """Run fp32 and int8 over every soak sample and compare them; add size, speed and plot data."""
+    """Return the verdict of one prepared (entry, EP), without a diagnosis."""
+    return measure(prepared, settings)[0]
+
+
+def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collector]:
+    """Stream every soak sample through fp32 and int8 into the statistics; decide; add size and speed."""
     p = prepared
-    fp32_times: list[float] = []
-    int8_times: list[float] = []
-    fp32_out = run_model(p.fp32, p.fixture, p.plan, str(p.fp32_path), fp32_times)
-    int8_out = run_model(p.int8, p.fixture, p.plan, str(p.int8_path), int8_times)
+    plans = plan_outputs(p.entry, p.fixture, p.inputs, p.outputs)
+    collector = Collector(p.entry, plans, p.plan.samples, settings.seed, str(p.fixture.path))
+    batch = run_batch(p)
+    clock = _Clock()
+    # the first chunk is one run's worth (or one sample), so the output size per sample is known before the
+    # chunk size is chosen: chunks then hold CHUNK_BYTES of outputs, at most --quantgate-batch-size samples
+    first = batch or 1
+    rows_next = [first]
+    start = 0
+    for block, target in p.fixture.chunks(lambda: rows_next[0]):
+        _check_finite(block, start, p.fixture.path)
+        fp32_out, int8_out = _run_chunk(p, block, batch, clock)
+        collector.add(start, block, target, fp32_out, int8_out)
+        count = int(next(iter(block.values())).shape[0])
+        if start == 0:
+            per_sample = sum(v.nbytes for v in fp32_out.values()) / max(count, 1)
+            rows = max(1, min(settings.batch_size, int(CHUNK_BYTES // max(per_sample, 1.0))))
+            if batch:
+                rows = max(batch, rows // batch * batch)
+            rows_next[0] = rows
+        start += count
+    clock.samples = start
     options = CompareOptions(
         bootstrap=settings.bootstrap,
         seed=settings.seed,
@@ -132,49 +231,56 @@ def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
         decision=settings.decision,
         strict=settings.strict,
     )
-    result = compare(p.entry, p.ep, p.fixture, p.inputs, p.outputs, fp32_out, int8_out, options)
+    result = collector.decide(p.ep, options)
     extra = dict(result.extra)
-    extra.update(speed_and_size(p, fp32_times, int8_times))
+    extra.update(speed_and_size(p, clock, batch))
     extra.update(provenance(p, settings))
     if settings.html is not None:
-        extra["plot"] = plot_data(p, fp32_out, int8_out, result)
+        extra["plot"] = plot_data(p, collector, result)
     result = check_speed(replace(result, extra=extra), p.entry)
-    if not result.passed and result.kind != "speed":
-        result = with_diagnosis(result, p)
-    return result
+    return result, collector
 
 
-DIAGNOSIS_BATCH = 16  # every intermediate tensor of every diagnosis feed is held in memory: keep feeds small
+def with_diagnosis(result: GateResult, p: Prepared, collector: Collector) -> GateResult:
+    """Attach where the drop comes from (worst tensors by SQNR) on the samples where int8 departs most."""
+    from .diagnosis import diagnose
+
+    picked = collector.worst_samples(DIAGNOSIS_SAMPLES)
+    inputs = p.fixture.take(picked)
+    batch = run_batch(p)
+    if p.plan.batched and batch:
+        feeds = [{k: v[i : i + batch] for k, v in inputs.items()} for i in range(0, len(picked), batch)
+                 if i + batch <= len(picked) or not p.plan.fixed_batch]
+        if p.plan.fixed_batch and not feeds:
+            feeds = [{k: v for k, v in p.fixture.take(range(batch)).items()}]
+    elif p.plan.batched:
+        feeds = [dict(inputs)]
+    else:
+        feeds = [{k: v[i] for k, v in inputs.items()} for i in range(len(picked))]
+    found = diagnose(p.fp32_path, p.int8_path, feeds)
+    return replace(result, extra={**result.extra, "diagnosis": found.to_dict(), "diagnosis_lines": found.lines(),
+                                  "diagnosis_samples": picked})
 
 
-def with_diagnosis(result: GateResult, p: Prepared) -> GateResult:
-    """Attach where the drop comes from (worst tensors by SQNR) to a failed result."""
-    from .diagnosis import diagnose, feeds_from_fixture
+def speed_and_size(p: Prepared, clock: _Clock, batch: int | None) -> dict[str, Any]:
+    """Return on-disk bytes and the latency per sample of both models, from the gate's own runs.
 
-    batch = p.plan.batch if p.plan.fixed_batch else DIAGNOSIS_BATCH
-    found = diagnose(p.fp32_path, p.int8_path, feeds_from_fixture(p.fixture.inputs, p.plan.batched, batch=batch))
-    return replace(result, extra={**result.extra, "diagnosis": found.to_dict(), "diagnosis_lines": found.lines()})
-
-
-def _median_warm(times: list[float]) -> float | None:
-    # the first full-size run pays for allocation and kernel selection: it is the warm-up, not a sample
-    warm = times[1:] if len(times) > 1 else times
-    return float(statistics.median(warm)) * 1000.0 if warm else None
-
-
-def speed_and_size(p: Prepared, fp32_times: list[float], int8_times: list[float]) -> dict[str, Any]:
-    """Return on-disk bytes and the median warm latency (ms per run of one batch) of both models."""
-    fp32_ms, int8_ms = _median_warm(fp32_times), _median_warm(int8_times)
+    Both models ran the same feeds, so the ratio of their total run times is the speed-up; it has a value
+    however few runs there were (the first run's warm-up is in both totals).
+    """
     fp32_bytes, int8_bytes = p.fp32_path.stat().st_size, p.int8_path.stat().st_size
+    samples = max(clock.samples, 1)
+    fp32_ms = clock.fp32 * 1000.0 / samples
+    int8_ms = clock.int8 * 1000.0 / samples
     return {
         "fp32_bytes": fp32_bytes,
         "int8_bytes": int8_bytes,
         "size_ratio": int8_bytes / fp32_bytes if fp32_bytes else None,
         "fp32_ms": fp32_ms,
         "int8_ms": int8_ms,
-        "speedup": fp32_ms / int8_ms if fp32_ms and int8_ms else None,
-        "latency_batch": p.plan.batch,
-        "latency_runs": max(len(fp32_times) - 1, len(fp32_times)),
+        "speedup": clock.fp32 / clock.int8 if clock.int8 > 0 else None,
+        "latency_batch": batch,
+        "latency_runs": clock.runs,
     }
 
 
@@ -185,7 +291,7 @@ def check_speed(result: GateResult, entry: Entry) -> GateResult:
     if minimum is None or speedup is None or speedup >= minimum:
         return result
     reason = (f"int8 speedup x{speedup:.2f} (fp32 {result.extra['fp32_ms']:.3f} ms vs int8 "
-              f"{result.extra['int8_ms']:.3f} ms per batch) is below quant_min_speedup x{minimum:g}")
+              f"{result.extra['int8_ms']:.3f} ms per sample) is below quant_min_speedup x{minimum:g}")
     if result.passed:
         return replace(result, verdict="FAIL", kind="speed", reason=reason)
     return replace(result, also=(*result.also, reason))
@@ -214,30 +320,20 @@ def provenance(p: Prepared, settings: Settings) -> dict[str, Any]:
     }
 
 
-def plot_data(p: Prepared, fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndarray],
-              result: GateResult) -> dict[str, Any]:
-    """Return the HTML report's plot data for the worst output, as compared (residuals when asked)."""
+def plot_data(p: Prepared, collector: Collector, result: GateResult) -> dict[str, Any]:
+    """Return the HTML report's plot data for the worst output, as compared, from the bounded reservoir."""
     from .html import plot_data as subsample
 
-    name = max(result.outputs, key=lambda r: r.drop).name if result.outputs else p.outputs[0].name
-    ref = np.asarray(fp32_out[name], dtype=np.float64)
-    test = np.asarray(int8_out[name], dtype=np.float64)
-    target = None
-    if p.fixture.target is not None and p.fixture.target.size == ref.size:
-        target = np.asarray(p.fixture.target, dtype=np.float64).reshape(ref.shape)
-    if p.entry.compare == "residual":
-        base_name = p.entry.residual_input or p.inputs[0].name
-        base = np.asarray(p.fixture.inputs[base_name], dtype=np.float64)
-        if base.size == ref.size:
-            base = base.reshape(ref.shape)
-            ref, test = ref - base, test - base
-            target = None if target is None else target - base
-    return subsample(name, ref, test, target)
+    values = [r for r in result.outputs if r.labels is None]
+    name = max(values, key=lambda r: r.drop).name if values else p.outputs[0].name
+    kept = collector.reservoir(name)
+    target = kept[:, 2] if kept.size and np.isfinite(kept[:, 2]).all() else None
+    return subsample(name, kept[:, 0], kept[:, 1], target)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one (entry, EP) outside pytest: pass, fail, error or skip."""
+    """What happened to one (entry, EP): pass, fail, error or skip, with the result when one was measured."""
 
     entry_id: str
     ep: str
@@ -245,27 +341,100 @@ class Outcome:
     status: str  # "pass" | "fail" | "error" | "skip"
     message: str
     result: GateResult | None = None
+    regenerated: str | None = None
+    cached: bool = False
+    notes: tuple[str, ...] = ()  # warnings for the user (a rebuilt sidecar that differs from its pin)
+    traceback: str | None = None  # an unexpected exception's traceback (JSON report, or -v)
+    cached_row: Mapping[str, Any] | None = None  # the row of the passing run a cached outcome stands for
 
     def to_row(self) -> dict[str, Any]:
         """Return the summary row of this outcome."""
-        if self.result is not None:
-            return self.result.to_row()
-        return {"id": self.entry_id, "ep": self.ep, "mode": self.mode, "samples": None, "drop": None,
-                "budget": None, "headroom": None, "verdict": self.status.upper(), "reason": self.message}
+        if self.cached_row is not None:
+            row = {**self.cached_row, "verdict": "PASS", "reason": f"cached: {self.cached_row.get('reason', '')}"}
+        elif self.result is not None:
+            row = self.result.to_row()
+            if self.status == "error":
+                row.update(verdict="ERROR", reason=self.message)
+        else:
+            row = {"id": self.entry_id, "ep": self.ep, "mode": self.mode, "samples": None, "drop": None,
+                   "budget": None, "headroom": None, "verdict": self.status.upper(), "reason": self.message}
+        row["regenerated"] = self.regenerated
+        if self.cached:
+            row["cached"] = True
+        if self.traceback:
+            row["traceback"] = self.traceback
+        return row
 
 
-def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings) -> Outcome:
-    """Gate one entry on one EP; bad input becomes an error outcome, never an exception."""
+class CacheStore(Protocol):
+    """Where passing rows are remembered between runs (pytest's cache, or a folder for the CLI)."""
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return the row stored under ``key``."""
+
+    def set(self, key: str, row: dict[str, Any]) -> None:
+        """Store a passing row."""
+
+
+def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str = "",
+            cache: CacheStore | None = None) -> Outcome:
+    """Gate one entry on one EP; every problem becomes an error or skip outcome, never an exception."""
     from .errors import EpUnavailableError, InputError
 
+    regenerated: str | None = None
+    notes: list[str] = []
     try:
-        prepared = prepare(registry, entry, ep, settings)
-        result = evaluate(prepared, settings)
+        from . import regen
+
+        built = regen.ensure_sidecar(registry, entry, settings, run_id)
+        if built is not None:
+            regenerated = built.note(registry, entry)
+            if not built.matches_pin:
+                notes.append(regenerated)
+        key = None
+        if cache is not None:
+            from .cache import key as cache_key
+
+            key = cache_key(registry, entry, ep, settings)
+            row = cache.get(key) if key else None
+            if row is not None:
+                return Outcome(entry.id, ep, entry.mode, "pass", f"unchanged since a passing run (drop "
+                               f"{row.get('drop')}); --quantgate-cache", regenerated=regenerated, cached=True,
+                               cached_row=row)
+        prepared = prepare(registry, entry, ep, settings, int8_pinned=built is None)
+        result, collector = measure(prepared, settings)
+        if not result.passed and result.kind != "speed" and _diagnose_wanted(settings, result):
+            result = with_diagnosis(result, prepared, collector)
+        elif result.passed and settings.diagnose == "always":
+            result = with_diagnosis(result, prepared, collector)
     except EpUnavailableError as exc:
-        status = "error" if settings.strict_ep else "skip"
-        return Outcome(entry.id, ep, entry.mode, status, str(exc))
+        if settings.strict_ep:
+            return Outcome(entry.id, ep, entry.mode, "error", f"{exc} (--quantgate-strict-ep)",
+                           regenerated=regenerated, notes=tuple(notes))
+        return Outcome(entry.id, ep, entry.mode, "skip", str(exc), regenerated=regenerated, notes=tuple(notes))
     except InputError as exc:
-        return Outcome(entry.id, ep, entry.mode, "error", str(exc))
+        return Outcome(entry.id, ep, entry.mode, "error", str(exc), regenerated=regenerated, notes=tuple(notes))
+    except (Exception, SystemExit) as exc:  # a recipe's sys.exit too: one entry never takes the run down
+        import traceback
+
+        where = f"{registry.path}: entry {entry.id!r} ({entry.location})"
+        return Outcome(entry.id, ep, entry.mode, "error",
+                       f"{where}: unexpected {type(exc).__name__}: {_first_line(exc)}",
+                       regenerated=regenerated, notes=tuple(notes), traceback=traceback.format_exc())
     if settings.strict and result.needed_samples is not None:
-        return Outcome(entry.id, ep, entry.mode, "error", result.warnings[-1], result)
-    return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result)
+        return Outcome(entry.id, ep, entry.mode, "error",
+                       f"{registry.path}: entry {entry.id!r}: {result.warnings[-1]} (--quantgate-strict)", result,
+                       regenerated=regenerated, notes=tuple(notes))
+    if key is not None and cache is not None and result.passed:
+        cache.set(key, result.to_row())
+    return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,
+                   regenerated=regenerated, notes=tuple(notes))
+
+
+def _diagnose_wanted(settings: Settings, result: GateResult) -> bool:
+    return settings.diagnose in ("auto", "always")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else repr(exc))[:300]

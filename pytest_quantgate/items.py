@@ -10,7 +10,8 @@ from typing import Any, NoReturn
 import pytest
 
 from .comparison import GateResult
-from .errors import EpUnavailableError, InputError, InsufficientSamplesError, QuantGateFailure
+from .gate import Outcome
+from .errors import InputError, QuantGateError, QuantGateFailure
 from .registry import Entry, EntryProblem, Registry, load_registry
 from .reports import failure_text
 from .settings import Settings
@@ -90,67 +91,49 @@ class QuantGateItem(pytest.Item):
         self.registry = registry
         self.entry = entry
         self.ep = ep
-        self.result: GateResult | None = None
-        self.regen_note: str | None = None
+        self.outcome: Outcome | None = None
         self.quantgate_row: dict[str, Any] | None = None
         self.add_marker("quantgate")
 
-    def _row(self, verdict: str, reason: str) -> dict[str, Any]:
-        return {"id": self.entry.id, "ep": self.ep, "mode": self.entry.mode, "samples": None, "drop": None,
-                "budget": self.entry.budget_plcc, "headroom": None, "verdict": verdict, "reason": reason,
-                "regenerated": self.regen_note}
+    @property
+    def result(self) -> GateResult | None:
+        """Return the measured result, if the gate got that far."""
+        return self.outcome.result if self.outcome is not None else None
 
     def setup(self) -> None:
-        """Check every input and run both models; bad input is an ERROR here, never a failed comparison."""
-        from . import cache, gate, regen
+        """Run the gate (gate.run_one); bad input is an ERROR here, never a failed comparison."""
+        from .cache import PytestCache
+        from .gate import run_one
         from .plugin import RUN_ID_KEY
 
         settings = settings_of(self.config)
-        try:
-            built = regen.ensure_sidecar(self.registry, self.entry, settings, self.config.stash[RUN_ID_KEY])
-            if built is not None:
-                self.regen_note = built.note(self.registry, self.entry)
-                if not built.matches_pin:
-                    self.warn(pytest.PytestWarning(f"quantgate {self.entry.id}: {self.regen_note}"))
-            key = cache.key(self.registry, self.entry, self.ep, settings) if settings.cache else None
-            cached = cache.lookup(self.config, key) if key else None
-            if cached is not None:
-                cached.update(verdict="PASS", reason=f"cached: {cached.get('reason', '')}", cached=True)
-                self.quantgate_row = cached
-                pytest.skip(f"quantgate: unchanged since a passing run (--quantgate-cache); {self.entry.id} "
-                            f"[{self.ep}] drop {cached.get('drop')}")
-            prepared = gate.prepare(self.registry, self.entry, self.ep, settings, int8_pinned=built is None)
-            self.result = gate.evaluate(prepared, settings)
-            if settings.strict and self.result.needed_samples is not None:
-                raise InsufficientSamplesError(f"{self.registry.path}: entry {self.entry.id!r}: "
-                                               f"{self.result.warnings[-1]} (--quantgate-strict)")
-            self._record(self.result, key)
-            return
-        except EpUnavailableError as exc:
-            if not settings.strict_ep:
-                self.quantgate_row = self._row("SKIP", str(exc))
-                pytest.skip(f"quantgate: {exc} (use --quantgate-strict-ep to make this an error)")
-            reason = f"{exc} (--quantgate-strict-ep)"
-        except InputError as exc:
-            reason = str(exc)
-        _error(self, f"quantgate ERROR: {self.entry.id} [{self.ep}]: {reason}", self._row("ERROR", reason))
-
-    def _record(self, result: GateResult, key: str | None) -> None:
-        from . import cache
-
-        row = result.to_row()
-        row["regenerated"] = self.regen_note
-        self.quantgate_row = row
-        for name in JUNIT_KEYS:
-            if row.get(name) is not None:
-                self.user_properties.append((f"quantgate_{name}", row[name]))
-        if key is not None and result.passed:
-            cache.store(self.config, key, row)
+        cache = PytestCache(self.config) if settings.cache else None
+        outcome = run_one(self.registry, self.entry, self.ep, settings, run_id=self.config.stash[RUN_ID_KEY],
+                          cache=cache)
+        self.outcome = outcome
+        for note in outcome.notes:
+            self.warn(pytest.PytestWarning(f"quantgate {self.entry.id}: {note}"))
+        self.quantgate_row = outcome.to_row()
+        if outcome.result is not None and outcome.status != "error":
+            row = self.quantgate_row
+            for name in JUNIT_KEYS:
+                if row.get(name) is not None:
+                    self.user_properties.append((f"quantgate_{name}", row[name]))
+        if outcome.cached:
+            pytest.skip(f"quantgate: {self.entry.id} [{self.ep}] {outcome.message}")
+        if outcome.status == "skip":
+            pytest.skip(f"quantgate: {outcome.message} (use --quantgate-strict-ep to make this an error)")
+        if outcome.status == "error":
+            message = f"quantgate ERROR: {self.entry.id} [{self.ep}]: {outcome.message}"
+            if outcome.traceback and self.config.get_verbosity() > 0:
+                message += "\n" + outcome.traceback
+            pytest.fail(message, pytrace=False)
 
     def runtest(self) -> None:
         """Deliver the verdict measured in setup; raise QuantGateFailure when the sidecar fails."""
         result = self.result
-        assert result is not None  # setup either measured or raised
+        if result is None:  # setup either measured or ended the item
+            raise QuantGateError(f"{self.entry.id} [{self.ep}]: no result was measured")
         for warning in result.warnings:
             self.warn(pytest.PytestWarning(f"quantgate {self.entry.id} [{self.ep}]: {warning}"))
         if not result.passed:

@@ -127,31 +127,68 @@ class DropTerm:
     implied: bool = False
 
     @cached_property
-    def _moments(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def term(self) -> MomentTerm:
+        """Return the same drop as a :class:`MomentTerm` over this data's per-sample moments."""
         if self.target is None:
-            return _sample_moments(self.ref, self.test), None, None
-        return (_sample_moments(self.ref, self.test), _sample_moments(self.ref, self.target),
-                _sample_moments(self.test, self.target))
+            return MomentTerm(_sample_moments(self.ref, self.test))
+        return MomentTerm(_sample_moments(self.ref, self.test), _sample_moments(self.ref, self.target),
+                          _sample_moments(self.test, self.target), implied=self.implied)
 
     def point(self) -> float:
         """Return the drop on the full fixture (moment formulas; pair_metrics gives the scipy value)."""
-        return float(self.replicates(np.ones((1, self.ref.shape[0])))[0])
+        return self.term.point()
 
     def parts(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (target drop, implied drop) per row of sample weights; without a target both are 1 − PLCC."""
-        ref_test, ref_t, test_t = self._moments
-        fidelity = 1.0 - _plcc_from_sums(weights @ ref_test)
-        if ref_t is None or test_t is None:
+        return self.term.parts(weights)
+
+    def replicates(self, weights: np.ndarray) -> np.ndarray:
+        """Return the drop for each row of sample weights (bootstrap counts), shape (B,)."""
+        return self.term.replicates(weights)
+
+
+@dataclass(frozen=True)
+class MomentTerm:
+    """A drop computed from per-sample moments ``[n, Σx, Σy, Σx², Σy², Σxy]`` (S, 6), or (S, K, 6) for K
+    channels whose worst counts; see :class:`DropTerm` for the target and implied-drop rules.
+
+    A channel whose fp32 values are constant carries no signal and is skipped (``mask``); an int8 channel
+    that is constant where fp32 varies has an undefined PLCC and counts as a drop of 1 (collapsed).
+    """
+
+    ref_test: np.ndarray
+    ref_t: np.ndarray | None = None
+    test_t: np.ndarray | None = None
+    implied: bool = False
+    mask: np.ndarray | None = None  # (K,) channels that count
+
+    def _plcc(self, moments: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        summed = np.tensordot(weights, moments, axes=(1, 0))
+        return _plcc_from_sums(summed.reshape(-1, 6)).reshape(summed.shape[:-1])
+
+    def point(self) -> float:
+        """Return the drop on the full fixture."""
+        return float(self.replicates(np.ones((1, self.ref_test.shape[0])))[0])
+
+    def parts(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (target drop, implied drop) per weight row, worst channel; without a target both are 1 − PLCC."""
+        fidelity = 1.0 - self._plcc(self.ref_test, weights)
+        fidelity = np.where(np.isfinite(fidelity), fidelity, 1.0)
+        if fidelity.ndim == 2:
+            if self.mask is not None:
+                fidelity = np.where(self.mask[None, :], fidelity, -np.inf)
+            fidelity = fidelity.max(axis=1)
+        if self.ref_t is None or self.test_t is None:
             return fidelity, fidelity
-        plcc_ref_t = _plcc_from_sums(weights @ ref_t)
-        return plcc_ref_t - _plcc_from_sums(weights @ test_t), plcc_ref_t * fidelity
+        plcc_ref_t = self._plcc(self.ref_t, weights)
+        return plcc_ref_t - self._plcc(self.test_t, weights), plcc_ref_t * fidelity
 
     def replicates(self, weights: np.ndarray) -> np.ndarray:
         """Return the drop for each row of sample weights (bootstrap counts), shape (B,)."""
         target_drop, implied_drop = self.parts(weights)
-        if self.target is not None and self.implied:
-            return np.maximum(target_drop, implied_drop)
-        return target_drop
+        if self.ref_t is not None and self.implied:
+            return np.asarray(np.maximum(target_drop, implied_drop))
+        return np.asarray(target_drop)
 
 
 @dataclass(frozen=True)

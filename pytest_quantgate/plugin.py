@@ -9,6 +9,8 @@ import pytest
 
 from .settings import (
     DECISION_CHOICES,
+    DEFAULT_MAX_FIXTURE_GIB,
+    DIAGNOSE_CHOICES,
     EP_CHOICES,
     OPENVINO_PRECISIONS,
     REGEN_CHOICES,
@@ -66,6 +68,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
          metavar="PATH", default=None)
     both("--quantgate-cache", "skip items whose inputs are unchanged since they passed (pytest's cache)", "bool",
          action="store_true", default=False)
+    both("--quantgate-diagnose", f"where a failing item's drop comes from: {' | '.join(DIAGNOSE_CHOICES)} (auto: "
+         "failed items, on the few samples where int8 departs most; always: passing items too)",
+         choices=DIAGNOSE_CHOICES, default=None)
+    both("--quantgate-max-fixture-gib", "refuse soak fixtures whose arrays declare more than this many GiB "
+         f"(default {DEFAULT_MAX_FIXTURE_GIB:g}); headers are checked before anything is allocated",
+         metavar="GIB", default=None)
     both("--quantgate-cuda-device", "CUDA device id (default 0)", type=non_negative_int, metavar="N", default=None)
     both("--quantgate-openvino-device", "OpenVINO device_type: CPU, GPU, NPU, ... (default CPU)",
          metavar="DEVICE", default=None)

@@ -17,19 +17,18 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .settings import DEFAULT_FIXTURES, DEFAULT_REGISTRY
+from .reports import EXIT_ERROR, EXIT_PASS, err, out, report_outcomes
+from .settings import DEFAULT_FIXTURES, DEFAULT_REGISTRY, add_gate_args, settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the hook's arguments: the changed files, the registry and fixtures, and measure's gate options."""
-    from .cli import _add_gate_args
-
     parser.add_argument("filenames", nargs="*", type=Path, help="changed files (pre-commit passes them)")
     parser.add_argument("--registry", type=Path, default=Path(DEFAULT_REGISTRY), metavar="PATH",
                         help=f"registry JSON (default: {DEFAULT_REGISTRY})")
     parser.add_argument("--fixtures", type=Path, default=Path(DEFAULT_FIXTURES), metavar="DIR",
                         help=f"folder of soak fixtures and calibration sets (default: {DEFAULT_FIXTURES})")
-    _add_gate_args(parser)
+    add_gate_args(parser)
 
 
 def _git_head_text(path: Path) -> str | None:
@@ -87,21 +86,20 @@ def _shown(path: Path) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     """Gate the entries touched by ``ns.filenames``; return measure's exit code (0 when nothing gated changed)."""
-    from .cli import EXIT_ERROR, EXIT_PASS, _err, _out, _settings, report_outcomes
     from .errors import InputError
     from .registry import load_registry
 
     changed = {Path(f).resolve() for f in ns.filenames}
     registry_path = ns.registry.resolve()
     if not changed:
-        _out("quantgate pre-commit: no file given; nothing to gate")
+        out("quantgate pre-commit: no file given; nothing to gate")
         return EXIT_PASS
     fixtures_dir = ns.fixtures.resolve()
     registry_changed = registry_path in changed
     try:
         registry = load_registry(registry_path)
     except InputError as exc:
-        _err(f"quantgate: error: {exc}")
+        err(f"quantgate: error: {exc}")
         return EXIT_ERROR
     edited = changed_entry_ids(registry_path) if registry_changed else set()
     picked = []
@@ -117,7 +115,7 @@ def run(ns: argparse.Namespace) -> int:
 
     problems = [Outcome(p.label, "-", "-", "error", p.message) for p in registry.problems] if registry_changed else []
     if not picked and not problems:
-        _out(f"quantgate pre-commit: no gated file changed ({len(changed)} file(s) checked against "
+        out(f"quantgate pre-commit: no gated file changed ({len(changed)} file(s) checked against "
              f"{registry_path}); nothing to gate")
         return EXIT_PASS
 
@@ -125,12 +123,12 @@ def run(ns: argparse.Namespace) -> int:
     from .gate import run_one
 
     # ns.ids and ns.registry as measure's settings expect them
-    settings = _settings(argparse.Namespace(**{**vars(ns), "registry": registry_path, "ids": None}))
+    settings = settings_from_args(argparse.Namespace(**{**vars(ns), "registry": registry_path, "ids": None}))
     eps = providers.expand(settings.eps)
     outcomes = list(problems)
     for entry, why in picked:
-        _out(f"quantgate pre-commit: gating {entry.id} on {', '.join(eps) or 'no EP'} (changed: {', '.join(why)})")
+        out(f"quantgate pre-commit: gating {entry.id} on {', '.join(eps) or 'no EP'} (changed: {', '.join(why)})")
         for ep in eps:
             outcomes.append(run_one(registry, entry, ep, settings))
-    _out()
+    out()
     return report_outcomes(outcomes, str(registry.path), ns.json_out)

@@ -19,6 +19,11 @@ DEFAULT_BUDGET_PLCC = {"dynamic": 0.01, "static": 0.01, "qat": 0.002}
 # error, let alone 0.5·y + 10.
 DEFAULT_BUDGET_SLOPE = 0.1
 QUANT_MODES = ("fp32", "static", "dynamic", "qat")
+# Dynamic sidecars compute activation ranges per batch, so their output depends on the batch they run at: the
+# gate runs them at the deployment batch, 1 (one request at a time) unless the entry says otherwise.
+DEFAULT_DEPLOY_BATCH = {"dynamic": 1}
+# Fewer samples than this make the percentile bootstrap interval unreliable (and 1 sample has no spread at all)
+DEFAULT_MIN_SAMPLES = 30
 
 
 @lru_cache(maxsize=1)
@@ -50,6 +55,12 @@ class Entry:
     budget_slope: float = DEFAULT_BUDGET_SLOPE
     budget_relative: float | None = None
     min_samples: int | None = None
+    channel_axis: int | None = None
+    channel_axis_set: bool = False  # quant_channel_axis given (null included): else the default axis applies
+    argmax_axis: int | None = None
+    budget_label_flip: float | None = None
+    deploy_batch: int | None = None
+    explicit_budget_plcc: float | None = None
     qat_recipe: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -200,6 +211,12 @@ def _entry_from(raw: Mapping[str, Any], index: int) -> Entry:
         budget_slope=float(raw.get("quant_budget_slope", DEFAULT_BUDGET_SLOPE)),
         budget_relative=raw.get("quant_budget_relative"),
         min_samples=raw.get("quant_min_samples"),
+        channel_axis=raw.get("quant_channel_axis"),
+        channel_axis_set="quant_channel_axis" in raw,
+        argmax_axis=raw.get("quant_argmax_axis"),
+        budget_label_flip=raw.get("quant_budget_label_flip"),
+        deploy_batch=raw.get("quant_deploy_batch", DEFAULT_DEPLOY_BATCH.get(mode)),
+        explicit_budget_plcc=raw.get("quant_accuracy_budget_plcc"),
         qat_recipe=raw.get("qat_recipe"),
         raw=raw,
     )

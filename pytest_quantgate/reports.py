@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .comparison import GateResult
@@ -244,3 +246,45 @@ def append_github_summary(rows: list[Mapping[str, Any]]) -> None:
         return
     with open(target, "a", encoding="utf-8") as handle:
         handle.write("\n".join(markdown_lines(rows)) + "\n")
+
+
+# --- the command line's report (quantgate measure and pre-commit) ------------------------------------------
+
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+EXIT_NOTHING = 5  # like pytest: nothing was gated
+
+
+def out(text: str = "") -> None:
+    """Print a line of the command line's report."""
+    print(text, flush=True)
+
+
+def err(text: str) -> None:
+    """Print an error line to stderr."""
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
+def report_outcomes(outcomes: Sequence[Any], registry_path: str, json_out: Path | None) -> int:
+    """Print failure reports, errors, skips, the summary tables and the counts; return measure's exit code."""
+    for outcome in outcomes:
+        if outcome.status == "fail" and outcome.result is not None:
+            out(failure_text(outcome.result, registry_path))
+            out()
+        elif outcome.status in ("error", "skip"):
+            out(f"quantgate {outcome.status.upper()}: {outcome.entry_id} [{outcome.ep}]: {outcome.message}")
+    if outcomes:
+        out()
+        rows = [o.to_row() for o in outcomes]
+        for line in summary_lines(rows) + [""] + per_ep_lines(rows):
+            out(line)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
+    out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
+    if json_out is not None:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps([o.to_row() for o in outcomes], indent=2) + "\n")
+    if counts["error"]:
+        return EXIT_ERROR
+    return EXIT_FAIL if counts["fail"] else EXIT_PASS

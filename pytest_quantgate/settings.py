@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 EP_CHOICES = ("cpu", "cuda", "openvino", "auto")
 REGEN_CHOICES = ("missing", "all", "never")
+DIAGNOSE_CHOICES = ("auto", "off", "always")
 DECISION_CHOICES = ("point", "conservative")
 OPENVINO_PRECISIONS = ("FP32", "FP16", "ACCURACY")
 
@@ -22,6 +23,7 @@ DEFAULT_BATCH_SIZE = 256
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_SEED = 0
 DEFAULT_CONFIDENCE = 0.95
+DEFAULT_MAX_FIXTURE_GIB = 64.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Settings:
     report: Path | None = None
     html: Path | None = None
     cache: bool = False
+    diagnose: str = "auto"  # auto: failed items only; off; always: passing items too
+    max_fixture_bytes: int = int(DEFAULT_MAX_FIXTURE_GIB * (1 << 30))
     threads: int | None = None  # ORT intra-op threads; set under xdist so workers do not oversubscribe cores
     ep_options: EpOptions = EpOptions()
 
@@ -175,6 +179,19 @@ def _eps(config: pytest.Config) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _gib(config: pytest.Config) -> int:
+    value, where = _pick(config, "quantgate_max_fixture_gib", "quantgate_max_fixture_gib")
+    if value is None:
+        return int(DEFAULT_MAX_FIXTURE_GIB * (1 << 30))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _usage(where, value, "a positive number of GiB") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise _usage(where, value, "a positive number of GiB")
+    return int(number * (1 << 30))
+
+
 def _worker_threads(config: pytest.Config) -> int | None:
     """Return the cores per xdist worker (ORT would otherwise start one thread per core in every worker)."""
     workerinput = getattr(config, "workerinput", None)
@@ -218,6 +235,8 @@ def resolve(config: pytest.Config) -> Settings:
         report=_optional_path(config, "quantgate_report", "quantgate_report"),
         html=_optional_path(config, "quantgate_html", "quantgate_html"),
         cache=_flag(config, "quantgate_cache", "quantgate_cache"),
+        diagnose=_choice(config, "quantgate_diagnose", "quantgate_diagnose", DIAGNOSE_CHOICES, "auto"),
+        max_fixture_bytes=_gib(config),
         threads=_worker_threads(config),
         ep_options=EpOptions(
             cuda_device_id=_int(config, "quantgate_cuda_device", "quantgate_cuda_device", 0, 0),
@@ -226,4 +245,58 @@ def resolve(config: pytest.Config) -> Settings:
                 config, "quantgate_openvino_precision", "quantgate_openvino_precision", OPENVINO_PRECISIONS, "FP32"
             ),
         ),
+    )
+
+
+# --- the command line's gate options (quantgate measure and pre-commit) ---------------------------------
+
+
+def add_gate_args(parser: argparse.ArgumentParser) -> None:
+    """Add the gate options that ``quantgate measure`` and ``quantgate pre-commit`` share."""
+    parser.add_argument("--ep", dest="eps", action="append", choices=EP_CHOICES, default=None,
+                        help="execution provider, repeatable (default: auto = every available one)")
+    parser.add_argument("--strict-ep", action="store_true", help="an unavailable EP is an error, not a skip")
+    parser.add_argument("--strict", action="store_true", help="a fixture too small to resolve the budget is an error")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_BOOTSTRAP, metavar="N")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N")
+    parser.add_argument("--confidence", type=confidence_level, default=DEFAULT_CONFIDENCE, metavar="LEVEL")
+    parser.add_argument("--decision", choices=DECISION_CHOICES, default="point")
+    parser.add_argument("--cuda-device", type=non_negative_int, default=0, metavar="N")
+    parser.add_argument("--openvino-device", default="CPU", metavar="DEVICE")
+    parser.add_argument("--openvino-precision", choices=OPENVINO_PRECISIONS, default="FP32")
+    parser.add_argument("--regen", choices=REGEN_CHOICES, default=None,
+                        help="rebuild sidecars: missing | all | never (default: missing; never when CI=true)")
+    parser.add_argument("--allow-recipes", action="store_true", help="let regeneration run qat_recipe files")
+    parser.add_argument("--cache", action="store_true", help="skip entries unchanged since they passed")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".quantgate-cache"), metavar="DIR",
+                        help="where --cache keeps passing rows (default: .quantgate-cache)")
+    parser.add_argument("--diagnose", choices=DIAGNOSE_CHOICES, default="auto",
+                        help="diagnose failing entries (auto), never (off), or passing ones too (always)")
+    parser.add_argument("--max-fixture-gib", type=float, default=DEFAULT_MAX_FIXTURE_GIB, metavar="GIB",
+                        help="refuse fixtures whose arrays declare more than this (default %(default)s)")
+    parser.add_argument("--json", dest="json_out", type=Path, default=None, metavar="PATH",
+                        help="also write every outcome as JSON")
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    """Build the settings of a CLI gate run from parsed ``add_gate_args`` options."""
+    return Settings(
+        enabled=True,
+        registry=ns.registry.resolve(),
+        fixtures_dir=ns.fixtures.resolve(),
+        select=tuple(ns.ids or ()),
+        eps=tuple(dict.fromkeys(ns.eps or ["auto"])),
+        strict_ep=ns.strict_ep,
+        strict=ns.strict,
+        batch_size=ns.batch_size,
+        bootstrap=ns.bootstrap,
+        seed=ns.seed,
+        confidence=ns.confidence,
+        decision=ns.decision,
+        regen=ns.regen or default_regen(),
+        allow_recipes=bool(getattr(ns, "allow_recipes", False)),
+        diagnose=ns.diagnose,
+        max_fixture_bytes=int(ns.max_fixture_gib * (1 << 30)),
+        ep_options=EpOptions(ns.cuda_device, ns.openvino_device.upper(), ns.openvino_precision),
     )

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import FixtureError
-from .fileio import sha256_file
+from .npz import (
+    DEFAULT_MAX_BYTES,
+    ArchiveArrays,
+    ShardedArray,
+    aligned_chunks,
+    digest,
+    open_fixture_arrays,
+    refuse_special,
+)
 
 TARGET_KEY = "target"
 
@@ -49,17 +57,59 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Fixture:
-    """A loaded soak fixture: one array per model input, an optional target, and where it came from."""
+    """A soak fixture: one array per model input, an optional target, and where it came from.
+
+    ``inputs`` maps names to arrays; for a fixture read from disk it is an :class:`~.npz.ArchiveArrays`
+    that loads a member only when indexed, and :meth:`chunks` streams the members instead.
+    ``target`` is an array, a :class:`~.npz.ShardedArray` (streamed) or None.
+    """
 
     path: Path
     sha256: str
     inputs: Mapping[str, np.ndarray]
-    target: np.ndarray | None
+    target: Any
+
+    def info(self, name: str) -> Any:
+        """Return the input array or its streamed handle: anything with ``shape``, ``ndim`` and ``dtype``."""
+        if isinstance(self.inputs, ArchiveArrays):
+            return self.inputs.arrays[name]
+        return self.inputs[name]
 
     @property
     def samples(self) -> int:
         """Return the number of samples (length of the leading axis)."""
-        return int(next(iter(self.inputs.values())).shape[0])
+        return int(self.info(next(iter(self.inputs))).shape[0])
+
+    def target_array(self) -> np.ndarray | None:
+        """Return the whole target (loaded when streamed; targets are one value or map per sample)."""
+        if isinstance(self.target, ShardedArray):
+            return self.target.load()
+        return self.target
+
+    def chunks(self, rows: int | Callable[[], int]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Yield (inputs, target) blocks of ``rows`` samples, streamed from disk where the fixture lives there."""
+        arrays: dict[str, Any] = {name: self.info(name) for name in self.inputs}
+        if self.target is not None:
+            arrays[TARGET_KEY] = self.target
+        for block in aligned_chunks(arrays, rows):
+            target = block.pop(TARGET_KEY, None)
+            yield block, target
+
+    def take(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """Return the inputs of the given samples (sorted), reading only as far as the last one."""
+        wanted = sorted(set(int(i) for i in indices))
+        picked: dict[str, list[np.ndarray]] = {name: [] for name in self.inputs}
+        start = 0
+        for block, _ in self.chunks(256):
+            stop = start + next(iter(block.values())).shape[0]
+            local = [i - start for i in wanted if start <= i < stop]
+            if local:
+                for name, value in block.items():
+                    picked[name].append(np.ascontiguousarray(value[local]))
+            start = stop
+            if wanted and start > wanted[-1]:
+                break
+        return {name: np.concatenate(parts, axis=0) for name, parts in picked.items() if parts}
 
 
 @dataclass(frozen=True)
@@ -80,12 +130,12 @@ class FeedPlan:
 def find_fixture(candidates: Sequence[Path]) -> Path:
     """Return the first existing candidate, or raise naming every place looked at."""
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() or (candidate.is_dir() and any(candidate.glob("*.npz"))):
             return candidate
         if candidate.exists():
             # a directory, FIFO or device: opening a FIFO would block the run, so refuse it by its type
             raise FixtureError(f"{candidate}: the soak fixture path exists but is not a regular file "
-                               f"({_file_kind(candidate)}); expected an .npz archive")
+                               f"({_file_kind(candidate)}); expected an .npz archive or a folder of .npz shards")
     looked = ", ".join(str(c) for c in candidates)
     raise FixtureError(f"soak fixture not found; looked in: {looked} (no random data is substituted)")
 
@@ -101,40 +151,15 @@ def _file_kind(path: Path) -> str:
     return "not a regular file"
 
 
-def load_fixture(path: Path) -> Fixture:
-    """Load an ``.npz`` soak fixture with ``allow_pickle=False``; refuse anything that is not plain numeric arrays."""
-    try:
-        digest = sha256_file(path)
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            # a bare .npy holds one array and is no context manager: refuse it before using it as one
-            raise FixtureError(f"{path}: not an .npz archive (got a single array); save with numpy.savez")
-        with loaded as npz:
-            arrays: dict[str, np.ndarray] = {}
-            for key in sorted(npz.files):
-                try:
-                    value = npz[key]
-                except ValueError as exc:
-                    # object arrays (pickles) refuse to load without allow_pickle: never unpickle a fixture
-                    raise FixtureError(f"{path}: array {key!r} cannot be loaded without pickle ({exc})") from None
-                if not isinstance(value, np.ndarray):
-                    # numpy hands back the raw bytes of a member that is not a .npy file (a pickle, a text file)
-                    raise FixtureError(f"{path}: member {key!r} is not a .npy array ({len(value)} raw bytes); "
-                                       f"only numpy arrays saved with numpy.savez are accepted, nothing is unpickled")
-                arrays[key] = value
-    except FixtureError:
-        raise
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise FixtureError(f"{path}: unreadable soak fixture: {type(exc).__name__}: {exc}") from None
-    if not arrays:
-        raise FixtureError(f"{path}: the archive holds no arrays")
-    for key, array in arrays.items():
-        if array.dtype.kind not in "biuf":
-            raise FixtureError(f"{path}: array {key!r} has dtype {array.dtype}; only numeric arrays are accepted")
-        if array.ndim == 0:
-            raise FixtureError(f"{path}: array {key!r} is a scalar; axis 0 must index samples")
+def load_fixture(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Fixture:
+    """Open an ``.npz`` fixture (or a folder of shards): headers checked, nothing unpickled, data left on disk."""
+    if not path.is_dir():
+        refuse_special(path, "soak fixture")
+    arrays = open_fixture_arrays(path, max_bytes)
     target = arrays.pop(TARGET_KEY, None)
-    return Fixture(path=path, sha256=digest, inputs=arrays, target=target)
+    if not arrays:
+        raise FixtureError(f"{path}: the archive holds only {TARGET_KEY!r}; it needs one array per model input")
+    return Fixture(path=path, sha256=digest(path), inputs=ArchiveArrays(arrays), target=target)
 
 
 def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) -> FeedPlan:
@@ -159,7 +184,7 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
     layouts: dict[str, bool] = {}  # True = batched along the model's own axis 0
     fixed_batch: set[int] = set()
     for spec in inputs:
-        array = fixture.inputs[spec.name]
+        array = fixture.info(spec.name)
         if spec.dtype is None:
             raise FixtureError(f"{where}: model input {spec.name!r} has type {spec.type}, which the gate cannot feed")
         if array.dtype != spec.dtype:
@@ -188,9 +213,6 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
                 )
         if array.shape[0] == 0:
             raise FixtureError(f"{where}: array {spec.name!r} has zero samples")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            bad = int(np.size(array) - np.isfinite(array).sum())
-            raise FixtureError(f"{where}: array {spec.name!r} holds {bad} NaN/inf value(s); soak inputs must be finite")
         counts[spec.name] = int(array.shape[0])
         layouts[spec.name] = batched
 
@@ -206,10 +228,6 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
     if target is not None:
         if target.shape[0] != samples:
             raise FixtureError(f"{where}: array {TARGET_KEY!r} has {target.shape[0]} samples, the inputs have {samples}")
-        if target.dtype.kind == "f" and not np.isfinite(target).all():
-            raise FixtureError(f"{where}: array {TARGET_KEY!r} holds NaN/inf values")
-        if np.ptp(target.astype(np.float64)) == 0:
-            raise FixtureError(f"{where}: array {TARGET_KEY!r} is constant; a correlation against it is undefined")
 
     batched = next(iter(layouts.values()))
     if batched and fixed_batch:

@@ -491,7 +491,7 @@ def test_gate_rejects_mutant(corpus: Corpus, entry_id: str, mutation: Mutation) 
 def _resampled(fixture: Any, seed: int) -> Any:
     """Return the fixture with its samples drawn with replacement (a bootstrap resample), seeded."""
     index = np.random.default_rng(seed).integers(0, fixture.samples, fixture.samples)
-    target = None if fixture.target is None else fixture.target[index]
+    target = None if fixture.target is None else fixture.target_array()[index]
     return replace(fixture, inputs={k: v[index] for k, v in fixture.inputs.items()}, target=target)
 
 
@@ -501,8 +501,6 @@ def test_healthy_sidecar_passes_on_30_resampled_fixtures_without_a_flip(corpus: 
     through both models again (dynamic quantisation picks activation scales per batch, so outputs of a
     resampled fixture are not a resample of the outputs)."""
     from pytest_quantgate import gate
-    from pytest_quantgate.comparison import CompareOptions, compare, run_model
-    from pytest_quantgate.soak import plan_feeds
 
     entry = corpus.entry(entry_id, "healthy", None)
     full = corpus.gate(entry)
@@ -515,15 +513,10 @@ def test_healthy_sidecar_passes_on_30_resampled_fixtures_without_a_flip(corpus: 
     settings = Settings(enabled=True, registry=registry_path, fixtures_dir=corpus.fixtures_dir, eps=("cpu",),
                         regen="never", bootstrap=200)
     prepared = gate.prepare(registry, registry.entries[0], "cpu", settings)
-    options = CompareOptions(bootstrap=200)
     verdicts = []
     for seed in range(RESAMPLES):
-        fixture = _resampled(prepared.fixture, seed)
-        plan = plan_feeds(fixture, prepared.inputs, settings.batch_size)
-        fp32_out = run_model(prepared.fp32, fixture, plan, "fp32")
-        int8_out = run_model(prepared.int8, fixture, plan, "int8")
-        result = compare(prepared.entry, "cpu", fixture, prepared.inputs, prepared.outputs, fp32_out, int8_out,
-                         options)
+        # the resampled fixture streams through both models exactly as the gate runs them
+        result = gate.evaluate(replace(prepared, fixture=_resampled(prepared.fixture, seed)), settings)
         verdicts.append((seed, result.verdict, result.kind, round(result.drop, 6)))
     flips = [v for v in verdicts if v[1] != "PASS"]
     assert not flips, f"{entry_id}: verdict flips on resampled fixtures {flips} (all: {verdicts})"
