@@ -288,6 +288,11 @@ def digest(path: Path) -> str:
     return combined.hexdigest()
 
 
+def _slices(array: np.ndarray, rows: int) -> Iterator[np.ndarray]:
+    for start in range(0, int(array.shape[0]), rows):
+        yield array[start : start + rows]
+
+
 def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> Iterator[dict[str, np.ndarray]]:
     """Yield dicts of consecutive blocks of every array, in lockstep.
 
@@ -302,7 +307,7 @@ def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> 
             row_bytes = max(1, value.parts[0].row_bytes)
             streams[key] = value.blocks(max(1, min(STREAM_ROWS, STREAM_BLOCK_BYTES // row_bytes)))
         else:
-            streams[key] = (value[i : i + STREAM_ROWS] for i in range(0, int(value.shape[0]), STREAM_ROWS))
+            streams[key] = _slices(value, STREAM_ROWS)
     pending: dict[str, list[np.ndarray]] = {key: [] for key in streams}
     have: dict[str, int] = {key: 0 for key in streams}
     done = False
