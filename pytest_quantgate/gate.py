@@ -133,7 +133,7 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
 
 
 # outputs of one chunk (per model) are kept under this many bytes: chunks shrink for large outputs
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 DIAGNOSIS_SAMPLES = 4
 
 
