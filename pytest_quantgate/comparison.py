@@ -496,10 +496,9 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     # integer outputs: a report carrying only the label agreement
     for plan in c.plans:
         if plan.labels:
-            lab = label_reports[plan.spec.name]
             nan = float("nan")
             empty = PairMetrics(0, nan, nan, nan, nan, nan, nan, nan, nan, nan)
-            reports.append(OutputReport(plan.spec.name, 0.0, empty, labels=lab))
+            reports.append(OutputReport(plan.spec.name, 0.0, empty, labels=label_reports[plan.spec.name]))
         elif f"{plan.spec.name}:argmax" in label_reports:
             i = next(i for i, r in enumerate(reports) if r.name == plan.spec.name)
             reports[i] = OutputReport(**{**reports[i].__dict__, "labels": label_reports[f"{plan.spec.name}:argmax"]})

@@ -190,8 +190,11 @@ def _run_chunk(p: Prepared, block: Mapping[str, np.ndarray], batch: int | None, 
                 else:
                     parts[name].append(out[None, ...])
         clock.runs += 1
-    join = (lambda parts: {n: v[0] if len(v) == 1 else np.concatenate(v, axis=0) for n, v in parts.items()})
-    return join(fp32_parts), join(int8_parts)
+    return _joined(fp32_parts), _joined(int8_parts)
+
+
+def _joined(parts: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: v[0] if len(v) == 1 else np.concatenate(v, axis=0) for name, v in parts.items()}
 
 
 def evaluate(prepared: Prepared, settings: Settings) -> GateResult:

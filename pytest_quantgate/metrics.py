@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from functools import cached_property
 
 import numpy as np
@@ -106,7 +107,7 @@ def _plcc_from_sums(sums: np.ndarray) -> np.ndarray:
     var_a = saa - sa * sa / n
     var_b = sbb - sb * sb / n
     with np.errstate(invalid="ignore", divide="ignore"):
-        return cov / np.sqrt(var_a * var_b)
+        return np.asarray(cov / np.sqrt(var_a * var_b))
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,14 @@ class Interval:
     replicates: int
 
 
-def bootstrap_drop(terms: Sequence[DropTerm], samples: int, replicates: int, seed: int, level: float) -> Interval | None:
+class Term(Protocol):
+    """Anything whose value can be recomputed for rows of bootstrap sample weights (B, S)."""
+
+    def replicates(self, weights: np.ndarray) -> np.ndarray:
+        """Return one value per weight row."""
+
+
+def bootstrap_drop(terms: Sequence[Term], samples: int, replicates: int, seed: int, level: float) -> Interval | None:
     """Paired bootstrap over samples of the overall drop (max over terms); None when disabled.
 
     The same resampled sample indices serve fp32, int8 and target, so the interval is of the *paired*

@@ -300,7 +300,8 @@ def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> 
     shards are re-cut so every yielded chunk has ``rows`` samples except the last. ``rows`` may be a
     callable, asked before each chunk, so a caller can size chunks from what the first one cost.
     """
-    size = rows if callable(rows) else (lambda: rows)
+    fixed = rows if isinstance(rows, int) else 0
+    size: Callable[[], int] = rows if callable(rows) else (lambda: fixed)
     streams: dict[str, Iterator[np.ndarray]] = {}
     for key, value in arrays.items():
         if isinstance(value, ShardedArray):
@@ -312,9 +313,9 @@ def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> 
     have: dict[str, int] = {key: 0 for key in streams}
     done = False
     while not done:
-        rows = max(1, int(size()))
+        want = max(1, int(size()))
         for key, stream in streams.items():
-            while have[key] < rows:
+            while have[key] < want:
                 block = next(stream, None)
                 if block is None:
                     done = True
@@ -324,7 +325,7 @@ def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> 
         count = min(have.values()) if have else 0
         if count == 0:
             return
-        count = min(count, rows)
+        count = min(count, want)
         out: dict[str, np.ndarray] = {}
         for key in streams:
             joined = pending[key][0] if len(pending[key]) == 1 else np.concatenate(pending[key], axis=0)

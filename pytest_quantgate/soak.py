@@ -84,7 +84,7 @@ class Fixture:
         """Return the whole target (loaded when streamed; targets are one value or map per sample)."""
         if isinstance(self.target, ShardedArray):
             return self.target.load()
-        return self.target
+        return None if self.target is None else np.asarray(self.target)
 
     def chunks(self, rows: int | Callable[[], int]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """Yield (inputs, target) blocks of ``rows`` samples, streamed from disk where the fixture lives there."""

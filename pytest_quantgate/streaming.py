@@ -84,12 +84,12 @@ class PairAccumulator:
     def add(self, start: int, a: np.ndarray, b: np.ndarray, t: np.ndarray | None = None,
             base: np.ndarray | None = None) -> None:
         """Fold samples ``start .. start+len(a)`` in; arrays are (n, channels, m); ``base`` is subtracted first."""
-        count, channels = a.shape[0], a.shape[1]
+        count = a.shape[0]
         if self.shift is None:
             first = slice(0, min(count, 8))
-            sub = (lambda x: None if x is None else x[first].astype(np.float64) - (
-                0.0 if base is None else base[first].astype(np.float64)))
-            self._set_shift(sub(a), sub(b), sub(t))  # type: ignore[arg-type]
+            offset = 0.0 if base is None else base[first].astype(np.float64)
+            self._set_shift(a[first].astype(np.float64) - offset, b[first].astype(np.float64) - offset,
+                            None if t is None else t[first].astype(np.float64) - offset)
         assert self.shift is not None
         per = max(1, BLOCK_ELEMENTS // max(1, a[0].size))
         sa = self.shift[0][None, :, None]
@@ -129,7 +129,6 @@ class PairAccumulator:
                 out[..., SAT] = np.einsum("ncm,ncm->nc", A, T)
                 out[..., SBT] = np.einsum("ncm,ncm->nc", B, T)
             self.seen[rows] = True
-        del channels
 
     def _reservoir(self, start: int, A: np.ndarray, B: np.ndarray, t: np.ndarray | None,
                    base: np.ndarray | None) -> None:
