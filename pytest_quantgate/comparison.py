@@ -156,6 +156,7 @@ class GateResult:
             "kind": self.kind,
             "reason": self.reason,
             "decision": self.decision,
+            "compare": self.compare,
             "ci": [self.interval.low, self.interval.high] if self.interval else None,
             "ci_level": self.interval.level if self.interval else None,
             "needed_samples": self.needed_samples,
@@ -179,6 +180,35 @@ class GateResult:
         }
         row.update(self.extra)
         return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> GateResult:
+        """Rebuild the result from its :meth:`to_row` form (a JSON report item, an xdist report attribute)."""
+        known = {"id", "ep", "mode", "samples", "drop", "budget", "headroom", "verdict", "kind", "reason", "decision",
+                 "ci", "ci_level", "needed_samples", "warnings", "also", "outputs", "regenerated", "cached",
+                 "traceback"}
+        interval = None
+        if row.get("ci") is not None:
+            interval = Interval(float(row["ci"][0]), float(row["ci"][1]), float(row["ci_level"]),
+                                int(row.get("provenance", {}).get("bootstrap", 0) or 0))
+        outputs = []
+        for o in row.get("outputs") or ():
+            labels = o.get("labels")
+            outputs.append(OutputReport(
+                name=o["name"], drop=o["drop"], vs_fp32=PairMetrics(**o["vs_fp32"]),
+                fp32_vs_target=PairMetrics(**o["fp32_vs_target"]) if o.get("fp32_vs_target") else None,
+                int8_vs_target=PairMetrics(**o["int8_vs_target"]) if o.get("int8_vs_target") else None,
+                channels=o.get("channels", 1), channel_axis=o.get("channel_axis"),
+                worst_channel=o.get("worst_channel"), worst_channel_drop=o.get("worst_channel_drop"),
+                labels=None if not labels else LabelReport(
+                    labels["what"], labels["flip_rate"], labels["budget"],
+                    Interval(**labels["interval"]) if labels.get("interval") else None)))
+        return cls(entry_id=row["id"], ep=row["ep"], mode=row["mode"], samples=row["samples"], budget=row["budget"],
+                   verdict=row["verdict"], reason=row["reason"], kind=row["kind"], drop=row.get("drop"),
+                   interval=interval, outputs=tuple(outputs), compare=row.get("compare", "output"),
+                   decision=row.get("decision", "point"), needed_samples=row.get("needed_samples"),
+                   warnings=tuple(row.get("warnings") or ()), also=tuple(row.get("also") or ()),
+                   extra={k: v for k, v in row.items() if k not in known})
 
 
 @dataclass(frozen=True)

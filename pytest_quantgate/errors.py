@@ -1,11 +1,6 @@
-"""The plugin's exceptions: bad input (an ERROR outcome) versus a failed comparison (a FAILED outcome)."""
+"""The plugin's exceptions for bad input (an ERROR outcome); a failed comparison is items.QuantGateFailure."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .comparison import GateResult
 
 
 class QuantGateError(Exception):
@@ -45,11 +40,3 @@ class EpUnavailableError(InputError):
 
 class InsufficientSamplesError(InputError):
     """The fixture is too small to resolve the budget (raised only in strict mode)."""
-
-
-class QuantGateFailure(QuantGateError):
-    """The int8 sidecar failed the gate; carries the full result for the failure report."""
-
-    def __init__(self, result: GateResult) -> None:
-        super().__init__(result.reason)
-        self.result = result

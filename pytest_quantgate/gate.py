@@ -362,11 +362,24 @@ class Outcome:
             row = {"id": self.entry_id, "ep": self.ep, "mode": self.mode, "samples": None, "drop": None,
                    "budget": None, "headroom": None, "verdict": self.status.upper(), "reason": self.message}
         row["regenerated"] = self.regenerated
+        row["status"] = self.status
         if self.cached:
             row["cached"] = True
         if self.traceback:
             row["traceback"] = self.traceback
         return row
+
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Outcome:
+        """Rebuild an outcome from its :meth:`to_row` form: the JSON report and xdist carry rows."""
+        status = str(row.get("status") or str(row["verdict"]).lower())
+        result = None
+        if row.get("kind") is not None and row.get("samples") is not None and not row.get("cached"):
+            result = GateResult.from_row({k: v for k, v in row.items() if k != "status"})
+        return cls(str(row["id"]), str(row["ep"]), str(row.get("mode", "-")), status, str(row.get("reason") or ""),
+                   result, regenerated=row.get("regenerated"), cached=bool(row.get("cached")),
+                   traceback=row.get("traceback"), cached_row=row if row.get("cached") else None)
 
 
 class CacheStore(Protocol):

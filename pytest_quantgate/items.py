@@ -10,17 +10,25 @@ from typing import Any, NoReturn
 import pytest
 
 from .comparison import GateResult
+from .errors import InputError, QuantGateError
 from .gate import Outcome
-from .errors import InputError, QuantGateError, QuantGateFailure
 from .registry import Entry, EntryProblem, Registry, load_registry
 from .reports import failure_text
 from .settings import Settings
+from .stash import RUN_ID_KEY, SETTINGS_KEY
+
 
 def settings_of(config: pytest.Config) -> Settings:
     """Return the settings resolved in pytest_configure."""
-    from .plugin import SETTINGS_KEY
-
     return config.stash[SETTINGS_KEY]
+
+
+class QuantGateFailure(QuantGateError):
+    """The int8 sidecar failed the gate; carries the full result for the failure report."""
+
+    def __init__(self, result: GateResult) -> None:
+        super().__init__(result.reason)
+        self.result = result
 
 
 class RegistryFile(pytest.File):
@@ -104,7 +112,6 @@ class QuantGateItem(pytest.Item):
         """Run the gate (gate.run_one); bad input is an ERROR here, never a failed comparison."""
         from .cache import PytestCache
         from .gate import run_one
-        from .plugin import RUN_ID_KEY
 
         settings = settings_of(self.config)
         cache = PytestCache(self.config) if settings.cache else None

@@ -14,16 +14,12 @@ from .settings import (
     EP_CHOICES,
     OPENVINO_PRECISIONS,
     REGEN_CHOICES,
-    Settings,
     confidence_level,
     non_negative_int,
     positive_int,
     resolve,
 )
-
-SETTINGS_KEY = pytest.StashKey[Settings]()
-RUN_ID_KEY = pytest.StashKey[str]()
-ROWS_KEY = pytest.StashKey[dict[str, dict[str, Any]]]()
+from .stash import ROWS_KEY, RUN_ID_KEY, SETTINGS_KEY
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

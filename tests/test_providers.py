@@ -119,7 +119,7 @@ def test_plugin_passes_the_ep_options_through(project: GateProject) -> None:
     project.pytester.makeconftest(
         "import pytest\n"
         "def pytest_collection_finish(session):\n"
-        "    from pytest_quantgate.plugin import SETTINGS_KEY\n"
+        "    from pytest_quantgate.stash import SETTINGS_KEY\n"
         "    print('EPOPTIONS', session.config.stash[SETTINGS_KEY].ep_options)\n"
     )
     result = project.run("--quantgate-ep", "cpu", "--quantgate-openvino-device", "npu",

@@ -109,3 +109,24 @@ def test_deleted_bundled_sidecars_are_rebuilt_to_their_pins(pytester: pytest.Pyt
         "nr_cnn_v1 [[]cpu[]] regenerated: rebuilt nr_cnn_v1.int8.onnx; sha256 matches the pin",
     ])
     assert not [p.name for p in (pytester.path / "model").iterdir() if p.name.startswith(".")]
+
+
+def test_measure_rebuilds_a_missing_sidecar_exactly_as_the_pytest_gate_does(project: GateProject,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """One runner: `quantgate measure` regenerates, gates and reports like `pytest --quantgate`."""
+    entry = project.add_sidecar("lost")
+    project.write([entry])
+    pinned = (project.model / "lost.int8.onnx").read_bytes()
+    (project.model / "lost.int8.onnx").unlink()
+    out = project.root / "measure.json"
+    code = main(["measure", str(project.model / "registry.json"), "--fixtures", str(project.fixtures), "--ep", "cpu",
+                 "--regen", "missing", "--bootstrap", "200", "--json", str(out)])
+    assert code == 0
+    assert (project.model / "lost.int8.onnx").read_bytes() == pinned
+    row = json.loads(out.read_text())[0]
+    assert row["regenerated"] == "rebuilt lost.int8.onnx; sha256 matches the pin" and row["verdict"] == "PASS"
+    assert "lost [cpu] regenerated: rebuilt lost.int8.onnx; sha256 matches the pin" in capsys.readouterr().out
+    # and with --regen never the same missing file is the same error as in pytest
+    (project.model / "lost.int8.onnx").unlink()
+    assert main(["measure", str(project.model / "registry.json"), "--fixtures", str(project.fixtures), "--ep", "cpu",
+                 "--regen", "never"]) == 2

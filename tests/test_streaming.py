@@ -393,3 +393,21 @@ def test_large_outputs_stream_in_bounded_memory(tmp_path: Path) -> None:
     # whole outputs of both models in float32 are 960 MiB each: the streamed gate holds one chunk of them
     assert peak_mib < 900, f"peak RSS {peak_mib:.0f} MiB"
     print(f"large outputs: 240 samples, peak RSS {peak_mib:.0f} MiB")
+
+
+def test_the_json_report_round_trips_through_the_typed_records(tmp_path: Path) -> None:
+    """Every row of measure's JSON rebuilds an Outcome (and its GateResult) whose row is the same JSON."""
+    from pytest_quantgate.gate import Outcome
+
+    repo = Path(__file__).resolve().parents[1]
+    from pytest_quantgate.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["measure", str(repo / "model" / "registry.json"), "--fixtures", str(repo / "fixtures"), "--ep", "cpu",
+                 "--bootstrap", "100", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3
+    for row in rows:
+        outcome = Outcome.from_row(row)
+        assert outcome.result is not None and outcome.result.drop == row["drop"]
+        assert json.loads(json.dumps(outcome.to_row(), default=str)) == row
