@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make ``scripts.bundled`` impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "scripts"
 
-from scripts.bundled import common, fusion_mlp, nr_cnn, residual_filter  # noqa: E402
+from scripts.bundled import common, fusion_mlp, nr_cnn, residual_filter
 
 MODES = {"fusion_mlp_v1": "dynamic", "residual_filter_v1": "static", "nr_cnn_v1": "qat"}
 NAMES = {"fusion_mlp_v1": ("features", "score"), "residual_filter_v1": ("luma", "clean"), "nr_cnn_v1": ("luma", "score")}
@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                  models / f"{int8_id}.int8.onnx", MODES[int8_id])
         if args.qat:
             from pytest_quantgate.producers.qat import QatConfig, quantize_qat
-
             from scripts.bundled.build_all import NR_QAT_EPOCHS, NR_QAT_SEED
 
             tuned = finetune("nr_cnn_v1", models / "nr_cnn_v1.onnx", tmp / "nr.ft25.onnx", 25)
