@@ -15,13 +15,14 @@ How a weight is read back, per format:
   scale is input scale × weight scale).
 * Dynamic: ``ConvInteger``/``MatMulInteger``/``DynamicQuantizeMatMul`` weights; the weight scale is found as
   ``<w>_scale`` or by following the integer op's output through its ``Cast``/``Mul`` nodes.
-* ``MatMulNBits`` (4- and 8-bit blocks): unpacked to ``[N, K]`` (the transpose of the MatMul weight).
+* ``MatMulNBits`` (4- and 8-bit blocks, stored ``[N, K]``): unpacked to the MatMul weight's ``[K, N]``.
 * Float initializers of the int8 graph that are not quantisation parameters are kept as they are.
 
-Matching: by name first (ORT's ``_quantized``/``_QuantizeLinear_Output``/... suffixes stripped), then among the
-unused fp32 tensors of a compatible shape (same, transposed 2-D, or equal after dropping 1-sized axes) by value
-correlation; a weight that only matches after one scale per output channel (a BatchNormalization folded in by
-``quant_pre_process``) is compared after that rescale.
+Matching: by name first (ORT's ``_quantized``/``_QuantizeLinear_Output``/``_Q4``... suffixes and its fusions'
+``ConvBnFusion_W_``-style prefixes stripped), then among the unused fp32 tensors of a compatible shape (same,
+transposed 2-D, or equal after dropping 1-sized axes) by value correlation. A Conv followed by BatchNormalization or
+a constant Mul in the fp32 graph is also offered with that op folded in, as ``quant_pre_process`` does, and the
+nearer of the two is kept.
 
 Why the error is measured in quantisation steps: rounding ``w`` to its grid moves each element by at most half a
 step, so a PTQ sidecar of *this* fp32 sits within half a step everywhere (a handful of clipped extremes aside),
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,6 +68,9 @@ _SUFFIXES = (
     "_quantized", "_QuantizeLinear_Output", "_DequantizeLinear_Output", "_QuantizeLinear", "_DequantizeLinear",
     "_quantized_scale", "_dequantized", "_quant", "_int8", "_uint8", "_int4", "_uint4", "_TransposeB",
 )
+# ORT's graph fusions prefix the tensors they rewrite: ConvBnFusion_W_<w>, ConvBnFusion_BN_B_<beta>, ...
+_FUSION_PREFIX = re.compile(r"^[A-Za-z]+Fusion_(?:(?:BN_)?[WB]_)?")
+_NBITS_SUFFIX = re.compile(r"_Q\d+(G\d+)?$")  # MatMulNBits weights: <w>_Q4, <w>_Q4G32
 
 # Quantised op -> the float op it replaces (None: quantisation plumbing with no float counterpart).
 _FLOAT_OP: dict[str, str | None] = {
@@ -132,7 +137,8 @@ class WeightMatch:
     """One weight of the int8 graph, dequantised to float64, and how it compares with its fp32 origin.
 
     kind: how it is stored: ``qdq``, ``qoperator``, ``integer`` (dynamic), ``nbits`` or ``float`` (not quantised).
-    how: ``name``/``value`` (+ ``-transposed``, ``-reshaped``, ``-rescaled``), or ``""`` when no origin was found.
+    how: ``name``/``value`` (+ ``-transposed``/``-reshaped``, + ``+BatchNormalization``/``+Mul`` when compared with
+        the fp32 weight that op was folded into), or ``""`` when no origin was found.
     step_rms / off_grid: RMS error in quantisation steps and share of elements more than half a step off
         (None for float tensors and unmatched ones).
     """
@@ -416,7 +422,7 @@ def _integer_scale(graph: _Graph, node: Any, wname: str, w: np.ndarray) -> tuple
 
 
 def _nbits(graph: _Graph, node: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """Unpack a MatMulNBits weight to float64 [N, K] (4- or 8-bit, blocks along K)."""
+    """Unpack a MatMulNBits weight (4- or 8-bit, stored [N, K] in blocks along K) to float64 [K, N]."""
     b, scales = graph.array(_input(node, 1)), graph.array(_input(node, 2))
     bits, block = _attr(node, "bits", 4), _attr(node, "block_size", 0)
     k, n = _attr(node, "K", 0), _attr(node, "N", 0)
@@ -447,29 +453,64 @@ def _nbits(graph: _Graph, node: Any) -> tuple[np.ndarray, np.ndarray] | None:
         z = np.asarray(zp_arr, np.float64).reshape(n, blocks, 1)
     values = ((q - z) * s).reshape(n, blocks * block)[:, :k]
     step = np.broadcast_to(np.abs(s), (n, blocks, block)).reshape(n, blocks * block)[:, :k]
-    return values, step
+    return values.T, step.T  # the MatMul weight's own layout, [K, N]
 
 
-def _read_fp32(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Return the float tensors of an fp32 graph (initializers and Constant nodes) of one or more dimensions."""
+_Refs = dict[str, list[tuple[np.ndarray, str]]]  # fp32 name -> (values, "" or what was folded into them)
+
+
+def _read_fp32(model: onnx.ModelProto) -> _Refs:
+    """Return the float tensors (1-D and up) of an fp32 graph, plus their values after ORT's Conv fusions.
+
+    ``quant_pre_process`` folds a BatchNormalization or a constant Mul that follows a Conv into the Conv's weight and
+    bias (``ConvBnFusion_W_<w>``, ``ConvBnFusion_BN_B_<beta>``): the folded values are computed here the same way,
+    so a sidecar of the pre-processed graph is checked exactly, not just by correlation.
+    """
     from onnx import numpy_helper
 
-    out: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
     for init in model.graph.initializer:
         if init.data_type in _FLOAT_TYPES and len(init.dims) > 0:
-            out[init.name] = numpy_helper.to_array(init).astype(np.float64)
+            arrays[init.name] = numpy_helper.to_array(init).astype(np.float64)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES and len(attr.t.dims) > 0:
-                    out[node.output[0]] = numpy_helper.to_array(attr.t).astype(np.float64)
-    return out
+                    arrays[node.output[0]] = numpy_helper.to_array(attr.t).astype(np.float64)
+    refs: _Refs = {name: [(value, "")] for name, value in arrays.items()}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        conv = producer.get(node.input[0]) if node.input else None
+        if conv is None or conv.op_type != "Conv" or _input(conv, 1) not in arrays:
+            continue
+        w = arrays[conv.input[1]]
+        bias = arrays.get(_input(conv, 2), np.zeros(w.shape[0]))
+        if node.op_type == "BatchNormalization" and all(n in arrays for n in node.input[1:5]):
+            gamma, beta, mean, var = (arrays[n].ravel() for n in node.input[1:5])
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            factor = gamma / np.sqrt(var + eps)
+            folded_b = (bias - mean) * factor + beta
+            names, label = (conv.input[1], node.input[2], _input(conv, 2)), "+BatchNormalization"
+        elif node.op_type == "Mul" and len(node.input) > 1 and node.input[1] in arrays:
+            factor = arrays[node.input[1]].ravel()
+            if factor.size not in (1, w.shape[0]):
+                continue
+            folded_b, names, label = bias * factor, (conv.input[1], _input(conv, 2), ""), "+Mul"
+        else:
+            continue
+        folded_w = w * np.asarray(factor).reshape((-1,) + (1,) * (w.ndim - 1))
+        refs[names[0]].append((folded_w, label))
+        for bias_name in names[1:]:
+            if bias_name in refs:
+                refs[bias_name].append((np.broadcast_to(folded_b, (w.shape[0],)).astype(np.float64), label))
+    return refs
 
 
 # -------------------------------------------------------------------------------------------------- matching
 
 
 def _strip(name: str) -> str:
+    name = _NBITS_SUFFIX.sub("", name)
     changed = True
     while changed:
         changed = False
@@ -479,19 +520,34 @@ def _strip(name: str) -> str:
     return name
 
 
-def _align(ref: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, str] | None:
-    """Return the fp32 tensor laid out as the int8 one (same, reshaped or transposed 2-D), or None."""
-    if ref.shape == shape:
-        return ref, ""
+def _alignments(ref: np.ndarray, shape: tuple[int, ...]) -> list[tuple[np.ndarray, str]]:
+    """Return the ways the fp32 tensor can be laid out as the int8 one: as is, reshaped, or transposed (2-D)."""
+    out: list[tuple[np.ndarray, str]] = []
     if ref.size != math.prod(shape):
-        return None
+        return out
     squeezed_ref = tuple(d for d in ref.shape if d != 1)
     squeezed = tuple(d for d in shape if d != 1)
-    if squeezed_ref == squeezed:
-        return ref.reshape(shape), "-reshaped"
+    if ref.shape == shape:
+        out.append((ref, ""))
+    elif squeezed_ref == squeezed:
+        out.append((ref.reshape(shape), "-reshaped"))
+    # a square matrix fits both ways: Gemm transB and MatMulNBits store the transpose of a MatMul weight
     if len(squeezed_ref) == 2 and squeezed_ref[::-1] == squeezed:
-        return ref.reshape(squeezed_ref).T.reshape(shape), "-transposed"
-    return None
+        out.append((ref.reshape(squeezed_ref).T.reshape(shape), "-transposed"))
+    return out
+
+
+def _align(ref: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, str] | None:
+    """Return the layout of ``ref`` that best follows ``values`` (by correlation on a sample), or None."""
+    options = _alignments(ref, tuple(values.shape))
+    if len(options) < 2:
+        return options[0] if options else None
+    probe = _sample(values)
+    return max(options, key=lambda o: _finite(_corr(_sample(o[0]), probe)))
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -2.0
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -509,19 +565,6 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def _sample(a: np.ndarray) -> np.ndarray:
     flat = a.ravel()
     return flat if flat.size <= _SAMPLE else flat[:: flat.size // _SAMPLE][:_SAMPLE]
-
-
-def _rescale(ref: np.ndarray, deq: np.ndarray) -> np.ndarray | None:
-    """Fit one factor per output channel (axis 0): a BatchNormalization folded into the weight by a fusion."""
-    if ref.ndim < 2 or ref.shape[0] < 2:
-        return None
-    r = ref.reshape(ref.shape[0], -1)
-    d = deq.reshape(deq.shape[0], -1)
-    den = np.einsum("ij,ij->i", r, r)
-    if not np.all(den > 0):
-        return None
-    factor = np.einsum("ij,ij->i", r, d) / den
-    return np.asarray(r * factor[:, None], np.float64).reshape(ref.shape)
 
 
 def _measure(int8: _Tensor, fp32_name: str | None, ref: np.ndarray | None, how: str) -> WeightMatch:
@@ -550,58 +593,57 @@ def _measure(int8: _Tensor, fp32_name: str | None, ref: np.ndarray | None, how: 
     return WeightMatch(int8.name, fp32_name, shape, int8.kind, how, sqnr, rel, _corr(ref, deq), step_rms, off_grid)
 
 
-def _match(tensors: Sequence[_Tensor], fp32: Mapping[str, np.ndarray]) -> list[WeightMatch]:
+def _candidates(t: _Tensor) -> list[str]:
+    names = [t.name, *t.aliases]
+    stripped = [_strip(n) for n in names]
+    unfused = [_FUSION_PREFIX.sub("", n) for n in stripped]
+    return list(dict.fromkeys(names + stripped + unfused))
+
+
+def _closest(t: _Tensor, options: Sequence[tuple[np.ndarray, str]]) -> tuple[np.ndarray, str] | None:
+    """Return the (layout, how) of an fp32 tensor's options that is nearest to the int8 values."""
+    best: tuple[float, np.ndarray, str] | None = None
+    for values, label in options:
+        for layout, suffix in _alignments(values, tuple(t.values.shape)):
+            err = float(np.linalg.norm(layout - t.values))
+            if best is None or err < best[0]:
+                best = (err, layout, suffix + label)
+    return None if best is None else (best[1], best[2])
+
+
+def _match(tensors: Sequence[_Tensor], fp32: _Refs) -> list[WeightMatch]:
     """Pair int8 tensors with fp32 tensors: by name, then by value among unused same-sized tensors."""
     used: set[str] = set()
     found: dict[str, WeightMatch] = {}
     for t in tensors:
-        for cand in dict.fromkeys([t.name, *t.aliases, _strip(t.name), *map(_strip, t.aliases)]):
-            if cand in fp32 and cand not in used:
-                aligned = _align(fp32[cand], t.values.shape)
-                if aligned is not None:
-                    used.add(cand)
-                    found[t.name] = _measure(t, cand, aligned[0], "name" + aligned[1])
-                    break
+        for cand in _candidates(t):
+            chosen = _closest(t, fp32[cand]) if cand in fp32 and cand not in used else None
+            if chosen is not None:
+                used.add(cand)
+                found[t.name] = _measure(t, cand, chosen[0], "name" + chosen[1])
+                break
     # renamed tensors: score every compatible unused fp32 tensor on a sample, best pairs first
-    by_size: dict[int, list[str]] = {}
-    for name, value in fp32.items():
-        if name not in used:
-            by_size.setdefault(value.size, []).append(name)
-    scored: list[tuple[float, str, str, str]] = []
     rest = [t for t in tensors if t.name not in found]
+    by_size: dict[int, list[str]] = {}
+    for name, options in fp32.items():
+        if name not in used:
+            by_size.setdefault(options[0][0].size, []).append(name)
+    scored: list[tuple[float, str, str]] = []
     for t in rest:
         probe = _sample(t.values)
         for name in by_size.get(t.values.size, []):
-            aligned = _align(fp32[name], t.values.shape)
-            if aligned is None:
-                continue
-            c = _corr(_sample(aligned[0]), probe)
-            if math.isfinite(c):
-                scored.append((c, t.name, name, aligned[1]))
+            best = max((_finite(_corr(_sample(layout), probe))
+                        for values, _ in fp32[name] for layout, _ in _alignments(values, tuple(t.values.shape))),
+                       default=-2.0)
+            scored.append((best, t.name, name))
     by_name = {t.name: t for t in rest}
-    for c, tname, fname, suffix in sorted(scored, reverse=True):
+    for c, tname, fname in sorted(scored, reverse=True):
         if tname in found or fname in used or c < 0.5:
             continue
-        ref = _align(fp32[fname], by_name[tname].values.shape)
-        assert ref is not None  # checked while scoring
-        used.add(fname)
-        found[tname] = _measure(by_name[tname], fname, ref[0], "value" + suffix)
-    # folded BatchNormalization: one factor per output channel, tried only where nothing else matched
-    for t in rest:
-        if t.name in found or t.values.ndim < 2:
-            continue
-        best: tuple[float, str, np.ndarray] | None = None
-        for name in by_size.get(t.values.size, []):
-            aligned = _align(fp32[name], t.values.shape) if name not in used else None
-            scaled = _rescale(aligned[0], t.values) if aligned is not None else None
-            if scaled is None:
-                continue
-            c = _corr(scaled, t.values)
-            if c >= 0.99 and (best is None or c > best[0]):
-                best = (c, name, scaled)
-        if best is not None:
-            used.add(best[1])
-            found[t.name] = _measure(t, best[1], best[2], "value-rescaled")
+        chosen = _closest(by_name[tname], fp32[fname])
+        if chosen is not None:
+            used.add(fname)
+            found[tname] = _measure(by_name[tname], fname, chosen[0], "value" + chosen[1])
     return [found.get(t.name) or _measure(t, None, None, "") for t in tensors]
 
 
