@@ -749,16 +749,17 @@ def _judge(matches: Sequence[WeightMatch], mode: str, limits: LineageThresholds)
                and m.off_grid * math.prod(m.shape) > 1.5]
         if off:
             worst = max(off, key=lambda m: m.off_grid or 0.0)
-            reasons.append(f"weights were not rounded from this fp32 (older or retrained fp32?): in {len(off)} of "
-                           f"{len(matched)} quantised weights more than {limits.max_off_grid:.0%} of elements are over "
-                           f"half a quantisation step from the fp32 value (rounding keeps every one within it); worst "
+            reasons.append(f"the weights are not this fp32's weights rounded to the int8 grid (an older or retrained "
+                           f"fp32, or edited weights): in {len(off)} of {len(matched)} quantised weights more than "
+                           f"{limits.max_off_grid:.0%} of elements are over half a quantisation step from the fp32 value "
+                           f"(rounding keeps every one within it); worst "
                            f"{worst.int8_name!r}: {worst.off_grid:.1%} off, error {worst.step_rms:.2f} steps RMS")
             return reasons
     far = [m for m in matched if m.step_rms is not None and m.step_rms > limits.max_step_rms]
     if far:
         worst = max(far, key=lambda m: m.step_rms or 0.0)
-        reasons.append(f"weights moved from this fp32 by more than {mode} quantisation explains (older or retrained "
-                       f"fp32?): {len(far)} of {len(matched)} quantised weights are over {limits.max_step_rms} steps "
+        reasons.append(f"the weights moved from this fp32 by more than {mode} quantisation explains (an older or "
+                       f"retrained fp32, or edited weights): {len(far)} of {len(matched)} quantised weights are over {limits.max_step_rms} steps "
                        f"RMS from the fp32 value; worst {worst.int8_name!r}: {worst.step_rms:.2f} steps, SQNR "
                        f"{_db(worst.sqnr_db)}")
     return reasons
