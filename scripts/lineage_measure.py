@@ -122,8 +122,9 @@ def _row(label: str, fp32: Path, int8: Path, mode: str) -> dict[str, Any]:
     ms = (time.perf_counter() - t0) * 1000
     weights = [m for m in rep.matches if m.is_weight and m.fp32_name is not None]
     med_rms = statistics.median([m.step_rms for m in weights if m.step_rms is not None]) if weights else float("nan")
+    corr_max = max((m.correlation for m in weights), default=float("nan"))
     print(f"{label:44s} {mode:8s} {'OK ' if rep.ok else 'REF'} matched {rep.weights_matched}/{rep.weights_total} "
-          f"corr_min {rep.min_correlation:.4f} sqnr min/med {rep.min_sqnr_db:6.1f}/{rep.median_sqnr_db:6.1f} "
+          f"corr min/max {rep.min_correlation:.4f}/{corr_max:.4f} sqnr min/med {rep.min_sqnr_db:6.1f}/{rep.median_sqnr_db:6.1f} "
           f"steps max/med {rep.max_step_rms:6.3f}/{med_rms:6.3f} offgrid max {rep.max_off_grid:.3f} {ms:5.1f} ms",
           flush=True)
     if not rep.ok:
