@@ -234,7 +234,7 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
         decision=settings.decision,
         strict=settings.strict,
     )
-    result = collector.decide(p.ep, options)
+    result = with_lineage(collector.decide(p.ep, options), p)
     extra = dict(result.extra)
     extra.update(speed_and_size(p, clock, batch))
     extra.update(provenance(p, settings))
@@ -242,6 +242,30 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
         extra["plot"] = plot_data(p, collector, result)
     result = check_speed(replace(result, extra=extra), p.entry)
     return result, collector
+
+
+def with_lineage(result: GateResult, p: Prepared) -> GateResult:
+    """Add the lineage check: the sidecar must be quantised from *this* fp32 model (``lineage.py``).
+
+    Budget breaches keep the lead (they say what the sidecar does wrong); a sidecar that meets every budget but
+    is not derived from the fp32 (the fp32 file itself, another model, one built from an older fp32) fails
+    with kind ``lineage``. ``quant_lineage: false`` turns the check off for an entry.
+    """
+    if not p.entry.lineage:
+        return result
+    from .lineage import check_lineage
+
+    report = check_lineage(p.fp32_path, p.int8_path, p.entry.mode, fp32_sha256=p.fp32_sha256,
+                           int8_sha256=p.int8_sha256)
+    extra = {**result.extra, "lineage": {"ok": report.ok, "reasons": list(report.reasons),
+                                         "weights_matched": report.weights_matched,
+                                         "weights_total": report.weights_total}}
+    if report.ok:
+        return replace(result, extra=extra)
+    reason = f"lineage: {p.int8_path.name} is not derived from {p.fp32_path.name}: " + "; ".join(report.reasons)
+    if not result.passed:
+        return replace(result, also=(*result.also, reason), extra=extra)
+    return replace(result, verdict="FAIL", kind="lineage", reason=reason, extra=extra)
 
 
 def with_diagnosis(result: GateResult, p: Prepared, collector: Collector) -> GateResult:

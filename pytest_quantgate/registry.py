@@ -61,6 +61,7 @@ class Entry:
     budget_label_flip: float | None = None
     deploy_batch: int | None = None
     explicit_budget_plcc: float | None = None
+    lineage: bool = True
     qat_recipe: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -217,6 +218,7 @@ def _entry_from(raw: Mapping[str, Any], index: int) -> Entry:
         budget_label_flip=raw.get("quant_budget_label_flip"),
         deploy_batch=raw.get("quant_deploy_batch", DEFAULT_DEPLOY_BATCH.get(mode)),
         explicit_budget_plcc=raw.get("quant_accuracy_budget_plcc"),
+        lineage=bool(raw.get("quant_lineage", True)),
         qat_recipe=raw.get("qat_recipe"),
         raw=raw,
     )

@@ -36,6 +36,14 @@ REMEDIES = {
         "int8 keeps less than quant_budget_relative of the fp32 correlation with the target. Rebuild the sidecar "
         "(`quantgate {producer} {registry} --id {id}`) or move the entry to a stronger mode.",
     ],
+    "lineage": [
+        "The sidecar is not quantised from this fp32 model: it is the fp32 file itself, another model, or was built "
+        "from an older fp32. Rebuild it: `quantgate {producer} {registry} --id {id}`, then re-pin both hashes.",
+    ],
+    "labels": [
+        "Too many labels (class ids, or argmax of the scores) differ between int8 and fp32. Rebuild the sidecar with "
+        "per-channel weights or keep the last layer in fp32 (nodes_to_exclude), or review quant_budget_label_flip.",
+    ],
     "speed": [
         "The int8 sidecar is not fast enough for quant_min_speedup on this EP. Dynamic int8 of Conv runs ConvInteger, "
         "often slower than fp32 on CPU: try static (QDQ) quantisation, or review the speed budget.",

@@ -322,6 +322,11 @@ class Mutation:
     message: str  # substring the reason must hold
 
 
+def mut_identity(ctx: Context) -> onnx.ModelProto:
+    """The fp32 model named as its own sidecar: drop 0, passes every budget, quantises nothing."""
+    return ctx.fp32
+
+
 MUTATIONS = [
     Mutation("affine 0.5y+10", mut_affine, "fail", frozenset({"affine"}), "gain/offset error exceeds"),
     Mutation("constant output", mut_constant, "fail", frozenset({"constant"}), "is constant"),
@@ -331,6 +336,7 @@ MUTATIONS = [
     Mutation("weights 4-bit", mut_round4, "fail", frozenset(BUDGET_KINDS), ""),
     Mutation("weight scale x2", mut_scale2, "fail", frozenset(BUDGET_KINDS), ""),
     Mutation("other model", mut_other_model, "fail", frozenset(BUDGET_KINDS), ""),
+    Mutation("fp32 as its own sidecar", mut_identity, "fail", frozenset({"lineage"}), "not a quantised sidecar"),
     Mutation("input renamed", mut_input_name, "error", frozenset({"SignatureMismatchError"}), "differ from the fp32"),
     Mutation("input shape", mut_input_shape, "error", frozenset({"SignatureMismatchError"}), "the fp32 graph has"),
 ]

@@ -209,7 +209,9 @@ def test_a_collapsed_score_channel_fails_although_the_boxes_dominate(tmp_path: P
     _head(tmp_path / "det.int8.onnx", 0.0, -9.0)  # every score ~0.0001: no detection survives
     _head(tmp_path / "ok.onnx", 1.0, 0.0)
     _head(tmp_path / "ok.int8.onnx", 1.0, 0.0)
+    # hand-built float "sidecars" isolate the comparison: the lineage check (tested in test_lineage) is off
     entries = [{"id": name, "onnx": f"{name}.onnx", "quant_mode": "static", "quant_calibration_set": "x.npz",
+                "quant_lineage": False,
                 "sha256": sha256_file(tmp_path / f"{name}.onnx"),
                 "int8_sha256": sha256_file(tmp_path / f"{name}.int8.onnx")} for name in ("det", "ok")]
     registry = _registry(tmp_path, entries)
@@ -259,6 +261,7 @@ def test_label_outputs_are_judged_by_agreement_never_by_plcc(tmp_path: Path) -> 
     _argmax_model(tmp_path / "flip.int8.onnx", True)
     _argmax_model(tmp_path / "same.int8.onnx", False)
     entries = [{"id": n, "onnx": f"{n}.onnx", "quant_mode": "static", "quant_calibration_set": "x.npz",
+                "quant_lineage": False,
                 "sha256": sha256_file(tmp_path / f"{n}.onnx"), "int8_sha256": sha256_file(tmp_path / f"{n}.int8.onnx")}
                for n in ("flip", "same")]
     code, rows = _measure(_registry(tmp_path, entries), tmp_path / "fixtures")
@@ -292,6 +295,7 @@ def test_a_sequence_of_maps_output_is_compared_as_an_array_in_key_order(tmp_path
     zipmap(tmp_path / "zm.onnx", 1.0)
     zipmap(tmp_path / "zm.int8.onnx", 1.0)
     entry = {"id": "zm", "onnx": "zm.onnx", "quant_mode": "static", "quant_calibration_set": "x.npz",
+             "quant_lineage": False,
              "sha256": sha256_file(tmp_path / "zm.onnx"), "int8_sha256": sha256_file(tmp_path / "zm.int8.onnx")}
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
     assert code == 0 and rows["zm"]["verdict"] == "PASS", rows["zm"]
@@ -309,6 +313,7 @@ def test_below_the_sample_floor_the_fixture_is_an_error_naming_the_count(tmp_pat
     _head(tmp_path / "few.onnx", 1.0, 0.0)
     _head(tmp_path / "few.int8.onnx", 1.0, 0.0)  # identical: a 2-sample fixture would have "passed" with CI [0, 0]
     entry = {"id": "few", "onnx": "few.onnx", "quant_mode": "static", "quant_calibration_set": "x.npz",
+             "quant_lineage": False,
              "sha256": sha256_file(tmp_path / "few.onnx"), "int8_sha256": sha256_file(tmp_path / "few.int8.onnx")}
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
     assert code == 2 and rows["few"]["verdict"] == "ERROR"
@@ -411,3 +416,23 @@ def test_the_json_report_round_trips_through_the_typed_records(tmp_path: Path) -
         outcome = Outcome.from_row(row)
         assert outcome.result is not None and outcome.result.drop == row["drop"]
         assert json.loads(json.dumps(outcome.to_row(), default=str)) == row
+
+
+def test_the_fp32_model_named_as_its_own_sidecar_fails_on_lineage(tmp_path: Path) -> None:
+    """Drop 0 and every budget met, yet it quantises nothing: a FAIL of kind lineage, never a PASS."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    from pytest_quantgate.fileio import sha256_file
+
+    shutil.copy(repo / "model" / "fusion_mlp_v1.onnx", tmp_path / "m.onnx")
+    shutil.copy(repo / "model" / "fusion_mlp_v1.onnx", tmp_path / "m.int8.onnx")
+    (tmp_path / "fixtures").mkdir()
+    shutil.copy(repo / "fixtures" / "fusion_mlp_v1.npz", tmp_path / "fixtures" / "m.npz")
+    digest = sha256_file(tmp_path / "m.onnx")
+    entry = {"id": "m", "onnx": "m.onnx", "quant_mode": "dynamic", "sha256": digest, "int8_sha256": digest}
+    code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
+    assert code == 1
+    row = rows["m"]
+    assert row["verdict"] == "FAIL" and row["kind"] == "lineage" and row["drop"] == pytest.approx(0.0, abs=1e-12)
+    assert "not a quantised sidecar: m.int8.onnx is the fp32 file itself" in row["reason"]
