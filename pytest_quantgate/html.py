@@ -54,7 +54,7 @@ def plot_data(output: str, fp32: np.ndarray, int8: np.ndarray, target: np.ndarra
     """
     ref = np.asarray(fp32, dtype=np.float64).ravel()
     test = np.asarray(int8, dtype=np.float64).ravel()
-    index = np.linspace(0, ref.size - 1, num=min(points, ref.size)).astype(np.int64) if ref.size else []
+    index = np.linspace(0, max(ref.size - 1, 0), num=min(points, ref.size)).astype(np.int64)
     err = test - ref
     err = err[np.isfinite(err)]
     clipped = 0
@@ -74,7 +74,7 @@ def plot_data(output: str, fp32: np.ndarray, int8: np.ndarray, target: np.ndarra
             "hist_clipped": clipped}
 
 
-def write_html(path: Path, rows: list[dict], title: str) -> None:
+def write_html(path: Path, rows: Sequence[Mapping[str, Any]], title: str) -> None:
     """Write the report page to ``path`` (atomically, readable as the umask allows); plots need matplotlib."""
     atomic_write_text(path, render_html(rows, title))
     umask = os.umask(0)

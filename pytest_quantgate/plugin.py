@@ -26,7 +26,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     """Add the quantgate options, each flag with an ini twin that shares its help text."""
     group = parser.getgroup("quantgate", "quantised-model regression gate")
 
-    def both(flag: str, help: str, ini_type: str | None = None, **kwargs: Any) -> None:
+    def both(flag: str, help: str, ini_type: Any = None, **kwargs: Any) -> None:
         dest = flag.lstrip("-").replace("-", "_")
         group.addoption(flag, dest=dest, help=help, **kwargs)
         parser.addini(dest, help=help, type=ini_type)

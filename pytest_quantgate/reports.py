@@ -65,7 +65,7 @@ def metrics_table(result: GateResult) -> list[str]:
     lines: list[str] = []
     for rep in result.outputs:
         cols = [("int8 vs fp32", rep.vs_fp32)]
-        if rep.fp32_vs_target is not None:
+        if rep.fp32_vs_target is not None and rep.int8_vs_target is not None:
             cols = [("fp32 vs target", rep.fp32_vs_target), ("int8 vs target", rep.int8_vs_target), *cols]
         head = f"  output {rep.name!r} ({result.compare}, drop {_f(rep.drop)})"
         lines.append(head)
@@ -176,13 +176,13 @@ def per_ep_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     for entry_id in sorted(by_id):
         cells = []
         for ep in eps:
-            row = by_id[entry_id].get(ep)
-            if row is None:
+            found = by_id[entry_id].get(ep)
+            if found is None:
                 cells.append("-")
-            elif row.get("drop") is None:
-                cells.append(row["verdict"])
+            elif found.get("drop") is None:
+                cells.append(found["verdict"])
             else:
-                cells.append(f"{row['drop']:.6f} {row['verdict']}")
+                cells.append(f"{found['drop']:.6f} {found['verdict']}")
         probes = {ep: r["fp32_probe"] for ep, r in by_id[entry_id].items() if r.get("fp32_probe")}
         agree = "-"
         if len(probes) >= 2:
@@ -199,7 +199,7 @@ def per_ep_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return out + flags
 
 
-def write_json(path: Any, rows: list[Mapping[str, Any]], settings: Any) -> None:
+def write_json(path: Any, rows: Sequence[Mapping[str, Any]], settings: Any) -> None:
     """Write every item's row (metrics, interval, budget, verdict, provenance) as one JSON document."""
     import json
     from dataclasses import asdict
@@ -224,7 +224,7 @@ def _without_plot(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("plot", "diagnosis_lines")}
 
 
-def markdown_lines(rows: list[Mapping[str, Any]]) -> list[str]:
+def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Return the summary as a GitHub-flavoured markdown table."""
     icon = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "ERROR": "⚠️ ERROR", "SKIP": "⏭️ SKIP"}
     out = ["### quantgate", "", "| id | EP | mode | samples | drop | 95% CI | budget | headroom | speed-up | verdict |",
@@ -245,7 +245,7 @@ def markdown_lines(rows: list[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def append_github_summary(rows: list[Mapping[str, Any]]) -> None:
+def append_github_summary(rows: Sequence[Mapping[str, Any]]) -> None:
     """Append the markdown summary to ``$GITHUB_STEP_SUMMARY`` when GitHub Actions sets it."""
     import os
 

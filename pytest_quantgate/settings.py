@@ -146,7 +146,7 @@ def _optional_path(config: pytest.Config, option: str, ini: str) -> Path | None:
     """CLI paths are relative to the invocation folder, ini paths to the ini file's folder; None if neither."""
     value = config.getoption(option)
     if value:
-        return (config.invocation_params.dir / value).resolve()
+        return (config.invocation_params.dir / str(value)).resolve()
     raw = config.getini(ini)
     if raw:
         base = config.inipath.parent if config.inipath is not None else config.rootpath
