@@ -10,15 +10,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# the gate itself needs no torch: onnxruntime, onnx, numpy, scipy, jsonschema, filelock
+# the gate itself needs no torch: onnxruntime (the [cpu] extra), onnx, numpy, scipy, jsonschema, filelock
 $(VENV)/.gate-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[cpu]"
 	touch $@
 
 # torch first, pinned: a plain `torch` requirement would pull gigabytes of CUDA wheels
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev,qat]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,dev,qat]"
 	touch $(VENV)/.gate-installed $@
 
 setup-gate: $(VENV)/.gate-installed

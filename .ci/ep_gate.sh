@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Gate the bundled registry on one execution provider, in a throwaway virtualenv holding exactly ONE onnxruntime
 # wheel (onnxruntime, onnxruntime-gpu and onnxruntime-openvino all install the module `onnxruntime`: two in one
-# environment break both) and no torch.
+# environment break both) and no torch: `pip install -e .[cpu|openvino|gpu]`, the extra that names that wheel.
 #
 #   .ci/ep_gate.sh cpu|openvino|cuda
 #
@@ -15,7 +15,8 @@
 # Environment:
 #   QUANTGATE_EP_VENV   the virtualenv to (re)create (default: .venv-<ep> in the repository root; gitignored)
 #   QUANTGATE_EP_KEEP   1 keeps the virtualenv afterwards (default: removed, it is throwaway)
-#   QUANTGATE_ORT_SPEC  the onnxruntime requirement (default per EP below; on a GPU runner without system CUDA use
+#   QUANTGATE_ORT_SPEC  the onnxruntime requirement installed with the extra, pinning its version (default per EP
+#                       below; on a GPU runner without system CUDA use
 #                       e.g. 'onnxruntime-gpu[cuda,cudnn]==1.31.1')
 #   PYTHON              the interpreter that creates the virtualenv (default: python3)
 # Each step prints its wall time; the script exits non-zero on the first broken expectation.
@@ -23,9 +24,9 @@ set -euo pipefail
 
 ep="${1:-}"
 case "$ep" in
-  cpu)      dist=onnxruntime;          default_spec="onnxruntime==1.31.1" ;;
-  openvino) dist=onnxruntime-openvino; default_spec="onnxruntime-openvino==1.24.1" ;;
-  cuda)     dist=onnxruntime-gpu;      default_spec="onnxruntime-gpu==1.31.1" ;;
+  cpu)      dist=onnxruntime;          extra=cpu;      default_spec="onnxruntime==1.31.1" ;;
+  openvino) dist=onnxruntime-openvino; extra=openvino; default_spec="onnxruntime-openvino==1.24.1" ;;
+  cuda)     dist=onnxruntime-gpu;      extra=gpu;      default_spec="onnxruntime-gpu==1.31.1" ;;
   *) echo "usage: $0 cpu|openvino|cuda" >&2; exit 2 ;;
 esac
 
@@ -63,24 +64,9 @@ rm -rf "$venv"
 vpy="$venv/bin/python"
 done_step "venv"
 
-step "install $spec"
-pip_q "$spec"
-done_step "onnxruntime wheel"
-
-step "install pytest-quantgate without its dependencies, then its core dependencies except onnxruntime"
-pip_q --no-deps -e .
-# the core dependencies from pyproject.toml, minus onnxruntime (the EP wheel above provides the module)
-mapfile -t deps < <("$vpy" - <<'PY'
-import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-for dep in deps:
-    name = re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].strip().lower()
-    if name != "onnxruntime":
-        print(dep)
-PY
-)
-pip_q "${deps[@]}"
-done_step "package and core dependencies"
+step "install pytest-quantgate[$extra] with $spec (the extra brings exactly this one onnxruntime wheel)"
+pip_q -e ".[$extra]" "$spec"
+done_step "package, onnxruntime wheel and core dependencies"
 
 step "check the environment"
 ort_dists="$("$vpy" -m pip list --disable-pip-version-check --format=freeze 2>/dev/null \
@@ -92,7 +78,7 @@ echo "$ort_dists" | grep -qi "^$dist==" || fail "expected $dist, found $ort_dist
 if "$vpy" -m pip list --disable-pip-version-check --format=freeze 2>/dev/null | grep -qiE '^torch=='; then
   fail "torch was installed into the EP virtualenv"
 fi
-"$vpy" -c "import onnxruntime as o, pytest_quantgate.providers as p; print('   providers:', o.get_available_providers()); print('   gate EPs (auto):', p.available())" >&2
+"$vpy" -c "from pytest_quantgate.ort import check_onnxruntime; check_onnxruntime(); import onnxruntime as o, pytest_quantgate.providers as p; print('   providers:', o.get_available_providers()); print('   gate EPs (auto):', p.available())" >&2
 done_step "environment check"
 
 gate() {  # gate <junit.xml> <extra pytest args...>; prints pytest's output, returns its exit code

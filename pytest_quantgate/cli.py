@@ -298,6 +298,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
         return int(exc.code or 0)
+    if ns.command not in ("validate", "pin"):  # the two that run no model work without onnxruntime
+        from .ort import OnnxRuntimeError, check_onnxruntime
+
+        try:
+            check_onnxruntime()
+        except OnnxRuntimeError as exc:
+            _err(f"quantgate: error: {exc}")
+            return EXIT_ERROR
     return int(ns.func(ns))
 
 

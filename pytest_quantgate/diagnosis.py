@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .ort import import_onnxruntime
+
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
 QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QAttention"})
@@ -211,7 +213,7 @@ class _Graph:
 
 
 def _session(path: Path, optimised: bool) -> Any:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -86,6 +86,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUN_ID_KEY] = _run_id(config)
     if not settings.enabled:
         return
+    from .ort import OnnxRuntimeError, check_onnxruntime
+
+    try:
+        check_onnxruntime()  # finds the wheel without importing it: start-up stays cheap
+    except OnnxRuntimeError as exc:
+        raise pytest.UsageError(f"quantgate: {exc}") from None
     if not settings.registry.is_file():
         raise pytest.UsageError(
             f"quantgate: registry {settings.registry} not found (set --quantgate-registry or quantgate_registry)"

@@ -47,10 +47,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EpUnavailableError, ModelFileError
+from .ort import import_onnxruntime
 from .settings import EpOptions
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
 ORT_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -68,7 +69,7 @@ _VERBOSE, _ERROR = 0, 3  # ORT log severities
 
 def available() -> list[str]:
     """Return the gate's EP names the installed onnxruntime offers, in a fixed order."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     offered = set(ort.get_available_providers())
     return [ep for ep, name in ORT_NAMES.items() if name in offered]
@@ -228,7 +229,7 @@ def _problems(text: str, printed: str, provider: str) -> list[str]:
 def _create(path: Path, providers: list[Any], config: dict[str, str], *, severity: int,
             threads: int | None) -> tuple[Any, BaseException | None, str, str]:
     """Create a session; return (session or None, exception or None, ORT's log, what ORT's wrapper printed)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.log_severity_level = severity
@@ -308,7 +309,7 @@ def _refused_nodes(path: Path) -> list[tuple[str, str]]:
 
 def open_session(path: Path, spec: SessionSpec, *, threads: int | None = None) -> ort.InferenceSession:
     """Open an ORT session on exactly the requested EP, or raise EpUnavailableError/ModelFileError."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     wanted = ORT_NAMES[spec.ep]
     if wanted not in ort.get_available_providers():

@@ -80,15 +80,16 @@ def test_gate_jobs_cover_every_ep_with_one_wheel_each() -> None:
     assert any("ep_gate.sh cuda" in s.get("run", "") for s in cuda["steps"])
     assert any(s.get("env", {}).get("QUANTGATE_CUDA_EXPECT") == "gpu" for s in cuda["steps"])
     test_runs = " ".join(s.get("run", "") for s in jobs["tests"]["steps"])
-    assert test_runs.index("torch==2.13.0") < test_runs.index('-e ".[dev,qat]"')
+    assert test_runs.index("torch==2.13.0") < test_runs.index('-e ".[cpu,dev,qat]"')
 
 
 def test_ep_gate_script_installs_one_wheel_per_ep() -> None:
     """The script names the right wheel per EP and checks pip list for a second onnxruntime distribution."""
     text = (ROOT / ".ci" / "ep_gate.sh").read_text()
-    for ep, dist in (("cpu", "onnxruntime"), ("openvino", "onnxruntime-openvino"), ("cuda", "onnxruntime-gpu")):
-        assert f"{ep})" in text and f"dist={dist};" in text
-    assert "--no-deps -e ." in text
+    for ep, dist, extra in (("cpu", "onnxruntime", "cpu"), ("openvino", "onnxruntime-openvino", "openvino"),
+                            ("cuda", "onnxruntime-gpu", "gpu")):
+        assert f"{ep})" in text and f"dist={dist};" in text and f"extra={extra};" in text
+    assert 'pip_q -e ".[$extra]" "$spec"' in text  # the extra brings the wheel; no hand-made dependency list
     assert "exactly one onnxruntime distribution" in text
     result = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "ep_gate.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

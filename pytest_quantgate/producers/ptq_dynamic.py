@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_quantgate.fileio import sha256_file
+from pytest_quantgate.ort import import_onnxruntime
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
 from pytest_quantgate.producers.provenance import library_versions, publish_sidecar, scratch_dir, sweep_stale_partials
 
@@ -410,7 +411,7 @@ def ort_failure(fp32_path: Path, stage: str, exc: BaseException) -> ProducerErro
 
 def check_ort_loads(fp32_path: Path, model_path: Path, stage: str, feed: dict[str, Any] | None = None) -> None:
     """Raise a ProducerError naming ``stage`` unless ORT (CPU EP) loads ``model_path`` and runs ``feed`` on it."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if not model_path.is_file():
         raise ProducerError(f"{fp32_path}: stage '{stage}': onnxruntime wrote no model")

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from pytest_quantgate.fileio import atomic_write_bytes, sha256_file
+from pytest_quantgate.ort import import_onnxruntime
 from pytest_quantgate.producers.base import ProducerError, ProducerResult, QatRecipe
 from pytest_quantgate.producers.provenance import PROVENANCE_FORMAT, library_versions, provenance_path_for
 
@@ -612,7 +613,7 @@ def _export_pt2e(prepared, example, input_name: str, output_names: list[str]) ->
 
 
 def _check_loads(int8_bytes: bytes, int8_path: Path) -> None:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     try:
         ort.InferenceSession(int8_bytes, providers=["CPUExecutionProvider"])
