@@ -1,6 +1,7 @@
 """The ``quantgate`` command line: producers, the gate outside pytest, registry validation and pinning.
 
-Exit codes of ``measure`` and ``validate``: 0 pass, 1 a sidecar failed its budget, 2 bad input or usage.
+Exit codes of ``measure`` and ``validate``: 0 pass, 1 a sidecar failed its budget, 2 bad input or usage, 5
+nothing to gate (like pytest's "no tests collected").
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .settings import (
     positive_int,
 )
 
-from .reports import EXIT_ERROR, EXIT_PASS, report_outcomes
+from .reports import EXIT_ERROR, EXIT_NOTHING, EXIT_PASS, report_outcomes
 from .reports import err as _err
 from .reports import out as _out
 from .settings import add_gate_args, settings_from_args
@@ -77,9 +78,26 @@ def cmd_measure(ns: argparse.Namespace) -> int:
         if not ns.ids or any(fnmatch.fnmatchcase(problem.label, p) for p in ns.ids):
             outcomes.append(Outcome(problem.label, "-", "-", "error", problem.message))
     eps = providers.expand(settings.eps)
+    if not entries and not outcomes:
+        # like pytest's "no tests collected" (exit 5): a gate that gated nothing must not look like a pass
+        _err(f"quantgate: {registry.path}: no gated entry selected (fp32 entries are not gated); nothing to measure")
+        return EXIT_NOTHING
+    import time
+    import uuid
+
+    from .cache import FolderCache
+
+    cache = FolderCache(ns.cache_dir.resolve()) if ns.cache else None
+    run_id = uuid.uuid4().hex
+    total = len(entries) * len(eps)
     for entry in entries:
         for ep in eps:
-            outcomes.append(run_one(registry, entry, ep, settings))
+            # progress on stderr: large fixtures and QAT regeneration take minutes, the report stays on stdout
+            _err(f"quantgate: [{len(outcomes) + 1 - len(registry.problems)}/{total}] {entry.id} [{ep}] ...")
+            started = time.perf_counter()
+            outcome = run_one(registry, entry, ep, settings, run_id=run_id, cache=cache)
+            _err(f"quantgate: {entry.id} [{ep}] {outcome.status.upper()} in {time.perf_counter() - started:.1f} s")
+            outcomes.append(outcome)
     return report_outcomes(outcomes, str(registry.path), ns.json_out)
 
 
