@@ -436,3 +436,53 @@ def test_the_fp32_model_named_as_its_own_sidecar_fails_on_lineage(tmp_path: Path
     row = rows["m"]
     assert row["verdict"] == "FAIL" and row["kind"] == "lineage" and row["drop"] == pytest.approx(0.0, abs=1e-12)
     assert "not a quantised sidecar: m.int8.onnx is the fp32 file itself" in row["reason"]
+
+
+def test_an_unexpected_exception_is_that_entrys_error_and_the_others_still_run(project: Any) -> None:
+    """A NonZero output changes length per sample: whatever breaks inside, one ERROR line, no traceback."""
+    from pytest_quantgate.fileio import sha256_file
+
+    nodes = [helper.make_node("NonZero", ["features"], ["nz"])]
+    graph = helper.make_graph(nodes, "nz", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("nz", TensorProto.INT64, [2, "K"])])
+    _save(graph, project.model / "nz.onnx", opset=13)
+    _save(graph, project.model / "nz.int8.onnx", opset=13)
+    (project.fixtures / "nz.npz").write_bytes((project.fixtures / "digits.npz").read_bytes())
+    odd = {"id": "nz", "onnx": "nz.onnx", "quant_mode": "dynamic", "quant_lineage": False,
+           "sha256": sha256_file(project.model / "nz.onnx"), "int8_sha256": sha256_file(project.model / "nz.int8.onnx")}
+    project.write([odd, project.add_sidecar("healthy")])
+    result = project.run("--quantgate-report=report.json")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*quantgate ERROR: nz [[]cpu[]]: *"])
+    assert "Traceback" not in result.stdout.str()
+    rows = {r["id"]: r for r in json.loads((project.root / "report.json").read_text())["items"]}
+    assert rows["healthy"]["verdict"] == "PASS" and rows["nz"]["verdict"] == "ERROR"
+
+
+def test_measure_keeps_every_entry_when_one_raises_anything(project: Any, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Fault injection: an arbitrary exception (and a recipe's sys.exit) inside one entry's run."""
+    from pytest_quantgate import gate
+    from pytest_quantgate.cli import main
+
+    real = gate.measure
+
+    def flaky(prepared: Any, settings: Any) -> Any:
+        if prepared.entry.id == "boom":
+            raise KeyError("surprise")
+        if prepared.entry.id == "quits":
+            raise SystemExit(3)
+        return real(prepared, settings)
+
+    monkeypatch.setattr(gate, "measure", flaky)
+    project.write([project.add_sidecar("boom"), project.add_sidecar("quits"), project.add_sidecar("fine")])
+    out = project.root / "out.json"
+    code = main(["measure", str(project.model / "registry.json"), "--fixtures", str(project.fixtures), "--ep", "cpu",
+                 "--bootstrap", "100", "--json", str(out)])
+    assert code == 2
+    rows = {r["id"]: r for r in json.loads(out.read_text())}
+    assert rows["fine"]["verdict"] == "PASS"
+    assert rows["boom"]["verdict"] == "ERROR" and "unexpected KeyError: 'surprise'" in rows["boom"]["reason"]
+    assert "entry 'boom' ($.models[0])" in rows["boom"]["reason"] and "Traceback" in rows["boom"]["traceback"]
+    assert rows["quits"]["verdict"] == "ERROR" and "unexpected SystemExit: 3" in rows["quits"]["reason"]
+    assert "Traceback" not in capsys.readouterr().out
