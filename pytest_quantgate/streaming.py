@@ -132,20 +132,27 @@ class PairAccumulator:
 
     def _reservoir(self, start: int, A: np.ndarray, B: np.ndarray, t: np.ndarray | None,
                    base: np.ndarray | None) -> None:
+        # a stratified sample of each sample's elements: k evenly spaced positions behind an offset drawn from
+        # (seed, sample index) alone, so the same sample keeps the same positions whatever the chunking
+        count = A.shape[0]
         size = A[0].size
         k = min(self.per_sample, size)
-        for i in range(A.shape[0]):
-            rng = np.random.default_rng(_splitmix(self.seed, start + i))
-            pos = np.sort(rng.choice(size, size=k, replace=False)) if k < size else np.arange(size)
-            triple = np.empty((k, 3))
-            triple[:, 0] = A[i].reshape(-1)[pos]
-            triple[:, 1] = B[i].reshape(-1)[pos]
-            if t is not None:
-                tv = t[i].reshape(-1)[pos].astype(np.float64)
-                triple[:, 2] = tv - (0.0 if base is None else base[i].reshape(-1)[pos])
-            else:
-                triple[:, 2] = np.nan
-            self.picks[start + i] = triple
+        stride = max(1, size // k)
+        offsets = np.array([_splitmix(self.seed, start + i) % stride for i in range(count)], dtype=np.int64)
+        pos = offsets[:, None] + np.arange(k, dtype=np.int64)[None, :] * stride
+        rows = np.arange(count)[:, None]
+        flat_a = A.reshape(count, -1)
+        flat_b = B.reshape(count, -1)
+        triple = np.empty((count, k, 3))
+        triple[..., 0] = flat_a[rows, pos]
+        triple[..., 1] = flat_b[rows, pos]
+        if t is not None:
+            tv = np.asarray(t).reshape(count, -1)[rows, pos].astype(np.float64)
+            triple[..., 2] = tv - (0.0 if base is None else base.reshape(count, -1)[rows, pos])
+        else:
+            triple[..., 2] = np.nan
+        for i in range(count):
+            self.picks[start + i] = triple[i]
 
     def merge(self, other: PairAccumulator) -> PairAccumulator:
         """Return the accumulator of both halves of a split fixture (disjoint samples, same layout)."""
