@@ -187,9 +187,11 @@ def cmd_pin(ns: argparse.Namespace) -> int:
 
 def _produce_file(ns: argparse.Namespace, mode: str) -> int:
     """Run one producer on an ONNX file (``MODEL.onnx``) or on a registry entry (``registry.json --id ID``)."""
+    from .logcapture import CapturedLogs, capture_logs
     from .producers.base import ProducerError
 
     source = Path(ns.source)
+    captured: CapturedLogs | None = None
     try:
         if source.suffix == ".json":
             return _produce_registry(ns, mode)
@@ -200,17 +202,29 @@ def _produce_file(ns: argparse.Namespace, mode: str) -> int:
             from .producers import ptq_static as mod
         config = mod.config_from_args(ns)
         fn = mod.quantize_dynamic if mode == "dynamic" else mod.quantize_static
-        result = fn(source, output, config)
+        # onnxruntime's tooling logs the same advice and warnings many times: caught here, summarised once
+        with capture_logs() as captured:
+            result = fn(source, output, config)
     except (ProducerError, InputError, ValueError, TypeError) as exc:
+        _print_logs(captured)
         _err(f"quantgate: error: {exc}")
         return EXIT_ERROR
+    _print_logs(captured)
     _out(f"wrote {result.int8_path}")
     _out(f"provenance {result.provenance_path}")
     _out(f"int8_sha256 {result.sha256}")
     return EXIT_PASS
 
 
+def _print_logs(captured: Any) -> None:
+    """Print the summary of what onnxruntime and friends logged during a step (nothing when they were quiet)."""
+    if captured is not None:
+        for line in captured.summary().lines():
+            _err(line)
+
+
 def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
+    from .logcapture import capture_logs
     from .producers.dispatch import produce
 
     from .registry import load_registry
@@ -223,8 +237,13 @@ def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
         return EXIT_ERROR
     overrides = _explicit_overrides(ns)
     for entry in picked:
-        result = produce(registry, entry, ns.fixtures.resolve(), allow_recipes=getattr(ns, "allow_recipes", False),
-                         progress=_out, overrides=overrides)
+        captured = None
+        try:
+            with capture_logs() as captured:
+                result = produce(registry, entry, ns.fixtures.resolve(),
+                                 allow_recipes=getattr(ns, "allow_recipes", False), progress=_out, overrides=overrides)
+        finally:
+            _print_logs(captured)
         _out(f"{entry.id}: wrote {result.int8_path}")
         _out(f"{entry.id}: int8_sha256 {result.sha256} (pin with `quantgate pin {registry.path} --id {entry.id}`)")
     return EXIT_PASS
