@@ -96,7 +96,9 @@ def cmd_measure(ns: argparse.Namespace) -> int:
             _err(f"quantgate: [{len(outcomes) + 1 - len(registry.problems)}/{total}] {entry.id} [{ep}] ...")
             started = time.perf_counter()
             outcome = run_one(registry, entry, ep, settings, run_id=run_id, cache=cache)
-            _err(f"quantgate: {entry.id} [{ep}] {outcome.status.upper()} in {time.perf_counter() - started:.1f} s")
+            quiet = f"; {outcome.log[0]}" if outcome.log else ""
+            _err(f"quantgate: {entry.id} [{ep}] {outcome.status.upper()} in {time.perf_counter() - started:.1f} s"
+                 f"{quiet}")
             outcomes.append(outcome)
     return report_outcomes(outcomes, str(registry.path), ns.json_out)
 

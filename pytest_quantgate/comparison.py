@@ -186,7 +186,7 @@ class GateResult:
         """Rebuild the result from its :meth:`to_row` form (a JSON report item, an xdist report attribute)."""
         known = {"id", "ep", "mode", "samples", "drop", "budget", "headroom", "verdict", "kind", "reason", "decision",
                  "ci", "ci_level", "needed_samples", "warnings", "also", "outputs", "regenerated", "cached",
-                 "traceback"}
+                 "traceback", "log", "status", "compare"}
         interval = None
         if row.get("ci") is not None:
             interval = Interval(float(row["ci"][0]), float(row["ci"][1]), float(row["ci_level"]),

@@ -373,6 +373,7 @@ class Outcome:
     notes: tuple[str, ...] = ()  # warnings for the user (a rebuilt sidecar that differs from its pin)
     traceback: str | None = None  # an unexpected exception's traceback (JSON report, or -v)
     cached_row: Mapping[str, Any] | None = None  # the row of the passing run a cached outcome stands for
+    log: tuple[str, ...] = ()  # the summary of what ORT and its tooling logged meanwhile
 
     def to_row(self) -> dict[str, Any]:
         """Return the summary row of this outcome."""
@@ -391,6 +392,8 @@ class Outcome:
             row["cached"] = True
         if self.traceback:
             row["traceback"] = self.traceback
+        if self.log:
+            row["log"] = list(self.log)
         return row
 
 
@@ -403,7 +406,8 @@ class Outcome:
             result = GateResult.from_row({k: v for k, v in row.items() if k != "status"})
         return cls(str(row["id"]), str(row["ep"]), str(row.get("mode", "-")), status, str(row.get("reason") or ""),
                    result, regenerated=row.get("regenerated"), cached=bool(row.get("cached")),
-                   traceback=row.get("traceback"), cached_row=row if row.get("cached") else None)
+                   traceback=row.get("traceback"), cached_row=row if row.get("cached") else None,
+                   log=tuple(row.get("log") or ()))
 
 
 class CacheStore(Protocol):
@@ -418,7 +422,21 @@ class CacheStore(Protocol):
 
 def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str = "",
             cache: CacheStore | None = None) -> Outcome:
-    """Gate one entry on one EP; every problem becomes an error or skip outcome, never an exception."""
+    """Gate one entry on one EP; every problem becomes an error or skip outcome, never an exception.
+
+    What ONNX Runtime and its quantisation tooling log meanwhile (Python records and the C++ core's lines on
+    fd 2) is captured and summarised once, in the outcome's ``log``, instead of being printed line by line.
+    """
+    from .logcapture import capture_logs
+
+    with capture_logs() as captured:
+        outcome = _run_one(registry, entry, ep, settings, run_id=run_id, cache=cache)
+    lines = captured.summary().lines()
+    return replace(outcome, log=tuple(lines)) if lines else outcome
+
+
+def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str,
+             cache: CacheStore | None) -> Outcome:
     from .errors import EpUnavailableError, InputError
 
     regenerated: str | None = None

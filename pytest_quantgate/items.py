@@ -121,6 +121,9 @@ class QuantGateItem(pytest.Item):
         for note in outcome.notes:
             self.warn(pytest.PytestWarning(f"quantgate {self.entry.id}: {note}"))
         self.quantgate_row = outcome.to_row()
+        if outcome.log:
+            # shown with the item's report (failures, or -rA), once, instead of ORT's lines on the terminal
+            self.add_report_section("setup", "onnxruntime log", "\n".join(outcome.log))
         if outcome.result is not None and outcome.status != "error":
             row = self.quantgate_row
             for name in JUNIT_KEYS:
