@@ -16,7 +16,8 @@ What is compared
     Labels: integer and boolean outputs (class ids from ArgMax, masks) are compared by agreement, never by
     PLCC: the flip rate (share of elements that differ) must stay within ``quant_budget_label_flip``
     (default 0.01), with its own paired bootstrap interval. ``quant_argmax_axis`` adds the same top-1
-    agreement check on float outputs (logits, per-pixel class scores) along that axis. With ``quant_compare: residual`` the named input
+    agreement check on float outputs (logits, per-pixel class scores) along that axis.
+    With ``quant_compare: residual`` the named input
     (the filter's own input) is subtracted from the outputs and the target first, so a residual filter's
     near-identity output does not inflate the correlation.
 
@@ -73,7 +74,7 @@ import numpy as np
 from .errors import FixtureError
 from .metrics import Interval, MomentTerm, PairMetrics, bootstrap_drop, samples_needed
 from .soak import Fixture, TensorSpec
-from .streaming import MAD, N, SA, SAA, SB, SBB, LabelAccumulator, PairAccumulator, describe_sums, pair_moments
+from .streaming import MAD, SA, SAA, SB, SBB, LabelAccumulator, N, PairAccumulator, describe_sums, pair_moments
 
 if TYPE_CHECKING:
     from .registry import Entry
@@ -119,7 +120,9 @@ class GateResult:
     budget: float
     verdict: str
     reason: str
-    kind: str  # "pass" | "drop" | "relative" | "nonfinite" | "constant" | "affine" | "mae" | "max_abs" | "speed" | "labels"
+    # "pass" | "drop" | "relative" | "nonfinite" | "constant" | "affine" | "mae" | "max_abs" | "speed" | "labels"
+    # | "lineage"
+    kind: str
     drop: float | None = None
     interval: Interval | None = None
     outputs: tuple[OutputReport, ...] = ()
@@ -281,7 +284,8 @@ def _target_output(entry: Entry, outputs: Sequence[TensorSpec], fixture: Fixture
     names = [o.name for o in outputs]
     if entry.target_output is not None:
         if entry.target_output not in names:
-            raise FixtureError(f"entry {entry.id!r}: quant_target_output {entry.target_output!r} is not an output {names}")
+            raise FixtureError(f"entry {entry.id!r}: quant_target_output {entry.target_output!r} is not an output "
+                               f"{names}")
         return entry.target_output
     if len(names) != 1:
         raise FixtureError(
@@ -468,7 +472,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
             return GateResult(**base, verdict=FAIL, kind=found[0], reason=found[1], outputs=tuple(reports))
         sample = acc.reservoir()
         if not probe:
-            probe = [float(v) for v in (sample[:64, 0] + (0.0 if name not in c.raw else 0.0))]
+            probe = [float(v) for v in sample[:64, 0]]
         rows = acc.output_rows()
         shift = acc.output_shift()
         totals = rows.sum(axis=0)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .comparison import CompareOptions, Collector, GateResult, plan_outputs
+from .comparison import Collector, CompareOptions, GateResult, plan_outputs
 from .errors import FixtureError, HashMismatchError, InsufficientSamplesError, ModelFileError
 from .fileio import sha256_file
 from .providers import SessionSpec, open_session
@@ -461,9 +461,8 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
                                cached_row=row)
         prepared = prepare(registry, entry, ep, settings, int8_pinned=built is None)
         result, collector = measure(prepared, settings)
-        if not result.passed and result.kind != "speed" and _diagnose_wanted(settings, result):
-            result = with_diagnosis(result, prepared, collector)
-        elif result.passed and settings.diagnose == "always":
+        failed = not result.passed and result.kind != "speed"
+        if (failed and settings.diagnose != "off") or settings.diagnose == "always":
             result = with_diagnosis(result, prepared, collector)
     except EpUnavailableError as exc:
         if settings.strict_ep:
@@ -487,10 +486,6 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
         cache.set(key, result.to_row())
     return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,
                    regenerated=regenerated, notes=tuple(notes))
-
-
-def _diagnose_wanted(settings: Settings, result: GateResult) -> bool:
-    return settings.diagnose in ("auto", "always")
 
 
 def _first_line(exc: BaseException) -> str:

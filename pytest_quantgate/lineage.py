@@ -762,7 +762,8 @@ def _judge(matches: Sequence[WeightMatch], mode: str, limits: LineageThresholds)
     if unlike:
         worst = min(unlike, key=lambda m: m.correlation)
         reasons.append(f"different model (or another training run): {len(unlike)} of {len(matched)} quantised weights "
-                       f"do not follow their fp32 values (correlation below {limits.different_corr}; worst {worst.int8_name!r} vs "
+                       f"do not follow their fp32 values (correlation below {limits.different_corr}; worst "
+                       f"{worst.int8_name!r} vs "
                        f"{worst.fp32_name!r}: {worst.correlation:.3f}, SQNR {_db(worst.sqnr_db)}): "
                        f"{_worst(unlike, lambda m: m.correlation)}")
         return reasons
@@ -774,7 +775,8 @@ def _judge(matches: Sequence[WeightMatch], mode: str, limits: LineageThresholds)
             worst = max(off, key=lambda m: m.off_grid or 0.0)
             reasons.append(f"the weights are not this fp32's weights rounded to the int8 grid (an older or retrained "
                            f"fp32, or edited weights): in {len(off)} of {len(matched)} quantised weights more than "
-                           f"{limits.max_off_grid:.0%} of elements are over half a quantisation step from the fp32 value "
+                           f"{limits.max_off_grid:.0%} of elements are over half a quantisation step from the fp32 "
+                           f"value "
                            f"(rounding keeps every one within it); worst "
                            f"{worst.int8_name!r}: {worst.off_grid:.1%} off, error {worst.step_rms:.2f} steps RMS")
             return reasons
@@ -782,7 +784,8 @@ def _judge(matches: Sequence[WeightMatch], mode: str, limits: LineageThresholds)
     if far:
         worst = max(far, key=lambda m: m.step_rms or 0.0)
         reasons.append(f"the weights moved from this fp32 by more than {mode} quantisation explains (an older or "
-                       f"retrained fp32, or edited weights): {len(far)} of {len(matched)} quantised weights are over {limits.max_step_rms} steps "
+                       f"retrained fp32, or edited weights): {len(far)} of {len(matched)} quantised weights are over "
+                       f"{limits.max_step_rms} steps "
                        f"RMS from the fp32 value; worst {worst.int8_name!r}: {worst.step_rms:.2f} steps, SQNR "
                        f"{_db(worst.sqnr_db)}")
     return reasons
@@ -793,7 +796,7 @@ def _load(path: Path, role: str) -> onnx.ModelProto:
 
     try:
         return onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError, OSError and friends for bad files)
+    except Exception as exc:
         raise ModelFileError(f"{path}: {role} model is not a readable ONNX model ({type(exc).__name__}: {exc})") \
             from None
 

@@ -90,7 +90,7 @@ class _Collector(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a record with bad %-arguments still counts, unformatted
+        except Exception:
             message = str(record.msg)
         self.records.append((record.name, record.levelname, message.strip()))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 from functools import cached_property
+from typing import Protocol
 
 import numpy as np
 
@@ -251,4 +251,4 @@ def samples_needed(samples: int, interval: Interval, drop: float, budget: float)
     margin = abs(budget - drop)
     if margin == 0.0:
         return 0
-    return int(math.ceil(samples * (half / margin) ** 2))
+    return math.ceil(samples * (half / margin) ** 2)

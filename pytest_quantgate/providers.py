@@ -51,7 +51,7 @@ from .ort import import_onnxruntime
 from .settings import EpOptions
 
 if TYPE_CHECKING:
-    ort = import_onnxruntime()
+    import onnxruntime as ort
 
 ORT_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -115,7 +115,8 @@ class SessionSpec:
 
     def openvino_options(self) -> dict[str, str]:
         """Return the OpenVINO provider options (names and values as onnxruntime-openvino 1.24.1 accepts them)."""
-        return {"device_type": self.options.openvino_device.upper(), "precision": self.options.openvino_precision.upper()}
+        return {"device_type": self.options.openvino_device.upper(),
+                "precision": self.options.openvino_precision.upper()}
 
     def config_entries(self) -> dict[str, str]:
         """Return session config entries; OpenVINO gets no silent CPU fallback."""
@@ -340,7 +341,8 @@ def open_session(path: Path, spec: SessionSpec, *, threads: int | None = None) -
     placed = placements(log) if spec.ep == "cuda" else None
     if placed is not None and not placed.get(wanted):
         raise EpUnavailableError(
-            f"{spec.ep}: {path}: {wanted} took none of the nodes ({', '.join(f'{ep}: {len(n)}' for ep, n in placed.items())}"
+            f"{spec.ep}: {path}: {wanted} took none of the nodes "
+            f"({', '.join(f'{ep}: {len(n)}' for ep, n in placed.items())}"
             f"); ORT fell back silently{hint}"
         )
     return session

@@ -13,7 +13,8 @@ from .comparison import GateResult
 REMEDIES = {
     "drop": [
         "Rebuild the sidecar: `quantgate {producer} {registry} --id {id}` and compare again.",
-        "Static/QAT: try another calibration method (entropy, percentile) or a calibration set closer to the soak data.",
+        "Static/QAT: try another calibration method (entropy, percentile) or a calibration set closer to the soak "
+        "data.",
         "Exclude the most sensitive nodes (StaticConfig.nodes_to_exclude) or move the entry to a stronger mode "
         "(dynamic -> static -> qat).",
         "Raise quant_accuracy_budget_plcc in {registry} only with a reviewed reason.",
@@ -285,7 +286,7 @@ def report_outcomes(outcomes: Sequence[Any], registry_path: str, json_out: Path 
     if outcomes:
         out()
         rows = [o.to_row() for o in outcomes]
-        for line in summary_lines(rows) + [""] + per_ep_lines(rows):
+        for line in [*summary_lines(rows), "", *per_ep_lines(rows)]:
             out(line)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
     out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")

@@ -225,9 +225,9 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
         )
     samples = next(iter(counts.values()))
     target = fixture.target
-    if target is not None:
-        if target.shape[0] != samples:
-            raise FixtureError(f"{where}: array {TARGET_KEY!r} has {target.shape[0]} samples, the inputs have {samples}")
+    if target is not None and target.shape[0] != samples:
+        raise FixtureError(f"{where}: array {TARGET_KEY!r} has {target.shape[0]} samples, the inputs have "
+                           f"{samples}")
 
     batched = next(iter(layouts.values()))
     if batched and fixed_batch:
