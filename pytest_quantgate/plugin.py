@@ -133,6 +133,25 @@ def _ensure_registry_collected(config: pytest.Config, registry: Path) -> None:
     config.args.append(str(registry))
 
 
+def _registry_nodeid(path: Path, config: pytest.Config) -> str | None:
+    """Return the registry's node id when it lies outside the rootdir, else None (pytest's own rule applies).
+
+    Outside the rootdir, pytest names a file by its path relative to the command-line argument that holds it; the
+    registry is that argument itself, so its node id would be "" and its items "::<id>[<ep>]". It gets its path
+    relative to the rootdir instead (``../models/registry.json``): it keeps its name, and pytest, which reads node
+    ids as rootdir-relative paths, shows and resolves it to the right file.
+    """
+    import os
+
+    registry, rootdir = path.resolve(), config.rootpath.resolve()
+    if registry.is_relative_to(rootdir):
+        return None
+    try:
+        return Path(os.path.relpath(registry, rootdir)).as_posix()
+    except ValueError:  # Windows: another drive has no relative path
+        return path.name
+
+
 class QuantGateSession:
     """Hooks that only exist while the gate is on."""
 
@@ -146,7 +165,7 @@ class QuantGateSession:
         if file_path.resolve() == settings.registry:
             from .items import RegistryFile
 
-            return RegistryFile.from_parent(parent, path=file_path)
+            return RegistryFile.from_parent(parent, path=file_path, nodeid=_registry_nodeid(file_path, parent.config))
         return None
 
     @pytest.hookimpl(hookwrapper=True)

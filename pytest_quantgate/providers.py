@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EpUnavailableError, ModelFileError
-from .ort import import_onnxruntime
+from .ort import EXTRAS, import_onnxruntime
 from .settings import EpOptions
 
 if TYPE_CHECKING:
@@ -316,7 +316,8 @@ def open_session(path: Path, spec: SessionSpec, *, threads: int | None = None) -
     if wanted not in ort.get_available_providers():
         raise EpUnavailableError(
             f"{spec.ep}: {wanted} is not offered by the installed {ort_distribution()}; "
-            f"install {PACKAGES[spec.ep]} (one onnxruntime wheel per virtualenv)"
+            f"install {PACKAGES[spec.ep]} (one onnxruntime wheel per virtualenv: in a fresh one, "
+            f"pip install 'pytest-quantgate[{EXTRAS[PACKAGES[spec.ep]]}]')"
         )
     # CUDA: verbose log so the node placements can be read (creation only; runs log at their own level)
     severity = _VERBOSE if spec.ep == "cuda" else _ERROR

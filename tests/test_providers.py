@@ -55,8 +55,8 @@ def test_each_item_carries_its_ep_and_an_unavailable_ep_skips_naming_the_wheel(p
         "*model/registry.json::digits[[]cpu[]] PASSED*",
         "*model/registry.json::digits[[]openvino[]] SKIPPED*",
         "SKIPPED *quantgate: openvino: OpenVINOExecutionProvider is not offered by the installed onnxruntime *; "
-        "install onnxruntime-openvino (one onnxruntime wheel per virtualenv) (use --quantgate-strict-ep to make this an "
-        "error)",
+        "install onnxruntime-openvino (one onnxruntime wheel per virtualenv: in a fresh one, pip install "
+        "'pytest-quantgate[[]openvino[]]') (use --quantgate-strict-ep to make this an error)",
     ])
 
 
@@ -67,7 +67,8 @@ def test_strict_ep_turns_the_skip_into_an_error(project: GateProject) -> None:
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines([
         "*quantgate ERROR: digits [[]cuda[]]: cuda: CUDAExecutionProvider is not offered by the installed onnxruntime "
-        "*; install onnxruntime-gpu (one onnxruntime wheel per virtualenv) (--quantgate-strict-ep)*",
+        "*; install onnxruntime-gpu (one onnxruntime wheel per virtualenv: in a fresh one, pip install "
+        "'pytest-quantgate[[]gpu[]]') (--quantgate-strict-ep)*",
         "*quantgate ERROR: digits [[]openvino[]]: openvino: OpenVINOExecutionProvider is not offered *install "
         "onnxruntime-openvino*(--quantgate-strict-ep)*",
     ])
