@@ -155,13 +155,15 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
 
     The partial lives in the target's folder, so the final ``os.replace`` is a same-filesystem rename (atomic
     on POSIX): readers see the old file or the new one, never a torn one. On an exception (KeyboardInterrupt
-    included) the partial is removed; after a SIGKILL it stays until :func:`sweep_partials` finds it unlocked.
+    included) the partial is removed; after a SIGKILL it stays until the next :func:`sweep_partials` of its
+    folder, which every ``atomic_path`` runs first.
     Write into the yielded path in place (``open(path, "wb")``, ``shutil.copyfile``): replacing it with another
     file would drop the lock. The name keeps ``suffix`` (e.g. ``.onnx``) for writers that dispatch on it.
     A symlinked ``target`` is replaced by a plain file; resolve it first to write through the link.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_partials(target.parent)  # every writer clears what dead writers left in the folder it writes to
     fd, tmp = _new_locked_partial(target, suffix)
     try:
         yield tmp
