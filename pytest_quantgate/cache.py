@@ -34,7 +34,7 @@ def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | 
         return None
     material = {
         "files": files,
-        "entry": dict(entry.raw),
+        "entry": dict(entry.source),
         "ep": ep,
         "ep_options": asdict(settings.ep_options),
         "onnxruntime": providers.ort_distribution(),

@@ -167,11 +167,11 @@ def cmd_pin(ns: argparse.Namespace) -> int:
                 fields["sha256"] = sha256_file(fp32)
             if entry.gated and registry.int8_path(entry).is_file():
                 fields["int8_sha256"] = sha256_file(registry.int8_path(entry))
-            changed = {k: v for k, v in fields.items() if (entry.raw.get(k) or "").lower() != v}
+            changed = {k: v for k, v in fields.items() if (getattr(entry, k) or "").lower() != v}
             if changed:
                 updates[entry.id] = changed
                 for key, value in changed.items():
-                    _out(f"{entry.id}: {key} {entry.raw.get(key, '(none)')} -> {value}")
+                    _out(f"{entry.id}: {key} {getattr(entry, key) or '(none)'} -> {value}")
         if not updates:
             _out(f"{registry.path}: every selected hash is already pinned")
             return EXIT_PASS

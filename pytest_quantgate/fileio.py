@@ -1,15 +1,108 @@
-"""Hash files and write them atomically, so a killed writer never leaves a partial file behind."""
+"""Read files safely and write them atomically: the one place that touches bytes on disk for the gate.
+
+Reading: :func:`check_regular` and :func:`read_bounded` refuse FIFOs, devices, sockets and folders without
+ever blocking on them (``stat`` first, then an ``O_NONBLOCK`` open checked again with ``fstat``), and never read
+more than a stated cap.
+
+Writing: :func:`atomic_path` writes a hidden ``.<name>.<random><suffix>.partial`` beside the target and renames
+it onto the target only when complete, so the target is always either the old file or the new one, never a torn
+one. A writer killed with SIGKILL cannot remove its partial, so every partial carries proof of life instead: its
+writer holds an exclusive ``flock`` on it from creation until the rename. :func:`sweep_partials` deletes the
+partials whose lock it can take -- their writer is dead, however recently it died -- and leaves live writers'
+partials alone. No age rule is involved. Locks are per open file description, so the check also holds
+between threads and between two opens in one process.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import InputError
+
 _CHUNK = 1 << 20
+PARTIAL_SUFFIX = ".partial"
+# 16 MiB: the largest text file (a registry) the gate reads whole; a 10 000-entry registry is about 5 MiB
+DEFAULT_READ_CAP = 16 * 1024 * 1024
+
+
+def file_kind(mode: int) -> str:
+    """Return a human name for the type of a file mode (``regular file``, ``FIFO``, ``directory``, ...)."""
+    kinds = (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def check_regular(path: str | os.PathLike[str], what: str, error: type[Exception] = InputError) -> os.stat_result:
+    """Return ``os.stat(path)`` when it is a regular file (symlinks followed); raise ``error`` naming its kind.
+
+    ``stat`` never opens the file, so a FIFO without a writer or a device is refused without blocking.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (OSError, ValueError) as exc:  # ValueError: embedded NUL byte
+        raise error(f"{path}: cannot read the {what}: {_os_reason(exc)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: the {what} is a {file_kind(info.st_mode)}, not a regular file")
+    return info
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str, error: type[Exception] = InputError) -> bytes:
+    """Return the bytes of a regular file of at most ``limit`` bytes; raise ``error`` naming the path otherwise.
+
+    The file is opened with ``O_NONBLOCK`` and checked with ``fstat`` on the open descriptor, so a file swapped
+    for a FIFO or device after the first check is still refused without blocking; the read stops at
+    ``limit + 1`` bytes whatever the size claims (files that grow while read, ``/proc`` files).
+    """
+    check_regular(path, what, error)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {_os_reason(exc)}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: the {what} is a {file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise error(f"{path}: the {what} is {info.st_size} bytes, over the {limit}-byte cap")
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:
+            chunk = os.read(fd, min(_CHUNK, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise error(f"{path}: the {what} is over the {limit}-byte cap (it grew while being read)")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {_os_reason(exc)}") from None
+    finally:
+        os.close(fd)
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -22,28 +115,86 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success.
+def _folder_lock(folder: Path, operation: int) -> Iterator[None]:
+    """Hold ``flock(operation)`` on the folder itself (no lock file): creators share it, a sweep takes it alone.
 
-    The temporary file lives in the target's folder so the final ``os.replace`` is a same-filesystem
-    rename (atomic on POSIX and Windows). On any exception, including KeyboardInterrupt, it is removed.
-    The temporary name keeps ``suffix`` (e.g. ``.onnx``) because some writers dispatch on it.
+    This closes the window between creating a partial and locking it, in which a sweep would take the new,
+    still unlocked partial for a dead writer's. Filesystems without ``flock`` on folders fall back to no lock.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _new_locked_partial(target: Path, suffix: str) -> tuple[int, Path]:
+    """Create ``.<name>.<random><suffix>.partial`` beside ``target`` and lock it; return its fd and path."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    with _folder_lock(target.parent, fcntl.LOCK_SH):
+        for _ in range(100):
+            tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}{suffix}{PARTIAL_SUFFIX}")
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileExistsError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)  # fresh file: nobody else can hold it, so this never waits
+            return fd, tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a locked partial file beside ``target``; rename it onto ``target`` only when the body succeeds.
+
+    The partial lives in the target's folder, so the final ``os.replace`` is a same-filesystem rename (atomic
+    on POSIX): readers see the old file or the new one, never a torn one. On an exception (KeyboardInterrupt
+    included) the partial is removed; after a SIGKILL it stays until the next :func:`sweep_partials` of its
+    folder, which every ``atomic_path`` runs first.
+    Write into the yielded path in place (``open(path, "wb")``, ``shutil.copyfile``): replacing it with another
+    file would drop the lock. The name keeps ``suffix`` (e.g. ``.onnx``) for writers that dispatch on it.
+    A symlinked ``target`` is replaced by a plain file; resolve it first to write through the link.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{suffix}.partial", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    sweep_partials(target.parent)  # every writer clears what dead writers left in the folder it writes to
+    fd, tmp = _new_locked_partial(target, suffix)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's mode)
-        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
+        os.fsync(fd)
+        # the partial is created 0600; give the file the mode of the old file, or the one a plain open() gives
+        try:
+            mode = target.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.fchmod(fd, mode)
         os.replace(tmp, target)
+        _fsync_folder(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)  # the lock goes with the last descriptor, after the rename
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (the folder entry), where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -52,10 +203,58 @@ def _umask() -> int:
     return current
 
 
+def sweep_partials(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the partial files of dead writers in ``folder``; return what was deleted.
+
+    A partial is a dead writer's exactly when its lock can be taken: a live writer holds it until its rename.
+    Files are checked again after locking (same inode, still a regular file), so a partial renamed away or
+    replaced meanwhile is never touched. Safe to call at any time, from any number of processes.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    with _folder_lock(folder, fcntl.LOCK_EX):
+        try:
+            candidates = sorted(p for p in folder.iterdir()
+                                if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX))
+        except OSError:
+            return removed
+        for candidate in candidates:
+            if _remove_if_unlocked(candidate):
+                removed.append(candidate)
+    return removed
+
+
+def _remove_if_unlocked(path: Path) -> bool:
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # gone, a symlink (O_NOFOLLOW), or not ours to open: leave it
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its writer is alive
+            return False
+        current = os.stat(path, follow_symlinks=False)
+        if (current.st_dev, current.st_ino) != (info.st_dev, info.st_ino):
+            return False
+        path.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
+    with atomic_path(target) as tmp, open(tmp, "r+b") as handle:
+        handle.write(data)
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:

@@ -313,7 +313,7 @@ def speed_and_size(p: Prepared, clock: _Clock, batch: int | None) -> dict[str, A
 
 def check_speed(result: GateResult, entry: Entry) -> GateResult:
     """Fail a sidecar slower than the entry's optional ``quant_min_speedup`` (off by default)."""
-    minimum = entry.raw.get("quant_min_speedup")
+    minimum = entry.min_speedup
     speedup = result.extra.get("speedup")
     if minimum is None or speedup is None or speedup >= minimum:
         return result

@@ -1,16 +1,25 @@
-"""Load and validate ``registry.json`` against the bundled JSON Schema, and resolve its paths safely."""
+"""Load and validate ``registry.json`` against the bundled JSON Schema, and resolve its paths safely.
+
+Parsing refuses what Python's json accepts but a registry must not hold: ``NaN``, ``Infinity`` and numbers
+that overflow to infinity (``1e999``), nesting too deep to walk, special files and files over
+:data:`REGISTRY_MAX_BYTES`. Every failure is a :class:`RegistryError` naming the file (and line or field).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from types import MappingProxyType
 from typing import Any
 
 from .errors import RegistryError
+from .fileio import read_bounded
 
 # Budgets used when an entry has no ``quant_accuracy_budget_plcc`` (ADR-0129 for PTQ, ADR-0208 for QAT).
 DEFAULT_BUDGET_PLCC = {"dynamic": 0.01, "static": 0.01, "qat": 0.002}
@@ -24,13 +33,32 @@ QUANT_MODES = ("fp32", "static", "dynamic", "qat")
 DEFAULT_DEPLOY_BATCH = {"dynamic": 1}
 # Fewer samples than this make the percentile bootstrap interval unreliable (and 1 sample has no spread at all)
 DEFAULT_MIN_SAMPLES = 30
+# A registry is hand-written text; 16 MiB holds some 30 000 entries and stops /dev/zero-like inputs early.
+REGISTRY_MAX_BYTES = 16 * 1024 * 1024
+# Ids name files (``<id>.npz`` fixtures, reports, caches such as ``<id>.<ep>.<digest>.json``): 128 bytes leave
+# 127 of NAME_MAX's 255 for whatever suffix a file named after an id gets.
+ID_MAX_LENGTH = 128
+# Registry keys that hold paths, and the role of the file each names (for messages about overwrites).
+PATH_FIELDS = {
+    "onnx": "fp32 model",
+    "int8_onnx": "int8 sidecar",
+    "soak_fixture": "soak fixture",
+    "quant_calibration_set": "calibration set",
+    "qat_recipe": "QAT recipe",
+}
 
 
 @lru_cache(maxsize=1)
 def load_schema() -> dict[str, Any]:
     """Return the registry JSON Schema shipped inside the package."""
     text = resources.files("pytest_quantgate").joinpath("schema/registry.schema.json").read_text("utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def known_keys() -> frozenset[str]:
+    """Return every entry key the schema names (the gate reads no other)."""
+    return frozenset(load_schema()["$defs"]["entry"]["properties"])
 
 
 @dataclass(frozen=True)
@@ -63,7 +91,15 @@ class Entry:
     explicit_budget_plcc: float | None = None
     lineage: bool = True
     qat_recipe: str | None = None
+    min_speedup: float | None = None
+    quant_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+    kind: str | None = None
+    description: str | None = None
+    int8_onnx_explicit: bool = False  # int8_onnx given, rather than derived from onnx
+    # the keys the schema does not name (project metadata such as license or notes), as written
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # the whole entry object as written, for digests of everything a verdict depends on (the cache key)
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def gated(self) -> bool:
@@ -116,7 +152,7 @@ class Registry:
 
     def int8_path(self, entry: Entry) -> Path:
         """Return the int8 sidecar path of an entry."""
-        return self.resolve(entry, entry.int8_onnx, "int8_onnx" if "int8_onnx" in entry.raw else "onnx")
+        return self.resolve(entry, entry.int8_onnx, "int8_onnx" if entry.int8_onnx_explicit else "onnx")
 
     def data_candidates(self, entry: Entry, relative: str, field_name: str, fixtures_dir: Path) -> list[Path]:
         """Return where a data file (soak fixture, calibration set) named by an entry may live, in order.
@@ -149,12 +185,16 @@ class Registry:
 
 def resolve_inside(base: Path, relative: str, *, where: str) -> Path:
     """Join ``relative`` onto ``base``; refuse absolute paths and anything (symlinks too) that leaves ``base``."""
-    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute() or PureWindowsPath(relative).drive:
+    windows = PureWindowsPath(relative)
+    if PurePosixPath(relative).is_absolute() or windows.is_absolute() or windows.drive:
         raise RegistryError(f"{where}: {relative!r} is an absolute path; paths must be relative to {base}")
-    base_real = base.resolve()
     candidate = base / relative
-    # resolve() follows symlinks, so a link that points outside the folder is caught here too
-    real = candidate.resolve()
+    try:
+        base_real = base.resolve()
+        # resolve() follows symlinks, so a link that points outside the folder is caught here too
+        real = candidate.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise RegistryError(f"{where}: {relative!r} cannot be resolved: {exc}") from None
     if not real.is_relative_to(base_real):
         raise RegistryError(f"{where}: {relative!r} resolves to {real}, outside the folder {base_real}")
     return candidate
@@ -181,11 +221,33 @@ def _describe(error: Any) -> str:
     if validator == "enum":
         return f"at {path}: {error.instance!r} is not one of {', '.join(repr(v) for v in error.validator_value)}"
     if validator == "pattern":
-        hint = "a 64-character hex sha256" if "0-9a-fA-F]{64}" in error.validator_value else f"to match {error.validator_value}"
+        if "0-9a-fA-F]{64}" in error.validator_value:
+            hint = "a 64-character hex sha256"
+        elif "A-Za-z0-9_." in error.validator_value:
+            hint = "an id of ASCII letters, digits, '_', '.' and '-' that starts with a letter or digit"
+        elif "u0000" in error.validator_value:
+            hint = "a path without NUL bytes"
+        else:
+            hint = f"to match {error.validator_value}"
         return f"at {path}: {error.instance!r} is not valid; expected {hint}"
+    if validator == "maxLength":
+        return f"at {path}: {len(error.instance)} characters, over the {error.validator_value} allowed"
     if validator == "type":
         return f"at {path}: expected {error.validator_value}, got {type(error.instance).__name__} {error.instance!r}"
     return f"at {path}: {error.message}"
+
+
+def _unencodable_paths(raw: Mapping[str, Any], index: int) -> str:
+    """Return why path fields cannot name a file on this system (lone surrogates, say), or '' when they can."""
+    found = []
+    for key in PATH_FIELDS:
+        value = raw.get(key)
+        if isinstance(value, str):
+            try:
+                os.fsencode(value)
+            except UnicodeError:
+                found.append(f"at $.models[{index}].{key}: {value!r} cannot be encoded as a file name")
+    return "; ".join(found)
 
 
 def _entry_from(raw: Mapping[str, Any], index: int) -> Entry:
@@ -220,7 +282,13 @@ def _entry_from(raw: Mapping[str, Any], index: int) -> Entry:
         explicit_budget_plcc=raw.get("quant_accuracy_budget_plcc"),
         lineage=bool(raw.get("quant_lineage", True)),
         qat_recipe=raw.get("qat_recipe"),
-        raw=raw,
+        min_speedup=raw.get("quant_min_speedup"),
+        quant_options=MappingProxyType(dict(raw.get("quant_options", {}))),
+        kind=raw.get("kind"),
+        description=raw.get("description"),
+        int8_onnx_explicit="int8_onnx" in raw,
+        raw=MappingProxyType({k: v for k, v in raw.items() if k not in known_keys()}),
+        source=MappingProxyType(dict(raw)),
     )
 
 
@@ -249,6 +317,10 @@ def parse_registry(data: Any, path: Path) -> Registry:
             shown = label or f"models[{index}]"
             details = "; ".join(_describe(e).replace("at $", f"at $.models[{index}]", 1) for e in errors)
             problems.append(EntryProblem(index, shown, f"{path}: entry {shown!r} is invalid: {details}"))
+            continue
+        bad_paths = _unencodable_paths(raw, index)
+        if bad_paths:
+            problems.append(EntryProblem(index, raw["id"], f"{path}: entry {raw['id']!r} is invalid: {bad_paths}"))
             continue
         seen.setdefault(raw["id"], []).append(index)
         entries.append(_entry_from(raw, index))
@@ -280,17 +352,108 @@ def parse_registry(data: Any, path: Path) -> Registry:
 def load_registry(path: str | Path) -> Registry:
     """Read, parse and validate a registry file; raise RegistryError for whole-file problems."""
     path = Path(path)
+    data = read_registry_json(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RegistryError(f"{path}: registry file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{path}: cannot read the registry: {exc}") from None
+        return parse_registry(data, path)
+    except RecursionError:  # a schema walk too deep; _check_depth makes this unreachable for parsed files
+        raise RegistryError(f"{path}: nested too deeply to validate") from None
+
+
+def read_registry_json(path: Path) -> Any:
+    """Return the parsed JSON of a registry file: regular, at most REGISTRY_MAX_BYTES, finite numbers only."""
+    raw = read_bounded(path, REGISTRY_MAX_BYTES, "registry file", RegistryError)
     try:
-        data = json.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path}: the registry is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    return parse_json_text(text, path)
+
+
+def parse_json_text(text: str, path: Path) -> Any:
+    """Parse registry JSON text; refuse non-finite numbers and nesting deeper than MAX_JSON_DEPTH."""
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NonFinite as exc:
+        raise RegistryError(f"{path}:{_where_token(text, exc.token)}: {exc.token} is not a finite number; "
+                            "budgets and options must be finite JSON numbers") from None
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from None
-    return parse_registry(data, path)
+    except RecursionError:
+        raise RegistryError(f"{path}: malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
+        raise RegistryError(f"{path}: malformed JSON: {exc}") from None
+    _check_depth(data, path)
+    return data
+
+
+# Real registries are five levels deep (root, models, entry, quant_options, a list); 32 is generous and keeps
+# every later walk (schema validation, digests, reports) far from Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+class _NonFinite(ValueError):
+    def __init__(self, token: str) -> None:
+        super().__init__(token)
+        self.token = token
+
+
+def _refuse_constant(token: str) -> Any:
+    raise _NonFinite(token)
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):  # 1e999 overflows to inf
+        raise _NonFinite(token)
+    return value
+
+
+def _where_token(text: str, token: str) -> str:
+    """Return ``line:col`` (and the key it belongs to) of the first ``token`` outside a JSON string."""
+    in_string = escaped = False
+    for pos, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif text.startswith(token, pos) and (pos == 0 or text[pos - 1] not in "0123456789.eE+-"):
+            line = text.count("\n", 0, pos) + 1
+            col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+            key = _key_before(text, pos)
+            return f"{line}:{col}" + (f": field {key!r}" if key else "")
+    return "?"
+
+
+def _key_before(text: str, pos: int) -> str | None:
+    import re
+
+    match = re.search(r'"((?:[^"\\]|\\.)*)"\s*:\s*-?$', text[max(0, pos - 2000) : pos])
+    if match is None:
+        return None
+    try:
+        key: str = json.loads(f'"{match.group(1)}"')
+    except ValueError:
+        return None
+    return key
+
+
+def _check_depth(data: Any, path: Path) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH, walking iteratively (no recursion to overflow)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RegistryError(f"{path}: malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def _entry_spans(text: str) -> list[tuple[int, int]]:

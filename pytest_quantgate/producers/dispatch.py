@@ -46,7 +46,7 @@ def produce(
     int8 = registry.int8_path(entry)
     if not fp32.is_file():
         raise ProducerError(f"{registry.path}: entry {entry.id!r}: fp32 model {fp32} does not exist")
-    options = {**dict(entry.raw.get("quant_options", {})), **dict(overrides or {})}
+    options = {**dict(entry.quant_options), **dict(overrides or {})}
     if entry.mode == "dynamic":
         from .ptq_dynamic import DynamicConfig, quantize_dynamic
 

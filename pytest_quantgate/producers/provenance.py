@@ -51,8 +51,6 @@ _ORT_DISTRIBUTIONS = (
 )
 _SCRATCH_PREFIX = "quantgate-"
 _SCRATCH_RE = re.compile(rf"^{re.escape(_SCRATCH_PREFIX)}(\d+)-([0-9a-f]{{8}})-")
-# A temp file that fileio.atomic_path leaves behind only when its process was killed mid-copy.
-_STALE_PARTIAL_AGE_S = 600.0
 
 
 def _dist_version(name: str) -> str | None:
@@ -166,27 +164,6 @@ def scratch_dir(label: str = "producer") -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def sweep_stale_partials(target: str | os.PathLike[str], older_than_s: float = _STALE_PARTIAL_AGE_S) -> list[Path]:
-    """Remove ``fileio`` temp files of ``target`` left by a writer killed mid-rename; return what was removed.
-
-    Only files named like ``fileio.atomic_path`` names them for this exact target and older than
-    ``older_than_s`` are touched, so a concurrent writer's live temp file is left alone.
-    """
-    target = Path(target)
-    removed: list[Path] = []
-    if not target.parent.is_dir():
-        return removed
-    now = time.time()
-    for candidate in target.parent.glob(f".{target.name}.*.partial"):
-        try:
-            if now - candidate.stat().st_mtime > older_than_s:
-                candidate.unlink()
-                removed.append(candidate)
-        except OSError:
-            continue
-    return removed
 
 
 def publish_sidecar(built: str | os.PathLike[str], int8_path: str | os.PathLike[str], record: Mapping[str, Any]) -> ProducerResult:

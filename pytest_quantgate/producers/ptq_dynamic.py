@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_quantgate.fileio import sha256_file
+from pytest_quantgate.fileio import sha256_file, sweep_partials
 from pytest_quantgate.ort import import_onnxruntime
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
-from pytest_quantgate.producers.provenance import library_versions, publish_sidecar, scratch_dir, sweep_stale_partials
+from pytest_quantgate.producers.provenance import library_versions, publish_sidecar, scratch_dir
 
 if TYPE_CHECKING:
     import onnx
@@ -181,7 +181,7 @@ def begin(fp32_path: Path, int8_path: Path, config: Any, config_cls: type, name:
     if not isinstance(config, config_cls):
         raise ProducerError(f"{fp32_path}: {name} needs a {config_cls.__name__}, got {type(config).__name__}")
     started = time.monotonic()
-    sweep_stale_partials(int8_path)
+    sweep_partials(int8_path.parent)
     fp32_sha = sha256_file(fp32_path)
     model = load_model(fp32_path)
     check_node_names(fp32_path, model, "nodes_to_exclude", config.nodes_to_exclude)
