@@ -67,7 +67,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import numpy as np
 
@@ -79,7 +79,13 @@ from .streaming import MAD, SA, SAA, SB, SBB, LabelAccumulator, N, PairAccumulat
 if TYPE_CHECKING:
     from .registry import Entry
 
-PASS, FAIL = "PASS", "FAIL"
+PASS: Final = "PASS"
+FAIL: Final = "FAIL"
+# the verdict of a measured result; an item that could not be measured is an Outcome with status error or skip
+Verdict = Literal["PASS", "FAIL"]
+# why a result failed (or "pass"): one per budget check, so reports, remedies and tests can dispatch on it
+Kind = Literal["pass", "drop", "relative", "nonfinite", "constant", "affine", "mae", "max_abs", "speed", "labels",
+               "lineage"]
 DEFAULT_LABEL_FLIP = 0.01
 
 
@@ -118,11 +124,9 @@ class GateResult:
     mode: str
     samples: int
     budget: float
-    verdict: str
+    verdict: Verdict
     reason: str
-    # "pass" | "drop" | "relative" | "nonfinite" | "constant" | "affine" | "mae" | "max_abs" | "speed" | "labels"
-    # | "lineage"
-    kind: str
+    kind: Kind
     drop: float | None = None
     interval: Interval | None = None
     outputs: tuple[OutputReport, ...] = ()
@@ -207,7 +211,7 @@ class GateResult:
                     labels["what"], labels["flip_rate"], labels["budget"],
                     Interval(**labels["interval"]) if labels.get("interval") else None)))
         return cls(entry_id=row["id"], ep=row["ep"], mode=row["mode"], samples=row["samples"], budget=row["budget"],
-                   verdict=row["verdict"], reason=row["reason"], kind=row["kind"], drop=row.get("drop"),
+                   verdict=cast(Verdict, row["verdict"]), reason=row["reason"], kind=cast(Kind, row["kind"]), drop=row.get("drop"),
                    interval=interval, outputs=tuple(outputs), compare=row.get("compare", "output"),
                    decision=row.get("decision", "point"), needed_samples=row.get("needed_samples"),
                    warnings=tuple(row.get("warnings") or ()), also=tuple(row.get("also") or ()),
@@ -399,7 +403,7 @@ class Collector:
 # --- budget checks: each returns its breaches (kind, text) ----------------------------------------------------
 
 
-def _degenerate(name: str, acc: PairAccumulator, what: str) -> tuple[str, str] | None:
+def _degenerate(name: str, acc: PairAccumulator, what: str) -> tuple[Kind, str] | None:
     """Return a breach when an output holds NaN/inf or is constant (raw outputs first)."""
     bad_a, bad_b, count = acc.nonfinite()
     if bad_a or bad_b:
@@ -415,7 +419,7 @@ def _degenerate(name: str, acc: PairAccumulator, what: str) -> tuple[str, str] |
     return None
 
 
-def _affine(name: str, m: PairMetrics, budget: float, what: str = "") -> tuple[str, str] | None:
+def _affine(name: str, m: PairMetrics, budget: float, what: str = "") -> tuple[Kind, str] | None:
     if abs(m.slope - 1.0) <= budget and m.offset_rel <= budget:
         return None
     return "affine", (f"output {name!r}{what}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset error "
@@ -423,8 +427,8 @@ def _affine(name: str, m: PairMetrics, budget: float, what: str = "") -> tuple[s
                       f"{m.offset_rel:.4f} std)")
 
 
-def _absolute(name: str, m: PairMetrics, entry: Entry) -> list[tuple[str, str]]:
-    out = []
+def _absolute(name: str, m: PairMetrics, entry: Entry) -> list[tuple[Kind, str]]:
+    out: list[tuple[Kind, str]] = []
     if entry.budget_mae is not None and m.mae > entry.budget_mae:
         out.append(("mae", f"output {name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae "
                            f"{entry.budget_mae:g}"))
@@ -455,7 +459,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
         raise FixtureError(f"{c.where}: array 'target' is constant; a correlation against it is undefined")
     reports: list[OutputReport] = []
     terms: list[MomentTerm] = []
-    breaches: list[tuple[str, str]] = []
+    breaches: list[tuple[Kind, str]] = []
     probe: list[float] = []
     for plan in c.plans:
         name = plan.spec.name
@@ -513,7 +517,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
                 breaches.append(found)
 
     label_reports: dict[str, LabelReport] = {}
-    label_breaches: list[tuple[str, str]] = []
+    label_breaches: list[tuple[Kind, str]] = []
     seed = c.seed
     for key, lab in sorted(c.labels.items()):
         budget = entry.budget_label_flip if entry.budget_label_flip is not None else DEFAULT_LABEL_FLIP

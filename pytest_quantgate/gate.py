@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import numpy as np
 
@@ -358,6 +358,10 @@ def plot_data(p: Prepared, collector: Collector, result: GateResult) -> dict[str
     return subsample(name, kept[:, 0], kept[:, 1], target)
 
 
+# what happened to an item: measured (pass, fail), not measurable (error: bad input), or not run here (skip)
+Status = Literal["pass", "fail", "error", "skip"]
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one (entry, EP): pass, fail, error or skip, with the result when one was measured."""
@@ -365,7 +369,7 @@ class Outcome:
     entry_id: str
     ep: str
     mode: str
-    status: str  # "pass" | "fail" | "error" | "skip"
+    status: Status
     message: str
     result: GateResult | None = None
     regenerated: str | None = None
@@ -400,7 +404,7 @@ class Outcome:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Outcome:
         """Rebuild an outcome from its :meth:`to_row` form: the JSON report and xdist carry rows."""
-        status = str(row.get("status") or str(row["verdict"]).lower())
+        status = cast(Status, str(row.get("status") or str(row["verdict"]).lower()))
         result = None
         if row.get("kind") is not None and row.get("samples") is not None and not row.get("cached"):
             result = GateResult.from_row({k: v for k, v in row.items() if k != "status"})
