@@ -211,7 +211,8 @@ class GateResult:
                     labels["what"], labels["flip_rate"], labels["budget"],
                     Interval(**labels["interval"]) if labels.get("interval") else None)))
         return cls(entry_id=row["id"], ep=row["ep"], mode=row["mode"], samples=row["samples"], budget=row["budget"],
-                   verdict=cast(Verdict, row["verdict"]), reason=row["reason"], kind=cast(Kind, row["kind"]), drop=row.get("drop"),
+                   verdict=cast(Verdict, row["verdict"]), reason=row["reason"], kind=cast(Kind, row["kind"]),
+                   drop=row.get("drop"),
                    interval=interval, outputs=tuple(outputs), compare=row.get("compare", "output"),
                    decision=row.get("decision", "point"), needed_samples=row.get("needed_samples"),
                    warnings=tuple(row.get("warnings") or ()), also=tuple(row.get("also") or ()),
