@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_collect  # noqa: E402
 import bench_gate  # noqa: E402
+import bench_realsize  # noqa: E402
 import bench_startup  # noqa: E402
 import bench_xdist  # noqa: E402
 from common import print_table  # noqa: E402
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--no-realsize", action="store_true", help="skip the real-size models (about a minute)")
     args = parser.parse_args(argv)
     q = args.quick
     results = [
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_startup.run(7 if q else 21),
         bench_xdist.run(2 if q else 5),
     ]
+    if not args.no_realsize:
+        results += bench_realsize.run(quick=q)
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2))
