@@ -82,6 +82,7 @@ def _det_model(path: Path) -> None:
     rng = np.random.default_rng(12)
     w1 = (rng.normal(size=(16, 1, 3, 3)) / 3).astype(np.float32)
     w2 = (rng.normal(size=(12, 16, 1, 1)) / 4).astype(np.float32)
+    w2[4:] *= 4.0  # class logits spread over several units: scores that span 0-1, as a trained head's do
     nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["b"]),
              helper.make_node("Conv", ["b", "W2"], ["c"]),  # [N, 12, 80, 80]

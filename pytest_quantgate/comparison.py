@@ -494,8 +494,13 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
         worst_channel = worst_drop = None
         if acc.channels > 1:
             sums = acc.channel_sums()
-            fp32_var = sums.values[:, SAA] - sums.values[:, SA] ** 2 / sums.values[:, N]
-            mask = fp32_var > 0
+            count = sums.values[:, N]
+            fp32_std = np.sqrt(np.maximum(sums.values[:, SAA] - sums.values[:, SA] ** 2 / count, 0.0) / count)
+            fp32_mean = sums.values[:, SA] / count + acc.shift[0] if acc.shift is not None else 0.0
+            # a channel whose fp32 values vary by less than one 8-bit step of their own magnitude (a saturated
+            # sigmoid, an unused class) carries nothing int8 can keep: it is not judged; a real score channel
+            # (0-1 next to 0-320 px boxes) varies far more and is
+            mask = (fp32_std > 0) & (fp32_std >= (np.abs(fp32_mean) + fp32_std) / 256.0)
             channel_term = MomentTerm(pair_moments(acc.stats, 0, 1), mask=mask)
             fidelity = 1.0 - sums.plcc(0, 1)
             fidelity = np.where(np.isfinite(fidelity), fidelity, 1.0)

@@ -132,8 +132,10 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
     return Prepared(entry, ep, fp32_path, int8_path, fp32_sha, int8_sha, fixture, plan, inputs, outputs, fp32, int8)
 
 
-# outputs of one chunk (per model) are kept under this many bytes: chunks shrink for large outputs
-CHUNK_BYTES = 16 << 20
+# outputs of one chunk (per model) are kept under this many bytes, and chunks under CHUNK_ROWS samples: ORT's
+# arena grows to the largest run's intermediates, so small fixed chunks keep peak memory flat as samples grow
+CHUNK_BYTES = 4 << 20
+CHUNK_ROWS = 64
 DIAGNOSIS_SAMPLES = 4
 
 
@@ -221,7 +223,7 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
         count = int(next(iter(block.values())).shape[0])
         if start == 0:
             per_sample = sum(v.nbytes for v in fp32_out.values()) / max(count, 1)
-            rows = max(1, min(settings.batch_size, int(CHUNK_BYTES // max(per_sample, 1.0))))
+            rows = max(1, min(settings.batch_size, CHUNK_ROWS, int(CHUNK_BYTES // max(per_sample, 1.0))))
             if batch:
                 rows = max(batch, rows // batch * batch)
             rows_next[0] = rows

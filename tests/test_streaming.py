@@ -486,3 +486,28 @@ def test_measure_keeps_every_entry_when_one_raises_anything(project: Any, monkey
     assert "entry 'boom' ($.models[0])" in rows["boom"]["reason"] and "Traceback" in rows["boom"]["traceback"]
     assert rows["quits"]["verdict"] == "ERROR" and "unexpected SystemExit: 3" in rows["quits"]["reason"]
     assert "Traceback" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("spread", "verdict"), [(1e-6, "PASS"), (0.1, "FAIL")])
+def test_a_channel_below_one_8bit_step_of_its_magnitude_is_not_judged(spread: float, verdict: str) -> None:
+    """A saturated score (0.999 ± 1e-6) that int8 keeps constant is not a collapse; a real score (± 0.1) is."""
+    from pytest_quantgate.comparison import CompareOptions, compare
+    from pytest_quantgate.registry import parse_registry
+    from pytest_quantgate.soak import Fixture, TensorSpec
+
+    entry = parse_registry({"schema_version": 1, "models": [
+        {"id": "d", "onnx": "d.onnx", "quant_mode": "dynamic", "sha256": "0" * 64, "int8_sha256": "1" * 64}]},
+        Path("registry.json")).entries[0]
+    rng = np.random.default_rng(0)
+    ref = np.empty((64, 3, 50))
+    ref[:, 0] = rng.uniform(0, 320, (64, 50))  # box coordinates
+    ref[:, 1] = 0.5 + spread * rng.normal(size=(64, 50))  # a score that barely moves (or does)
+    ref[:, 2] = rng.uniform(0, 1, (64, 50))  # a score that moves
+    test = ref + rng.normal(0, 0.002, ref.shape) * np.array([100.0, 0.0, 1.0])[None, :, None]
+    test[:, 1] = 0.5  # int8 keeps the second channel constant
+    fixture = Fixture(Path("soak.npz"), "0", {"x": np.zeros((64, 1), np.float32)}, None)
+    spec_in = (TensorSpec("x", "tensor(float)", ("N", 1)),)
+    spec_out = (TensorSpec("y", "tensor(float)", ("N", 3, 50)),)
+    result = compare(entry, "cpu", fixture, spec_in, spec_out, {"y": ref}, {"y": test}, CompareOptions(bootstrap=100))
+    assert result.verdict == verdict, result.reason
+    assert result.outputs[0].channels == 3
