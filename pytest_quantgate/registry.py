@@ -113,6 +113,55 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class NamedFile:
+    """A file a registry entry names: who names it, in which field, relative to which folder."""
+
+    owner: str  # the entry's id, or models[i] for an entry without a usable id
+    field: str  # a key of PATH_FIELDS; "int8_onnx" also for the sidecar derived from "onnx"
+    relative: str
+    in_fixtures: bool = False  # also looked up in the fixtures folder (soak fixtures, calibration sets)
+    fp32: str | None = None  # for an int8 sidecar: the fp32 model it is built from
+
+    @property
+    def role(self) -> str:
+        """Return what the file is, e.g. ``fp32 model``."""
+        return PATH_FIELDS[self.field]
+
+
+@dataclass(frozen=True)
+class WriteGuard:
+    """The files one producer run must not write over: everything the registry names in another role.
+
+    Built by :meth:`Registry.write_guard` for one entry; :meth:`check` is called by the one function that
+    publishes sidecars (``producers.provenance.publish_sidecar``) right before it writes, and before the work.
+    """
+
+    registry: Path
+    writer: str  # entry id
+    field: str  # the field naming the target: int8_onnx, or onnx when the sidecar name is derived from it
+    protected: tuple[tuple[str, str], ...]  # (real path, "role of entry 'x' (field 'f')")
+
+    def check(self, target: str | os.PathLike[str]) -> None:
+        """Raise RegistryError when ``target`` is (or links to) a file the registry names in another role."""
+        real = os.path.realpath(target)
+        identity = _identity(real)
+        for other, role in self.protected:
+            if other == real or (identity is not None and _identity(other) == identity):
+                raise RegistryError(
+                    f"{self.registry}: entry {self.writer!r} field {self.field!r}: refusing to write the int8 "
+                    f"sidecar {target}: that file is the {role}; give the sidecar a path of its own")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Return (device, inode) of an existing file (catches hard links), else None."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+@dataclass(frozen=True)
 class EntryProblem:
     """An entry that could not be validated; reported as an error item of its own."""
 
@@ -129,6 +178,8 @@ class Registry:
     schema_version: int
     entries: tuple[Entry, ...]
     problems: tuple[EntryProblem, ...] = ()
+    # every file any entry names (valid or not), so that no writer overwrites one in another role
+    named_files: tuple[NamedFile, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -153,6 +204,35 @@ class Registry:
     def int8_path(self, entry: Entry) -> Path:
         """Return the int8 sidecar path of an entry."""
         return self.resolve(entry, entry.int8_onnx, "int8_onnx" if entry.int8_onnx_explicit else "onnx")
+
+    def write_guard(self, entry: Entry, fixtures_dir: Path | None = None) -> WriteGuard:
+        """Return the guard of the entry's sidecar: every file named in another role (its own fp32 included).
+
+        Another entry's sidecar is protected too, unless that entry builds it from the same fp32 model (two
+        entries gating one sidecar with different budgets). Paths are compared after following symlinks, and
+        by inode where the file exists, so a link or a hard link to a protected file is caught as well.
+        """
+        own_fp32 = _real(self.folder / entry.onnx)
+        own_int8 = _real(self.folder / entry.int8_onnx)
+        protected: list[tuple[str, str]] = [(_real(self.path), f"registry {self.path.name} itself")]
+        for named in self.named_files:
+            bases = [self.folder] + ([fixtures_dir] if named.in_fixtures and fixtures_dir is not None else [])
+            for base in bases:
+                real = _real(base / named.relative)
+                if not real:
+                    continue
+                if named.field == "int8_onnx" and real == own_int8 and named.fp32 is not None \
+                        and _real(self.folder / named.fp32) == own_fp32:
+                    continue  # this entry's own sidecar, or a twin built from the same fp32
+                owner = "this entry" if named.owner == entry.id else f"entry {named.owner!r}"
+                protected.append((real, f"{named.role} of {owner} (field {named.field!r})"))
+        if fixtures_dir is not None:  # soak fixtures named by default after each id
+            for entry_id in {n.owner for n in self.named_files}:
+                real = _real(fixtures_dir / f"{entry_id}.npz")
+                if real:
+                    protected.append((real, f"soak fixture of entry {entry_id!r} (default {entry_id}.npz)"))
+        field_name = "int8_onnx" if entry.int8_onnx_explicit else "onnx"
+        return WriteGuard(self.path, entry.id, field_name, tuple(protected))
 
     def data_candidates(self, entry: Entry, relative: str, field_name: str, fixtures_dir: Path) -> list[Path]:
         """Return where a data file (soak fixture, calibration set) named by an entry may live, in order.
@@ -181,6 +261,32 @@ class Registry:
         if entry.calibration_set is None:
             return []
         return self.data_candidates(entry, entry.calibration_set, "quant_calibration_set", fixtures_dir)
+
+
+def _real(path: Path) -> str:
+    """Return the symlink-free absolute path, or '' when it cannot be named (NUL byte, bad encoding)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return ""
+
+
+def _named_files(models: Sequence[Any]) -> tuple[NamedFile, ...]:
+    """Collect every path any entry names, valid or not: a broken entry's files still must not be written over."""
+    found: list[NamedFile] = []
+    for index, raw in enumerate(models):
+        if not isinstance(raw, dict):
+            continue
+        owner = raw["id"] if isinstance(raw.get("id"), str) else f"models[{index}]"
+        onnx = raw.get("onnx") if isinstance(raw.get("onnx"), str) else None
+        for key in PATH_FIELDS:
+            value = raw.get(key)
+            if key == "int8_onnx" and value is None and onnx is not None and raw.get("quant_mode", "fp32") != "fp32":
+                value = str(PurePosixPath(onnx).with_suffix("")) + ".int8.onnx"
+            if isinstance(value, str) and value:
+                found.append(NamedFile(owner, key, value, in_fixtures=key in ("soak_fixture", "quant_calibration_set"),
+                                       fp32=onnx if key == "int8_onnx" else None))
+    return tuple(found)
 
 
 def resolve_inside(base: Path, relative: str, *, where: str) -> Path:
@@ -346,6 +452,7 @@ def parse_registry(data: Any, path: Path) -> Registry:
         schema_version=data["schema_version"],
         entries=tuple(sorted(entries, key=lambda e: e.id)),
         problems=tuple(sorted(problems, key=lambda p: (p.label, p.index))),
+        named_files=_named_files(data["models"]),
     )
 
 

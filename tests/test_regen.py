@@ -8,6 +8,7 @@ import pytest
 from conftest import GateProject
 
 from pytest_quantgate.cli import main
+from pytest_quantgate.producers.provenance import read_provenance
 
 
 def _shared_pair(project: GateProject) -> list[dict]:
@@ -25,8 +26,8 @@ def test_missing_sidecar_is_rebuilt_gated_and_reported(project: GateProject) -> 
     result = project.run("--quantgate-regen", "missing", "-W", "default")
     result.assert_outcomes(passed=1)
     assert (project.model / "lost.int8.onnx").is_file()
-    provenance = json.loads((project.model / "lost.int8.json").read_text())
-    assert provenance["mode"] == "ptq-dynamic" and provenance["gate_run_id"]
+    provenance = read_provenance(project.model / "lost.int8.onnx")
+    assert provenance is not None and provenance["mode"] == "ptq-dynamic"
     # ORT's dynamic quantiser is deterministic here: the rebuilt file matches the pin
     result.stdout.fnmatch_lines(["lost [[]cpu[]] regenerated: rebuilt lost.int8.onnx; sha256 matches the pin"])
     assert not list(project.model.glob("*.partial")) and not list(project.model.glob("*.lock"))

@@ -19,7 +19,7 @@ Pipeline (each step is recorded in the provenance record):
    "Unable to find data type for weight_name"; any other ORT crash becomes a ``ProducerError`` naming the
    model, the stage and the ORT function that crashed;
 6. check that ORT loads the result and runs one calibration batch through it;
-7. publish atomically with ``m.int8.json`` beside ``m.int8.onnx``.
+7. publish atomically, the provenance record inside the model's ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -36,23 +36,23 @@ from typing import TYPE_CHECKING, Any, Literal
 from pytest_quantgate.fileio import sha256_file
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
 from pytest_quantgate.producers.provenance import publish_sidecar, scratch_dir
-from pytest_quantgate.producers.ptq_dynamic import (
+from pytest_quantgate.producers.ptq_common import (
     DEFAULT_TARGET_OPSET,
-    _check_bool,
-    _check_choice,
-    _check_opset,
-    _config_to_dict,
-    _defaults,
-    _given,
-    _normalise_names,
-    _one_line,
-    _onnx_float,
     add_common_arguments,
     begin,
+    check_bool,
+    check_choice,
+    check_opset,
     check_ort_loads,
+    config_defaults,
+    config_to_dict,
     csv_names,
     drop_initializer_value_info,
+    given_options,
     is_default_tensor_type_error,
+    normalise_names,
+    one_line,
+    onnx_float,
     ort_failure,
     provenance_record,
     save_model,
@@ -63,6 +63,8 @@ from pytest_quantgate.settings import positive_int
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+
+    from pytest_quantgate.registry import WriteGuard
 
 _log = logging.getLogger(__name__)
 
@@ -130,16 +132,16 @@ class StaticConfig:
         if not isinstance(self.calibration_set, (str, os.PathLike)):
             raise ValueError(f"{name}.calibration_set must be a path to an .npz file, got {self.calibration_set!r}")
         object.__setattr__(self, "calibration_set", Path(self.calibration_set))
-        _check_choice(self, "calibrate_method", _CALIBRATE_METHODS)
-        _check_choice(self, "quant_format", _QUANT_FORMATS)
-        _check_choice(self, "activation_type", _INT_TYPES)
-        _check_choice(self, "weight_type", _INT_TYPES)
-        _check_bool(self, "per_channel", "reduce_range", "activation_symmetric", "calib_range_symmetric",
+        check_choice(self, "calibrate_method", _CALIBRATE_METHODS)
+        check_choice(self, "quant_format", _QUANT_FORMATS)
+        check_choice(self, "activation_type", _INT_TYPES)
+        check_choice(self, "weight_type", _INT_TYPES)
+        check_bool(self, "per_channel", "reduce_range", "activation_symmetric", "calib_range_symmetric",
                     "moving_average", "preprocess")
-        _normalise_names(self, "op_types_to_quantize", optional=True)
-        _normalise_names(self, "op_types_to_exclude", optional=False)
-        _normalise_names(self, "nodes_to_quantize", optional=True)
-        _normalise_names(self, "nodes_to_exclude", optional=False)
+        normalise_names(self, "op_types_to_quantize", optional=True)
+        normalise_names(self, "op_types_to_exclude", optional=False)
+        normalise_names(self, "nodes_to_quantize", optional=True)
+        normalise_names(self, "nodes_to_exclude", optional=False)
         for field_name in ("max_calibration_samples", "calibration_batch_size"):
             value = getattr(self, field_name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -154,11 +156,11 @@ class StaticConfig:
         const = self.moving_average_constant
         if isinstance(const, bool) or not isinstance(const, (int, float)) or not 0 < const <= 1:
             raise ValueError(f"{name}.moving_average_constant must be a number in (0, 1], got {const!r}")
-        _check_opset(self)
+        check_opset(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as JSON-ready data (paths become strings, tuples lists)."""
-        return _config_to_dict(self)
+        return config_to_dict(self)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ProducerError(f"{path}: cannot read the calibration set: {_one_line(exc)}") from exc
+        raise ProducerError(f"{path}: cannot read the calibration set: {one_line(exc)}") from exc
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ProducerError(f"{path}: the calibration set must be an .npz archive (np.savez), not a single .npy array")
     arrays: dict[str, np.ndarray] = {}
@@ -252,7 +254,7 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
             try:
                 arrays[key] = loaded[key]
             except (ValueError, zipfile.BadZipFile, OSError) as exc:  # object arrays need pickle: refused
-                problems.append(f"array {key!r}: cannot be loaded without pickle ({_one_line(exc)})")
+                problems.append(f"array {key!r}: cannot be loaded without pickle ({one_line(exc)})")
     specs = model_inputs(model)
     by_name = {spec.name: spec for spec in specs}
     expected = ", ".join(f"{s.name!r} {s.dtype} {_fmt_dims(s.dims) if s.dims is not None else '[any]'}" for s in specs)
@@ -369,14 +371,16 @@ def _make_reader(calibration: CalibrationSet) -> Any:
 # Producer
 
 
-def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> ProducerResult:
+def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig, *,
+                    guard: WriteGuard | None = None) -> ProducerResult:
     """Write a statically quantised ``int8_path`` from ``fp32_path``; return the sha256 to pin and provenance.
 
     See the module docstring for the pipeline. Raises :class:`ProducerError` (naming the model, the calibration
-    set or the stage) on any failure; the old sidecar, if any, is then left untouched.
+    set or the stage) on any failure; the old sidecar, if any, is then left untouched. ``guard`` (from
+    ``Registry.write_guard``) refuses a target the registry names in another role.
     """
     fp32_path, int8_path, started, fp32_sha, model = begin(fp32_path, int8_path, config, StaticConfig,
-                                                           "quantize_static")
+                                                           "quantize_static", guard=guard)
     calibration = load_calibration_set(fp32_path, model, config)
 
     steps: list[dict[str, Any]] = [drop_initializer_value_info(model)]
@@ -400,7 +404,7 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> P
         record = provenance_record(
             "ptq_static", config, fp32_path, fp32_sha, steps, extra_options, built, started,
             calibration={
-                "path": str(calibration.path),
+                "path": calibration.path.name,  # a name, not a path: the record must be the same on every machine
                 "sha256": calibration.sha256,
                 "sample_count": calibration.sample_count,
                 "samples_used": calibration.used_samples,
@@ -411,7 +415,8 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> P
             nodes_excluded=nodes_to_exclude,
             nodes_excluded_by_op_type=excluded_by_type,
         )
-        return publish_sidecar(built, int8_path, record)
+        record["config"]["calibration_set"] = calibration.path.name
+        return publish_sidecar(built, int8_path, record, fp32_path=fp32_path, guard=guard)
 
 
 def _extra_options(config: StaticConfig) -> dict[str, Any]:
@@ -472,8 +477,8 @@ def _run_quantize_static(fp32_path: Path, prepared: Path, built: Path, calibrati
     except Exception as exc:
         if not is_default_tensor_type_error(exc):
             raise ort_failure(fp32_path, f"quantize_static (calibrate + quantise, {config.calibrate_method})", exc) from exc
-        extra_options["DefaultTensorType"] = _onnx_float()
-        steps.append({"step": "default_tensor_type_retry", "status": "ran", "reason": _one_line(exc)})
+        extra_options["DefaultTensorType"] = onnx_float()
+        steps.append({"step": "default_tensor_type_retry", "status": "ran", "reason": one_line(exc)})
         try:
             run(extra_options)
         except Exception as exc2:
@@ -528,7 +533,7 @@ def _call_pre_process(quant_pre_process: Any, source: Path, target: Path, option
         quant_pre_process(str(source), str(target), **options)
     except Exception as exc:
         target.unlink(missing_ok=True)
-        return _one_line(exc)
+        return one_line(exc)
     finally:
         for path, was_there in existed.items():
             if not was_there:
@@ -544,7 +549,7 @@ def _call_pre_process(quant_pre_process: Any, source: Path, target: Path, option
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of :class:`StaticConfig` to ``parser`` (defaults come from the dataclass)."""
-    d = _defaults(StaticConfig)
+    d = config_defaults(StaticConfig)
     group = parser.add_argument_group("static PTQ")
     add_common_arguments(group, d)
     group.add_argument("--calibration-set", type=Path, default=None, metavar="NPZ",
@@ -577,4 +582,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> StaticConfig:
     """Build a :class:`StaticConfig` from parsed arguments; options left unset keep the dataclass default."""
-    return StaticConfig(**_given(ns, StaticConfig))
+    return StaticConfig(**given_options(ns, StaticConfig))
