@@ -19,9 +19,19 @@ def _shared_pair(project: GateProject) -> list[dict]:
     return [first, second]
 
 
+def _produced(project: GateProject, entry_id: str) -> dict:
+    """An entry whose pinned sidecar comes from the gate's own producer (provenance inside, naming its fp32)."""
+    import modelkit
+
+    from pytest_quantgate.producers.ptq_dynamic import DynamicConfig, quantize_dynamic
+
+    project.add_sidecar(entry_id)
+    quantize_dynamic(project.model / f"{entry_id}.onnx", project.model / f"{entry_id}.int8.onnx", DynamicConfig())
+    return modelkit.pin({"id": entry_id, "onnx": f"{entry_id}.onnx", "quant_mode": "dynamic"}, project.model)
+
+
 def test_missing_sidecar_is_rebuilt_gated_and_reported(project: GateProject) -> None:
-    entry = project.add_sidecar("lost")
-    project.write([entry])
+    project.write([_produced(project, "lost")])
     (project.model / "lost.int8.onnx").unlink()
     result = project.run("--quantgate-regen", "missing", "-W", "default")
     result.assert_outcomes(passed=1)
@@ -115,8 +125,7 @@ def test_deleted_bundled_sidecars_are_rebuilt_to_their_pins(pytester: pytest.Pyt
 def test_measure_rebuilds_a_missing_sidecar_exactly_as_the_pytest_gate_does(project: GateProject,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """One runner: `quantgate measure` regenerates, gates and reports like `pytest --quantgate`."""
-    entry = project.add_sidecar("lost")
-    project.write([entry])
+    project.write([_produced(project, "lost")])
     pinned = (project.model / "lost.int8.onnx").read_bytes()
     (project.model / "lost.int8.onnx").unlink()
     out = project.root / "measure.json"
