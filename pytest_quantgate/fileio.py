@@ -22,6 +22,7 @@ import hashlib
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,17 @@ _CHUNK = 1 << 20
 PARTIAL_SUFFIX = ".partial"
 # 16 MiB: the largest text file (a registry) the gate reads whole; a 10 000-entry registry is about 5 MiB
 DEFAULT_READ_CAP = 16 * 1024 * 1024
+
+
+def lock_path_for(path: str | os.PathLike[str]) -> Path:
+    """Return the lock file that serialises writers of ``path`` (keyed by its real path, symlinks followed).
+
+    Locks live in the temp dir, not beside the file, so they never show up in the user's git status.
+    """
+    digest = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "quantgate-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{digest}.lock"
 
 
 def file_kind(mode: int) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError, RegistryError
-from .fileio import atomic_write_text, sha256_file, sweep_partials
+from .fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
 from .registry import Entry, Registry
 from .settings import Settings
 
@@ -38,11 +38,7 @@ class Regenerated:
 
 
 def _lock_path(sidecar: Path) -> Path:
-    # locks live in the temp dir, not beside the model, so they never show up in the user's git status
-    digest = hashlib.sha256(str(sidecar.resolve()).encode()).hexdigest()[:24]
-    folder = Path(tempfile.gettempdir()) / "quantgate-locks"
-    folder.mkdir(exist_ok=True)
-    return folder / f"{digest}.lock"
+    return lock_path_for(sidecar)
 
 
 def _marker_path(sidecar: Path) -> Path:

@@ -458,22 +458,27 @@ def parse_registry(data: Any, path: Path) -> Registry:
 
 def load_registry(path: str | Path) -> Registry:
     """Read, parse and validate a registry file; raise RegistryError for whole-file problems."""
+    return load_registry_text(path)[0]
+
+
+def load_registry_text(path: str | Path) -> tuple[Registry, str]:
+    """Return the validated registry and the exact text it was parsed from (one read: what pin edits)."""
     path = Path(path)
-    data = read_registry_json(path)
+    text = read_registry_text(path)
+    data = parse_json_text(text, path)
     try:
-        return parse_registry(data, path)
+        return parse_registry(data, path), text
     except RecursionError:  # a schema walk too deep; _check_depth makes this unreachable for parsed files
         raise RegistryError(f"{path}: nested too deeply to validate") from None
 
 
-def read_registry_json(path: Path) -> Any:
-    """Return the parsed JSON of a registry file: regular, at most REGISTRY_MAX_BYTES, finite numbers only."""
+def read_registry_text(path: Path) -> str:
+    """Return the text of a registry file: a regular file of at most REGISTRY_MAX_BYTES, UTF-8."""
     raw = read_bounded(path, REGISTRY_MAX_BYTES, "registry file", RegistryError)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RegistryError(f"{path}: the registry is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    return parse_json_text(text, path)
 
 
 def parse_json_text(text: str, path: Path) -> Any:
@@ -563,72 +568,96 @@ def _check_depth(data: Any, path: Path) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
-def _entry_spans(text: str) -> list[tuple[int, int]]:
-    """Return the (start, end) offsets of every object two levels deep (the entries of ``models``)."""
-    spans: list[tuple[int, int]] = []
-    depth = 0
-    start = -1
-    in_string = escaped = False
-    for pos, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-            continue
-        if char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-            if char == "{" and depth == 3:  # root object, models array, entry object
-                start = pos
-        elif char in "}]":
-            if char == "}" and depth == 3 and start >= 0:
-                spans.append((start, pos + 1))
-                start = -1
-            depth -= 1
-    return spans
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _members(text: str, start: int, decoder: json.JSONDecoder) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """Return the members of the JSON object at ``start``: key -> (key start, value start, value end), and its end.
+
+    Strings are scanned by json's own scanner, so keys and values holding quotes, backslashes or unicode
+    escapes are read exactly; a key given twice maps to its last occurrence, the one json.loads keeps.
+    """
+    from json.decoder import scanstring
+
+    members: dict[str, tuple[int, int, int]] = {}
+    pos = _skip_ws(text, start + 1)
+    if text[pos] == "}":
+        return members, pos + 1
+    while True:
+        key_start = pos
+        key, pos = scanstring(text, pos + 1)
+        pos = _skip_ws(text, pos) + 1  # the colon
+        value_start = _skip_ws(text, pos)
+        _, value_end = decoder.raw_decode(text, value_start)
+        members[key] = (key_start, value_start, value_end)
+        pos = _skip_ws(text, value_end)
+        if text[pos] == "}":
+            return members, pos + 1
+        pos = _skip_ws(text, pos + 1)  # the comma
+
+
+def _entry_objects(text: str) -> list[tuple[int, dict[str, tuple[int, int, int]]]]:
+    """Return (start, members) of every object in the root's ``models`` array."""
+    decoder = json.JSONDecoder()
+    root = _skip_ws(text, 0)
+    members, _ = _members(text, root, decoder)
+    if "models" not in members:
+        return []
+    pos = _skip_ws(text, members["models"][1] + 1)
+    found = []
+    while pos < len(text) and text[pos] != "]":
+        if text[pos] == "{":
+            entry, end = _members(text, pos, decoder)
+            found.append((pos, entry))
+        else:
+            _, end = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, end)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+    return found
 
 
 def pin_text(text: str, updates: Mapping[str, Mapping[str, str]], path: Path) -> str:
     """Return the registry text with hash fields set, keeping the file's formatting and key order.
 
     ``updates`` maps entry id -> {field: value}. A missing field is inserted right after the entry's ``onnx``.
+    Any valid JSON is handled (escaped quotes and unicode escapes in names, keys given twice); the result is
+    checked to differ from the input by exactly the requested fields.
     """
-    import re
-
+    try:
+        objects = _entry_objects(text)
+    except (ValueError, IndexError) as exc:
+        raise RegistryError(f"{path}: cannot locate the entries to pin: {exc}") from None
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied from the back
     pending = {k: dict(v) for k, v in updates.items()}
-    pieces: list[str] = []
-    last = 0
-    for start, end in _entry_spans(text):
-        body = text[start:end]
-        try:
-            entry_id = json.loads(body).get("id")
-        except (json.JSONDecodeError, AttributeError):
+    for _, members in objects:
+        if "id" not in members:
             continue
-        if entry_id not in pending:
+        _, id_start, id_end = members["id"]
+        entry_id = json.loads(text[id_start:id_end])
+        if not isinstance(entry_id, str) or entry_id not in pending:
             continue
         for key, value in pending.pop(entry_id).items():
-            pattern = re.compile(r'("%s"\s*:\s*)"[^"]*"' % re.escape(key))
-            if pattern.search(body):
-                body = pattern.sub(lambda m, v=value: f'{m.group(1)}"{v}"', body, count=1)
+            encoded = json.dumps(value)
+            if key in members:
+                _, value_start, value_end = members[key]
+                edits.append((value_start, value_end, encoded))
                 continue
-            anchor = re.search(r'"onnx"\s*:\s*"[^"]*"', body)
-            if anchor is None:
+            if "onnx" not in members:
                 raise RegistryError(f"{path}: entry {entry_id!r}: cannot find where to insert {key!r}")
-            line_start = body.rfind("\n", 0, anchor.start())
-            indent = body[line_start + 1 : anchor.start()] if line_start >= 0 else ""
+            key_start, _, onnx_end = members["onnx"]
+            line_start = text.rfind("\n", 0, key_start)
+            indent = text[line_start + 1 : key_start] if line_start >= 0 else ""
             sep = f",\n{indent}" if line_start >= 0 and not indent.strip() else ", "
-            body = f'{body[: anchor.end()]}{sep}"{key}": "{value}"{body[anchor.end():]}'
-        pieces.append(text[last:start])
-        pieces.append(body)
-        last = end
-    pieces.append(text[last:])
+            edits.append((onnx_end, onnx_end, f"{sep}{json.dumps(key)}: {encoded}"))
     if pending:
         raise RegistryError(f"{path}: no entry with id {', '.join(repr(k) for k in pending)}")
-    result = "".join(pieces)
+    result = text
+    for start, end, replacement in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        result = result[:start] + replacement + result[end:]
     # the edit must change exactly the requested fields and nothing else
     before, after = json.loads(text), json.loads(result)
     for raw in before["models"]:
