@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
+from .fileio import creatable_file
 from .settings import (
     DEFAULT_FIXTURES,
     DEFAULT_REGISTRY,
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{name.replace('-', ' ')}: write an int8 sidecar "
                                       "(MODEL.onnx [-o OUT], or REGISTRY.json [--id ID])")
         p.add_argument("source", help="an fp32 .onnx file, or a registry .json to rebuild its entries")
-        p.add_argument("-o", "--output", default=None, help="sidecar path (default: <stem>.int8.onnx beside MODEL)")
+        p.add_argument("-o", "--output", type=creatable_file, default=None,
+                       help="sidecar path (default: <stem>.int8.onnx beside MODEL)")
         p.add_argument("--fixtures", type=Path, default=Path(DEFAULT_FIXTURES), metavar="DIR")
         p.add_argument("--id", dest="ids", action="append", default=None, metavar="ID")
         mod.add_arguments(p)

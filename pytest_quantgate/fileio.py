@@ -46,6 +46,61 @@ def lock_path_for(path: str | os.PathLike[str]) -> Path:
     return folder / f"{digest}.lock"
 
 
+def check_writable(path: str | os.PathLike[str], option: str, *, create_folders: bool = False) -> Path:
+    """Return ``path`` when a file can be written there; raise InputError naming ``option`` otherwise.
+
+    Run before the work, so that a report path that cannot be written fails in a second, not after an hour
+    of measuring. The check creates and removes a probe file in the target's folder (or, with
+    ``create_folders``, in its nearest existing ancestor, the folders being made by the writer later):
+    permission bits alone do not tell (root, read-only mounts, ACLs). An existing target must be a regular file.
+    """
+    text = os.fspath(path)
+    if not text.strip():
+        raise InputError(f"{option}: expected a file path, got {text!r}")
+    target = Path(text)
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        info = None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{option} {text}: cannot use this path: {_os_reason(exc)}") from None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{option} {text}: is a {file_kind(info.st_mode)}, not a regular file")
+    folder = target.parent
+    if create_folders:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{option} {text}: the folder {folder} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".quantgate-probe-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{option} {text}: cannot write in {folder}: {_os_reason(exc)}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
+def writable_file(text: str) -> Path:
+    """argparse ``type=`` for an output file in an existing folder (reports): argparse names the option."""
+    return _argparse_checked(text, create_folders=False)
+
+
+def creatable_file(text: str) -> Path:
+    """argparse ``type=`` for an output file whose missing folders the writer creates (``ptq-* -o``)."""
+    return _argparse_checked(text, create_folders=True)
+
+
+def _argparse_checked(text: str, *, create_folders: bool) -> Path:
+    import argparse
+
+    try:
+        return check_writable(text, "path", create_folders=create_folders)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("path ").removeprefix("path: ")) from None
+
+
 def file_kind(mode: int) -> str:
     """Return a human name for the type of a file mode (``regular file``, ``FIFO``, ``directory``, ...)."""
     kinds = (
