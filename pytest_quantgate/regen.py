@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +96,8 @@ def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id:
         try:
             result = produce(registry, entry, settings.fixtures_dir, allow_recipes=settings.allow_recipes)
         except ProducerError as exc:
-            raise ModelFileError(f"{registry.path}: entry {entry.id!r}: rebuilding {sidecar.name} failed: {exc}") from None
+            raise ModelFileError(f"{registry.path}: entry {entry.id!r}: rebuilding {sidecar.name} failed: "
+                                 f"{exc}") from None
         except RegistryError:
             raise
         _stamp(sidecar, result.sha256, run_id)

@@ -580,7 +580,7 @@ def _members(text: str, start: int, decoder: json.JSONDecoder) -> tuple[dict[str
     Strings are scanned by json's own scanner, so keys and values holding quotes, backslashes or unicode
     escapes are read exactly; a key given twice maps to its last occurrence, the one json.loads keeps.
     """
-    from json.decoder import scanstring
+    from json.decoder import scanstring  # type: ignore[attr-defined]  # not in typeshed
 
     members: dict[str, tuple[int, int, int]] = {}
     pos = _skip_ws(text, start + 1)

@@ -23,7 +23,7 @@ ZERO = "0" * 64
 
 
 def _project(folder: Path, count: int) -> Path:
-    """A registry of ``count`` fp32 entries whose pins are all stale (the files are not real models: pin only hashes)."""
+    """A registry of ``count`` fp32 entries with stale pins (the files are not models: pin only hashes them)."""
     folder.mkdir(parents=True, exist_ok=True)
     models = []
     for i in range(count):

@@ -22,6 +22,7 @@ Public API (the QAT producer uses it too):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import importlib.metadata as metadata
@@ -198,10 +199,8 @@ def check_target(int8_path: str | os.PathLike[str], fp32_path: str | os.PathLike
         guard.check(int8_path)
     if fp32_path is not None:
         same = os.path.realpath(int8_path) == os.path.realpath(fp32_path)
-        try:
+        with contextlib.suppress(OSError):  # a missing target is not the fp32 model
             same = same or os.path.samefile(int8_path, fp32_path)
-        except OSError:
-            pass
         if same:
             raise ProducerError(f"{int8_path}: refusing to overwrite the fp32 model {fp32_path} with its int8 sidecar")
 

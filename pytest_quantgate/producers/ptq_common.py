@@ -49,10 +49,11 @@ def add_common_arguments(group: Any, defaults: dict[str, Any]) -> None:
     group.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
                        help="symmetric weight ranges (default: ORT's choice, symmetric for int8)")
     group.add_argument("--target-opset", type=int, default=None,
-                       help=f"opset that graphs below 13 are converted to for per-channel (default: {defaults['target_opset']})")
+                       help="opset that graphs below 13 are converted to for per-channel "
+                            f"(default: {defaults['target_opset']})")
 
 
-def begin(fp32_path: Path, int8_path: Path, config: Any, config_cls: type, name: str, *,
+def begin(fp32_path: Path, int8_path: Path, config: Any, config_cls: type[Any], name: str, *,
           guard: WriteGuard | None = None) -> tuple[Path, Path, float, str, onnx.ModelProto]:
     """Check the paths and config, sweep dead writers' partials, hash and load the fp32 model, check node names.
 
@@ -124,13 +125,15 @@ def check_bool(config: Any, *names: str) -> None:
 def check_choice(config: Any, name: str, allowed: Sequence[str]) -> None:
     value = getattr(config, name)
     if value not in allowed:
-        raise ValueError(f"{type(config).__name__}.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise ValueError(f"{type(config).__name__}.{name} must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {value!r}")
 
 
 def check_opset(config: Any) -> None:
     opset = config.target_opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < PER_CHANNEL_MIN_OPSET:
-        raise ValueError(f"{type(config).__name__}.target_opset must be an int >= {PER_CHANNEL_MIN_OPSET}, got {opset!r}")
+        raise ValueError(f"{type(config).__name__}.target_opset must be an int >= {PER_CHANNEL_MIN_OPSET}, "
+                         f"got {opset!r}")
 
 
 def normalise_names(config: Any, name: str, *, optional: bool) -> None:

@@ -78,7 +78,8 @@ class DynamicConfig:
         normalise_names(self, "nodes_to_quantize", optional=True)
         normalise_names(self, "nodes_to_exclude", optional=False)
         if self.weight_symmetric is not None and not isinstance(self.weight_symmetric, bool):
-            raise ValueError(f"DynamicConfig.weight_symmetric must be True, False or None, got {self.weight_symmetric!r}")
+            raise ValueError("DynamicConfig.weight_symmetric must be True, False or None, "
+                             f"got {self.weight_symmetric!r}")
         check_opset(self)
 
     def to_dict(self) -> dict[str, Any]:

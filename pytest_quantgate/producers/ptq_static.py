@@ -146,7 +146,8 @@ class StaticConfig:
             value = getattr(self, field_name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}.{field_name} must be a positive int or None, got {value!r}")
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 0 < self.percentile <= 100:
+        percentile = self.percentile
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
             raise ValueError(f"{name}.percentile must be a number in (0, 100], got {self.percentile!r}")
         if self.weight_symmetric is not None and not isinstance(self.weight_symmetric, bool):
             raise ValueError(f"{name}.weight_symmetric must be True, False or None, got {self.weight_symmetric!r}")
@@ -270,9 +271,10 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
     per_sample: dict[str, bool] = {}
     counts: dict[str, int] = {}
     for name, array in arrays.items():
-        spec = by_name.get(name)
-        if spec is None:
+        found = by_name.get(name)
+        if found is None:
             continue
+        spec = found
         if spec.dtype is not None and array.dtype != spec.dtype:
             problems.append(f"array {name!r}: dtype {array.dtype}, expected {np.dtype(spec.dtype)} "
                             f"(convert with .astype(np.{np.dtype(spec.dtype).name}))")
@@ -295,7 +297,8 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
                 f"(one model input per sample: [samples, {_fmt_dims(spec.dims)[1:-1]}])"
             )
             continue
-        wrong = [(axis, want, got) for axis, (want, got) in enumerate(zip(model_dims, array.shape[1:]), start=1)
+        pairs = zip(model_dims, array.shape[1:], strict=False)
+        wrong = [(axis, want, got) for axis, (want, got) in enumerate(pairs, start=1)
                  if want is not None and want != got]
         if wrong:
             detail = ", ".join(f"axis {axis}: {got} != {want}" for axis, want, got in wrong)
@@ -340,7 +343,7 @@ def _batch_size(path: Path, specs: list[_InputSpec], per_sample: dict[str, bool]
 def _make_reader(calibration: CalibrationSet) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
-    class _NpzReader(CalibrationDataReader):
+    class _NpzReader(CalibrationDataReader):  # type: ignore[misc]  # ORT has no type hints
         """Feeds of one calibration set, in file order; rewindable (ORT's strided MinMax uses set_range)."""
 
         def __init__(self) -> None:
@@ -476,7 +479,8 @@ def _run_quantize_static(fp32_path: Path, prepared: Path, built: Path, calibrati
         run(extra_options)
     except Exception as exc:
         if not is_default_tensor_type_error(exc):
-            raise ort_failure(fp32_path, f"quantize_static (calibrate + quantise, {config.calibrate_method})", exc) from exc
+            stage = f"quantize_static (calibrate + quantise, {config.calibrate_method})"
+            raise ort_failure(fp32_path, stage, exc) from exc
         extra_options["DefaultTensorType"] = onnx_float()
         steps.append({"step": "default_tensor_type_retry", "status": "ran", "reason": one_line(exc)})
         try:

@@ -368,7 +368,7 @@ def quantize_qat(
     )
 
 
-def _quantizer():
+def _quantizer() -> Any:
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
@@ -390,9 +390,10 @@ def _prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.Grap
     model.train()
     try:
         exported = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(example)).module()
-        prepared = prepare_qat_pt2e(exported, _quantizer())
+        prepared: torch.fx.GraphModule = prepare_qat_pt2e(exported, _quantizer())
     except Exception as exc:
-        raise ProducerError(f"torch.export / prepare_qat_pt2e failed on the recipe model: {type(exc).__name__}: {exc}") from exc
+        raise ProducerError(f"torch.export / prepare_qat_pt2e failed on the recipe model: "
+                            f"{type(exc).__name__}: {exc}") from exc
     # the x86 quantiser annotates conv/linear patterns only; a model built from bare matmuls gets no fake-quant
     # at all, and "QAT" would silently be plain fp32 fine-tuning
     if fake_quant_count(prepared) == 0:
@@ -408,7 +409,8 @@ def fake_quant_count(prepared: torch.fx.GraphModule) -> int:
     return sum(1 for _, module in prepared.named_modules() if "FakeQuant" in type(module).__name__)
 
 
-def _fine_tune(prepared, recipe, x_train, y_train, config, lr, say) -> tuple[list[float], list[int]]:
+def _fine_tune(prepared: torch.fx.GraphModule, recipe: QatRecipe, x_train: np.ndarray, y_train: np.ndarray,
+               config: QatConfig, lr: float, say: Callable[[str], None]) -> tuple[list[float], list[int]]:
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_train
 
@@ -427,7 +429,7 @@ def _fine_tune(prepared, recipe, x_train, y_train, config, lr, say) -> tuple[lis
             if not torch.isfinite(loss):
                 raise ProducerError(f"QAT epoch {epoch + 1}: loss became {float(loss)} (lr_qat={lr}); lower lr_qat")
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
@@ -437,7 +439,7 @@ def _fine_tune(prepared, recipe, x_train, y_train, config, lr, say) -> tuple[lis
     return losses, seen
 
 
-def _copy_into_fresh(recipe, prepared, fp32_path: Path):
+def _copy_into_fresh(recipe: QatRecipe, prepared: torch.fx.GraphModule, fp32_path: Path) -> torch.nn.Module:
     """Copy the QAT-conditioned parameters (and plain buffers) into a fresh fp32 module; fail on any mismatch."""
     import torch
 
@@ -461,7 +463,7 @@ def _copy_into_fresh(recipe, prepared, fp32_path: Path):
     return fresh
 
 
-def _export_legacy(model, example, input_name: str, output_names: list[str]) -> bytes:
+def _export_legacy(model: torch.nn.Module, example: torch.Tensor, input_name: str, output_names: list[str]) -> bytes:
     import torch
 
     buf = io.BytesIO()
@@ -469,14 +471,16 @@ def _export_legacy(model, example, input_name: str, output_names: list[str]) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), buf, input_names=[input_name], output_names=output_names,
-                              dynamic_axes=axes, opset_version=_OPSET, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(model, (example,), buf,  # type: ignore[arg-type]  # a file object works too
+                              input_names=[input_name], output_names=output_names, dynamic_axes=axes,
+                              opset_version=_OPSET, do_constant_folding=True, dynamo=False)
     except Exception as exc:
-        raise ProducerError(f"exporting the QAT-conditioned fp32 module to ONNX failed: {type(exc).__name__}: {exc}") from exc
+        raise ProducerError(f"exporting the QAT-conditioned fp32 module to ONNX failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
     return buf.getvalue()
 
 
-def _calibration_samples(recipe, x_train: np.ndarray, config: QatConfig) -> np.ndarray:
+def _calibration_samples(recipe: QatRecipe, x_train: np.ndarray, config: QatConfig) -> np.ndarray:
     if hasattr(recipe, "calibration_data"):
         calib = np.ascontiguousarray(recipe.calibration_data(), dtype=np.float32)[: config.n_calibration]
     else:
@@ -526,7 +530,8 @@ def _bridge_quantize(fp32_onnx: bytes, input_name: str, calib: np.ndarray, confi
                             f"{type(exc).__name__}: {exc}") from exc
 
 
-def _export_pt2e(prepared, example, input_name: str, output_names: list[str]) -> bytes:
+def _export_pt2e(prepared: torch.fx.GraphModule, example: torch.Tensor, input_name: str,
+                 output_names: list[str]) -> bytes:
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -544,9 +549,12 @@ def _export_pt2e(prepared, example, input_name: str, output_names: list[str]) ->
                                             dynamic_shapes=_dynamic_batch(example), external_data=False)
             finally:
                 sys.stdout = saved
-        return program.model_proto.SerializeToString()
+        if program is None:
+            raise ProducerError("pt2e route: the dynamo ONNX export returned no program")
+        return bytes(program.model_proto.SerializeToString())
     except Exception as exc:
-        raise ProducerError(f"pt2e route: convert_pt2e / dynamo ONNX export failed: {type(exc).__name__}: {exc}") from exc
+        raise ProducerError(f"pt2e route: convert_pt2e / dynamo ONNX export failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
 
 
 def _check_loads(int8_bytes: bytes, int8_path: Path) -> None:
