@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
+from .fileio import creatable_file
 from .settings import (
     DEFAULT_FIXTURES,
     DEFAULT_REGISTRY,
@@ -151,36 +152,57 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 # --- pin ------------------------------------------------------------------------------------------------
 
 
-def cmd_pin(ns: argparse.Namespace) -> int:
-    """Write the current sha256 of each selected entry's files into the registry, keeping its formatting."""
-    from .fileio import atomic_write_text, sha256_file
-    from .registry import pin_text
+# a pin hashes a few files and rewrites a small text file; waiting longer than this means a stuck process
+PIN_LOCK_TIMEOUT_S = 120.0
 
+
+def cmd_pin(ns: argparse.Namespace) -> int:
+    """Write the current sha256 of each selected entry's files into the registry, keeping its formatting.
+
+    Concurrent pins serialise on a file lock and each re-reads the registry under it, so none is lost. A
+    symlinked registry is written through to its target (the link stays a link), atomically.
+    """
+    import os
+
+    from filelock import FileLock, Timeout
+
+    from .fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
+    from .registry import load_registry_text, pin_text
+
+    target = Path(os.path.realpath(ns.registry))
     try:
-        registry = _load(ns)
-        entries = _selected(registry, ns.ids)
-        updates: dict[str, dict[str, str]] = {}
-        for entry in entries:
-            fields: dict[str, str] = {}
-            fp32 = registry.fp32_path(entry)
-            if fp32.is_file():
-                fields["sha256"] = sha256_file(fp32)
-            if entry.gated and registry.int8_path(entry).is_file():
-                fields["int8_sha256"] = sha256_file(registry.int8_path(entry))
-            changed = {k: v for k, v in fields.items() if (getattr(entry, k) or "").lower() != v}
-            if changed:
-                updates[entry.id] = changed
-                for key, value in changed.items():
-                    _out(f"{entry.id}: {key} {getattr(entry, key) or '(none)'} -> {value}")
-        if not updates:
-            _out(f"{registry.path}: every selected hash is already pinned")
-            return EXIT_PASS
-        text = registry.path.read_text(encoding="utf-8")
-        atomic_write_text(registry.path, pin_text(text, updates, registry.path))
+        load_registry_text(ns.registry)  # refuse a missing, special or malformed file before taking the lock
+        sweep_partials(target.parent)
+        with FileLock(str(lock_path_for(target)), timeout=PIN_LOCK_TIMEOUT_S):
+            registry, text = load_registry_text(target)  # re-read under the lock: the last pin's edits count
+            updates: dict[str, dict[str, str]] = {}
+            for entry in _selected(registry, ns.ids):
+                fields: dict[str, str] = {}
+                fp32 = registry.fp32_path(entry)
+                if fp32.is_file():
+                    fields["sha256"] = sha256_file(fp32)
+                if entry.gated and registry.int8_path(entry).is_file():
+                    fields["int8_sha256"] = sha256_file(registry.int8_path(entry))
+                changed = {k: v for k, v in fields.items() if (getattr(entry, k) or "").lower() != v}
+                if changed:
+                    updates[entry.id] = changed
+                    for key, value in changed.items():
+                        _out(f"{entry.id}: {key} {getattr(entry, key) or '(none)'} -> {value}")
+            if not updates:
+                _out(f"{ns.registry}: every selected hash is already pinned")
+                return EXIT_PASS
+            atomic_write_text(target, pin_text(text, updates, target))
+    except Timeout:
+        _err(f"quantgate: error: {ns.registry}: another process has held the pin lock {lock_path_for(target)} "
+             f"for {PIN_LOCK_TIMEOUT_S:g} s")
+        return EXIT_ERROR
     except InputError as exc:
         _err(f"quantgate: error: {exc}")
         return EXIT_ERROR
-    _out(f"{registry.path}: pinned {sum(len(v) for v in updates.values())} hash(es)")
+    except OSError as exc:
+        _err(f"quantgate: error: {ns.registry}: cannot write the registry: {exc.strerror or exc}")
+        return EXIT_ERROR
+    _out(f"{ns.registry}: pinned {sum(len(v) for v in updates.values())} hash(es)")
     return EXIT_PASS
 
 
@@ -313,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{name.replace('-', ' ')}: write an int8 sidecar "
                                       "(MODEL.onnx [-o OUT], or REGISTRY.json [--id ID])")
         p.add_argument("source", help="an fp32 .onnx file, or a registry .json to rebuild its entries")
-        p.add_argument("-o", "--output", default=None, help="sidecar path (default: <stem>.int8.onnx beside MODEL)")
+        p.add_argument("-o", "--output", type=creatable_file, default=None,
+                       help="sidecar path (default: <stem>.int8.onnx beside MODEL)")
         p.add_argument("--fixtures", type=Path, default=Path(DEFAULT_FIXTURES), metavar="DIR")
         p.add_argument("--id", dest="ids", action="append", default=None, metavar="ID")
         mod.add_arguments(p)

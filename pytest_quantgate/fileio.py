@@ -22,6 +22,7 @@ import hashlib
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,72 @@ _CHUNK = 1 << 20
 PARTIAL_SUFFIX = ".partial"
 # 16 MiB: the largest text file (a registry) the gate reads whole; a 10 000-entry registry is about 5 MiB
 DEFAULT_READ_CAP = 16 * 1024 * 1024
+
+
+def lock_path_for(path: str | os.PathLike[str]) -> Path:
+    """Return the lock file that serialises writers of ``path`` (keyed by its real path, symlinks followed).
+
+    Locks live in the temp dir, not beside the file, so they never show up in the user's git status.
+    """
+    digest = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "quantgate-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{digest}.lock"
+
+
+def check_writable(path: str | os.PathLike[str], option: str, *, create_folders: bool = False) -> Path:
+    """Return ``path`` when a file can be written there; raise InputError naming ``option`` otherwise.
+
+    Run before the work, so that a report path that cannot be written fails in a second, not after an hour
+    of measuring. The check creates and removes a probe file in the target's folder (or, with
+    ``create_folders``, in its nearest existing ancestor, the folders being made by the writer later):
+    permission bits alone do not tell (root, read-only mounts, ACLs). An existing target must be a regular file.
+    """
+    text = os.fspath(path)
+    if not text.strip():
+        raise InputError(f"{option}: expected a file path, got {text!r}")
+    target = Path(text)
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        info = None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{option} {text}: cannot use this path: {_os_reason(exc)}") from None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{option} {text}: is a {file_kind(info.st_mode)}, not a regular file")
+    folder = target.parent
+    if create_folders:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{option} {text}: the folder {folder} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".quantgate-probe-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{option} {text}: cannot write in {folder}: {_os_reason(exc)}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
+def writable_file(text: str) -> Path:
+    """argparse ``type=`` for an output file in an existing folder (reports): argparse names the option."""
+    return _argparse_checked(text, create_folders=False)
+
+
+def creatable_file(text: str) -> Path:
+    """argparse ``type=`` for an output file whose missing folders the writer creates (``ptq-* -o``)."""
+    return _argparse_checked(text, create_folders=True)
+
+
+def _argparse_checked(text: str, *, create_folders: bool) -> Path:
+    import argparse
+
+    try:
+        return check_writable(text, "path", create_folders=create_folders)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("path ").removeprefix("path: ")) from None
 
 
 def file_kind(mode: int) -> str:

@@ -802,26 +802,24 @@ def _load(path: Path, role: str) -> onnx.ModelProto:
 
 
 def _provenance(fp32_sha: str, int8_sha: str, int8_path: Path) -> tuple[str, str | None]:
-    """Read the producer's provenance beside the sidecar: (what it says, a refusal reason or None)."""
-    from .producers.provenance import provenance_path_for
+    """Read the producer's provenance of the sidecar: (what it says, a refusal reason or None)."""
+    from .producers.provenance import read_provenance
 
-    path = provenance_path_for(int8_path)
-    try:
-        record = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
+    record = read_provenance(int8_path)
+    if record is None:
         return "none", None
-    except (OSError, ValueError) as exc:
-        return f"{path.name} unreadable ({type(exc).__name__})", None
-    if not isinstance(record, dict) or not isinstance(record.get("fp32_sha256"), str):
-        return f"{path.name} records no fp32 hash", None
+    name = str(record.get("provenance_source", "provenance"))
+    if not isinstance(record.get("fp32_sha256"), str):
+        return f"{name} records no fp32 hash", None
     if record.get("int8_sha256") != int8_sha:
-        # an interrupted or hand-edited rebuild: the record describes another sidecar, so it proves nothing
-        return f"{path.name} describes another sidecar (int8 sha256 differs)", None
+        # the sidecar changed since it was hashed: the record describes another file, so it proves nothing
+        return f"{name} describes another sidecar (int8 sha256 differs)", None
     if record["fp32_sha256"] != fp32_sha:
-        return f"{path.name} records another fp32", (
-            f"stale sidecar: {path.name} says it was built from an fp32 with sha256 {record['fp32_sha256'][:12]}…, "
-            f"the fp32 model is now {fp32_sha[:12]}… (retrained since?); rebuild the sidecar")
-    return f"{path.name} names this fp32", None
+        return f"{name} records another fp32", (
+            f"stale sidecar: its provenance ({name}) says it was built from an fp32 with sha256 "
+            f"{record['fp32_sha256'][:12]}…, the fp32 model is now {fp32_sha[:12]}… (retrained since?); "
+            "rebuild the sidecar")
+    return f"{name} names this fp32", None
 
 
 def check_lineage(fp32_path: Path, int8_path: Path, mode: str, *, thresholds: LineageThresholds | None = None,

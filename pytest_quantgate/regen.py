@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError, RegistryError
-from .fileio import atomic_write_text, sha256_file
+from .fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
 from .registry import Entry, Registry
 from .settings import Settings
 
@@ -38,17 +36,19 @@ class Regenerated:
 
 
 def _lock_path(sidecar: Path) -> Path:
-    # locks live in the temp dir, not beside the model, so they never show up in the user's git status
-    digest = hashlib.sha256(str(sidecar.resolve()).encode()).hexdigest()[:24]
-    folder = Path(tempfile.gettempdir()) / "quantgate-locks"
-    folder.mkdir(exist_ok=True)
-    return folder / f"{digest}.lock"
+    return lock_path_for(sidecar)
+
+
+def _marker_path(sidecar: Path) -> Path:
+    """Where a build records its run id: beside the lock, so the sidecar's bytes (and its pin) stay untouched."""
+    return _lock_path(sidecar).with_suffix(".built")
 
 
 def _built_in_run(sidecar: Path, run_id: str) -> bool:
-    provenance = sidecar.with_name(sidecar.name.removesuffix(".onnx") + ".json")
+    """Return True when this run already built the sidecar and the file is still exactly that build."""
     try:
-        return json.loads(provenance.read_text("utf-8")).get("gate_run_id") == run_id
+        record = json.loads(_marker_path(sidecar).read_text("utf-8"))
+        return bool(record.get("gate_run_id") == run_id and record.get("sha256") == sha256_file(sidecar))
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -60,26 +60,23 @@ def _reused(sidecar: Path, entry: Entry, run_id: str) -> Regenerated | None:
     return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256, reused=True)
 
 
-def _stamp(provenance: Path, run_id: str) -> None:
-    try:
-        record = json.loads(provenance.read_text("utf-8"))
-    except (OSError, ValueError):
-        return
-    record["gate_run_id"] = run_id
-    atomic_write_text(provenance, json.dumps(record, indent=2, sort_keys=True) + "\n")
+def _stamp(sidecar: Path, sha256: str, run_id: str) -> None:
+    atomic_write_text(_marker_path(sidecar), json.dumps({"gate_run_id": run_id, "sha256": sha256}) + "\n")
 
 
 def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id: str) -> Regenerated | None:
     """Build the entry's sidecar when the regen policy asks for it; return what was built, if anything.
 
     A file lock makes one worker build while the others wait; the build lands by atomic rename, so nobody
-    reads a half-written file. With ``all``, the run id stamped into the provenance stops a second build
-    of the same sidecar in the same run (several EPs, several workers).
+    reads a half-written file. With ``all``, the run id recorded beside the lock stops a second build of the
+    same sidecar in the same run (several EPs, several workers). The sidecar's folder is swept of dead
+    writers' partials first, and the producer refuses to write over any file the registry names otherwise.
     """
     from filelock import FileLock
 
     registry.fp32_path(entry)  # refuse a bad fp32 path first: it is what the int8 default derives from
     sidecar = registry.int8_path(entry)
+    sweep_partials(sidecar.parent)
     if settings.regen == "never":
         if not sidecar.exists():
             raise ModelFileError(
@@ -99,10 +96,11 @@ def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id:
         try:
             result = produce(registry, entry, settings.fixtures_dir, allow_recipes=settings.allow_recipes)
         except ProducerError as exc:
-            raise ModelFileError(f"{registry.path}: entry {entry.id!r}: rebuilding {sidecar.name} failed: {exc}") from None
+            raise ModelFileError(f"{registry.path}: entry {entry.id!r}: rebuilding {sidecar.name} failed: "
+                                 f"{exc}") from None
         except RegistryError:
             raise
-        _stamp(result.provenance_path, run_id)
+        _stamp(sidecar, result.sha256, run_id)
         return Regenerated(sidecar, result.sha256, entry.int8_sha256)
 
 

@@ -113,6 +113,55 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class NamedFile:
+    """A file a registry entry names: who names it, in which field, relative to which folder."""
+
+    owner: str  # the entry's id, or models[i] for an entry without a usable id
+    field: str  # a key of PATH_FIELDS; "int8_onnx" also for the sidecar derived from "onnx"
+    relative: str
+    in_fixtures: bool = False  # also looked up in the fixtures folder (soak fixtures, calibration sets)
+    fp32: str | None = None  # for an int8 sidecar: the fp32 model it is built from
+
+    @property
+    def role(self) -> str:
+        """Return what the file is, e.g. ``fp32 model``."""
+        return PATH_FIELDS[self.field]
+
+
+@dataclass(frozen=True)
+class WriteGuard:
+    """The files one producer run must not write over: everything the registry names in another role.
+
+    Built by :meth:`Registry.write_guard` for one entry; :meth:`check` is called by the one function that
+    publishes sidecars (``producers.provenance.publish_sidecar``) right before it writes, and before the work.
+    """
+
+    registry: Path
+    writer: str  # entry id
+    field: str  # the field naming the target: int8_onnx, or onnx when the sidecar name is derived from it
+    protected: tuple[tuple[str, str], ...]  # (real path, "role of entry 'x' (field 'f')")
+
+    def check(self, target: str | os.PathLike[str]) -> None:
+        """Raise RegistryError when ``target`` is (or links to) a file the registry names in another role."""
+        real = os.path.realpath(target)
+        identity = _identity(real)
+        for other, role in self.protected:
+            if other == real or (identity is not None and _identity(other) == identity):
+                raise RegistryError(
+                    f"{self.registry}: entry {self.writer!r} field {self.field!r}: refusing to write the int8 "
+                    f"sidecar {target}: that file is the {role}; give the sidecar a path of its own")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Return (device, inode) of an existing file (catches hard links), else None."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+@dataclass(frozen=True)
 class EntryProblem:
     """An entry that could not be validated; reported as an error item of its own."""
 
@@ -129,6 +178,8 @@ class Registry:
     schema_version: int
     entries: tuple[Entry, ...]
     problems: tuple[EntryProblem, ...] = ()
+    # every file any entry names (valid or not), so that no writer overwrites one in another role
+    named_files: tuple[NamedFile, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -153,6 +204,35 @@ class Registry:
     def int8_path(self, entry: Entry) -> Path:
         """Return the int8 sidecar path of an entry."""
         return self.resolve(entry, entry.int8_onnx, "int8_onnx" if entry.int8_onnx_explicit else "onnx")
+
+    def write_guard(self, entry: Entry, fixtures_dir: Path | None = None) -> WriteGuard:
+        """Return the guard of the entry's sidecar: every file named in another role (its own fp32 included).
+
+        Another entry's sidecar is protected too, unless that entry builds it from the same fp32 model (two
+        entries gating one sidecar with different budgets). Paths are compared after following symlinks, and
+        by inode where the file exists, so a link or a hard link to a protected file is caught as well.
+        """
+        own_fp32 = _real(self.folder / entry.onnx)
+        own_int8 = _real(self.folder / entry.int8_onnx)
+        protected: list[tuple[str, str]] = [(_real(self.path), f"registry {self.path.name} itself")]
+        for named in self.named_files:
+            bases = [self.folder] + ([fixtures_dir] if named.in_fixtures and fixtures_dir is not None else [])
+            for base in bases:
+                real = _real(base / named.relative)
+                if not real:
+                    continue
+                if named.field == "int8_onnx" and real == own_int8 and named.fp32 is not None \
+                        and _real(self.folder / named.fp32) == own_fp32:
+                    continue  # this entry's own sidecar, or a twin built from the same fp32
+                owner = "this entry" if named.owner == entry.id else f"entry {named.owner!r}"
+                protected.append((real, f"{named.role} of {owner} (field {named.field!r})"))
+        if fixtures_dir is not None:  # soak fixtures named by default after each id
+            for entry_id in {n.owner for n in self.named_files}:
+                real = _real(fixtures_dir / f"{entry_id}.npz")
+                if real:
+                    protected.append((real, f"soak fixture of entry {entry_id!r} (default {entry_id}.npz)"))
+        field_name = "int8_onnx" if entry.int8_onnx_explicit else "onnx"
+        return WriteGuard(self.path, entry.id, field_name, tuple(protected))
 
     def data_candidates(self, entry: Entry, relative: str, field_name: str, fixtures_dir: Path) -> list[Path]:
         """Return where a data file (soak fixture, calibration set) named by an entry may live, in order.
@@ -181,6 +261,32 @@ class Registry:
         if entry.calibration_set is None:
             return []
         return self.data_candidates(entry, entry.calibration_set, "quant_calibration_set", fixtures_dir)
+
+
+def _real(path: Path) -> str:
+    """Return the symlink-free absolute path, or '' when it cannot be named (NUL byte, bad encoding)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return ""
+
+
+def _named_files(models: Sequence[Any]) -> tuple[NamedFile, ...]:
+    """Collect every path any entry names, valid or not: a broken entry's files still must not be written over."""
+    found: list[NamedFile] = []
+    for index, raw in enumerate(models):
+        if not isinstance(raw, dict):
+            continue
+        owner = raw["id"] if isinstance(raw.get("id"), str) else f"models[{index}]"
+        onnx = raw.get("onnx") if isinstance(raw.get("onnx"), str) else None
+        for key in PATH_FIELDS:
+            value = raw.get(key)
+            if key == "int8_onnx" and value is None and onnx is not None and raw.get("quant_mode", "fp32") != "fp32":
+                value = str(PurePosixPath(onnx).with_suffix("")) + ".int8.onnx"
+            if isinstance(value, str) and value:
+                found.append(NamedFile(owner, key, value, in_fixtures=key in ("soak_fixture", "quant_calibration_set"),
+                                       fp32=onnx if key == "int8_onnx" else None))
+    return tuple(found)
 
 
 def resolve_inside(base: Path, relative: str, *, where: str) -> Path:
@@ -346,27 +452,33 @@ def parse_registry(data: Any, path: Path) -> Registry:
         schema_version=data["schema_version"],
         entries=tuple(sorted(entries, key=lambda e: e.id)),
         problems=tuple(sorted(problems, key=lambda p: (p.label, p.index))),
+        named_files=_named_files(data["models"]),
     )
 
 
 def load_registry(path: str | Path) -> Registry:
     """Read, parse and validate a registry file; raise RegistryError for whole-file problems."""
+    return load_registry_text(path)[0]
+
+
+def load_registry_text(path: str | Path) -> tuple[Registry, str]:
+    """Return the validated registry and the exact text it was parsed from (one read: what pin edits)."""
     path = Path(path)
-    data = read_registry_json(path)
+    text = read_registry_text(path)
+    data = parse_json_text(text, path)
     try:
-        return parse_registry(data, path)
+        return parse_registry(data, path), text
     except RecursionError:  # a schema walk too deep; _check_depth makes this unreachable for parsed files
         raise RegistryError(f"{path}: nested too deeply to validate") from None
 
 
-def read_registry_json(path: Path) -> Any:
-    """Return the parsed JSON of a registry file: regular, at most REGISTRY_MAX_BYTES, finite numbers only."""
+def read_registry_text(path: Path) -> str:
+    """Return the text of a registry file: a regular file of at most REGISTRY_MAX_BYTES, UTF-8."""
     raw = read_bounded(path, REGISTRY_MAX_BYTES, "registry file", RegistryError)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RegistryError(f"{path}: the registry is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    return parse_json_text(text, path)
 
 
 def parse_json_text(text: str, path: Path) -> Any:
@@ -456,72 +568,96 @@ def _check_depth(data: Any, path: Path) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
-def _entry_spans(text: str) -> list[tuple[int, int]]:
-    """Return the (start, end) offsets of every object two levels deep (the entries of ``models``)."""
-    spans: list[tuple[int, int]] = []
-    depth = 0
-    start = -1
-    in_string = escaped = False
-    for pos, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-            continue
-        if char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-            if char == "{" and depth == 3:  # root object, models array, entry object
-                start = pos
-        elif char in "}]":
-            if char == "}" and depth == 3 and start >= 0:
-                spans.append((start, pos + 1))
-                start = -1
-            depth -= 1
-    return spans
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _members(text: str, start: int, decoder: json.JSONDecoder) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """Return the members of the JSON object at ``start``: key -> (key start, value start, value end), and its end.
+
+    Strings are scanned by json's own scanner, so keys and values holding quotes, backslashes or unicode
+    escapes are read exactly; a key given twice maps to its last occurrence, the one json.loads keeps.
+    """
+    from json.decoder import scanstring  # type: ignore[attr-defined]  # not in typeshed
+
+    members: dict[str, tuple[int, int, int]] = {}
+    pos = _skip_ws(text, start + 1)
+    if text[pos] == "}":
+        return members, pos + 1
+    while True:
+        key_start = pos
+        key, pos = scanstring(text, pos + 1)
+        pos = _skip_ws(text, pos) + 1  # the colon
+        value_start = _skip_ws(text, pos)
+        _, value_end = decoder.raw_decode(text, value_start)
+        members[key] = (key_start, value_start, value_end)
+        pos = _skip_ws(text, value_end)
+        if text[pos] == "}":
+            return members, pos + 1
+        pos = _skip_ws(text, pos + 1)  # the comma
+
+
+def _entry_objects(text: str) -> list[tuple[int, dict[str, tuple[int, int, int]]]]:
+    """Return (start, members) of every object in the root's ``models`` array."""
+    decoder = json.JSONDecoder()
+    root = _skip_ws(text, 0)
+    members, _ = _members(text, root, decoder)
+    if "models" not in members:
+        return []
+    pos = _skip_ws(text, members["models"][1] + 1)
+    found = []
+    while pos < len(text) and text[pos] != "]":
+        if text[pos] == "{":
+            entry, end = _members(text, pos, decoder)
+            found.append((pos, entry))
+        else:
+            _, end = decoder.raw_decode(text, pos)
+        pos = _skip_ws(text, end)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+    return found
 
 
 def pin_text(text: str, updates: Mapping[str, Mapping[str, str]], path: Path) -> str:
     """Return the registry text with hash fields set, keeping the file's formatting and key order.
 
     ``updates`` maps entry id -> {field: value}. A missing field is inserted right after the entry's ``onnx``.
+    Any valid JSON is handled (escaped quotes and unicode escapes in names, keys given twice); the result is
+    checked to differ from the input by exactly the requested fields.
     """
-    import re
-
+    try:
+        objects = _entry_objects(text)
+    except (ValueError, IndexError) as exc:
+        raise RegistryError(f"{path}: cannot locate the entries to pin: {exc}") from None
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied from the back
     pending = {k: dict(v) for k, v in updates.items()}
-    pieces: list[str] = []
-    last = 0
-    for start, end in _entry_spans(text):
-        body = text[start:end]
-        try:
-            entry_id = json.loads(body).get("id")
-        except (json.JSONDecodeError, AttributeError):
+    for _, members in objects:
+        if "id" not in members:
             continue
-        if entry_id not in pending:
+        _, id_start, id_end = members["id"]
+        entry_id = json.loads(text[id_start:id_end])
+        if not isinstance(entry_id, str) or entry_id not in pending:
             continue
         for key, value in pending.pop(entry_id).items():
-            pattern = re.compile(r'("%s"\s*:\s*)"[^"]*"' % re.escape(key))
-            if pattern.search(body):
-                body = pattern.sub(lambda m, v=value: f'{m.group(1)}"{v}"', body, count=1)
+            encoded = json.dumps(value)
+            if key in members:
+                _, value_start, value_end = members[key]
+                edits.append((value_start, value_end, encoded))
                 continue
-            anchor = re.search(r'"onnx"\s*:\s*"[^"]*"', body)
-            if anchor is None:
+            if "onnx" not in members:
                 raise RegistryError(f"{path}: entry {entry_id!r}: cannot find where to insert {key!r}")
-            line_start = body.rfind("\n", 0, anchor.start())
-            indent = body[line_start + 1 : anchor.start()] if line_start >= 0 else ""
+            key_start, _, onnx_end = members["onnx"]
+            line_start = text.rfind("\n", 0, key_start)
+            indent = text[line_start + 1 : key_start] if line_start >= 0 else ""
             sep = f",\n{indent}" if line_start >= 0 and not indent.strip() else ", "
-            body = f'{body[: anchor.end()]}{sep}"{key}": "{value}"{body[anchor.end():]}'
-        pieces.append(text[last:start])
-        pieces.append(body)
-        last = end
-    pieces.append(text[last:])
+            edits.append((onnx_end, onnx_end, f"{sep}{json.dumps(key)}: {encoded}"))
     if pending:
         raise RegistryError(f"{path}: no entry with id {', '.join(repr(k) for k in pending)}")
-    result = "".join(pieces)
+    result = text
+    for start, end, replacement in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        result = result[:start] + replacement + result[end:]
     # the edit must change exactly the requested fields and nothing else
     before, after = json.loads(text), json.loads(result)
     for raw in before["models"]:

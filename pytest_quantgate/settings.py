@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .fileio import writable_file
+
 if TYPE_CHECKING:
     import pytest
 
@@ -275,7 +277,7 @@ def add_gate_args(parser: argparse.ArgumentParser) -> None:
                         help="diagnose failing entries (auto), never (off), or passing ones too (always)")
     parser.add_argument("--max-fixture-gib", type=float, default=DEFAULT_MAX_FIXTURE_GIB, metavar="GIB",
                         help="refuse fixtures whose arrays declare more than this (default %(default)s)")
-    parser.add_argument("--json", dest="json_out", type=Path, default=None, metavar="PATH",
+    parser.add_argument("--json", dest="json_out", type=writable_file, default=None, metavar="PATH",
                         help="also write every outcome as JSON")
 
 

@@ -13,6 +13,7 @@ import pytest
 import modelkit
 from pytest_quantgate.cli import main
 from pytest_quantgate.fileio import sha256_file
+from pytest_quantgate.producers.provenance import read_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_ptq_dynamic_on_a_file_prints_the_sha_to_pin(workdir: Path, capsys: pyte
     code, out = run(capsys, "ptq-dynamic", str(workdir / "model" / "digits.onnx"), "-o", str(out_path))
     assert code == 0, out
     assert f"int8_sha256 {sha256_file(out_path)}" in out
-    assert json.loads((workdir / "out" / "digits.int8.json").read_text())["mode"] == "ptq-dynamic"
+    assert read_provenance(out_path)["mode"] == "ptq-dynamic"  # type: ignore[index]
 
 
 def test_ptq_static_on_a_file_needs_a_calibration_set(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,7 +76,8 @@ def test_ptq_static_from_the_registry_entry_then_pin_and_measure(workdir: Path,
                     "--calibrate-method", "percentile")
     assert code == 0, out
     assert "residual_filter_v1: int8_sha256 " in out
-    provenance = json.loads((workdir / "model" / "residual_filter_v1.int8.json").read_text())
+    provenance = read_provenance(workdir / "model" / "residual_filter_v1.int8.onnx")
+    assert provenance is not None
     assert provenance["config"]["calibrate_method"] == "percentile"
     before = (workdir / "model" / "registry.json").read_text()
     code, out = run(capsys, "validate", registry, "--fixtures", fixtures)
@@ -150,7 +152,8 @@ def test_qat_rebuilds_the_bundled_qat_sidecar_with_opt_in(tmp_path: Path, capsys
                     str(tmp_path / "fixtures"))
     assert code == 0, out
     assert f"nr_cnn_v1: int8_sha256 {sha256_file(sidecar)}" in out
-    provenance = json.loads((tmp_path / "model" / "nr_cnn_v1.int8.json").read_text())
+    provenance = read_provenance(sidecar)
+    assert provenance is not None
     assert provenance["config"]["epochs_qat"] == 2 and provenance["config"]["lr_qat"] == 3e-5
     assert not [p for p in (tmp_path / "model").iterdir() if p.name.startswith(".")]
     run(capsys, "pin", registry, "--id", "nr_cnn_v1")

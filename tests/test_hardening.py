@@ -236,3 +236,59 @@ def test_a_symlink_loop_in_a_path_field_is_a_registry_error(tmp_path: Path) -> N
     registry = parse_registry({"schema_version": 1, "models": [_entry(onnx="a.onnx")]}, tmp_path / "r.json")
     with pytest.raises(RegistryError, match=r"entry 'm' field 'onnx': 'a\.onnx' cannot be resolved"):
         registry.fp32_path(registry.entries[0])
+
+
+# --- output options are checked before the work ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("", "expected a file path, got ''"),
+    ("{tmp}/afile/r.json", "cannot use this path: Not a directory"),
+    ("{tmp}/afile/sub/r.json", "cannot use this path: Not a directory"),
+    ("{tmp}", "is a directory, not a regular file"),
+    ("/proc/quantgate-r.json", "cannot write in /proc"),
+])
+@pytest.mark.parametrize("command", ["measure", "ptq-dynamic"])
+def test_unwritable_output_paths_fail_before_the_work_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  value: str, expected: str, command: str) -> None:
+    from pytest_quantgate.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    repo = Path(__file__).resolve().parents[1]
+    value, expected = value.format(tmp=tmp_path), expected.format(tmp=tmp_path)
+    if command == "measure":
+        argv = ["measure", str(repo / "model" / "registry.json"), "--fixtures", str(repo / "fixtures"), "--json", value]
+        option = "--json"
+    else:
+        argv = ["ptq-dynamic", str(repo / "model" / "fusion_mlp_v1.onnx"), "-o", value]
+        option = "-o/--output"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and expected in err
+    assert "quantgate: [1/" not in err  # nothing was measured or built
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_report_needs_an_existing_folder_a_sidecar_gets_its_folders_made(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_quantgate.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    missing = tmp_path / "missing" / "r.json"
+    assert main(["measure", str(repo / "model" / "registry.json"), "--json", str(missing)]) == 2
+    assert f"argument --json: {missing}: the folder {missing.parent} does not exist" in capsys.readouterr().err
+    sidecar = tmp_path / "new" / "deeper" / "m.int8.onnx"
+    assert main(["ptq-dynamic", str(repo / "model" / "fusion_mlp_v1.onnx"), "-o", str(sidecar)]) == 0
+    assert sidecar.is_file()
+
+
+def test_check_writable_names_the_option(tmp_path: Path) -> None:
+    from pytest_quantgate.errors import InputError
+    from pytest_quantgate.fileio import check_writable
+
+    assert check_writable(tmp_path / "r.json", "--json") == tmp_path / "r.json"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match=r"^--json .*pipe: is a FIFO \(named pipe\), not a regular file$"):
+        check_writable(fifo, "--json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # the probe file is gone

@@ -84,9 +84,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 def lone(path: Path, tmp: Path) -> Path:
-    """Copy a sidecar without its provenance record, so only the weights speak."""
+    """Copy a sidecar without its provenance record (embedded in metadata_props), so only the weights speak."""
+    from pytest_quantgate.producers.provenance import PROVENANCE_KEY
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != PROVENANCE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     out = tmp / path.name
-    shutil.copyfile(path, out)
+    onnx.save(model, str(out))
     return out
 
 
@@ -348,7 +354,7 @@ def test_sidecar_of_older_fp32_is_refused_by_its_provenance(built: Built) -> Non
     # 1 fine-tune step hides inside QAT's own drift, but the producer's record names the fp32 it was built from
     tuned = built.finetuned("nr_cnn_v1", steps=1)
     report = check_lineage(tuned, int8_of("nr_cnn_v1"), "qat")
-    assert_refused(report, "stale sidecar", "nr_cnn_v1.int8.json")
+    assert_refused(report, "stale sidecar", "provenance (metadata_props)")
     assert len(report.reasons) == 1  # the weights alone would have passed
 
 

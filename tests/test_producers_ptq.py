@@ -27,7 +27,12 @@ from onnx import TensorProto, helper, numpy_helper
 from pytest_quantgate.fileio import sha256_file
 from pytest_quantgate.producers import ptq_dynamic, ptq_static
 from pytest_quantgate.producers.base import ProducerError
-from pytest_quantgate.producers.provenance import library_versions, provenance_path_for, write_provenance
+from pytest_quantgate.producers.provenance import (
+    library_versions,
+    provenance_path_for,
+    read_provenance,
+    write_provenance,
+)
 from pytest_quantgate.producers.ptq_dynamic import DynamicConfig, quantize_dynamic
 from pytest_quantgate.producers.ptq_static import StaticConfig, quantize_static
 
@@ -189,17 +194,17 @@ def test_dynamic_mlp(tmp_path: Path) -> None:
     before = sha256_file(fp32)
     result = quantize_dynamic(fp32, tmp_path / "m.int8.onnx", DynamicConfig())
     assert result.sha256 == sha256_file(result.int8_path)
-    assert result.provenance_path == tmp_path / "m.int8.json"
+    assert result.provenance_path == result.int8_path  # the record lives inside the sidecar
     ops = {n.op_type for n in onnx.load(str(result.int8_path)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     _assert_close(fp32, result.int8_path, {"x": _inputs(8, (16,))[:, :]})
-    record = json.loads(result.provenance_path.read_text())
+    record = read_provenance(result.int8_path)
     assert record["mode"] == "ptq-dynamic" and record["fp32_sha256"] == before
     assert record["int8_sha256"] == result.sha256
     assert record["config"] == DynamicConfig().to_dict()
     assert record["library_versions"]["onnxruntime"] == ort.__version__
     assert sha256_file(fp32) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.json", "m.int8.onnx", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
 
 
 def test_dynamic_nodes_to_exclude_and_per_channel_opset11(tmp_path: Path) -> None:
@@ -293,15 +298,15 @@ def test_static_convnet_each_calibrate_method(tmp_path: Path, conv_cal: Path, me
     ops = _producers(result.int8_path)
     assert "QuantizeLinear" in ops.values() and "DequantizeLinear" in ops.values()
     _assert_close(fp32, result.int8_path, {"x": _inputs(4, (3, 16, 16), seed=1)}, rel=0.15)
-    record = json.loads(result.provenance_path.read_text())
+    record = read_provenance(result.int8_path)
     assert record["config"]["calibrate_method"] == method
     assert record["calibration"] == {
-        "path": str(conv_cal), "sha256": sha256_file(conv_cal), "sample_count": 12, "samples_used": 12,
+        "path": conv_cal.name, "sha256": sha256_file(conv_cal), "sample_count": 12, "samples_used": 12,
         "batch_size": 1, "batches": 12, "layout": {"x": "axis 0 is the model's batch axis"}}
     assert record["fp32_sha256"] == sha256_file(fp32) and record["int8_sha256"] == result.sha256
     if method == "percentile":
         assert record["extra_options"]["CalibPercentile"] == 99.999
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "m.int8.json", "m.int8.onnx", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "m.int8.onnx", "m.onnx"]
 
 
 @pytest.mark.parametrize("opset", [11, 12])
@@ -388,7 +393,7 @@ def test_static_symbolic_shape_inference_failure_falls_back(tmp_path: Path, monk
     assert "Incomplete symbolic shape inference" in step["attempts"][0]["error"]
     assert step["attempts"][1] == {"skip_symbolic_shape": True, "error": None}
     _assert_close(fp32, result.int8_path, {"x": _inputs(3, (8,), 7), "y": _inputs(3, (4,), 8)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "m.int8.json", "m.int8.onnx", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "m.int8.onnx", "m.onnx"]
 
 
 def test_static_preprocessing_failing_entirely_is_recorded(tmp_path: Path, conv_cal: Path,

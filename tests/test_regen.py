@@ -8,6 +8,7 @@ import pytest
 from conftest import GateProject
 
 from pytest_quantgate.cli import main
+from pytest_quantgate.producers.provenance import read_provenance
 
 
 def _shared_pair(project: GateProject) -> list[dict]:
@@ -18,15 +19,25 @@ def _shared_pair(project: GateProject) -> list[dict]:
     return [first, second]
 
 
+def _produced(project: GateProject, entry_id: str) -> dict:
+    """An entry whose pinned sidecar comes from the gate's own producer (provenance inside, naming its fp32)."""
+    import modelkit
+
+    from pytest_quantgate.producers.ptq_dynamic import DynamicConfig, quantize_dynamic
+
+    project.add_sidecar(entry_id)
+    quantize_dynamic(project.model / f"{entry_id}.onnx", project.model / f"{entry_id}.int8.onnx", DynamicConfig())
+    return modelkit.pin({"id": entry_id, "onnx": f"{entry_id}.onnx", "quant_mode": "dynamic"}, project.model)
+
+
 def test_missing_sidecar_is_rebuilt_gated_and_reported(project: GateProject) -> None:
-    entry = project.add_sidecar("lost")
-    project.write([entry])
+    project.write([_produced(project, "lost")])
     (project.model / "lost.int8.onnx").unlink()
     result = project.run("--quantgate-regen", "missing", "-W", "default")
     result.assert_outcomes(passed=1)
     assert (project.model / "lost.int8.onnx").is_file()
-    provenance = json.loads((project.model / "lost.int8.json").read_text())
-    assert provenance["mode"] == "ptq-dynamic" and provenance["gate_run_id"]
+    provenance = read_provenance(project.model / "lost.int8.onnx")
+    assert provenance is not None and provenance["mode"] == "ptq-dynamic"
     # ORT's dynamic quantiser is deterministic here: the rebuilt file matches the pin
     result.stdout.fnmatch_lines(["lost [[]cpu[]] regenerated: rebuilt lost.int8.onnx; sha256 matches the pin"])
     assert not list(project.model.glob("*.partial")) and not list(project.model.glob("*.lock"))
@@ -114,8 +125,7 @@ def test_deleted_bundled_sidecars_are_rebuilt_to_their_pins(pytester: pytest.Pyt
 def test_measure_rebuilds_a_missing_sidecar_exactly_as_the_pytest_gate_does(project: GateProject,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """One runner: `quantgate measure` regenerates, gates and reports like `pytest --quantgate`."""
-    entry = project.add_sidecar("lost")
-    project.write([entry])
+    project.write([_produced(project, "lost")])
     pinned = (project.model / "lost.int8.onnx").read_bytes()
     (project.model / "lost.int8.onnx").unlink()
     out = project.root / "measure.json"

@@ -46,16 +46,21 @@ def produce(
     int8 = registry.int8_path(entry)
     if not fp32.is_file():
         raise ProducerError(f"{registry.path}: entry {entry.id!r}: fp32 model {fp32} does not exist")
+    # refuse, before any work, a sidecar path that is a file the registry names in another role; the one
+    # publishing function checks the same guard again right before it writes
+    guard = registry.write_guard(entry, fixtures_dir)
+    guard.check(int8)
     options = {**dict(entry.quant_options), **dict(overrides or {})}
     if entry.mode == "dynamic":
         from .ptq_dynamic import DynamicConfig, quantize_dynamic
 
-        return quantize_dynamic(fp32, int8, _config(DynamicConfig, options, entry, registry))
+        return quantize_dynamic(fp32, int8, _config(DynamicConfig, options, entry, registry), guard=guard)
     if entry.mode == "static":
         from .ptq_static import StaticConfig, quantize_static
 
         calib = calibration_set(registry, entry, fixtures_dir)
-        return quantize_static(fp32, int8, _config(StaticConfig, options, entry, registry, calibration_set=calib))
+        config = _config(StaticConfig, options, entry, registry, calibration_set=calib)
+        return quantize_static(fp32, int8, config, guard=guard)
     if entry.mode == "qat":
         if entry.qat_recipe is None:
             raise RegistryError(f"{registry.path}: entry {entry.id!r}: quant_mode 'qat' needs a 'qat_recipe' to "
@@ -70,10 +75,10 @@ def produce(
 
         config = _config(QatConfig, options, entry, registry)
         try:
-            return quantize_qat(fp32, int8, config, recipe=recipe, progress=progress)
-        except ProducerError:
+            return quantize_qat(fp32, int8, config, recipe=recipe, progress=progress, guard=guard)
+        except (ProducerError, RegistryError):
             raise
-        except Exception as exc:  # the recipe is user code: whatever it raises is reported, never a traceback
+        except (Exception, SystemExit) as exc:  # the recipe is user code: whatever it raises is reported
             raise ProducerError(f"{registry.path}: entry {entry.id!r}: QAT recipe {recipe} raised "
                                 f"{type(exc).__name__}: {exc}") from exc
     raise ProducerError(f"{registry.path}: entry {entry.id!r}: quant_mode {entry.mode!r} has no producer")

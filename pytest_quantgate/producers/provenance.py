@@ -1,22 +1,28 @@
-"""Provenance sidecars and safe publishing, shared by every producer (PTQ dynamic, PTQ static, QAT).
+"""Provenance records and safe publishing, shared by every producer (PTQ dynamic, PTQ static, QAT).
 
-A producer builds its int8 model in a private scratch folder (outside the target folder), then calls
-:func:`publish_sidecar`, which moves the finished file into place atomically, hashes it and writes the
-provenance record beside it as ``<name>.json`` (``m.int8.onnx`` -> ``m.int8.json``).
+A producer builds its int8 model in a private scratch folder (or in memory), then calls :func:`publish_sidecar`,
+which stores the provenance record *inside* the model (ONNX ``metadata_props`` key ``quantgate.provenance``)
+and moves the model into place with one atomic rename: the sidecar and its provenance cannot disagree, even
+after a SIGKILL. Records hold only what is the same on every rebuild (no times, no absolute paths), so a
+rebuild still reproduces the pinned sha256. Sidecars written before this format kept their record in
+``m.int8.json`` beside ``m.int8.onnx``; :func:`read_provenance` still reads those when the record's
+``int8_sha256`` matches the sidecar, and a producer removes the old file once it has published.
 
-Public API (kept small on purpose; the QAT producer uses it too):
+Public API (the QAT producer uses it too):
 
 - :func:`library_versions` -- versions of onnxruntime (and which distribution provides it), onnx, numpy, and
   torch/torchao when installed, read from package metadata (never imports torch).
-- :func:`provenance_path_for` -- where the provenance record of a sidecar lives.
-- :func:`write_provenance` -- write a record atomically; returns its path.
+- :func:`shaping_versions` -- the subset of those that shapes a sidecar's bytes, for the embedded record.
 - :func:`scratch_dir` -- a private working folder in the system temp dir, removed afterwards; folders left by
   killed producers are swept on the next call.
-- :func:`publish_sidecar` -- move a built model onto the sidecar path atomically and write its provenance.
+- :func:`check_target` -- refuse a sidecar path that is the fp32 model or a file the registry names otherwise.
+- :func:`publish_sidecar` -- embed the provenance and move a built model onto the sidecar path atomically.
+- :func:`read_provenance` -- the record of a sidecar (embedded, or a matching legacy ``.int8.json``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import importlib.metadata as metadata
@@ -27,16 +33,20 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pytest_quantgate.fileio import atomic_path, atomic_write_text, sha256_file
+from pytest_quantgate.fileio import atomic_path, atomic_write_text, sweep_partials
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
 
-PROVENANCE_FORMAT = 1
+if TYPE_CHECKING:
+    from pytest_quantgate.registry import WriteGuard
+
+# 2: the record lives in the model's metadata_props; 1: in m.int8.json beside it
+PROVENANCE_FORMAT = 2
+PROVENANCE_KEY = "quantgate.provenance"
 
 # Distributions that install the ``onnxruntime`` module; installing two in one environment breaks both.
 _ORT_DISTRIBUTIONS = (
@@ -86,8 +96,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def shaping_versions(*, torch: bool) -> dict[str, str]:
+    """Return the library versions that shape a sidecar's bytes (torch and torchao only for QAT).
+
+    The Python version and unrelated libraries are left out: they would change the sidecar's hash on every
+    upgrade without changing a single weight.
+    """
+    keep = {"onnxruntime", "onnxruntime_distribution", "onnx", "numpy"} | ({"torch", "torchao"} if torch else set())
+    return {k: v for k, v in library_versions().items() if k in keep}
+
+
 def provenance_path_for(int8_path: str | os.PathLike[str]) -> Path:
-    """Return the provenance path of a sidecar: ``m.int8.onnx`` -> ``m.int8.json``."""
+    """Return where format-1 provenance lived: ``m.int8.onnx`` -> ``m.int8.json`` (read for old sidecars)."""
     int8_path = Path(int8_path)
     name = int8_path.name
     stem = name[: -len(".onnx")] if name.endswith(".onnx") else name
@@ -107,7 +127,9 @@ def _json_default(value: Any) -> Any:
 
 
 def write_provenance(int8_path: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
-    """Write ``record`` as JSON beside the sidecar (``m.int8.json``), atomically; return its path.
+    """Write ``record`` as format-1 JSON beside the sidecar (``m.int8.json``), atomically; return its path.
+
+    Kept for tools that want a readable copy; producers embed the record instead (see :func:`publish_sidecar`).
 
     Paths, enums, sets and numpy scalars in ``record`` are converted; anything else that JSON cannot hold
     raises ``TypeError`` before a file is touched.
@@ -166,26 +188,143 @@ def scratch_dir(label: str = "producer") -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def publish_sidecar(built: str | os.PathLike[str], int8_path: str | os.PathLike[str], record: Mapping[str, Any]) -> ProducerResult:
-    """Copy a finished model onto ``int8_path`` atomically, then write its provenance; return the result.
+def check_target(int8_path: str | os.PathLike[str], fp32_path: str | os.PathLike[str] | None,
+                 guard: WriteGuard | None = None) -> None:
+    """Refuse a sidecar path that is the fp32 model (symlinks and hard links included) or that ``guard`` protects.
 
-    ``record`` is completed with ``int8_path``, ``int8_sha256``, ``library_versions`` (unless given),
-    ``provenance_format`` and ``written_at`` (UTC, ISO 8601). The sidecar is written first: a reader that finds
-    a provenance record whose ``int8_sha256`` differs from the sidecar's hash is looking at an interrupted
-    publish and must not trust either.
+    Raises ProducerError for the fp32 model without a registry, and the guard's RegistryError (an input
+    error naming the entry, the field and the other role) with one.
     """
-    built = Path(built)
+    if guard is not None:
+        guard.check(int8_path)
+    if fp32_path is not None:
+        same = os.path.realpath(int8_path) == os.path.realpath(fp32_path)
+        with contextlib.suppress(OSError):  # a missing target is not the fp32 model
+            same = same or os.path.samefile(int8_path, fp32_path)
+        if same:
+            raise ProducerError(f"{int8_path}: refusing to overwrite the fp32 model {fp32_path} with its int8 sidecar")
+
+
+def _portable(value: Any, replace: Mapping[str, str]) -> Any:
+    """Return ``value`` as JSON data with machine-specific path prefixes replaced (a record must reproduce)."""
+    if isinstance(value, Mapping):
+        return {str(k): _portable(v, replace) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v, replace) for v in value]
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        for prefix, stand_in in replace.items():
+            value = value.replace(prefix, stand_in)
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return _portable(_json_default(value), replace)
+
+
+def embed_provenance(model_bytes: bytes, record: Mapping[str, Any]) -> bytes:
+    """Return the model bytes with ``record`` stored as JSON under ``metadata_props[quantgate.provenance]``."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    kept = [p for p in model.metadata_props if p.key != PROVENANCE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=PROVENANCE_KEY,
+                             value=json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False))
+    return bytes(model.SerializeToString())
+
+
+def publish_sidecar(
+    built: str | os.PathLike[str] | bytes,
+    int8_path: str | os.PathLike[str],
+    record: Mapping[str, Any],
+    *,
+    fp32_path: str | os.PathLike[str] | None = None,
+    guard: WriteGuard | None = None,
+) -> ProducerResult:
+    """Embed ``record`` in the built model and move it onto ``int8_path`` in one atomic rename; return the result.
+
+    ``built`` is the finished model file (in a scratch folder) or its bytes. ``record`` is completed with
+    ``provenance_format``; paths inside it under the scratch folder or the fp32 model's folder are made
+    relative, so a rebuild writes the same bytes. The target is checked first (:func:`check_target`), the
+    folder is swept of dead writers' partials, and a format-1 ``m.int8.json`` left beside the sidecar is
+    removed once the new sidecar is in place (it describes the old one).
+    """
     int8_path = Path(int8_path)
-    if not built.is_file():
-        raise ProducerError(f"{int8_path}: the producer finished without writing a model ({built} is missing)")
-    with atomic_path(int8_path, suffix=".onnx") as tmp:
-        shutil.copyfile(built, tmp)
-    digest = sha256_file(int8_path)
-    full = dict(record)
-    full.setdefault("library_versions", library_versions())
-    full["int8_path"] = str(int8_path)
-    full["int8_sha256"] = digest
-    full["provenance_format"] = PROVENANCE_FORMAT
-    full["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    provenance_path = write_provenance(int8_path, full)
-    return ProducerResult(int8_path=int8_path, sha256=digest, provenance_path=provenance_path, provenance=full)
+    check_target(int8_path, fp32_path, guard)
+    replace: dict[str, str] = {}
+    if isinstance(built, (bytes, bytearray)):
+        data = bytes(built)
+    else:
+        built = Path(built)
+        if not built.is_file():
+            raise ProducerError(f"{int8_path}: the producer finished without writing a model ({built} is missing)")
+        data = built.read_bytes()
+        replace[str(built.parent.resolve()) + os.sep] = ""
+        replace[str(built.parent) + os.sep] = ""
+    if fp32_path is not None:
+        replace[str(Path(fp32_path).resolve().parent) + os.sep] = ""
+        replace[str(Path(fp32_path).parent) + os.sep] = ""
+    full = _portable({**dict(record), "provenance_format": PROVENANCE_FORMAT}, replace)
+    try:
+        data = embed_provenance(data, full)
+    except Exception as exc:
+        raise ProducerError(f"{int8_path}: cannot store the provenance in the model: {type(exc).__name__}: {exc}") \
+            from exc
+    sweep_partials(int8_path.parent)
+    with atomic_path(int8_path, suffix=".onnx") as tmp, open(tmp, "r+b") as handle:
+        handle.write(data)
+    digest = hashlib.sha256(data).hexdigest()
+    _remove_legacy_record(int8_path, guard)
+    return ProducerResult(int8_path=int8_path, sha256=digest, provenance_path=int8_path,
+                          provenance={**full, "int8_sha256": digest})
+
+
+def _remove_legacy_record(int8_path: Path, guard: WriteGuard | None) -> None:
+    legacy = provenance_path_for(int8_path)
+    if legacy == int8_path or not legacy.is_file() or legacy.is_symlink():
+        return
+    try:
+        if guard is not None:
+            guard.check(legacy)  # never delete a file the registry names (however unlikely for a .json)
+        legacy.unlink()
+    except Exception:
+        return
+
+
+def read_provenance(int8_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Return a sidecar's provenance record, or None when it has none (or the file is not a readable model).
+
+    The record gains ``int8_sha256`` (the sidecar's hash) and ``provenance_source`` (``metadata_props`` or
+    the legacy file's name). A format-1 ``m.int8.json`` counts only when its ``int8_sha256`` matches the
+    sidecar: one left from an earlier build describes another file.
+    """
+    import onnx
+
+    int8_path = Path(int8_path)
+    try:
+        data = int8_path.read_bytes()
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except Exception:
+        return None
+    digest = hashlib.sha256(data).hexdigest()
+    for prop in model.metadata_props:
+        if prop.key == PROVENANCE_KEY:
+            try:
+                record = json.loads(prop.value)
+            except ValueError:
+                return None
+            if isinstance(record, dict):
+                return {**record, "int8_sha256": digest, "provenance_source": "metadata_props"}
+            return None
+    legacy = provenance_path_for(int8_path)
+    try:
+        record = json.loads(legacy.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("int8_sha256") == digest:
+        return {**record, "provenance_source": legacy.name}
+    return None

@@ -19,7 +19,7 @@ Pipeline (each step is recorded in the provenance record):
    "Unable to find data type for weight_name"; any other ORT crash becomes a ``ProducerError`` naming the
    model, the stage and the ORT function that crashed;
 6. check that ORT loads the result and runs one calibration batch through it;
-7. publish atomically with ``m.int8.json`` beside ``m.int8.onnx``.
+7. publish atomically, the provenance record inside the model's ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -36,23 +36,23 @@ from typing import TYPE_CHECKING, Any, Literal
 from pytest_quantgate.fileio import sha256_file
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
 from pytest_quantgate.producers.provenance import publish_sidecar, scratch_dir
-from pytest_quantgate.producers.ptq_dynamic import (
+from pytest_quantgate.producers.ptq_common import (
     DEFAULT_TARGET_OPSET,
-    _check_bool,
-    _check_choice,
-    _check_opset,
-    _config_to_dict,
-    _defaults,
-    _given,
-    _normalise_names,
-    _one_line,
-    _onnx_float,
     add_common_arguments,
     begin,
+    check_bool,
+    check_choice,
+    check_opset,
     check_ort_loads,
+    config_defaults,
+    config_to_dict,
     csv_names,
     drop_initializer_value_info,
+    given_options,
     is_default_tensor_type_error,
+    normalise_names,
+    one_line,
+    onnx_float,
     ort_failure,
     provenance_record,
     save_model,
@@ -63,6 +63,8 @@ from pytest_quantgate.settings import positive_int
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+
+    from pytest_quantgate.registry import WriteGuard
 
 _log = logging.getLogger(__name__)
 
@@ -130,21 +132,22 @@ class StaticConfig:
         if not isinstance(self.calibration_set, (str, os.PathLike)):
             raise ValueError(f"{name}.calibration_set must be a path to an .npz file, got {self.calibration_set!r}")
         object.__setattr__(self, "calibration_set", Path(self.calibration_set))
-        _check_choice(self, "calibrate_method", _CALIBRATE_METHODS)
-        _check_choice(self, "quant_format", _QUANT_FORMATS)
-        _check_choice(self, "activation_type", _INT_TYPES)
-        _check_choice(self, "weight_type", _INT_TYPES)
-        _check_bool(self, "per_channel", "reduce_range", "activation_symmetric", "calib_range_symmetric",
+        check_choice(self, "calibrate_method", _CALIBRATE_METHODS)
+        check_choice(self, "quant_format", _QUANT_FORMATS)
+        check_choice(self, "activation_type", _INT_TYPES)
+        check_choice(self, "weight_type", _INT_TYPES)
+        check_bool(self, "per_channel", "reduce_range", "activation_symmetric", "calib_range_symmetric",
                     "moving_average", "preprocess")
-        _normalise_names(self, "op_types_to_quantize", optional=True)
-        _normalise_names(self, "op_types_to_exclude", optional=False)
-        _normalise_names(self, "nodes_to_quantize", optional=True)
-        _normalise_names(self, "nodes_to_exclude", optional=False)
+        normalise_names(self, "op_types_to_quantize", optional=True)
+        normalise_names(self, "op_types_to_exclude", optional=False)
+        normalise_names(self, "nodes_to_quantize", optional=True)
+        normalise_names(self, "nodes_to_exclude", optional=False)
         for field_name in ("max_calibration_samples", "calibration_batch_size"):
             value = getattr(self, field_name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}.{field_name} must be a positive int or None, got {value!r}")
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 0 < self.percentile <= 100:
+        percentile = self.percentile
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
             raise ValueError(f"{name}.percentile must be a number in (0, 100], got {self.percentile!r}")
         if self.weight_symmetric is not None and not isinstance(self.weight_symmetric, bool):
             raise ValueError(f"{name}.weight_symmetric must be True, False or None, got {self.weight_symmetric!r}")
@@ -154,11 +157,11 @@ class StaticConfig:
         const = self.moving_average_constant
         if isinstance(const, bool) or not isinstance(const, (int, float)) or not 0 < const <= 1:
             raise ValueError(f"{name}.moving_average_constant must be a number in (0, 1], got {const!r}")
-        _check_opset(self)
+        check_opset(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as JSON-ready data (paths become strings, tuples lists)."""
-        return _config_to_dict(self)
+        return config_to_dict(self)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ProducerError(f"{path}: cannot read the calibration set: {_one_line(exc)}") from exc
+        raise ProducerError(f"{path}: cannot read the calibration set: {one_line(exc)}") from exc
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ProducerError(f"{path}: the calibration set must be an .npz archive (np.savez), not a single .npy array")
     arrays: dict[str, np.ndarray] = {}
@@ -252,7 +255,7 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
             try:
                 arrays[key] = loaded[key]
             except (ValueError, zipfile.BadZipFile, OSError) as exc:  # object arrays need pickle: refused
-                problems.append(f"array {key!r}: cannot be loaded without pickle ({_one_line(exc)})")
+                problems.append(f"array {key!r}: cannot be loaded without pickle ({one_line(exc)})")
     specs = model_inputs(model)
     by_name = {spec.name: spec for spec in specs}
     expected = ", ".join(f"{s.name!r} {s.dtype} {_fmt_dims(s.dims) if s.dims is not None else '[any]'}" for s in specs)
@@ -268,9 +271,10 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
     per_sample: dict[str, bool] = {}
     counts: dict[str, int] = {}
     for name, array in arrays.items():
-        spec = by_name.get(name)
-        if spec is None:
+        found = by_name.get(name)
+        if found is None:
             continue
+        spec = found
         if spec.dtype is not None and array.dtype != spec.dtype:
             problems.append(f"array {name!r}: dtype {array.dtype}, expected {np.dtype(spec.dtype)} "
                             f"(convert with .astype(np.{np.dtype(spec.dtype).name}))")
@@ -293,7 +297,8 @@ def load_calibration_set(fp32_path: Path, model: onnx.ModelProto, config: Static
                 f"(one model input per sample: [samples, {_fmt_dims(spec.dims)[1:-1]}])"
             )
             continue
-        wrong = [(axis, want, got) for axis, (want, got) in enumerate(zip(model_dims, array.shape[1:]), start=1)
+        pairs = zip(model_dims, array.shape[1:], strict=False)
+        wrong = [(axis, want, got) for axis, (want, got) in enumerate(pairs, start=1)
                  if want is not None and want != got]
         if wrong:
             detail = ", ".join(f"axis {axis}: {got} != {want}" for axis, want, got in wrong)
@@ -338,7 +343,7 @@ def _batch_size(path: Path, specs: list[_InputSpec], per_sample: dict[str, bool]
 def _make_reader(calibration: CalibrationSet) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
-    class _NpzReader(CalibrationDataReader):
+    class _NpzReader(CalibrationDataReader):  # type: ignore[misc]  # ORT has no type hints
         """Feeds of one calibration set, in file order; rewindable (ORT's strided MinMax uses set_range)."""
 
         def __init__(self) -> None:
@@ -369,14 +374,16 @@ def _make_reader(calibration: CalibrationSet) -> Any:
 # Producer
 
 
-def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> ProducerResult:
+def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig, *,
+                    guard: WriteGuard | None = None) -> ProducerResult:
     """Write a statically quantised ``int8_path`` from ``fp32_path``; return the sha256 to pin and provenance.
 
     See the module docstring for the pipeline. Raises :class:`ProducerError` (naming the model, the calibration
-    set or the stage) on any failure; the old sidecar, if any, is then left untouched.
+    set or the stage) on any failure; the old sidecar, if any, is then left untouched. ``guard`` (from
+    ``Registry.write_guard``) refuses a target the registry names in another role.
     """
     fp32_path, int8_path, started, fp32_sha, model = begin(fp32_path, int8_path, config, StaticConfig,
-                                                           "quantize_static")
+                                                           "quantize_static", guard=guard)
     calibration = load_calibration_set(fp32_path, model, config)
 
     steps: list[dict[str, Any]] = [drop_initializer_value_info(model)]
@@ -400,7 +407,7 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> P
         record = provenance_record(
             "ptq_static", config, fp32_path, fp32_sha, steps, extra_options, built, started,
             calibration={
-                "path": str(calibration.path),
+                "path": calibration.path.name,  # a name, not a path: the record must be the same on every machine
                 "sha256": calibration.sha256,
                 "sample_count": calibration.sample_count,
                 "samples_used": calibration.used_samples,
@@ -411,7 +418,8 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig) -> P
             nodes_excluded=nodes_to_exclude,
             nodes_excluded_by_op_type=excluded_by_type,
         )
-        return publish_sidecar(built, int8_path, record)
+        record["config"]["calibration_set"] = calibration.path.name
+        return publish_sidecar(built, int8_path, record, fp32_path=fp32_path, guard=guard)
 
 
 def _extra_options(config: StaticConfig) -> dict[str, Any]:
@@ -471,9 +479,10 @@ def _run_quantize_static(fp32_path: Path, prepared: Path, built: Path, calibrati
         run(extra_options)
     except Exception as exc:
         if not is_default_tensor_type_error(exc):
-            raise ort_failure(fp32_path, f"quantize_static (calibrate + quantise, {config.calibrate_method})", exc) from exc
-        extra_options["DefaultTensorType"] = _onnx_float()
-        steps.append({"step": "default_tensor_type_retry", "status": "ran", "reason": _one_line(exc)})
+            stage = f"quantize_static (calibrate + quantise, {config.calibrate_method})"
+            raise ort_failure(fp32_path, stage, exc) from exc
+        extra_options["DefaultTensorType"] = onnx_float()
+        steps.append({"step": "default_tensor_type_retry", "status": "ran", "reason": one_line(exc)})
         try:
             run(extra_options)
         except Exception as exc2:
@@ -528,7 +537,7 @@ def _call_pre_process(quant_pre_process: Any, source: Path, target: Path, option
         quant_pre_process(str(source), str(target), **options)
     except Exception as exc:
         target.unlink(missing_ok=True)
-        return _one_line(exc)
+        return one_line(exc)
     finally:
         for path, was_there in existed.items():
             if not was_there:
@@ -544,7 +553,7 @@ def _call_pre_process(quant_pre_process: Any, source: Path, target: Path, option
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of :class:`StaticConfig` to ``parser`` (defaults come from the dataclass)."""
-    d = _defaults(StaticConfig)
+    d = config_defaults(StaticConfig)
     group = parser.add_argument_group("static PTQ")
     add_common_arguments(group, d)
     group.add_argument("--calibration-set", type=Path, default=None, metavar="NPZ",
@@ -577,4 +586,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> StaticConfig:
     """Build a :class:`StaticConfig` from parsed arguments; options left unset keep the dataclass default."""
-    return StaticConfig(**_given(ns, StaticConfig))
+    return StaticConfig(**given_options(ns, StaticConfig))

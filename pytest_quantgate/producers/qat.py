@@ -14,12 +14,13 @@ trusted Python file that rebuilds the model, loads the fp32 weights and yields t
     the same fine-tune, then ``move_exported_model_to_eval`` → ``convert_pt2e`` → ``torch.onnx.export(...,
     dynamo=True)``: a QuantizeLinear/DequantizeLinear graph that onnxruntime loads.
 
-Both write ``<stem>.int8.onnx`` and the provenance ``<stem>.int8.json`` beside it. Intermediate models live in
-memory (the onnxruntime output goes to an anonymous ``memfd`` on Linux) and the final files are written
-through an unnamed ``O_TMPFILE`` that is linked into place only when complete, so a run killed even with
-SIGKILL leaves no partial file beside the sidecar. One exception is outside our control: onnxruntime's
-calibrator keeps its augmented model in a ``ort.quant.*`` folder under the system temp dir for the few
-seconds calibration takes; a SIGKILL inside that window leaves that folder behind.
+Both write ``<stem>.int8.onnx`` through :func:`~pytest_quantgate.producers.provenance.publish_sidecar`, the
+writer every producer shares: the provenance record goes inside the model and one atomic rename publishes
+both. Intermediate models live in memory (the onnxruntime output goes to an anonymous ``memfd`` on Linux); a
+run killed with SIGKILL while writing leaves at most a locked ``.partial`` beside the sidecar, which the next
+writer in that folder sweeps. One exception is outside our control: onnxruntime's calibrator keeps its
+augmented model in a ``ort.quant.*`` folder under the system temp dir for the few seconds calibration takes;
+a SIGKILL inside that window leaves that folder behind.
 
 torch and torchao are imported only inside the functions that need them.
 """
@@ -29,10 +30,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import json
 import math
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -44,14 +43,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pytest_quantgate.fileio import atomic_write_bytes, sha256_file
+from pytest_quantgate.fileio import sha256_file, sweep_partials
 from pytest_quantgate.ort import import_onnxruntime
 from pytest_quantgate.producers.base import ProducerError, ProducerResult, QatRecipe
-from pytest_quantgate.producers.provenance import PROVENANCE_FORMAT, library_versions, provenance_path_for
+from pytest_quantgate.producers.provenance import check_target, provenance_path_for, publish_sidecar, shaping_versions
 
 if TYPE_CHECKING:
     import onnx
     import torch
+
+    from pytest_quantgate.registry import WriteGuard
 
 __all__ = [
     "QatConfig",
@@ -192,67 +193,7 @@ def load_onnx_initializers(model: torch.nn.Module, onnx_path: str | os.PathLike[
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Writing without leaving partial files
-
-
-_AT_FDCWD = -100
-_AT_SYMLINK_FOLLOW = 0x400
-
-
-def _link_fd(fd: int, path: Path) -> None:
-    """Give the unnamed file ``fd`` the name ``path`` (``linkat`` with ``AT_SYMLINK_FOLLOW`` on ``/proc/self/fd``).
-
-    ``os.link`` cannot do this: CPython calls ``link(2)``, which links the ``/proc`` symlink itself (EXDEV).
-    """
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-
-
-def _write_no_partial(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically; a SIGKILL at any point leaves no partial file beside ``target``.
-
-    On Linux the bytes go to an unnamed ``O_TMPFILE`` in the target's folder, which is linked to a temporary
-    name only once complete and fsynced, then renamed onto ``target`` (a named temporary exists only between
-    those two syscalls). Elsewhere falls back to :func:`pytest_quantgate.fileio.atomic_write_bytes`.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    o_tmpfile = getattr(os, "O_TMPFILE", None)
-    if o_tmpfile is None or not Path("/proc/self/fd").is_dir():
-        atomic_write_bytes(target, data)
-        return
-    try:
-        fd = os.open(target.parent, o_tmpfile | os.O_WRONLY, 0o644)
-    except OSError:  # filesystem without O_TMPFILE support
-        atomic_write_bytes(target, data)
-        return
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
-        try:
-            _link_fd(fd, tmp)
-        except OSError:  # no /proc linkat support here: fall back to the named temp file
-            atomic_write_bytes(target, data)
-            return
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    finally:
-        os.close(fd)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+# ONNX Runtime's static quantisation, in memory
 
 
 def _ort_quantize_static_bytes(model: onnx.ModelProto, reader: Any, **kwargs: Any) -> bytes:
@@ -285,20 +226,23 @@ def quantize_qat(
     *,
     recipe: QatRecipe | str | os.PathLike[str],
     progress: Callable[[str], None] | None = None,
+    guard: WriteGuard | None = None,
 ) -> QatResult:
     """Fine-tune the model in ``fp32_path`` with fake quantisation and write the int8 sidecar ``int8_path``.
 
     ``recipe`` is a recipe object or the path of a recipe file (see :func:`load_recipe` for the trust model).
-    ``progress`` receives one line per stage and per epoch. Returns a :class:`QatResult`; raises
-    :class:`ProducerError` with the file and the reason on any failure, leaving ``int8_path`` untouched.
+    ``progress`` receives one line per stage and per epoch. ``guard`` (from ``Registry.write_guard``) refuses
+    a target the registry names in another role, before the training and again before writing. Returns a
+    :class:`QatResult`; raises :class:`ProducerError` with the file and the reason on any failure, leaving
+    ``int8_path`` untouched.
     """
     started = time.monotonic()
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     say = progress or (lambda _line: None)
     if not fp32_path.is_file():
         raise ProducerError(f"{fp32_path}: fp32 model not found")
-    if int8_path.resolve() == fp32_path.resolve():
-        raise ProducerError(f"{int8_path}: the int8 sidecar path must differ from the fp32 model")
+    check_target(int8_path, fp32_path, guard)
+    sweep_partials(int8_path.parent)
     recipe_file: Path | None = None
     if isinstance(recipe, (str, os.PathLike)):
         recipe_file = Path(recipe)
@@ -371,7 +315,7 @@ def quantize_qat(
             calibration = {
                 "source": "recipe.calibration_data()" if hasattr(recipe, "calibration_data")
                 else "seeded sample of recipe.training_data() inputs",
-                "n_samples": int(len(calib)),
+                "n_samples": len(calib),
                 "sha256": hashlib.sha256(calib.tobytes()).hexdigest(),
                 "method": config.calibrate_method,
                 "per_channel": config.per_channel,
@@ -381,25 +325,22 @@ def quantize_qat(
             }
         else:
             int8_bytes = _export_pt2e(prepared, example, input_name, output_names)
-            calibration = {"source": "fake-quant observers during QAT (pt2e convert)", "n_samples": int(len(x_train))}
+            calibration = {"source": "fake-quant observers during QAT (pt2e convert)", "n_samples": len(x_train)}
     finally:
         torch.use_deterministic_algorithms(prev_deterministic)
         torch.set_num_threads(prev_threads)
 
     _check_loads(int8_bytes, int8_path)
     say(f"writing {int8_path}")
-    _write_no_partial(int8_path, int8_bytes)
-    int8_sha = hashlib.sha256(int8_bytes).hexdigest()
-
-    provenance = {
+    record = {
         "producer": "qat",
         "mode": "qat",
         "route": config.route,
         "config": asdict(config),
         "lr_qat_effective": lr,
-        "recipe": None if recipe_file is None else {"path": str(recipe_file), "sha256": sha256_file(recipe_file)},
+        "recipe": None if recipe_file is None else {"path": recipe_file.name, "sha256": sha256_file(recipe_file)},
         "training": {
-            "n_train": int(len(x_train)),
+            "n_train": len(x_train),
             "samples_per_epoch": seen,
             "epoch_losses": losses,
             "weight_l2_from_fp32": l2,
@@ -407,31 +348,27 @@ def quantize_qat(
             "quantizer": "X86InductorQuantizer(get_default_x86_inductor_quantization_config(is_qat=True))",
         },
         "calibration": calibration,
-        "fp32_path": str(fp32_path),
+        "fp32_path": fp32_path.name,
         "fp32_sha256": sha256_file(fp32_path),
-        "int8_path": str(int8_path),
-        "int8_sha256": int8_sha,
-        "library_versions": library_versions(),
-        "provenance_format": PROVENANCE_FORMAT,
-        "duration_s": round(time.monotonic() - started, 3),
+        "library_versions": shaping_versions(torch=True),
     }
-    prov_path = provenance_path_for(int8_path)
-    _write_no_partial(prov_path, (json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n").encode())
+    published = publish_sidecar(int8_bytes, int8_path, record, fp32_path=fp32_path, guard=guard)
+    say(f"wrote {int8_path} in {time.monotonic() - started:.1f}s")
     return QatResult(
-        int8_path=int8_path,
-        sha256=int8_sha,
-        provenance_path=prov_path,
-        provenance=provenance,
+        int8_path=published.int8_path,
+        sha256=published.sha256,
+        provenance_path=published.provenance_path,
+        provenance=published.provenance,
         epoch_losses=tuple(losses),
         samples_per_epoch=tuple(seen),
         weight_l2_from_fp32=l2,
-        n_train=int(len(x_train)),
+        n_train=len(x_train),
         lr_qat=lr,
         route=config.route,
     )
 
 
-def _quantizer():
+def _quantizer() -> Any:
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
@@ -453,9 +390,10 @@ def _prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.Grap
     model.train()
     try:
         exported = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(example)).module()
-        prepared = prepare_qat_pt2e(exported, _quantizer())
+        prepared: torch.fx.GraphModule = prepare_qat_pt2e(exported, _quantizer())
     except Exception as exc:
-        raise ProducerError(f"torch.export / prepare_qat_pt2e failed on the recipe model: {type(exc).__name__}: {exc}") from exc
+        raise ProducerError(f"torch.export / prepare_qat_pt2e failed on the recipe model: "
+                            f"{type(exc).__name__}: {exc}") from exc
     # the x86 quantiser annotates conv/linear patterns only; a model built from bare matmuls gets no fake-quant
     # at all, and "QAT" would silently be plain fp32 fine-tuning
     if fake_quant_count(prepared) == 0:
@@ -471,7 +409,8 @@ def fake_quant_count(prepared: torch.fx.GraphModule) -> int:
     return sum(1 for _, module in prepared.named_modules() if "FakeQuant" in type(module).__name__)
 
 
-def _fine_tune(prepared, recipe, x_train, y_train, config, lr, say) -> tuple[list[float], list[int]]:
+def _fine_tune(prepared: torch.fx.GraphModule, recipe: QatRecipe, x_train: np.ndarray, y_train: np.ndarray,
+               config: QatConfig, lr: float, say: Callable[[str], None]) -> tuple[list[float], list[int]]:
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_train
 
@@ -490,7 +429,7 @@ def _fine_tune(prepared, recipe, x_train, y_train, config, lr, say) -> tuple[lis
             if not torch.isfinite(loss):
                 raise ProducerError(f"QAT epoch {epoch + 1}: loss became {float(loss)} (lr_qat={lr}); lower lr_qat")
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
@@ -500,7 +439,7 @@ def _fine_tune(prepared, recipe, x_train, y_train, config, lr, say) -> tuple[lis
     return losses, seen
 
 
-def _copy_into_fresh(recipe, prepared, fp32_path: Path):
+def _copy_into_fresh(recipe: QatRecipe, prepared: torch.fx.GraphModule, fp32_path: Path) -> torch.nn.Module:
     """Copy the QAT-conditioned parameters (and plain buffers) into a fresh fp32 module; fail on any mismatch."""
     import torch
 
@@ -524,7 +463,7 @@ def _copy_into_fresh(recipe, prepared, fp32_path: Path):
     return fresh
 
 
-def _export_legacy(model, example, input_name: str, output_names: list[str]) -> bytes:
+def _export_legacy(model: torch.nn.Module, example: torch.Tensor, input_name: str, output_names: list[str]) -> bytes:
     import torch
 
     buf = io.BytesIO()
@@ -532,14 +471,16 @@ def _export_legacy(model, example, input_name: str, output_names: list[str]) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), buf, input_names=[input_name], output_names=output_names,
-                              dynamic_axes=axes, opset_version=_OPSET, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(model, (example,), buf,  # type: ignore[arg-type]  # a file object works too
+                              input_names=[input_name], output_names=output_names, dynamic_axes=axes,
+                              opset_version=_OPSET, do_constant_folding=True, dynamo=False)
     except Exception as exc:
-        raise ProducerError(f"exporting the QAT-conditioned fp32 module to ONNX failed: {type(exc).__name__}: {exc}") from exc
+        raise ProducerError(f"exporting the QAT-conditioned fp32 module to ONNX failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
     return buf.getvalue()
 
 
-def _calibration_samples(recipe, x_train: np.ndarray, config: QatConfig) -> np.ndarray:
+def _calibration_samples(recipe: QatRecipe, x_train: np.ndarray, config: QatConfig) -> np.ndarray:
     if hasattr(recipe, "calibration_data"):
         calib = np.ascontiguousarray(recipe.calibration_data(), dtype=np.float32)[: config.n_calibration]
     else:
@@ -589,7 +530,8 @@ def _bridge_quantize(fp32_onnx: bytes, input_name: str, calib: np.ndarray, confi
                             f"{type(exc).__name__}: {exc}") from exc
 
 
-def _export_pt2e(prepared, example, input_name: str, output_names: list[str]) -> bytes:
+def _export_pt2e(prepared: torch.fx.GraphModule, example: torch.Tensor, input_name: str,
+                 output_names: list[str]) -> bytes:
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -607,9 +549,12 @@ def _export_pt2e(prepared, example, input_name: str, output_names: list[str]) ->
                                             dynamic_shapes=_dynamic_batch(example), external_data=False)
             finally:
                 sys.stdout = saved
-        return program.model_proto.SerializeToString()
+        if program is None:
+            raise ProducerError("pt2e route: the dynamo ONNX export returned no program")
+        return bytes(program.model_proto.SerializeToString())
     except Exception as exc:
-        raise ProducerError(f"pt2e route: convert_pt2e / dynamo ONNX export failed: {type(exc).__name__}: {exc}") from exc
+        raise ProducerError(f"pt2e route: convert_pt2e / dynamo ONNX export failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
 
 
 def _check_loads(int8_bytes: bytes, int8_path: Path) -> None:
