@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import modelkit
 from pytest_quantgate.cli import main
 from pytest_quantgate.fileio import sha256_file
 
