@@ -589,6 +589,10 @@ def _fmt(value: float | None, digits: int = 6) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _fmt_budget(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def table_lines(advice: Advice) -> list[str]:
     """Return the fixed-width table of every candidate (the chosen one marked ``*``)."""
     rows = [("#", "stage", "mode", "options", "drop", "interval", "budget", "int8 ms", "size KB", "verdict")]
@@ -599,7 +603,7 @@ def table_lines(advice: Advice) -> list[str]:
         verdict = r.verdict if r.verdict else r.status.upper()
         mark = "*" if i == advice.chosen else " "
         rows.append((f"{mark}{i + 1}", r.candidate.stage, r.candidate.mode, r.candidate.label, _fmt(r.drop), interval,
-                     _fmt(r.budget, 4), ms, size, verdict))
+                     _fmt_budget(r.budget), ms, size, verdict))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
@@ -618,14 +622,14 @@ def summary_lines(advice: Advice) -> list[str]:
         assert advice.chosen is not None
         r = advice.results[advice.chosen]
         out.append(f"{advice.entry_id}: chosen #{advice.chosen + 1}: {r.candidate.mode} ({r.candidate.label}), drop "
-                   f"{_fmt(r.drop)} <= budget {_fmt(r.budget, 4)}, int8 {_fmt(r.int8_ms, 3)} ms, "
+                   f"{_fmt(r.drop)} <= budget {_fmt_budget(r.budget)}, int8 {_fmt(r.int8_ms, 3)} ms, "
                    f"{r.int8_bytes} bytes")
     else:
         out.append(f"{advice.entry_id}: no candidate passes its budget")
         if advice.best is not None:
             r = advice.results[advice.best]
             out.append(f"{advice.entry_id}: best was #{advice.best + 1}: {r.candidate.mode} ({r.candidate.label}), "
-                       f"drop {_fmt(r.drop)} vs budget {_fmt(r.budget, 4)}")
+                       f"drop {_fmt(r.drop)} vs budget {_fmt_budget(r.budget)}")
     out.append(f"{advice.entry_id}: next step: {advice.next_step}")
     return out
 
@@ -657,7 +661,7 @@ def pr_body(advice: Advice, registry: Registry, settings: Settings) -> str:
         verdict = (r.verdict or r.status.upper()) + (" (chosen)" if i == advice.chosen else "")
         options = r.candidate.label.replace("|", "\\|")
         lines.append(f"| {i + 1} | {r.candidate.stage} | {r.candidate.mode} | {options} | {_fmt(r.drop)} | {interval} "
-                     f"| {_fmt(r.budget, 4)} | {_fmt(r.int8_ms, 3)} | {r.int8_bytes if r.int8_bytes is not None else 'n/a'} "
+                     f"| {_fmt_budget(r.budget)} | {_fmt(r.int8_ms, 3)} | {r.int8_bytes if r.int8_bytes is not None else 'n/a'} "
                      f"| {verdict} |")
     notes = [f"* #{i + 1}: {r.reason}" for i, r in enumerate(advice.results) if r.status in ("skip", "error")]
     notes += [f"* warning: {w}" for w in advice.warnings]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,11 @@ def _conv_net(folder: Path) -> None:
 
     namespace: dict[str, Any] = {}
     exec(compile(RECIPE, "recipe", "exec"), namespace)  # noqa: S102  (the test's own recipe text)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights on every machine
+    torch.manual_seed(0)
     model = namespace["recipe"].build_model()
     train_x, train_y, _, _ = _digit_images()
-    torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.from_numpy(train_x), torch.from_numpy(train_y)[:, None]
     model.train()
@@ -141,6 +144,7 @@ def _conv_net(folder: Path) -> None:
             loss.backward()
             opt.step()
     model.eval()
+    torch.set_num_threads(threads)
     torch.save(model.state_dict(), folder / "conv.pt")
     torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), str(folder / "conv.onnx"), input_names=["image"],
                       output_names=["score"], dynamic_axes={"image": {0: "N"}, "score": {0: "N"}}, opset_version=17,
@@ -351,3 +355,141 @@ def test_all_failing_advises_only_failing_entries_and_edits_only_their_text(
     assert sha256_file(tmp_path / "mlp.int8.onnx") == mlp_sidecar
     assert measured_drop(capsys, registry, "outlier")["verdict"] == "PASS"
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+def test_qad_candidate_passes_measure_and_its_options_rebuild_it(
+        tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = project(tmp_path, assets, ["conv"])
+    result = tmp_path.parent / f"{tmp_path.name}-advice.json"
+    code, out = run(capsys, "advise", str(registry), "--id", "conv", "--ep", "cpu", "--bootstrap", BOOT,
+                    "--stages", "qad", "--allow-recipes", "--epochs-qat", "2", "--write", "--json", str(result))
+    assert code == 0, out
+    advice = json.loads(result.read_text())
+    chosen = advice["candidates"][advice["chosen"]]
+    assert chosen["stage"] == "qad" and chosen["mode"] == "qat"
+    assert chosen["budget"] == 0.002  # the QAT mode's default budget (ADR-0208), not the PTQ one
+    assert chosen["options"] == {"epochs_qat": 2, "distill_weight": 1.0, "fold_bn": True}
+    row = measured_drop(capsys, registry, "conv")
+    assert abs(row["drop"] - chosen["drop"]) <= 1e-9
+    provenance = json.loads((tmp_path / "conv.int8.json").read_text())
+    assert provenance["training"]["distillation"]["distill_weight"] == 1.0
+    assert provenance["training"]["fold_bn"] is True
+    # lr_qat was not given: a tenth of the recipe's training rate
+    assert provenance["lr_qat_effective"] == pytest.approx(1e-3)
+    import dataclasses
+
+    from pytest_quantgate.producers.dispatch import produce
+    from pytest_quantgate.registry import load_registry
+
+    loaded = load_registry(registry)
+    entry = dataclasses.replace(loaded.entry("conv"), int8_onnx="rebuilt.int8.onnx")
+    assert produce(loaded, entry, tmp_path, allow_recipes=True).sha256 == chosen["int8_sha256"]
+
+
+def test_qat_stages_are_skipped_with_the_reason_and_the_next_step(
+        tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = project(tmp_path, assets, ["conv"], conv={"quant_accuracy_budget_plcc": 1e-9})
+    result = tmp_path.parent / f"{tmp_path.name}-advice.json"
+    code, out = run(capsys, "advise", str(registry), "--id", "conv", "--ep", "cpu", "--bootstrap", BOOT,
+                    "--stages", "static,qat,qad", "--json", str(result))
+    assert code == 1, out
+    advice = json.loads(result.read_text())
+    skipped = [c for c in advice["candidates"] if c["stage"] in ("qat", "qad")]
+    assert [c["status"] for c in skipped] == ["skip", "skip"]
+    assert all("--allow-recipes" in c["reason"] for c in skipped)
+    assert "rerun with --allow-recipes" in advice["next_step"]
+
+
+MLP_RECIPE = '''
+"""QAT recipe of the digits MLP (Gemm weights [in, out] become Linear weights [out, in])."""
+import numpy as np
+
+
+class Recipe:
+    fp32_lr = 1e-2
+
+    def build_model(self):
+        from torch import nn
+
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def load_fp32_weights(self, model, fp32_onnx):
+        import onnx
+        import torch
+        from onnx import numpy_helper
+
+        w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fp32_onnx)).graph.initializer}
+        state = {"0.weight": w["w1"].T, "0.bias": w["b1"], "2.weight": w["w2"].T, "2.bias": w["b2"]}
+        model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+
+    def training_data(self):
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        order = np.random.default_rng(7).permutation(len(data.data))[:600]
+        return (data.data[order] / 16.0).astype(np.float32), data.target[order, None].astype(np.float32)
+
+    def loss(self, prediction, target):
+        import torch.nn.functional as F
+
+        return F.mse_loss(prediction, target)
+
+    def example_input(self):
+        import torch
+
+        return torch.zeros(2, 64)
+
+
+recipe = Recipe()
+'''
+
+
+@pytest.mark.parametrize("name", ["int4-weight-only", "int8-arm"])
+def test_named_recipes_prepare_and_convert_the_same_scheme(tmp_path: Path, assets: Path, name: str) -> None:
+    import onnxruntime as ort
+
+    from pytest_quantgate.producers.qat import QatConfig, quantize_qat
+
+    shutil.copy(assets / "mlp.onnx", tmp_path / "mlp.onnx")
+    (tmp_path / "recipe.py").write_text(MLP_RECIPE)
+    result = quantize_qat(tmp_path / "mlp.onnx", tmp_path / "mlp.int8.onnx",
+                          QatConfig(epochs_qat=1, recipe_name=name), recipe=tmp_path / "recipe.py")
+    ops = {n.op_type for n in onnx.load(str(result.int8_path)).graph.node}
+    if name == "int4-weight-only":
+        assert "MatMulNBits" in ops and "QuantizeLinear" not in ops
+    else:
+        assert "QuantizeLinear" in ops
+    assert result.provenance["training"]["recipe_name"] == name
+    _, _, test_x, _ = modelkit.digits_split()
+    out = ort.InferenceSession(str(result.int8_path), providers=["CPUExecutionProvider"]).run(None, {"features": test_x})
+    assert np.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"recipe_name": "int8-xnnpack"}, "torchao 0.18 ships no XNNPACKQuantizer"),
+    ({"recipe_name": "int4-weight-only", "route": "pt2e"}, "cannot go through route 'pt2e'"),
+    ({"recipe_name": "int9"}, "'int9' is not a QAT recipe; recipes: int8-x86, int8-arm"),
+    ({"distill_weight": 1.5}, "distill_weight must be None or a number in [0, 1]"),
+])
+def test_incompatible_recipe_combinations_are_refused(options: dict[str, Any], message: str) -> None:
+    from pytest_quantgate.producers.qat import QatConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        QatConfig(**options)
+
+
+def test_fold_batchnorm_keeps_the_function(assets: Path) -> None:
+    import torch
+
+    from pytest_quantgate.producers.qad import fold_batchnorm
+
+    namespace: dict[str, Any] = {}
+    exec(compile(RECIPE, "recipe", "exec"), namespace)  # noqa: S102  (the test's own recipe text)
+    model = namespace["recipe"].build_model()
+    model.load_state_dict(torch.load(assets / "conv.pt", weights_only=True))
+    model.eval()
+    x = torch.from_numpy(_digit_images()[2][:64])
+    before = model(x).detach()
+    assert fold_batchnorm(model) == 1
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(model(x), before, atol=1e-5)
