@@ -304,6 +304,13 @@ def cmd_qat(ns: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
+def cmd_advise(ns: argparse.Namespace) -> int:
+    """Build candidates in escalation order, gate each, keep the cheapest passing one (exit 0 / 1 / 2)."""
+    from .advise import run_command
+
+    return run_command(ns, _settings(ns), _out, _err)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="quantgate", description=__doc__.splitlines()[0])
@@ -350,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route", choices=("bridge", "pt2e"), default=None)
     p.add_argument("--seed", type=non_negative_int, default=None)
     p.set_defaults(func=cmd_qat)
+
+    from . import advise
+
+    p = sub.add_parser("advise", help="try dynamic, static, exclusions, int4, QAT/QAD; keep the cheapest passing "
+                                      "sidecar (exit 0 found, 1 none passes, 2 bad input)")
+    _add_registry_args(p)
+    _add_gate_args(p)
+    advise.add_arguments(p)
+    p.set_defaults(func=cmd_advise)
     return parser
 
 

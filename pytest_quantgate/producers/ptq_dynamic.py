@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_quantgate.producers.base import ProducerResult
+from pytest_quantgate.producers.base import ProducerError, ProducerResult
 from pytest_quantgate.producers.provenance import publish_sidecar, scratch_dir
 from pytest_quantgate.producers.ptq_common import (
     DEFAULT_TARGET_OPSET,
@@ -59,6 +59,11 @@ class DynamicConfig:
     matmul_const_b_only: quantise only MatMuls whose B is a constant (ORT's default for dynamic mode).
     weight_symmetric: symmetric weight ranges; ``None`` = ORT's default (symmetric for int8).
     target_opset: opset that graphs below 13 are converted to before per-channel quantisation.
+    weight_bits: 8 (``quantize_dynamic``) or 4: int4 weight-only ``MatMulNBits`` for constant-weight MatMul/Gemm
+        (:mod:`pytest_quantgate.producers.weight_only`); with 4, ``block_size``, ``weight_symmetric`` and
+        ``accuracy_level`` apply and the int8-only options are ignored.
+    block_size: input channels per int4 scale block (a power of two >= 16).
+    accuracy_level: MatMulNBits compute type (``None`` = ORT's default; 4 = int8 activations per block).
     """
 
     per_channel: bool = False
@@ -70,9 +75,19 @@ class DynamicConfig:
     matmul_const_b_only: bool = True
     weight_symmetric: bool | None = None
     target_opset: int = DEFAULT_TARGET_OPSET
+    weight_bits: int = 8
+    block_size: int = 32
+    accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         check_bool(self, "per_channel", "reduce_range", "matmul_const_b_only")
+        if self.weight_bits not in (4, 8) or isinstance(self.weight_bits, bool):
+            raise ValueError(f"DynamicConfig.weight_bits must be 8 or 4, got {self.weight_bits!r}")
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1):
+            raise ValueError(f"DynamicConfig.block_size must be a power of two >= 16, got {size!r}")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise ValueError(f"DynamicConfig.accuracy_level must be None or 0..4, got {self.accuracy_level!r}")
         check_choice(self, "weight_type", WEIGHT_TYPES)
         normalise_names(self, "op_types_to_quantize", optional=True)
         normalise_names(self, "nodes_to_quantize", optional=True)
@@ -127,6 +142,11 @@ def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig, *,
             nodes_to_exclude=list(config.nodes_to_exclude) or None,
             extra_options=extra_options,
         )
+        if config.weight_bits == 4:
+            steps.append(_weight_only(fp32_path, source, built, config))
+            check_ort_loads(fp32_path, built, "verify")
+            record = provenance_record("ptq_dynamic", config, fp32_path, fp32_sha, steps, {}, built, started)
+            return publish_sidecar(built, int8_path, record)
         try:
             ort_quantize_dynamic(str(source), str(built), **kwargs)
         except Exception as exc:
@@ -142,6 +162,20 @@ def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig, *,
         check_ort_loads(fp32_path, built, "verify")
         record = provenance_record("ptq_dynamic", config, fp32_path, fp32_sha, steps, extra_options, built, started)
         return publish_sidecar(built, int8_path, record, fp32_path=fp32_path, guard=guard)
+
+
+def _weight_only(fp32_path: Path, source: Path, built: Path, config: DynamicConfig) -> dict[str, Any]:
+    """Run the int4 weight-only rewrite; turn its failures into a ProducerError naming the model."""
+    from pytest_quantgate.producers.weight_only import quantize_matmul_nbits
+
+    symmetric = True if config.weight_symmetric is None else config.weight_symmetric
+    try:
+        return quantize_matmul_nbits(source, built, bits=4, block_size=config.block_size, symmetric=symmetric,
+                                     accuracy_level=config.accuracy_level, nodes_to_exclude=config.nodes_to_exclude)
+    except ValueError as exc:
+        raise ProducerError(f"{fp32_path}: weight_bits=4: {exc}") from exc
+    except Exception as exc:
+        raise ort_failure(fp32_path, "MatMulNBits (int4 weight-only)", exc) from exc
 
 
 # --------------------------------------------------------------------------------------------------------------

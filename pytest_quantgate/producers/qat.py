@@ -76,6 +76,10 @@ class QatConfig:
     ``n_calibration`` samples for the bridge's static step are drawn (seeded) from the recipe's training data.
     ``threads`` pins torch's intra-op threads while training: float reductions split over another thread count
     round differently, so 1 (the default) is what makes a rerun on any machine write the same bytes.
+    ``recipe_name`` names the quantisation scheme (:data:`pytest_quantgate.producers.qat_recipes.QAT_RECIPES`),
+    resolved once for prepare and convert. ``distill_weight`` switches on QAD
+    (:mod:`pytest_quantgate.producers.qad`): the loss is ``w`` x MSE to the fp32 teacher's outputs plus ``1 - w``
+    x the recipe's task loss. ``fold_bn`` folds Conv+BatchNorm pairs into the conv before prepare.
     """
 
     epochs_qat: int = 3
@@ -87,8 +91,20 @@ class QatConfig:
     per_channel: bool = True
     calibrate_method: str = "minmax"
     threads: int = 1
+    recipe_name: str = "int8-x86"
+    distill_weight: float | None = None
+    fold_bn: bool = False
 
     def __post_init__(self) -> None:
+        from pytest_quantgate.producers.qat_recipes import resolve
+
+        resolve(self.recipe_name, self.route)  # an unknown or incompatible recipe/route pair fails here, clearly
+        weight = self.distill_weight
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                                   or not 0.0 <= weight <= 1.0):
+            raise ValueError(f"QatConfig.distill_weight must be None or a number in [0, 1], got {weight!r}")
+        if not isinstance(self.fold_bn, bool):
+            raise ValueError(f"QatConfig.fold_bn must be True or False, got {self.fold_bn!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"QatConfig.threads must be an int >= 1, got {self.threads!r}")
         if not isinstance(self.epochs_qat, int) or self.epochs_qat < 1:
@@ -274,6 +290,10 @@ def quantize_qat(
             )
         lr = float(fp32_lr) / 10.0
 
+    if config.distill_weight is not None or config.fold_bn:
+        from pytest_quantgate.producers.qad import DistillingRecipe
+
+        recipe = DistillingRecipe(recipe, fp32_path, distill_weight=config.distill_weight, fold_bn=config.fold_bn)
     x_train, y_train = recipe.training_data()
     x_train = np.ascontiguousarray(x_train, dtype=np.float32)
     y_train = np.ascontiguousarray(y_train, dtype=np.float32)
@@ -297,7 +317,7 @@ def quantize_qat(
         example = recipe.example_input().detach().to(torch.float32)
         if example.shape[0] < 2:  # a batch of 1 would be specialised by torch.export
             example = example.repeat(2, *([1] * (example.dim() - 1)))
-        prepared = _prepare_qat(model, example)
+        prepared = _prepare_qat(model, example, config.recipe_name)
 
         losses, seen = _fine_tune(prepared, recipe, x_train, y_train, config, lr, say)
 
@@ -310,19 +330,24 @@ def quantize_qat(
         if config.route == "bridge":
             fresh = _copy_into_fresh(recipe, prepared, fp32_path)
             fp32_onnx = _export_legacy(fresh, example, input_name, output_names)
-            calib = _calibration_samples(recipe, x_train, config)
-            int8_bytes = _bridge_quantize(fp32_onnx, input_name, calib, config)
-            calibration = {
-                "source": "recipe.calibration_data()" if hasattr(recipe, "calibration_data")
-                else "seeded sample of recipe.training_data() inputs",
-                "n_samples": len(calib),
-                "sha256": hashlib.sha256(calib.tobytes()).hexdigest(),
-                "method": config.calibrate_method,
-                "per_channel": config.per_channel,
-                "quant_format": "QDQ",
-                "activation_type": "QUInt8",
-                "weight_type": "QInt8",
-            }
+            if _spec(config).weight_bits == 4:
+                int8_bytes = _bridge_int4(fp32_onnx, fp32_path)
+                calibration = {"source": "none: int4 weight-only (MatMulNBits) needs no activation ranges",
+                               "block_size": _int4_group(), "symmetric": True}
+            else:
+                calib = _calibration_samples(recipe, x_train, config)
+                int8_bytes = _bridge_quantize(fp32_onnx, input_name, calib, config)
+                calibration = {
+                    "source": "recipe.calibration_data()" if hasattr(recipe, "calibration_data")
+                    else "seeded sample of recipe.training_data() inputs",
+                    "n_samples": int(len(calib)),
+                    "sha256": hashlib.sha256(calib.tobytes()).hexdigest(),
+                    "method": config.calibrate_method,
+                    "per_channel": config.per_channel,
+                    "quant_format": "QDQ",
+                    "activation_type": "QUInt8",
+                    "weight_type": "QInt8",
+                }
         else:
             int8_bytes = _export_pt2e(prepared, example, input_name, output_names)
             calibration = {"source": "fake-quant observers during QAT (pt2e convert)", "n_samples": len(x_train)}
@@ -345,7 +370,12 @@ def quantize_qat(
             "epoch_losses": losses,
             "weight_l2_from_fp32": l2,
             "optimizer": "Adam",
-            "quantizer": "X86InductorQuantizer(get_default_x86_inductor_quantization_config(is_qat=True))",
+            "quantizer": _spec(config).description,
+            "recipe_name": config.recipe_name,
+            "distillation": None if config.distill_weight is None else {
+                "teacher": "the registered fp32 model", "distill_weight": config.distill_weight,
+                "loss": "distill_weight * MSE(student, teacher) + (1 - distill_weight) * recipe.loss"},
+            "fold_bn": config.fold_bn,
         },
         "calibration": calibration,
         "fp32_path": fp32_path.name,
@@ -368,13 +398,10 @@ def quantize_qat(
     )
 
 
-def _quantizer() -> Any:
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
+def _spec(config: QatConfig) -> Any:
+    from pytest_quantgate.producers.qat_recipes import resolve
 
-    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    return resolve(config.recipe_name, config.route)
 
 
 def _dynamic_batch(example: torch.Tensor) -> tuple[dict[int, Any]]:
@@ -383,22 +410,22 @@ def _dynamic_batch(example: torch.Tensor) -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
-def _prepare_qat(model: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
-    import torch
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+def _prepare_qat(model: torch.nn.Module, example: torch.Tensor, recipe_name: str = "int8-x86") -> torch.nn.Module:
+    from pytest_quantgate.producers.qat_recipes import prepare, resolve
 
-    model.train()
+    spec = resolve(recipe_name, "bridge")
     try:
-        exported = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(example)).module()
-        prepared: torch.fx.GraphModule = prepare_qat_pt2e(exported, _quantizer())
+        prepared = prepare(model, example, spec, _dynamic_batch(example))
     except Exception as exc:
-        raise ProducerError(f"torch.export / prepare_qat_pt2e failed on the recipe model: "
+        raise ProducerError(f"QAT recipe {recipe_name!r}: prepare failed on the recipe model "
+                            f"({'quantize_ QATConfig' if spec.quantizer is None else 'torch.export / prepare_qat_pt2e'}): "
                             f"{type(exc).__name__}: {exc}") from exc
-    # the x86 quantiser annotates conv/linear patterns only; a model built from bare matmuls gets no fake-quant
+    # the quantisers annotate conv/linear modules only; a model built from bare matmuls gets no fake-quant
     # at all, and "QAT" would silently be plain fp32 fine-tuning
     if fake_quant_count(prepared) == 0:
+        what = "no torch.nn.Linear" if spec.quantizer is None else "no conv/linear pattern"
         raise ProducerError(
-            "prepare_qat_pt2e inserted no fake-quant node: the quantiser found no conv/linear pattern in the recipe "
+            f"prepare ({recipe_name}) inserted no fake-quant node: the quantiser found {what} in the recipe "
             "model (bare `x @ W` matmuls are not annotated); build it from torch.nn.Linear / Conv modules"
         )
     return prepared
@@ -412,9 +439,10 @@ def fake_quant_count(prepared: torch.fx.GraphModule) -> int:
 def _fine_tune(prepared: torch.fx.GraphModule, recipe: QatRecipe, x_train: np.ndarray, y_train: np.ndarray,
                config: QatConfig, lr: float, say: Callable[[str], None]) -> tuple[list[float], list[int]]:
     import torch
-    from torchao.quantization.pt2e import move_exported_model_to_train
 
-    move_exported_model_to_train(prepared)
+    from pytest_quantgate.producers.qat_recipes import train_mode
+
+    train_mode(prepared)
     gen = torch.Generator().manual_seed(config.seed)
     x_all, y_all = torch.from_numpy(x_train), torch.from_numpy(y_train)
     opt = torch.optim.Adam(prepared.parameters(), lr=lr)
@@ -528,6 +556,28 @@ def _bridge_quantize(fp32_onnx: bytes, input_name: str, calib: np.ndarray, confi
     except Exception as exc:
         raise ProducerError(f"onnxruntime static quantisation of the QAT-conditioned model failed: "
                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _int4_group() -> int:
+    from pytest_quantgate.producers.qat_recipes import INT4_GROUP
+
+    return INT4_GROUP
+
+
+def _bridge_int4(fp32_onnx: bytes, fp32_path: Path) -> bytes:
+    """Convert the QAT-conditioned fp32 ONNX to int4 weight-only MatMulNBits with the recipe's group size."""
+    from pytest_quantgate.producers.weight_only import quantize_matmul_nbits
+
+    with tempfile.TemporaryDirectory(prefix="quantgate-qat-int4-") as scratch:
+        source, built = Path(scratch) / "fp32.onnx", Path(scratch) / "int4.onnx"
+        source.write_bytes(fp32_onnx)
+        try:
+            quantize_matmul_nbits(source, built, bits=4, block_size=_int4_group(), symmetric=True,
+                                  accuracy_level=None, nodes_to_exclude=())
+        except Exception as exc:
+            raise ProducerError(f"{fp32_path}: int4 weight-only convert (MatMulNBits) of the QAT-conditioned model "
+                                f"failed: {type(exc).__name__}: {exc}") from exc
+        return built.read_bytes()
 
 
 def _export_pt2e(prepared: torch.fx.GraphModule, example: torch.Tensor, input_name: str,

@@ -1,0 +1,892 @@
+"""``quantgate advise``: build quantisation candidates in ADR-0129's escalation order and keep the cheapest that passes.
+
+Use it when a model needs a sidecar (or its sidecar fails its budget). For one registry entry it builds, in order,
+dynamic PTQ (per-tensor / per-channel; MatMul/Gemm only on graphs with Conv, whose ConvInteger is slow and can wreck
+outputs), static QDQ PTQ (MinMax / Entropy / Percentile, per-channel), static with the most harmful nodes kept in
+fp32 (ranked on the soak samples where fp32 and int8 disagree most, added greedily, each step re-gated on the full
+fixture), int4 weight-only ``MatMulNBits`` on MatMul-heavy graphs, and QAT / QAD when the entry has a recipe.
+Every candidate is gated by :func:`_gate_candidate` with the gate's full statistics; the cheapest passing one
+(fastest measured int8 latency, then smallest file) is chosen. Nothing beside the registry changes unless
+``write=True``; candidates are built in a scratch folder inside the registry folder (the gate confines every model
+path to it) and removed afterwards. The budget is never relaxed (ADR-0129: escalate instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .registry import DEFAULT_BUDGET_PLCC, Entry, Registry
+from .settings import Settings
+
+if TYPE_CHECKING:
+    import numpy as np
+
+STAGES = ("dynamic", "static", "exclusions", "int4", "qat", "qad")
+MIN_CALIBRATION_SAMPLES = 100  # the QAT literature's "100+ representative batches"
+DISAGREEING_SAMPLES = 8  # soak samples the exclusion ranking looks at (every intermediate tensor is kept in memory)
+MAX_EXCLUSION_STEPS = 4
+MATMUL_HEAVY_SHARE = 0.5  # share of weight parameters in constant-weight MatMul/Gemm for the int4 candidate
+EXIT_FOUND, EXIT_NONE, EXIT_ERROR = 0, 1, 2
+RELAX_NOTE = "relaxing the budget is not advised (ADR-0129: escalate rather than relax)"
+
+
+class AdviseError(Exception):
+    """Bad input for advise (entry, calibration set, options); the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to build the sidecar: the registry ``quant_mode`` and the ``quant_options`` that rebuild it."""
+
+    stage: str
+    mode: str
+    options: Mapping[str, Any]
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the candidate as JSON-ready data."""
+        return {"stage": self.stage, "mode": self.mode, "options": dict(self.options), "label": self.label}
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """What the gate said about one candidate (``status`` pass / fail / error / skip)."""
+
+    candidate: Candidate
+    status: str
+    reason: str = ""
+    drop: float | None = None
+    interval: tuple[float, float] | None = None
+    budget: float | None = None
+    verdict: str = ""
+    int8_ms: float | None = None
+    int8_bytes: int | None = None
+    sha256: str | None = None
+    path: Path | None = None
+    row: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Return True when the gate passed this candidate."""
+        return self.status == "pass"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as JSON-ready data (the gate's own row included)."""
+        return {**self.candidate.to_dict(), "status": self.status, "reason": self.reason, "drop": self.drop,
+                "ci": list(self.interval) if self.interval else None, "budget": self.budget, "verdict": self.verdict,
+                "int8_ms": self.int8_ms, "int8_bytes": self.int8_bytes, "int8_sha256": self.sha256,
+                "gate": dict(self.row)}
+
+
+@dataclass(frozen=True)
+class AdviseOptions:
+    """Knobs of one advise run besides the gate's own settings."""
+
+    ep: str = "cpu"
+    stages: tuple[str, ...] = STAGES
+    calibration_set: Path | None = None
+    allow_recipes: bool = False
+    epochs_qat: int | None = None
+    max_exclusions: int = MAX_EXCLUSION_STEPS
+    distill_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The outcome for one entry: every candidate, the chosen one (or the best failing one) and what to do next."""
+
+    entry_id: str
+    ep: str
+    results: tuple[CandidateResult, ...]
+    chosen: int | None
+    best: int | None
+    next_step: str
+    warnings: tuple[str, ...] = ()
+    calibration: str | None = None
+    # the chosen sidecar and its provenance record, kept in memory: the scratch folder is gone when advise returns
+    sidecar: bytes | None = field(default=None, compare=False, repr=False)
+    provenance: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def found(self) -> bool:
+        """Return True when a candidate passed."""
+        return self.chosen is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the advice as JSON-ready data."""
+        return {"id": self.entry_id, "ep": self.ep, "found": self.found, "chosen": self.chosen, "best": self.best,
+                "best_numbers": self.results[self.best].to_dict() if self.best is not None else None,
+                "next_step": self.next_step, "warnings": list(self.warnings), "calibration_set": self.calibration,
+                "candidates": [r.to_dict() for r in self.results]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The one place a candidate meets the gate
+
+
+def _gate_candidate(registry: Registry, entry: Entry, int8_path: Path, ep: str, settings: Settings) -> CandidateResult:
+    """Gate the sidecar ``int8_path`` as if it were ``entry``'s (same fixture, checks and budget; no pinned hash).
+
+    ``entry`` must already carry the candidate's ``mode`` and budget; the returned result's candidate is a
+    placeholder the caller replaces.
+    """
+    from .fileio import sha256_file
+    from .gate import run_one
+
+    relative = int8_path.resolve().relative_to(registry.folder.resolve()).as_posix()
+    trial = dataclasses.replace(entry, int8_onnx=relative, int8_sha256=None)
+    outcome = run_one(registry, trial, ep, settings)
+    placeholder = Candidate("", entry.mode, {}, "")
+    result = outcome.result
+    sha = sha256_file(int8_path) if int8_path.is_file() else None
+    if result is None:
+        return CandidateResult(placeholder, outcome.status, outcome.message, sha256=sha, path=int8_path)
+    interval = (result.interval.low, result.interval.high) if result.interval is not None else None
+    return CandidateResult(
+        placeholder, outcome.status, outcome.message, drop=result.drop, interval=interval, budget=result.budget,
+        verdict=result.verdict, int8_ms=result.extra.get("int8_ms"), int8_bytes=result.extra.get("int8_bytes"),
+        sha256=sha, path=int8_path, row=_jsonable_row(result.to_row()),
+    )
+
+
+def _jsonable_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(json.dumps(row, default=str))
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Graph facts that decide which candidates make sense
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the fp32 graph is made of."""
+
+    conv_nodes: int
+    matmul_nodes: int  # MatMul/Gemm with a constant weight
+    matmul_weight_share: float  # share of weight parameters held by those nodes
+    single_input: bool
+
+    @property
+    def matmul_heavy(self) -> bool:
+        """Return True when most weights sit in constant-weight MatMul/Gemm nodes."""
+        return self.matmul_nodes > 0 and self.matmul_weight_share >= MATMUL_HEAVY_SHARE
+
+
+def graph_facts(fp32_path: Path) -> GraphFacts:
+    """Count Conv and constant-weight MatMul/Gemm nodes and where the weights are."""
+    import onnx
+
+    from .producers.weight_only import constant_weight_matmuls
+
+    model = onnx.load(str(fp32_path))
+    sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    matmuls = set(constant_weight_matmuls(model))
+    in_matmul = sum(sizes[n.input[1]] for n in model.graph.node if n.name in matmuls)
+    total = sum(size for size in sizes.values() if size > 1) or 1
+    inputs = [i for i in model.graph.input if i.name not in sizes]
+    return GraphFacts(
+        conv_nodes=sum(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node),
+        matmul_nodes=len(matmuls),
+        matmul_weight_share=in_matmul / total,
+        single_input=len(inputs) == 1,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Candidates
+
+
+def _label(options: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            parts.append(key if value else f"no-{key}")
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{key}={','.join(map(str, value))}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts) or "defaults"
+
+
+def _candidate(stage: str, mode: str, options: Mapping[str, Any]) -> Candidate:
+    return Candidate(stage, mode, dict(options), _label(options))
+
+
+def ptq_candidates(facts: GraphFacts, stages: Sequence[str], has_calibration: bool) -> tuple[list[Candidate],
+                                                                                               list[CandidateResult]]:
+    """Return the dynamic, static and int4 candidates for this graph, and skipped rows saying why others are not."""
+    out: list[Candidate] = []
+    skipped: list[CandidateResult] = []
+    if "dynamic" in stages:
+        if facts.conv_nodes:
+            skip = _candidate("dynamic", "dynamic", {"per_channel": False})
+            skipped.append(CandidateResult(skip, "skip", f"{facts.conv_nodes} Conv node(s) would run as ConvInteger "
+                                                         "(slow on CPU and known to wreck outputs)"))
+            if facts.matmul_nodes:
+                for per_channel in (False, True):
+                    out.append(_candidate("dynamic", "dynamic", {"per_channel": per_channel,
+                                                                 "op_types_to_quantize": ["MatMul", "Gemm"]}))
+        else:
+            for per_channel in (False, True):
+                out.append(_candidate("dynamic", "dynamic", {"per_channel": per_channel}))
+    if "static" in stages:
+        for method in ("minmax", "entropy", "percentile"):
+            cand = _candidate("static", "static", {"calibrate_method": method, "per_channel": True})
+            if has_calibration:
+                out.append(cand)
+            else:
+                skipped.append(CandidateResult(cand, "skip", "no calibration set (quant_calibration_set or "
+                                                             "--calibration-set)"))
+    if "int4" in stages:
+        cand = _candidate("int4", "dynamic", {"weight_bits": 4, "block_size": 32})
+        if facts.matmul_heavy:
+            out.append(cand)
+        else:
+            skipped.append(CandidateResult(cand, "skip", f"not MatMul-heavy ({facts.matmul_weight_share:.0%} of the "
+                                                         "weights in constant-weight MatMul/Gemm)"))
+    return out, skipped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building one candidate
+
+
+def build_candidate(candidate: Candidate, fp32: Path, out: Path, calibration: Path | None,
+                    recipe: Path | None) -> None:
+    """Write the candidate's sidecar to ``out`` with the existing producers; raise ProducerError/ValueError."""
+    if candidate.mode == "dynamic":
+        from .producers.ptq_dynamic import DynamicConfig, quantize_dynamic
+
+        quantize_dynamic(fp32, out, DynamicConfig(**_tuples(candidate.options)))
+    elif candidate.mode == "static":
+        from .producers.ptq_static import StaticConfig, quantize_static
+
+        if calibration is None:
+            raise ValueError("static candidates need a calibration set")
+        quantize_static(fp32, out, StaticConfig(calibration_set=calibration, **_tuples(candidate.options)))
+    elif candidate.mode == "qat":
+        from .producers.qat import QatConfig, quantize_qat
+
+        if recipe is None:
+            raise ValueError("QAT candidates need the entry's qat_recipe")
+        quantize_qat(fp32, out, QatConfig(**candidate.options), recipe=recipe)
+    else:
+        raise ValueError(f"no producer for mode {candidate.mode!r}")
+
+
+def _tuples(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The advisor
+
+
+class _Run:
+    """State of one entry's advise run: scratch folder, counters and results so far."""
+
+    def __init__(self, registry: Registry, entry: Entry, settings: Settings, options: AdviseOptions,
+                 scratch: Path, say: Callable[[str], None]) -> None:
+        self.registry = registry
+        self.entry = entry
+        self.settings = settings
+        self.options = options
+        self.scratch = scratch
+        self.say = say
+        self.fp32 = registry.fp32_path(entry)
+        self.results: list[CandidateResult] = []
+        self.recipe: Path | None = None
+
+    def budget_entry(self, mode: str) -> Entry:
+        """Return the entry as the gate would see it under ``mode`` (an explicit budget stays, else the mode's)."""
+        raw = self.entry.raw
+        budget = float(raw.get("quant_accuracy_budget_plcc", DEFAULT_BUDGET_PLCC.get(mode, 0.0)))
+        return dataclasses.replace(self.entry, mode=mode, budget_plcc=budget)
+
+    def try_candidate(self, candidate: Candidate, calibration: Path | None) -> CandidateResult:
+        """Build and gate one candidate; a producer failure is an error row, never an exception."""
+        from .errors import InputError
+        from .producers.base import ProducerError
+
+        index = len(self.results) + 1
+        out = self.scratch / f"{self.entry.id}.c{index:02d}.int8.onnx"
+        self.say(f"[{self.entry.id}] #{index} {candidate.stage} {candidate.mode} {candidate.label}")
+        try:
+            # ORT's calibrators print progress with print(): keep stdout for the table
+            with contextlib.redirect_stdout(io.StringIO()):
+                build_candidate(candidate, self.fp32, out, calibration, self.recipe)
+        except (ProducerError, InputError, ValueError, TypeError) as exc:
+            result = CandidateResult(candidate, "error", f"build failed: {_first_line(exc)}")
+        except Exception as exc:  # noqa: BLE001  (onnxruntime/torch internals on odd graphs: a row, not a crash)
+            result = CandidateResult(candidate, "error", f"build failed: {type(exc).__name__}: {_first_line(exc)}")
+        else:
+            gated = _gate_candidate(self.registry, self.budget_entry(candidate.mode), out, self.options.ep,
+                                    self.settings)
+            result = dataclasses.replace(gated, candidate=candidate)
+        self.results.append(result)
+        drop = "n/a" if result.drop is None else f"{result.drop:.6f}"
+        self.say(f"[{self.entry.id}] #{index} -> {result.status.upper()} drop {drop}")
+        return result
+
+    def add(self, result: CandidateResult) -> None:
+        """Record a row that was not built (skipped)."""
+        self.results.append(result)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def calibration_for(registry: Registry, entry: Entry, settings: Settings, given: Path | None) -> Path | None:
+    """Return the calibration set to use: ``--calibration-set``, else the entry's, else None."""
+    from .errors import InputError
+    from .producers.dispatch import calibration_set
+
+    if given is not None:
+        if not given.is_file():
+            raise AdviseError(f"--calibration-set {given}: file not found")
+        return given.resolve()
+    if entry.calibration_set is None:
+        return None
+    try:
+        return calibration_set(registry, entry, settings.fixtures_dir)
+    except InputError as exc:
+        raise AdviseError(str(exc)) from None
+
+
+def calibration_samples(path: Path) -> int:
+    """Return how many samples (axis 0) the calibration set holds; raise AdviseError if unreadable."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            counts = [int(data[k].shape[0]) for k in data.files if k != "target" and data[k].ndim > 0]
+    except Exception as exc:  # noqa: BLE001  (numpy raises many kinds for a bad archive)
+        raise AdviseError(f"{path}: cannot read the calibration set: {_first_line(exc)}") from None
+    return min(counts) if counts else 0
+
+
+def advise(registry: Registry, entry: Entry, settings: Settings, options: AdviseOptions,
+           say: Callable[[str], None] = lambda _line: None) -> Advice:
+    """Build and gate the candidates of one entry; return every result, the choice and the next step."""
+    fp32 = registry.fp32_path(entry)
+    if not fp32.is_file():
+        raise AdviseError(f"{registry.path}: entry {entry.id!r} field 'onnx': {fp32} does not exist")
+    unknown = [s for s in options.stages if s not in STAGES]
+    if unknown:
+        raise AdviseError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    warnings: list[str] = []
+    calibration = calibration_for(registry, entry, settings, options.calibration_set)
+    if calibration is not None:
+        count = calibration_samples(calibration)
+        if count < MIN_CALIBRATION_SAMPLES:
+            warnings.append(f"calibration set {calibration} holds {count} sample(s), fewer than the "
+                            f"{MIN_CALIBRATION_SAMPLES}+ representative samples static ranges need")
+    facts = graph_facts(fp32)
+    scratch = Path(tempfile.mkdtemp(prefix=f".quantgate-advise-{entry.id}-", dir=registry.folder))
+    try:
+        run = _Run(registry, entry, settings, options, scratch, say)
+        candidates, skipped = ptq_candidates(facts, options.stages, calibration is not None)
+        for candidate in candidates:
+            run.try_candidate(candidate, calibration)
+        for row in skipped:
+            run.add(row)
+        static_ok = any(r.passed and r.candidate.stage == "static" for r in run.results)
+        if "exclusions" in options.stages and calibration is not None and not static_ok:
+            exclusion_stage(run, calibration)
+        if not any(r.passed for r in run.results):
+            _qat_stages(run, facts, calibration, warnings)
+        advice = _decide(run, warnings, calibration)
+        if advice.chosen is not None:
+            path = advice.results[advice.chosen].path
+            assert path is not None  # a passing candidate was gated, so it has a file
+            from .producers.provenance import provenance_path_for
+
+            record = provenance_path_for(path)
+            advice = dataclasses.replace(advice, sidecar=path.read_bytes(),
+                                         provenance=record.read_bytes() if record.is_file() else None)
+        return advice
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _qat_stages(run: _Run, facts: GraphFacts, calibration: Path | None, warnings: list[str]) -> None:
+    """Try QAT and QAD when the entry has a recipe and recipes may run."""
+    wanted = [s for s in ("qat", "qad") if s in run.options.stages]
+    if not wanted:
+        return
+    entry = run.entry
+    base = dict(entry.raw.get("quant_options", {})) if entry.mode == "qat" else {}
+    if run.options.epochs_qat is not None:
+        base["epochs_qat"] = run.options.epochs_qat
+    variants = {"qat": base, "qad": {**base, "distill_weight": run.options.distill_weight, "fold_bn": True}}
+    why = None
+    if entry.qat_recipe is None:
+        why = "the entry has no qat_recipe"
+    elif not run.options.allow_recipes:
+        why = "running the entry's qat_recipe needs --allow-recipes"
+    elif not facts.single_input:
+        why = "the QAT producer takes single-input models only"
+    for stage in wanted:
+        candidate = _candidate(stage, "qat", variants[stage])
+        if why is not None:
+            run.add(CandidateResult(candidate, "skip", why))
+            continue
+        if run.recipe is None:
+            assert entry.qat_recipe is not None
+            run.recipe = run.registry.resolve(entry, entry.qat_recipe, "qat_recipe")
+        run.try_candidate(candidate, calibration)
+
+
+def _decide(run: _Run, warnings: list[str], calibration: Path | None) -> Advice:
+    results = run.results
+    passing = [i for i, r in enumerate(results) if r.passed]
+    chosen = min(passing, key=lambda i: _cost(results[i])) if passing else None
+    measured = [i for i, r in enumerate(results) if r.drop is not None]
+    best = chosen if chosen is not None else (min(measured, key=lambda i: (_drop_key(results[i]), _cost(results[i])))
+                                              if measured else None)
+    if chosen is not None:
+        r = results[chosen]
+        step = f"review the table, then rerun with --write to adopt #{chosen + 1} ({r.candidate.mode} {r.candidate.label})"
+    else:
+        step = _next_step(run, calibration)
+    rel = None
+    if calibration is not None:
+        rel = str(calibration)
+    return Advice(run.entry.id, run.options.ep, tuple(results), chosen, best, step, tuple(warnings), rel)
+
+
+def _cost(result: CandidateResult) -> tuple[float, float]:
+    ms = result.int8_ms if result.int8_ms is not None else math.inf
+    size = float(result.int8_bytes) if result.int8_bytes is not None else math.inf
+    return ms, size
+
+
+def _drop_key(result: CandidateResult) -> float:
+    return result.drop if result.drop is not None and math.isfinite(result.drop) else math.inf
+
+
+def _next_step(run: _Run, calibration: Path | None) -> str:
+    entry, options = run.entry, run.options
+    steps = []
+    if calibration is None and "static" in options.stages:
+        steps.append("give a calibration set (--calibration-set, 100+ representative samples) for static candidates")
+    if entry.qat_recipe is None:
+        steps.append(f"write a QAT recipe (qat_recipe in {run.registry.path.name}) and rerun with --allow-recipes")
+    elif not options.allow_recipes:
+        steps.append("rerun with --allow-recipes to try QAT and QAD with the entry's recipe")
+    else:
+        steps.append("tune the QAT recipe (epochs_qat, lr_qat, distill_weight) or keep the entry fp32")
+    return "; ".join(steps) + f"; {RELAX_NOTE}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Static with the most harmful nodes kept in fp32
+
+
+def exclusion_stage(run: _Run, calibration: Path) -> None:
+    """Starting from the best static candidate, keep its most harmful nodes in fp32, greedily.
+
+    Node groups are ranked on the soak samples where fp32 and that sidecar disagree most; each group is added to
+    the exclusion list and the rebuilt sidecar re-gated on the full fixture; a group that does not lower the
+    gate's drop is reverted. Stops at the first pass or after ``max_exclusions`` steps.
+    """
+    statics = [r for r in run.results if r.candidate.stage == "static" and r.path is not None and r.drop is not None]
+    if not statics:
+        run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip", "no static candidate was measured"))
+        return
+    base = min(statics, key=_drop_key)
+    assert base.path is not None and base.drop is not None
+    try:
+        groups = rank_exclusions(run, base.path)
+    except Exception as exc:  # noqa: BLE001  (ranking is advice, not a gate: report and go on)
+        run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip",
+                                f"could not rank nodes: {type(exc).__name__}: {_first_line(exc)}"))
+        return
+    if not groups:
+        run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip",
+                                "the diagnosis named no node to keep in fp32"))
+        return
+    kept: list[str] = []
+    best = base.drop
+    for group in groups[: run.options.max_exclusions]:
+        trial = kept + [n for n in group if n not in kept]
+        options = {**base.candidate.options, "nodes_to_exclude": trial}
+        result = run.try_candidate(_candidate("exclusions", "static", options), calibration)
+        if result.passed:
+            return
+        if result.drop is not None and result.drop < best:
+            kept, best = trial, result.drop
+
+
+def disagreeing_samples(fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndarray],
+                        count: int) -> list[int]:
+    """Return the indices of the ``count`` samples where int8 departs most from fp32 (scaled per output)."""
+    import numpy as np
+
+    names = list(fp32_out)
+    samples = int(np.asarray(fp32_out[names[0]]).shape[0])
+    score = np.zeros(samples, np.float64)
+    for name in names:
+        ref = np.asarray(fp32_out[name], np.float64).reshape(samples, -1)
+        test = np.asarray(int8_out[name], np.float64).reshape(samples, -1)
+        scale = float(ref.std()) or 1.0
+        score += np.abs(ref - test).mean(axis=1) / scale
+    order = np.argsort(-score, kind="stable")[:count]
+    return sorted(int(i) for i in order)
+
+
+def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
+    """Return fp32 node groups, most harmful first, from activation/weight SQNR on the most-disagreeing samples."""
+    from .comparison import run_model, signature
+    from .diagnosis import diagnose
+    from .providers import SessionSpec, open_session
+    from .soak import find_fixture, load_fixture, plan_feeds
+
+    settings = run.settings
+    fixture = load_fixture(find_fixture(run.registry.soak_candidates(run.entry, settings.fixtures_dir)))
+    spec = SessionSpec("cpu", settings.ep_options)
+    fp32_session = open_session(run.fp32, spec, threads=settings.threads)
+    int8_session = open_session(int8_path, spec, threads=settings.threads)
+    inputs, _ = signature(fp32_session)
+    plan = plan_feeds(fixture, inputs, settings.batch_size)
+    fp32_out = run_model(fp32_session, fixture, plan, str(run.fp32))
+    int8_out = run_model(int8_session, fixture, plan, str(int8_path))
+    count = plan.batch if plan.fixed_batch else DISAGREEING_SAMPLES
+    picked = disagreeing_samples(fp32_out, int8_out, count)
+    if plan.batched:
+        feeds = [{k: v[picked] for k, v in fixture.inputs.items()}]
+    else:
+        feeds = [{k: v[i] for k, v in fixture.inputs.items()} for i in picked]
+    found = diagnose(run.fp32, int8_path, feeds, top=4 * run.options.max_exclusions)
+    run.say(f"[{run.entry.id}] ranked on soak samples {picked}: " + ", ".join(
+        f"{t.tensor} {t.rank_key:.1f} dB" for t in found.worst[:6]))
+    groups: list[tuple[str, ...]] = []
+    for tensor in found.worst:
+        group = tensor.exclude or ((tensor.node,) if tensor.node else ())
+        if group and group not in groups:
+            groups.append(tuple(group))
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output: table, JSON, PR body
+
+
+def _fmt(value: float | None, digits: int = 6) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_budget(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def table_lines(advice: Advice) -> list[str]:
+    """Return the fixed-width table of every candidate (the chosen one marked ``*``)."""
+    rows = [("#", "stage", "mode", "options", "drop", "interval", "budget", "int8 ms", "size KB", "verdict")]
+    for i, r in enumerate(advice.results):
+        interval = f"[{r.interval[0]:.6f}, {r.interval[1]:.6f}]" if r.interval else "n/a"
+        size = f"{r.int8_bytes / 1024:.1f}" if r.int8_bytes is not None else "n/a"
+        ms = f"{r.int8_ms:.3f}" if r.int8_ms is not None else "n/a"
+        verdict = r.verdict if r.verdict else r.status.upper()
+        mark = "*" if i == advice.chosen else " "
+        rows.append((f"{mark}{i + 1}", r.candidate.stage, r.candidate.mode, r.candidate.label, _fmt(r.drop), interval,
+                     _fmt_budget(r.budget), ms, size, verdict))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    reasons = [f"  #{i + 1}: {r.reason}" for i, r in enumerate(advice.results)
+               if r.reason and (r.status in ("error", "skip") or not r.passed)]
+    return lines + (["", "why:"] + reasons if reasons else [])
+
+
+def summary_lines(advice: Advice) -> list[str]:
+    """Return the verdict lines under the table."""
+    out = [f"warning: {w}" for w in advice.warnings]
+    if advice.found:
+        assert advice.chosen is not None
+        r = advice.results[advice.chosen]
+        out.append(f"{advice.entry_id}: chosen #{advice.chosen + 1}: {r.candidate.mode} ({r.candidate.label}), drop "
+                   f"{_fmt(r.drop)} <= budget {_fmt_budget(r.budget)}, int8 {_fmt(r.int8_ms, 3)} ms, "
+                   f"{r.int8_bytes} bytes")
+    else:
+        out.append(f"{advice.entry_id}: no candidate passes its budget")
+        if advice.best is not None:
+            r = advice.results[advice.best]
+            out.append(f"{advice.entry_id}: best was #{advice.best + 1}: {r.candidate.mode} ({r.candidate.label}), "
+                       f"drop {_fmt(r.drop)} vs budget {_fmt_budget(r.budget)}")
+    out.append(f"{advice.entry_id}: next step: {advice.next_step}")
+    return out
+
+
+def pr_body(advice: Advice, registry: Registry, settings: Settings) -> str:
+    """Return the markdown body of the per-model PR ADR-0208 asks for (decision, measured table, reproduce)."""
+    entry = registry.entry(advice.entry_id)
+    lines = [f"# Quantise `{entry.id}`: " + (
+        f"{advice.results[advice.chosen].candidate.mode} ({advice.results[advice.chosen].candidate.label})"
+        if advice.chosen is not None else "no candidate meets the budget"), ""]
+    lines += ["## Context", "",
+              (f"`quantgate advise` built every candidate of ADR-0129's escalation order for `{entry.id}` "
+              f"(`{entry.onnx}`) and gated each on the soak fixture with the gate's own statistics "
+              f"(EP `{advice.ep}`, batch {settings.batch_size}, {settings.bootstrap} bootstrap resamples, "
+              f"decision `{settings.decision}`). The budget was not changed."), ""]
+    lines += ["## Decision", ""]
+    if advice.chosen is not None:
+        r = advice.results[advice.chosen]
+        lines.append(f"Adopt candidate #{advice.chosen + 1}: `quant_mode: \"{r.candidate.mode}\"`, `quant_options: "
+                     f"{json.dumps(dict(r.candidate.options), sort_keys=True)}`: the fastest passing candidate "
+                     f"(int8 {_fmt(r.int8_ms, 3)} ms per batch, {r.int8_bytes} bytes), int8_sha256 `{r.sha256}`.")
+    else:
+        lines.append(f"No candidate passes. Next step: {advice.next_step}.")
+    lines += ["", "## Empirical delta (fp32 baseline vs int8, soak fixture)", "",
+              "| # | stage | mode | options | PLCC drop | interval | budget | int8 ms | size (bytes) | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(advice.results):
+        interval = f"[{r.interval[0]:.6f}, {r.interval[1]:.6f}]" if r.interval else "n/a"
+        verdict = (r.verdict or r.status.upper()) + (" (chosen)" if i == advice.chosen else "")
+        options = r.candidate.label.replace("|", "\\|")
+        lines.append(f"| {i + 1} | {r.candidate.stage} | {r.candidate.mode} | {options} | {_fmt(r.drop)} | {interval} "
+                     f"| {_fmt_budget(r.budget)} | {_fmt(r.int8_ms, 3)} | {r.int8_bytes if r.int8_bytes is not None else 'n/a'} "
+                     f"| {verdict} |")
+    notes = [f"* #{i + 1}: {r.reason}" for i, r in enumerate(advice.results) if r.status in ("skip", "error")]
+    notes += [f"* warning: {w}" for w in advice.warnings]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    lines += ["", "## Reproduce", "", "```",
+              f"quantgate advise {registry.path.name} --id {entry.id} --ep {advice.ep}"
+              + (" --write" if advice.chosen is not None else ""),
+              f"quantgate measure {registry.path.name} --id {entry.id} --ep {advice.ep}", "```", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --write: the sidecar and the registry change
+
+
+def _registry_relative(path: Path, registry: Registry, settings: Settings) -> str:
+    """Return how the registry names a calibration set: relative to its folder, else to the fixtures folder."""
+    for base in (registry.folder, settings.fixtures_dir):
+        try:
+            return path.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    raise AdviseError(f"--calibration-set {path}: the registry can only name files under {registry.folder} or "
+                      f"{settings.fixtures_dir}; copy it there and rerun")
+
+
+def _value_end(text: str, start: int) -> int:
+    """Return the offset just past the JSON object that starts at ``text[start] == '{'``."""
+    depth, in_string, escaped = 0, False, False
+    for pos in range(start, len(text)):
+        char = text[pos]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return pos + 1
+    raise AdviseError("unbalanced braces in the registry")
+
+
+def set_object_field(text: str, entry_id: str, key: str, value: Mapping[str, Any], path: Path) -> str:
+    """Return the registry text with ``key`` of one entry set to the object ``value``, formatting kept elsewhere."""
+    import re
+
+    from .registry import _entry_spans
+
+    encoded = json.dumps(dict(value), sort_keys=True)
+    for start, end in _entry_spans(text):
+        body = text[start:end]
+        try:
+            if json.loads(body).get("id") != entry_id:
+                continue
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        found = re.search(r'"' + re.escape(key) + r'"\s*:\s*', body)
+        if found is not None and body[found.end():found.end() + 1] == "{":
+            stop = _value_end(body, found.end())
+            body = body[: found.end()] + encoded + body[stop:]
+        else:
+            anchor = re.search(r'"quant_mode"\s*:\s*"[^"]*"', body) or re.search(r'"onnx"\s*:\s*"[^"]*"', body)
+            if anchor is None:
+                raise AdviseError(f"{path}: entry {entry_id!r}: cannot find where to insert {key!r}")
+            line_start = body.rfind("\n", 0, anchor.start())
+            indent = body[line_start + 1: anchor.start()] if line_start >= 0 else ""
+            sep = f",\n{indent}" if line_start >= 0 and not indent.strip() else ", "
+            body = f'{body[: anchor.end()]}{sep}"{key}": {encoded}{body[anchor.end():]}'
+        return text[:start] + body + text[end:]
+    raise AdviseError(f"{path}: no entry with id {entry_id!r}")
+
+
+def registry_change(advice: Advice, registry: Registry, settings: Settings) -> tuple[dict[str, Any], str]:
+    """Return the fields the chosen candidate sets and the new registry text (validated, nothing written)."""
+    from .errors import RegistryError
+    from .fileio import sha256_file
+    from .registry import parse_registry, pin_text
+
+    if advice.chosen is None:
+        raise AdviseError(f"{advice.entry_id}: nothing passed, nothing to write")
+    r = advice.results[advice.chosen]
+    entry = registry.entry(advice.entry_id)
+    strings: dict[str, str] = {"quant_mode": r.candidate.mode}
+    if entry.sha256 is None:
+        strings["sha256"] = sha256_file(registry.fp32_path(entry))
+    assert r.sha256 is not None
+    strings["int8_sha256"] = r.sha256
+    if r.candidate.mode == "static":
+        assert advice.calibration is not None
+        strings["quant_calibration_set"] = _registry_relative(Path(advice.calibration), registry, settings)
+    changed = {k: v for k, v in strings.items() if entry.raw.get(k) != v}
+    text = registry.path.read_text(encoding="utf-8")
+    try:
+        new = pin_text(text, {entry.id: changed}, registry.path) if changed else text
+        new = set_object_field(new, entry.id, "quant_options", r.candidate.options, registry.path)
+    except RegistryError as exc:
+        raise AdviseError(str(exc)) from None
+    expected = json.loads(text)
+    for raw in expected["models"]:
+        if isinstance(raw, dict) and raw.get("id") == entry.id:
+            raw.update(changed)
+            raw["quant_options"] = dict(r.candidate.options)
+    if json.loads(new) != expected:
+        raise AdviseError(f"{registry.path}: the edit would change more than entry {entry.id!r}; edit it by hand")
+    parsed = parse_registry(json.loads(new), registry.path)
+    problems = [p.message for p in parsed.problems if p.label == entry.id]
+    if problems:
+        raise AdviseError("; ".join(problems))
+    return {**changed, "quant_options": dict(r.candidate.options)}, new
+
+
+def write_choice(advice: Advice, registry: Registry, settings: Settings) -> dict[str, Any]:
+    """Write the chosen sidecar (and its provenance) and the registry change, each atomically; return the fields."""
+    from .fileio import atomic_write_bytes, atomic_write_text
+    from .producers.provenance import provenance_path_for
+
+    fields, text = registry_change(advice, registry, settings)  # validated before anything is written
+    assert advice.sidecar is not None
+    entry = registry.entry(advice.entry_id)
+    int8 = registry.int8_path(entry)
+    atomic_write_bytes(int8, advice.sidecar)
+    if advice.provenance is not None:
+        atomic_write_bytes(provenance_path_for(int8), advice.provenance)
+    atomic_write_text(registry.path, text)
+    return fields
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line (``quantgate advise``; registered in cli.py)
+
+
+def add_arguments(parser: Any) -> None:
+    """Add advise's own options (the registry and gate options come from cli.py)."""
+    from .settings import positive_int
+
+    group = parser.add_argument_group("advise")
+    group.add_argument("--all-failing", action="store_true",
+                       help="advise every gated entry whose current sidecar fails (instead of --id)")
+    group.add_argument("--calibration-set", type=Path, default=None, metavar="NPZ",
+                       help="calibration .npz for static candidates (default: the entry's quant_calibration_set)")
+    group.add_argument("--stages", default=",".join(STAGES), metavar="S[,S...]",
+                       help=f"candidate stages to try (default: {','.join(STAGES)})")
+    group.add_argument("--allow-recipes", action="store_true", help="allow running the entry's qat_recipe (QAT/QAD)")
+    group.add_argument("--epochs-qat", type=positive_int, default=None, metavar="N",
+                       help="QAT/QAD epochs (default: the entry's quant_options, else the producer's)")
+    group.add_argument("--distill-weight", type=float, default=1.0, metavar="W",
+                       help="QAD: weight of the teacher loss against the task loss (default: 1.0, teacher only)")
+    group.add_argument("--max-exclusions", type=positive_int, default=MAX_EXCLUSION_STEPS, metavar="N",
+                       help=f"greedy exclusion steps at most (default: {MAX_EXCLUSION_STEPS})")
+    group.add_argument("--write", action="store_true",
+                       help="write the chosen sidecar and the registry change (default: print only)")
+    group.add_argument("--pr-body", type=Path, default=None, metavar="PATH",
+                       help="write the markdown body of the per-model PR (ADR-0208)")
+
+
+def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Callable[[str], None]) -> int:
+    """Run ``quantgate advise`` from parsed arguments; return 0 found, 1 none passes, 2 bad input."""
+    import fnmatch
+
+    from .errors import InputError
+    from .fileio import atomic_write_text
+    from .registry import load_registry
+
+    eps = list(dict.fromkeys(ns.eps or ["cpu"]))
+    if len(eps) != 1 or eps[0] == "auto":
+        err("quantgate advise: error: give exactly one --ep (cpu, cuda or openvino)")
+        return EXIT_ERROR
+    if bool(ns.ids) == bool(ns.all_failing):
+        err("quantgate advise: error: give --id ID or --all-failing (not both)")
+        return EXIT_ERROR
+    if not math.isfinite(ns.distill_weight) or not 0.0 <= ns.distill_weight <= 1.0:
+        err(f"quantgate advise: error: --distill-weight {ns.distill_weight} must lie in [0, 1]")
+        return EXIT_ERROR
+    options = AdviseOptions(ep=eps[0], stages=tuple(s.strip() for s in ns.stages.split(",") if s.strip()),
+                            calibration_set=ns.calibration_set, allow_recipes=ns.allow_recipes,
+                            epochs_qat=ns.epochs_qat, max_exclusions=ns.max_exclusions,
+                            distill_weight=ns.distill_weight)
+    try:
+        registry = load_registry(ns.registry)
+        if ns.all_failing:
+            entries = failing_entries(registry, options.ep, settings)
+            if not entries:
+                out(f"{registry.path}: no gated entry fails on {options.ep}; nothing to advise")
+                return EXIT_FOUND
+        else:
+            entries = [e for e in registry.entries if any(fnmatch.fnmatchcase(e.id, p) for p in ns.ids)]
+            if not entries:
+                known = ", ".join(e.id for e in registry.entries) or "none"
+                raise AdviseError(f"--id {', '.join(ns.ids)} match no entry of {registry.path} (ids: {known})")
+        advices: list[Advice] = []
+        bodies: list[str] = []
+        for entry in entries:
+            advice = advise(registry, entry, settings, options, say=err)
+            advices.append(advice)
+            out(f"== {entry.id} ({options.ep}) ==")
+            for line in table_lines(advice) + [""] + summary_lines(advice):
+                out(line)
+            if ns.write and advice.found:
+                fields = write_choice(advice, registry, settings)
+                registry = load_registry(registry.path)  # the next entry's edit starts from the written file
+                out(f"{entry.id}: wrote {registry.int8_path(registry.entry(entry.id))} and {registry.path} "
+                    f"({', '.join(sorted(fields))})")
+            bodies.append(pr_body(advice, registry, settings))
+            out("")
+        if ns.json_out is not None:
+            data: Any = [a.to_dict() for a in advices]
+            atomic_write_text(ns.json_out, json.dumps(data if ns.all_failing else data[0], indent=2) + "\n")
+        if ns.pr_body is not None:
+            atomic_write_text(ns.pr_body, "\n\n".join(bodies))
+    except (AdviseError, InputError) as exc:
+        err(f"quantgate advise: error: {exc}")
+        return EXIT_ERROR
+    return EXIT_FOUND if all(a.found for a in advices) else EXIT_NONE
+
+
+def failing_entries(registry: Registry, ep: str, settings: Settings) -> list[Entry]:
+    """Return the gated entries whose current sidecar fails the gate on ``ep``."""
+    from .gate import run_one
+
+    return [e for e in registry.entries if e.gated and run_one(registry, e, ep, settings).status == "fail"]
