@@ -145,7 +145,8 @@ def _gate_candidate(registry: Registry, entry: Entry, int8_path: Path, ep: str, 
 
     relative = int8_path.resolve().relative_to(registry.folder.resolve()).as_posix()
     trial = dataclasses.replace(entry, int8_onnx=relative, int8_sha256=None)
-    outcome = run_one(registry, trial, ep, settings)
+    # candidates are ranked by the verdict alone: diagnosing every failing one would only cost time
+    outcome = run_one(registry, trial, ep, dataclasses.replace(settings, diagnose="off"))
     placeholder = Candidate("", entry.mode, {}, "")
     result = outcome.result
     sha = sha256_file(int8_path) if int8_path.is_file() else None
@@ -310,8 +311,8 @@ class _Run:
 
     def budget_entry(self, mode: str) -> Entry:
         """Return the entry as the gate would see it under ``mode`` (an explicit budget stays, else the mode's)."""
-        raw = self.entry.raw
-        budget = float(raw.get("quant_accuracy_budget_plcc", DEFAULT_BUDGET_PLCC.get(mode, 0.0)))
+        explicit = self.entry.explicit_budget_plcc
+        budget = float(explicit if explicit is not None else DEFAULT_BUDGET_PLCC.get(mode, 0.0))
         return dataclasses.replace(self.entry, mode=mode, budget_plcc=budget)
 
     def try_candidate(self, candidate: Candidate, calibration: Path | None) -> CandidateResult:
@@ -428,7 +429,7 @@ def _qat_stages(run: _Run, facts: GraphFacts, calibration: Path | None, warnings
     if not wanted:
         return
     entry = run.entry
-    base = dict(entry.raw.get("quant_options", {})) if entry.mode == "qat" else {}
+    base = dict(entry.quant_options) if entry.mode == "qat" else {}
     if run.options.epochs_qat is not None:
         base["epochs_qat"] = run.options.epochs_qat
     variants = {"qat": base, "qad": {**base, "distill_weight": run.options.distill_weight, "fold_bn": True}}
@@ -550,26 +551,23 @@ def disagreeing_samples(fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[st
 
 def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
     """Return fp32 node groups, most harmful first, from activation/weight SQNR on the most-disagreeing samples."""
-    from .comparison import run_model, signature
     from .diagnosis import diagnose
-    from .providers import SessionSpec, open_session
-    from .soak import find_fixture, load_fixture, plan_feeds
+    from .gate import measure, prepare
 
-    settings = run.settings
-    fixture = load_fixture(find_fixture(run.registry.soak_candidates(run.entry, settings.fixtures_dir)))
-    spec = SessionSpec("cpu", settings.ep_options)
-    fp32_session = open_session(run.fp32, spec, threads=settings.threads)
-    int8_session = open_session(int8_path, spec, threads=settings.threads)
-    inputs, _ = signature(fp32_session)
-    plan = plan_feeds(fixture, inputs, settings.batch_size)
-    fp32_out = run_model(fp32_session, fixture, plan, str(run.fp32))
-    int8_out = run_model(int8_session, fixture, plan, str(int8_path))
+    settings = dataclasses.replace(run.settings, diagnose="off")
+    relative = int8_path.resolve().relative_to(run.registry.folder.resolve()).as_posix()
+    trial = dataclasses.replace(run.entry, int8_onnx=relative, int8_sha256=None, mode="static")
+    # the gate's own streaming pass finds the samples where int8 departs most from fp32
+    prepared = prepare(run.registry, trial, "cpu", settings, int8_pinned=False)
+    _, collector = measure(prepared, settings)
+    plan = prepared.plan
     count = plan.batch if plan.fixed_batch else DISAGREEING_SAMPLES
-    picked = disagreeing_samples(fp32_out, int8_out, count)
+    picked = sorted(collector.worst_samples(count))
+    chosen = prepared.fixture.take(picked)
     if plan.batched:
-        feeds = [{k: v[picked] for k, v in fixture.inputs.items()}]
+        feeds = [chosen]
     else:
-        feeds = [{k: v[i] for k, v in fixture.inputs.items()} for i in picked]
+        feeds = [{k: v[i] for k, v in chosen.items()} for i in range(len(picked))]
     found = diagnose(run.fp32, int8_path, feeds, top=4 * run.options.max_exclusions)
     run.say(f"[{run.entry.id}] ranked on soak samples {picked}: " + ", ".join(
         f"{t.tensor} {t.rank_key:.1f} dB" for t in found.worst[:6]))
@@ -716,10 +714,10 @@ def set_object_field(text: str, entry_id: str, key: str, value: Mapping[str, Any
     """Return the registry text with ``key`` of one entry set to the object ``value``, formatting kept elsewhere."""
     import re
 
-    from .registry import _entry_spans
+    from .registry import entry_spans
 
     encoded = json.dumps(dict(value), sort_keys=True)
-    for start, end in _entry_spans(text):
+    for start, end in entry_spans(text):
         body = text[start:end]
         try:
             if json.loads(body).get("id") != entry_id:
@@ -760,7 +758,7 @@ def registry_change(advice: Advice, registry: Registry, settings: Settings) -> t
     if r.candidate.mode == "static":
         assert advice.calibration is not None
         strings["quant_calibration_set"] = _registry_relative(Path(advice.calibration), registry, settings)
-    changed = {k: v for k, v in strings.items() if entry.raw.get(k) != v}
+    changed = {k: v for k, v in strings.items() if entry.source.get(k) != v}
     text = registry.path.read_text(encoding="utf-8")
     try:
         new = pin_text(text, {entry.id: changed}, registry.path) if changed else text
@@ -812,7 +810,7 @@ def add_arguments(parser: Any) -> None:
                        help="calibration .npz for static candidates (default: the entry's quant_calibration_set)")
     group.add_argument("--stages", default=",".join(STAGES), metavar="S[,S...]",
                        help=f"candidate stages to try (default: {','.join(STAGES)})")
-    group.add_argument("--allow-recipes", action="store_true", help="allow running the entry's qat_recipe (QAT/QAD)")
+    # --allow-recipes comes with the gate options (settings.add_gate_args): regeneration and advise share it
     group.add_argument("--epochs-qat", type=positive_int, default=None, metavar="N",
                        help="QAT/QAD epochs (default: the entry's quant_options, else the producer's)")
     group.add_argument("--distill-weight", type=float, default=1.0, metavar="W",

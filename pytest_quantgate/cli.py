@@ -308,7 +308,7 @@ def cmd_advise(ns: argparse.Namespace) -> int:
     """Build candidates in escalation order, gate each, keep the cheapest passing one (exit 0 / 1 / 2)."""
     from .advise import run_command
 
-    return run_command(ns, _settings(ns), _out, _err)
+    return run_command(ns, settings_from_args(ns), _out, _err)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("advise", help="try dynamic, static, exclusions, int4, QAT/QAD; keep the cheapest passing "
                                       "sidecar (exit 0 found, 1 none passes, 2 bad input)")
     _add_registry_args(p)
-    _add_gate_args(p)
+    add_gate_args(p)
     advise.add_arguments(p)
     p.set_defaults(func=cmd_advise)
     return parser

@@ -253,7 +253,7 @@ def with_lineage(result: GateResult, p: Prepared) -> GateResult:
     is not derived from the fp32 (the fp32 file itself, another model, one built from an older fp32) fails
     with kind ``lineage``. ``quant_lineage: false`` turns the check off for an entry.
     """
-    if not p.entry.lineage:
+    if not p.entry.lineage or p.entry.mode not in ("dynamic", "static", "qat"):
         return result
     from .lineage import check_lineage
 

@@ -599,6 +599,12 @@ def _members(text: str, start: int, decoder: json.JSONDecoder) -> tuple[dict[str
         pos = _skip_ws(text, pos + 1)  # the comma
 
 
+def entry_spans(text: str) -> list[tuple[int, int]]:
+    """Return the (start, end) offsets of every object in the root's ``models`` array."""
+    decoder = json.JSONDecoder()
+    return [(start, decoder.raw_decode(text, start)[1]) for start, _ in _entry_objects(text)]
+
+
 def _entry_objects(text: str) -> list[tuple[int, dict[str, tuple[int, int, int]]]]:
     """Return (start, members) of every object in the root's ``models`` array."""
     decoder = json.JSONDecoder()

@@ -371,7 +371,10 @@ def test_qad_candidate_passes_measure_and_its_options_rebuild_it(
     assert chosen["options"] == {"epochs_qat": 2, "distill_weight": 1.0, "fold_bn": True}
     row = measured_drop(capsys, registry, "conv")
     assert abs(row["drop"] - chosen["drop"]) <= 1e-9
-    provenance = json.loads((tmp_path / "conv.int8.json").read_text())
+    from pytest_quantgate.producers.provenance import read_provenance
+
+    provenance = read_provenance(tmp_path / "conv.int8.onnx")
+    assert provenance is not None
     assert provenance["training"]["distillation"]["distill_weight"] == 1.0
     assert provenance["training"]["fold_bn"] is True
     # lr_qat was not given: a tenth of the recipe's training rate
