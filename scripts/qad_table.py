@@ -30,8 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts import quant_table as qt  # noqa: E402
-from scripts.bundled import common  # noqa: E402
+from scripts import quant_table as qt
+from scripts.bundled import common
 
 VARIANTS = (
     ("QAT", {}),
@@ -55,7 +55,7 @@ def build(plan: qt.ModelPlan, entry: dict[str, Any], work: Path) -> tuple[qt.Bui
         common.seed_everything(qt.QAT_SEED)
         try:
             result = quantize_qat(fp32, work / name, QatConfig(**options), recipe=plan.recipe)
-        except Exception as exc:  # a producer that cannot take this model is a table row, not a crash
+        except Exception as exc:  # noqa: BLE001  (a producer that cannot take this model is a table row)
             errors[label] = qt._why(exc)
             continue
         built.files[label] = name
