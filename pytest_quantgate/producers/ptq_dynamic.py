@@ -98,8 +98,12 @@ class DynamicConfig:
         check_opset(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the config as JSON-ready data (tuples become lists)."""
-        return config_to_dict(self)
+        """Return the config as JSON-ready data (tuples become lists); int4-only options only for int4 builds."""
+        data = config_to_dict(self)
+        if self.weight_bits == 8:
+            for key in ("weight_bits", "block_size", "accuracy_level"):
+                data.pop(key, None)
+        return data
 
 
 def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig, *,
