@@ -27,7 +27,10 @@ setup-dev: $(VENV)/.dev-installed
 gate: setup-gate
 	$(BIN)/python -m pytest --quantgate -v -p no:cacheprovider $(PYTEST_ARGS)
 
+# lint first: ruff and mypy --strict over the package (config in pyproject.toml), then the suite
 test: setup-dev
+	$(BIN)/python -m ruff check pytest_quantgate
+	$(BIN)/python -m mypy pytest_quantgate
 	$(BIN)/python -m pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup-dev

@@ -329,7 +329,7 @@ class _Run:
                 build_candidate(candidate, self.fp32, out, calibration, self.recipe)
         except (ProducerError, InputError, ValueError, TypeError) as exc:
             result = CandidateResult(candidate, "error", f"build failed: {_first_line(exc)}")
-        except Exception as exc:  # noqa: BLE001  (onnxruntime/torch internals on odd graphs: a row, not a crash)
+        except Exception as exc:
             result = CandidateResult(candidate, "error", f"build failed: {type(exc).__name__}: {_first_line(exc)}")
         else:
             gated = _gate_candidate(self.registry, self.budget_entry(candidate.mode), out, self.options.ep,
@@ -374,7 +374,7 @@ def calibration_samples(path: Path) -> int:
     try:
         with np.load(path, allow_pickle=False) as data:
             counts = [int(data[k].shape[0]) for k in data.files if k != "target" and data[k].ndim > 0]
-    except Exception as exc:  # noqa: BLE001  (numpy raises many kinds for a bad archive)
+    except Exception as exc:
         raise AdviseError(f"{path}: cannot read the calibration set: {_first_line(exc)}") from None
     return min(counts) if counts else 0
 
@@ -460,7 +460,8 @@ def _decide(run: _Run, warnings: list[str], calibration: Path | None) -> Advice:
                                               if measured else None)
     if chosen is not None:
         r = results[chosen]
-        step = f"review the table, then rerun with --write to adopt #{chosen + 1} ({r.candidate.mode} {r.candidate.label})"
+        step = (f"review the table, then rerun with --write to adopt #{chosen + 1} "
+                f"({r.candidate.mode} {r.candidate.label})")
     else:
         step = _next_step(run, calibration)
     rel = None
@@ -512,7 +513,7 @@ def exclusion_stage(run: _Run, calibration: Path) -> None:
     assert base.path is not None and base.drop is not None
     try:
         groups = rank_exclusions(run, base.path)
-    except Exception as exc:  # noqa: BLE001  (ranking is advice, not a gate: report and go on)
+    except Exception as exc:
         run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip",
                                 f"could not rank nodes: {type(exc).__name__}: {_first_line(exc)}"))
         return
@@ -659,7 +660,8 @@ def pr_body(advice: Advice, registry: Registry, settings: Settings) -> str:
         verdict = (r.verdict or r.status.upper()) + (" (chosen)" if i == advice.chosen else "")
         options = r.candidate.label.replace("|", "\\|")
         lines.append(f"| {i + 1} | {r.candidate.stage} | {r.candidate.mode} | {options} | {_fmt(r.drop)} | {interval} "
-                     f"| {_fmt_budget(r.budget)} | {_fmt(r.int8_ms, 3)} | {r.int8_bytes if r.int8_bytes is not None else 'n/a'} "
+                     f"| {_fmt_budget(r.budget)} | {_fmt(r.int8_ms, 3)} "
+                     f"| {r.int8_bytes if r.int8_bytes is not None else 'n/a'} "
                      f"| {verdict} |")
     notes = [f"* #{i + 1}: {r.reason}" for i, r in enumerate(advice.results) if r.status in ("skip", "error")]
     notes += [f"* warning: {w}" for w in advice.warnings]

@@ -15,18 +15,17 @@ from typing import Any
 from . import __version__
 from .errors import InputError
 from .fileio import creatable_file
-from .settings import (
-    DEFAULT_FIXTURES,
-    DEFAULT_REGISTRY,
-    non_negative_int,
-    positive_int,
-)
-
 from .reports import EXIT_ERROR, EXIT_NOTHING, EXIT_PASS, report_outcomes
 from .reports import err as _err
 from .reports import out as _out
-from .settings import add_gate_args, settings_from_args
-
+from .settings import (
+    DEFAULT_FIXTURES,
+    DEFAULT_REGISTRY,
+    add_gate_args,
+    non_negative_int,
+    positive_int,
+    settings_from_args,
+)
 
 # --- shared option groups ---------------------------------------------------------------------------------
 
@@ -220,12 +219,14 @@ def _produce_file(ns: argparse.Namespace, mode: str) -> int:
         if source.suffix == ".json":
             return _produce_registry(ns, mode)
         output = Path(ns.output) if ns.output else source.with_name(source.name.removesuffix(".onnx") + ".int8.onnx")
+        from .producers import ptq_dynamic, ptq_static
+
+        config: Any
+        fn: Any
         if mode == "dynamic":
-            from .producers import ptq_dynamic as mod
+            config, fn = ptq_dynamic.config_from_args(ns), ptq_dynamic.quantize_dynamic
         else:
-            from .producers import ptq_static as mod
-        config = mod.config_from_args(ns)
-        fn = mod.quantize_dynamic if mode == "dynamic" else mod.quantize_static
+            config, fn = ptq_static.config_from_args(ns), ptq_static.quantize_static
         # onnxruntime's tooling logs the same advice and warnings many times: caught here, summarised once
         with capture_logs() as captured:
             result = fn(source, output, config)
@@ -250,7 +251,6 @@ def _print_logs(captured: Any) -> None:
 def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
     from .logcapture import capture_logs
     from .producers.dispatch import produce
-
     from .registry import load_registry
 
     registry = load_registry(getattr(ns, "source", None) or ns.registry)

@@ -120,7 +120,8 @@ class Diagnosis:
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (infinities become the strings "inf"/"-inf")."""
         raw = asdict(self)
-        return _jsonable(raw)
+        data: dict[str, Any] = _jsonable(raw)
+        return data
 
 
 def _jsonable(value: Any) -> Any:
@@ -203,7 +204,7 @@ class _Graph:
         self.initializers = {i.name: i for i in model.graph.initializer}
 
     def keep_float(self, tensor: str) -> tuple[str, ...]:
-        """Return the node names that quantise ``tensor`` (its producer and consumers): excluding them all keeps it float."""
+        """Return the node names that quantise ``tensor`` (producer and consumers): excluding all keeps it float."""
         names: list[str] = []
         prod = self.producer.get(tensor)
         if prod is not None and prod.name:
@@ -246,7 +247,8 @@ def _collect(path: Path, aug: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -
 
     modify_model_output_intermediate_tensors(str(path), str(aug))
     session = _session(path, True)
-    return collect_activations(str(aug), _Reader(_model_feeds(session, feeds)))
+    collected: dict[str, list[np.ndarray]] = collect_activations(str(aug), _Reader(_model_feeds(session, feeds)))
+    return collected
 
 
 def _qdq_weights(fp32: Path, int8: Path, fgraph: _Graph, qgraph: _Graph) -> list[_Weight]:
@@ -439,7 +441,7 @@ def _dynamic_qdq(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float64)
     zp = np.clip(np.rint(-lo / scale), 0, 255)
     q = np.clip(np.rint(x / scale) + zp, 0, 255)
-    return (q - zp).astype(np.float64) * float(scale)
+    return np.asarray((q - zp).astype(np.float64) * float(scale))
 
 
 def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorError], weights_per_tensor: bool) -> str:
@@ -462,7 +464,8 @@ def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorErr
         return (f"weight {first.tensor!r} ({db} dB) is the noisiest tensor: --nodes-to-exclude {exclude}{extra}; "
                 f"if many weights are low, move to qat mode")
     return (f"activation {first.tensor!r} ({db} dB) is the noisiest tensor: --nodes-to-exclude {exclude} "
-            f"(its producer and consumers in the fp32 graph), or recalibrate with --calibrate-method percentile/entropy; "
+            f"(its producer and consumers in the fp32 graph), or recalibrate with --calibrate-method "
+            f"percentile/entropy; "
             f"if the loss is spread over many tensors, move to qat mode")
 
 

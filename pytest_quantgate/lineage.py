@@ -35,7 +35,6 @@ Only ``onnx`` and numpy are imported; nothing here runs a model.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics

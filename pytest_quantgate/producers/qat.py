@@ -340,7 +340,7 @@ def quantize_qat(
                 calibration = {
                     "source": "recipe.calibration_data()" if hasattr(recipe, "calibration_data")
                     else "seeded sample of recipe.training_data() inputs",
-                    "n_samples": int(len(calib)),
+                    "n_samples": len(calib),
                     "sha256": hashlib.sha256(calib.tobytes()).hexdigest(),
                     "method": config.calibrate_method,
                     "per_channel": config.per_channel,
@@ -415,10 +415,10 @@ def _prepare_qat(model: torch.nn.Module, example: torch.Tensor, recipe_name: str
 
     spec = resolve(recipe_name, "bridge")
     try:
-        prepared = prepare(model, example, spec, _dynamic_batch(example))
+        prepared: torch.nn.Module = prepare(model, example, spec, _dynamic_batch(example))
     except Exception as exc:
-        raise ProducerError(f"QAT recipe {recipe_name!r}: prepare failed on the recipe model "
-                            f"({'quantize_ QATConfig' if spec.quantizer is None else 'torch.export / prepare_qat_pt2e'}): "
+        route = "quantize_ QATConfig" if spec.quantizer is None else "torch.export / prepare_qat_pt2e"
+        raise ProducerError(f"QAT recipe {recipe_name!r}: prepare failed on the recipe model ({route}): "
                             f"{type(exc).__name__}: {exc}") from exc
     # the quantisers annotate conv/linear modules only; a model built from bare matmuls gets no fake-quant
     # at all, and "QAT" would silently be plain fp32 fine-tuning
@@ -431,12 +431,12 @@ def _prepare_qat(model: torch.nn.Module, example: torch.Tensor, recipe_name: str
     return prepared
 
 
-def fake_quant_count(prepared: torch.fx.GraphModule) -> int:
+def fake_quant_count(prepared: torch.nn.Module) -> int:
     """Return how many fake-quantize modules ``prepare_qat_pt2e`` inserted."""
     return sum(1 for _, module in prepared.named_modules() if "FakeQuant" in type(module).__name__)
 
 
-def _fine_tune(prepared: torch.fx.GraphModule, recipe: QatRecipe, x_train: np.ndarray, y_train: np.ndarray,
+def _fine_tune(prepared: torch.nn.Module, recipe: QatRecipe, x_train: np.ndarray, y_train: np.ndarray,
                config: QatConfig, lr: float, say: Callable[[str], None]) -> tuple[list[float], list[int]]:
     import torch
 
@@ -467,7 +467,7 @@ def _fine_tune(prepared: torch.fx.GraphModule, recipe: QatRecipe, x_train: np.nd
     return losses, seen
 
 
-def _copy_into_fresh(recipe: QatRecipe, prepared: torch.fx.GraphModule, fp32_path: Path) -> torch.nn.Module:
+def _copy_into_fresh(recipe: QatRecipe, prepared: torch.nn.Module, fp32_path: Path) -> torch.nn.Module:
     """Copy the QAT-conditioned parameters (and plain buffers) into a fresh fp32 module; fail on any mismatch."""
     import torch
 
@@ -580,7 +580,7 @@ def _bridge_int4(fp32_onnx: bytes, fp32_path: Path) -> bytes:
         return built.read_bytes()
 
 
-def _export_pt2e(prepared: torch.fx.GraphModule, example: torch.Tensor, input_name: str,
+def _export_pt2e(prepared: torch.nn.Module, example: torch.Tensor, input_name: str,
                  output_names: list[str]) -> bytes:
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_eval

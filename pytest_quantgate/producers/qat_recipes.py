@@ -75,14 +75,14 @@ def resolve(name: str, route: str) -> QatRecipeSpec:
 def quantizer(spec: QatRecipeSpec) -> Any:
     """Return the pt2e quantiser of an int8 recipe, configured for QAT."""
     if spec.quantizer == "x86":
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # type: ignore[import-untyped]
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer,
             get_default_x86_inductor_quantization_config,
         )
 
         return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     if spec.quantizer == "arm":
-        from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (  # type: ignore[import-untyped]
+        from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
             ArmInductorQuantizer,
             get_default_arm_inductor_quantization_config,
         )
@@ -95,9 +95,9 @@ def prepare(model: Any, example: Any, spec: QatRecipeSpec, dynamic_shapes: Any) 
     """Insert the recipe's fake quantisation into ``model`` (train mode); return the module to fine-tune."""
     if spec.quantizer is None:
         import torch
-        from torchao.quantization import IntxWeightOnlyConfig, quantize_  # type: ignore[import-untyped]
-        from torchao.quantization.granularity import PerGroup  # type: ignore[import-untyped]
-        from torchao.quantization.qat import QATConfig  # type: ignore[import-untyped]
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.qat import QATConfig
 
         model.train()
         int4 = getattr(torch, "int4")  # noqa: B009  (the torch stubs lack int4)
@@ -105,7 +105,7 @@ def prepare(model: Any, example: Any, spec: QatRecipeSpec, dynamic_shapes: Any) 
         quantize_(model, QATConfig(base, step="prepare"))
         return model
     import torch
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e  # type: ignore[import-untyped]
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     model.train()
     exported = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes).module()
@@ -117,7 +117,7 @@ def train_mode(prepared: Any) -> None:
     import torch
 
     if isinstance(prepared, torch.fx.GraphModule):
-        from torchao.quantization.pt2e import move_exported_model_to_train  # type: ignore[import-untyped]
+        from torchao.quantization.pt2e import move_exported_model_to_train
 
         move_exported_model_to_train(prepared)
     else:

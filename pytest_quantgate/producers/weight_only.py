@@ -4,7 +4,8 @@ Use it for MatMul/Gemm-heavy graphs (MLPs, transformers): weights are stored in 
 ``block_size`` input channels with one scale per block; activations stay in float (or, with ``accuracy_level`` 4,
 are quantised to int8 per block at run time). ORT's quantiser only rewrites ``MatMul`` nodes, so a plain
 ``Gemm`` (``alpha = beta = 1``, ``transA = 0``, constant ``B``) is first rewritten into ``MatMul`` + ``Add`` with the
-same numbers. Conv and other ops stay in float. Called by :func:`pytest_quantgate.producers.ptq_dynamic.quantize_dynamic`
+same numbers. Conv and other ops stay in float. Called by
+:func:`pytest_quantgate.producers.ptq_dynamic.quantize_dynamic`
 when ``DynamicConfig.weight_bits`` is 4, so a registry entry rebuilds it as ``quant_mode: "dynamic"`` with
 ``quant_options: {"weight_bits": 4, ...}``.
 """
@@ -78,7 +79,7 @@ def quantize_matmul_nbits(source: Path, built: Path, *, bits: int, block_size: i
     Returns the provenance step. Raises ValueError when the graph has no MatMul/Gemm with a constant weight.
     """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (  # type: ignore[import-untyped]
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
