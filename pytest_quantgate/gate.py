@@ -46,7 +46,7 @@ class Prepared:
     int8: ort.InferenceSession
 
 
-def check_model_file(path: Path, role: str, entry: Entry, registry: Registry) -> None:
+def check_model_file(path: Path, role: str, entry: Entry, registry: Registry) -> frozenset[str]:
     """Refuse a missing, empty or unsafe ONNX file before ORT sees it."""
     if not path.exists():
         raise ModelFileError(f"{registry.path}: entry {entry.id!r}: {role} model {path} does not exist")
@@ -54,11 +54,14 @@ def check_model_file(path: Path, role: str, entry: Entry, registry: Registry) ->
         raise ModelFileError(f"{registry.path}: entry {entry.id!r}: {role} model {path} is not a file")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{registry.path}: entry {entry.id!r}: {role} model {path} is empty")
-    check_external_data(path)
+    return check_external_data(path)
 
 
-def check_external_data(path: Path) -> None:
-    """Refuse an ONNX file whose external data points outside its own folder (or cannot be parsed)."""
+def check_external_data(path: Path) -> frozenset[str]:
+    """Refuse an ONNX file whose external data points outside its own folder (or cannot be parsed).
+
+    Returns the names of graph inputs that declare no shape at all: ORT reports them as rank 0, like scalars.
+    """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -75,6 +78,8 @@ def check_external_data(path: Path) -> None:
                 raise ModelFileError(
                     f"{path}: initializer {tensor.name!r} reads external data from {location!r}, outside {folder}"
                 )
+    return frozenset(i.name for i in model.graph.input
+                     if i.type.HasField("tensor_type") and not i.type.tensor_type.HasField("shape"))
 
 
 def _all_tensors(graph: Any) -> Iterator[Any]:
@@ -110,7 +115,7 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
     """
     fp32_path = registry.fp32_path(entry)
     int8_path = registry.int8_path(entry)
-    check_model_file(fp32_path, "fp32", entry, registry)
+    unshaped = check_model_file(fp32_path, "fp32", entry, registry)
     check_model_file(int8_path, "int8", entry, registry)
     fp32_sha = check_hash(fp32_path, entry.sha256, "sha256", entry, registry)
     int8_sha = check_hash(int8_path, entry.int8_sha256 if int8_pinned else None, "int8_sha256", entry, registry)
@@ -120,7 +125,7 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
     fp32 = open_session(fp32_path, spec, threads=settings.threads)
     int8 = open_session(int8_path, spec, threads=settings.threads)
     check_signatures(fp32, int8, str(fp32_path), str(int8_path))
-    inputs, outputs = signature(fp32)
+    inputs, outputs = signature(fp32, unshaped)
     plan = plan_feeds(fixture, inputs, settings.batch_size)
     floor = entry.min_samples if entry.min_samples is not None else DEFAULT_MIN_SAMPLES
     if plan.samples < floor:

@@ -15,12 +15,13 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 
-def signature(session: ort.InferenceSession) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Return the (inputs, outputs) of a session as TensorSpecs."""
+def signature(session: ort.InferenceSession, unshaped: frozenset[str] = frozenset()
+              ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Return the (inputs, outputs) of a session as TensorSpecs; ``unshaped`` names inputs without a shape."""
 
     def spec(arg: Any) -> TensorSpec:
         shape = arg.shape if isinstance(arg.shape, (list, tuple)) else ()
-        return TensorSpec(arg.name, arg.type, tuple(shape))
+        return TensorSpec(arg.name, arg.type, tuple(shape), known_rank=arg.name not in unshaped)
 
     return tuple(spec(a) for a in session.get_inputs()), tuple(spec(a) for a in session.get_outputs())
 

@@ -42,6 +42,7 @@ class TensorSpec:
     name: str
     type: str
     shape: tuple[int | str | None, ...]
+    known_rank: bool = True  # False: the graph declares no shape (ORT reports rank 0, as for a scalar)
 
     @property
     def dtype(self) -> np.dtype | None:
@@ -49,9 +50,13 @@ class TensorSpec:
         return ORT_DTYPES.get(self.type)
 
     def describe(self) -> str:
-        """Return e.g. ``float32[N,1,32,32]``."""
-        dims = ",".join("?" if d is None else str(d) for d in self.shape)
+        """Return e.g. ``float32[N,1,32,32]``, ``float32 scalar`` or ``float32 (no shape declared)``."""
         dtype = self.dtype.name if self.dtype is not None else self.type
+        if not self.known_rank:
+            return f"{dtype} (no shape declared in the model)"
+        if not self.shape:
+            return f"{dtype} scalar"
+        dims = ",".join("?" if d is None else str(d) for d in self.shape)
         return f"{dtype}[{dims}]"
 
 
@@ -192,7 +197,10 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
                 f"{where}: array {spec.name!r} has dtype {array.dtype}, model input expects {spec.dtype.name}"
             )
         rank = len(spec.shape)
-        if array.ndim == rank + 1:
+        if not spec.known_rank:
+            # nothing to check the array against: samples on axis 0, fed in batches
+            batched, model_dims = True, tuple[int, ...]()
+        elif array.ndim == rank + 1:
             batched, model_dims = False, array.shape[1:]
         elif array.ndim == rank and rank > 0:
             batched, model_dims = True, array.shape

@@ -511,3 +511,25 @@ def test_a_channel_below_one_8bit_step_of_its_magnitude_is_not_judged(spread: fl
     result = compare(entry, "cpu", fixture, spec_in, spec_out, {"y": ref}, {"y": test}, CompareOptions(bootstrap=100))
     assert result.verdict == verdict, result.reason
     assert result.outputs[0].channels == 3
+
+
+def test_an_input_without_a_declared_shape_is_not_called_a_scalar(tmp_path: Path) -> None:
+    from pytest_quantgate.fileio import sha256_file
+
+    nodes = [helper.make_node("Add", ["x", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "free", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    for name in ("free.onnx", "free.int8.onnx"):
+        _save(graph, tmp_path / name)
+    (tmp_path / "fixtures").mkdir()
+    np.savez(tmp_path / "fixtures" / "free.npz", z=np.ones((40, 3), np.float32))
+    entry = {"id": "free", "onnx": "free.onnx", "quant_mode": "static", "quant_calibration_set": "x.npz",
+             "quant_lineage": False, "sha256": sha256_file(tmp_path / "free.onnx"),
+             "int8_sha256": sha256_file(tmp_path / "free.int8.onnx")}
+    code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
+    assert code == 2
+    assert "'x': float32 (no shape declared in the model)" in rows["free"]["reason"]
+    # with the right array name it runs: samples on axis 0, any trailing shape
+    np.savez(tmp_path / "fixtures" / "free.npz", x=np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32))
+    code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
+    assert code == 0 and rows["free"]["verdict"] == "PASS", rows["free"]
