@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -288,12 +288,11 @@ def _workspace(base: Path | None) -> Iterator[tuple[Path, int]]:
 # log noise of onnxruntime/onnx Python tooling: captured and counted, never printed
 
 
-class _LogCatcher(logging.Handler, logging.Filter):
+class _LogCatcher(logging.Handler):
     """Swallow and count records of onnxruntime/onnx code; pass any other record on to where it would have gone."""
 
     def __init__(self, origins: Sequence[str], forward: bool) -> None:
-        logging.Handler.__init__(self, logging.DEBUG)
-        logging.Filter.__init__(self)
+        super().__init__(logging.DEBUG)
         self.origins = tuple(origins)
         self.forward = forward
         self.count = 0
@@ -303,7 +302,8 @@ class _LogCatcher(logging.Handler, logging.Filter):
         name = record.name.split(".")[0]
         return name in ("onnxruntime", "onnx") or record.pathname.startswith(self.origins)
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def keep(self, record: logging.LogRecord) -> bool:
+        """Return False (and count it) for a record of onnxruntime/onnx code; True for any other."""
         if not self.ours(record):
             return True
         self.count += 1
@@ -314,9 +314,9 @@ class _LogCatcher(logging.Handler, logging.Filter):
     def emit(self, record: logging.LogRecord) -> None:
         # installed on the root logger only so that logging.error() finds a handler and does not call basicConfig;
         # with no handler of the user's, a record goes where logging would have sent it: the last-resort handler
-        if self.filter(record) and self.forward and logging.lastResort is not None:
-            if record.levelno >= logging.lastResort.level:
-                logging.lastResort.handle(record)
+        last = logging.lastResort
+        if self.keep(record) and self.forward and last is not None and record.levelno >= last.level:
+            last.handle(record)
 
 
 @contextlib.contextmanager
@@ -331,7 +331,7 @@ def _captured_logs() -> Iterator[_LogCatcher]:
     catcher = _LogCatcher(origins, forward=not root.handlers)
     named = [logging.getLogger(n) for n in ("onnxruntime", "onnx")]
     saved = [(lg, lg.propagate) for lg in named]
-    root.addFilter(catcher)
+    root.addFilter(catcher.keep)
     root.addHandler(catcher)
     for lg in named:
         lg.addHandler(catcher)
@@ -339,7 +339,7 @@ def _captured_logs() -> Iterator[_LogCatcher]:
     try:
         yield catcher
     finally:
-        root.removeFilter(catcher)
+        root.removeFilter(catcher.keep)
         root.removeHandler(catcher)
         for lg, propagate in saved:
             lg.removeHandler(catcher)
@@ -397,7 +397,8 @@ class _Graph:
         """Return initializer ``name`` as an array (read from the external weights file when stored there)."""
         from onnx import numpy_helper
 
-        return np.asarray(numpy_helper.to_array(self.initializers[name], base_dir=str(self.base)))
+        values: np.ndarray = np.asarray(numpy_helper.to_array(self.initializers[name], base_dir=str(self.base)))
+        return values
 
     def keep_float(self, tensor: str) -> tuple[str, ...]:
         """Return the node names that quantise ``tensor`` (its producer and consumers): excluding them all keeps it float."""
@@ -415,13 +416,15 @@ class _Graph:
 
 
 def _session(path: Path, optimised: bool) -> Any:
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers of a cut graph) are not the user's problem
     # no arena: what a group's run allocated goes back to the system before the next group
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
+    # idle ORT threads spin by default and starve the numpy sums run between two runs
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimised:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
@@ -455,7 +458,7 @@ def _tensor_bytes(graph: _Graph, feeds: Sequence[Mapping[str, np.ndarray]]) -> d
                 dims.add().dim_value = int(d)
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
-    except Exception:  # an odd graph: sizes stay unknown and are estimated by the caller
+    except Exception:  # noqa: BLE001  # an odd graph: sizes stay unknown and are estimated by the caller
         inferred = probe
     for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         tt = info.type.tensor_type
@@ -466,7 +469,7 @@ def _tensor_bytes(graph: _Graph, feeds: Sequence[Mapping[str, np.ndarray]]) -> d
             continue
         try:
             itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
-        except Exception:
+        except (KeyError, TypeError, ValueError):  # a type numpy has no dtype for: count it as 4 bytes
             itemsize = 4
         sizes[info.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
     for name, value in largest.items():
@@ -533,7 +536,7 @@ def _cut(graph: _Graph, names: Sequence[str], tmp: Path, tag: str) -> Path:
 
 
 def _run_cut(graph: _Graph, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], tmp: Path,
-             tag: str) -> Iterator[dict[str, np.ndarray]]:
+             tag: str) -> Generator[dict[str, np.ndarray], None, None]:
     """Yield, feed by feed, the values of tensors ``names`` (graph inputs come from the feed itself)."""
     wanted = [n for n in dict.fromkeys(names) if n not in graph.inputs]
     path = _cut(graph, wanted, tmp, tag) if wanted else None
@@ -889,7 +892,8 @@ def _channel_scaled(ref: np.ndarray, deq: np.ndarray) -> np.ndarray:
     r, d = ref.reshape(ref.shape[0], -1), deq.reshape(deq.shape[0], -1)
     norms = np.einsum("ij,ij->i", r, r)
     gains = np.divide(np.einsum("ij,ij->i", r, d), norms, out=np.zeros_like(norms), where=norms > 0)
-    return (r * gains[:, None]).reshape(ref.shape)
+    scaled: np.ndarray = (r * gains[:, None]).reshape(ref.shape)
+    return scaled
 
 
 def _weight(origin: str, ref: np.ndarray, deq: np.ndarray, step: np.ndarray, item: _Quantised, fgraph: _Graph,
@@ -951,13 +955,12 @@ def default_memory_bytes() -> int:
     "What is left" is the smaller of the available physical memory and the address-space limit (``ulimit -v``).
     """
     limits = [DEFAULT_MEMORY_BYTES]
-    with contextlib.suppress(Exception):
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    limits.append(int(line.split()[1]) * 1024 // 4)
-    with contextlib.suppress(Exception):
-        import resource
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024 // 4)
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource  # POSIX only
 
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY and soft > 0:
@@ -981,7 +984,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
     try:
         with _captured_logs() as logs, _workspace(temp_dir) as (tmp, swept):
             found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes)
-    except Exception as exc:  # the workspace itself failed (no temp folder, unwritable dir)
+    except Exception as exc:  # noqa: BLE001  # the workspace itself failed (no temp folder, unwritable dir)
         return Diagnosis(str(fp32_path), str(int8_path), "unknown", len(feeds),
                          notes=(*notes, f"no temporary folder: {type(exc).__name__}: {exc}"))
     extra: list[str] = []
@@ -1004,7 +1007,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     try:
         fgraph = _Graph(_externalise(fp32_path, fp32), tmp)
         qgraph = _Graph(_externalise(int8_path, int8), tmp)
-    except Exception as exc:  # unreadable models: nothing else can run
+    except Exception as exc:  # noqa: BLE001  # unreadable models: nothing else can run
         return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), notes=(
             f"could not load the models: {type(exc).__name__}: {exc}",))
     fmt = _graph_format(qgraph.model)
@@ -1014,7 +1017,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     def attempt(what: str, fn: Any) -> Any:
         try:
             result = fn()
-        except Exception as exc:  # any ORT/onnx failure on an odd graph is reported, not raised
+        except Exception as exc:  # noqa: BLE001  # any ORT/onnx failure on an odd graph is reported, not raised
             notes.append(f"{what} not analysed: {type(exc).__name__}: {str(exc)[:300]}")
             return None
         analysed.append(what)
