@@ -1,32 +1,45 @@
-"""Where an int8 sidecar loses accuracy: per-tensor SQNR of weights and activations, fp32 vs int8.
+"""Where an int8 sidecar loses accuracy: per-tensor SQNR of weights and activations, fp32 vs int8, in bounded memory.
 
-Use it after a gate failure to find the tensors worth excluding. ``diagnose`` copies both models into a
-temporary folder (ORT's helpers write ``-inferred`` files beside the model they read), runs them on a few soak
-feeds and ranks tensors by the quantisation noise they add (SQNR in dB, 20·log10(‖x‖/‖x − x̂‖); lower is worse).
+Use it after a gate failure to find the tensors worth excluding. ``diagnose`` runs both models on a few feeds (the
+samples where fp32 and int8 disagree most) and ranks tensors by the quantisation noise they add (SQNR in dB,
+20·log10(‖x‖/‖x − x̂‖); lower is worse).
 
-* QDQ sidecars (static PTQ, QAT): ``onnxruntime.quantization.qdq_loss_debug`` matches every weight with its
-  dequantised value and every activation before/after its QuantizeLinear→DequantizeLinear pair and with the fp32
-  model's tensor of the same name.
-* Dynamic sidecars (MatMulInteger/ConvInteger with DynamicQuantizeLinear): weights are dequantised here from
-  ``<w>_quantized``/``<w>_scale``/``<w>_zero_point``; activations are quantised at run time, per batch, so their
-  local error is simulated from the DynamicQuantizeLinear formula and there is no calibrated range to fix.
-* Anything else (QOperator graphs, renamed tensors): per-output comparison, plus whatever weights match by name.
+Memory stays bounded: intermediate tensors are never all collected. Each model is saved once into a private temporary
+folder with its weights in one external-data file; then, group after group, a copy of the graph whose outputs are just
+that group's tensors is run on the feeds one feed at a time, the SQNR sums are accumulated in float64 chunk by chunk,
+and the arrays are dropped before the next group. Groups are sized from the tensors' byte sizes (ONNX shape inference
+with the feeds' shapes) against ``memory_bytes``.
 
+* QDQ sidecars (static PTQ, QAT): every activation before its QuantizeLinear and after its DequantizeLinear, and the
+  fp32 model's tensor of the same name; every weight dequantised from its DequantizeLinear in float64 and matched to its
+  fp32 initializer by name, else by shape and value (initializers renamed by ORT's fusions, e.g. ``ConvBnFusion_*``).
+* Dynamic sidecars (MatMulInteger/ConvInteger with DynamicQuantizeLinear): weights are dequantised from
+  ``<w>_quantized``/``<w>_scale``/``<w>_zero_point``; activations are quantised at run time, per batch, so their local
+  error is simulated from the DynamicQuantizeLinear formula and there is no calibrated range to fix.
+* Anything else (QOperator graphs): per-output comparison, plus the weights that can be matched.
+
+Temporary folders are named ``quantgate-diagnose-<pid>-*`` and hold a locked ``owner.lock`` while their owner lives;
+each diagnosis first removes the folders whose owner is gone (a killed run), whatever their age. ORT sessions log at
+ERROR and up only, and Python log records of onnxruntime/onnx tooling are captured and counted in the notes.
 ``diagnose`` never raises: what could not be analysed is said in ``Diagnosis.notes``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import re
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from .ort import import_onnxruntime
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
@@ -34,29 +47,74 @@ QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd"
 
 # a weight with more than this share of elements off by over one int8 step was not just rounded
 CHANGED_SHARE = 0.01
+TEMP_PREFIX = "quantgate-diagnose-"
+LOCK_NAME = "owner.lock"
+DEFAULT_MEMORY_BYTES = 1 << 30
+# ORT's Python binding copies each output out of its own buffer, so a group's arrays exist twice during a run
+RUN_COPIES = 2
+CHUNK = 1 << 20  # elements turned into float64 at a time by the SQNR sums
+# an unnamed int8 weight is taken for an fp32 one when their cosine similarity reaches this (int8 rounding gives
+# > 0.99; unrelated trained weights of one shape sit near 0)
+MATCH_COSINE = 0.9
+MATCH_SAMPLE = 4096
 
 
 def sqnr_db(reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]) -> float:
     """Return 20·log10(‖ref‖/‖ref − test‖) in dB, in float64 (inf when identical, -inf for non-finite test)."""
-    ref = _flat(reference)
-    out = _flat(test)
-    if ref.size != out.size:
-        raise ValueError(f"cannot compare {ref.size} values with {out.size}")
-    if not np.isfinite(out).all():
-        return float("-inf")
-    noise = float(np.linalg.norm(ref - out))
-    signal = float(np.linalg.norm(ref))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 20.0 * math.log10(signal / noise)
+    refs = [reference] if isinstance(reference, np.ndarray) else list(reference)
+    tests = [test] if isinstance(test, np.ndarray) else list(test)
+    ref_size, test_size = sum(np.size(r) for r in refs), sum(np.size(t) for t in tests)
+    if ref_size != test_size:
+        raise ValueError(f"cannot compare {ref_size} values with {test_size}")
+    acc = _Sums()
+    if len(refs) == len(tests) and all(np.size(r) == np.size(t) for r, t in zip(refs, tests)):
+        for r, t in zip(refs, tests):
+            acc.add(np.asarray(r), np.asarray(t))
+    else:
+        acc.add(_flat(refs), _flat(tests))
+    return acc.db()
 
 
-def _flat(values: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    if isinstance(values, np.ndarray):
-        return values.astype(np.float64).ravel()
-    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values]) if len(values) else np.zeros(0)
+def _flat(values: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(v).ravel() for v in values]) if len(values) else np.zeros(0)
+
+
+class _Sums:
+    """Running ‖ref‖² and ‖ref − test‖² in float64, fed chunk by chunk so no float64 copy of a whole tensor exists."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.finite = True
+        self.mismatch = False
+
+    def add(self, ref: np.ndarray, test: np.ndarray, floor: float | None = None) -> None:
+        r, t = ref.reshape(-1), test.reshape(-1)
+        if r.size != t.size:
+            self.mismatch = True
+            return
+        for start in range(0, r.size, CHUNK):
+            a = r[start:start + CHUNK].astype(np.float64)
+            if floor is not None:
+                np.maximum(a, floor, out=a)
+            b = t[start:start + CHUNK].astype(np.float64)
+            if not np.isfinite(b).all():
+                self.finite = False
+                continue
+            self.signal += float(np.dot(a, a))
+            b -= a
+            self.noise += float(np.dot(b, b))
+
+    def db(self) -> float:
+        if not self.finite:
+            return float("-inf")
+        if math.isnan(self.noise) or math.isnan(self.signal):
+            return float("nan")
+        if self.noise == 0.0:
+            return float("inf")
+        if self.signal == 0.0:
+            return float("-inf")
+        return 10.0 * math.log10(self.signal / self.noise)
 
 
 @dataclass(frozen=True)
@@ -120,8 +178,8 @@ class Diagnosis:
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (infinities become the strings "inf"/"-inf")."""
         raw = asdict(self)
-        data: dict[str, Any] = _jsonable(raw)
-        return data
+        result: dict[str, Any] = _jsonable(raw)
+        return result
 
 
 def _jsonable(value: Any) -> Any:
@@ -150,22 +208,146 @@ def _clip(text: str, width: int = 48) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-class _Reader:
-    """A CalibrationDataReader over a list of feed dicts (the protocol qdq_loss_debug iterates)."""
+# ---------------------------------------------------------------------------------------------------------------
+# temporary folders: one per diagnosis, owned by a pid and a held lock; leftovers of dead owners are swept
 
-    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
-        self._feeds = list(feeds)
-        self._index = 0
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._index >= len(self._feeds):
-            return None
-        self._index += 1
-        return dict(self._feeds[self._index - 1])
+def _owner_pid(name: str) -> int | None:
+    found = re.fullmatch(re.escape(TEMP_PREFIX) + r"(\d+)-.*", name)
+    return int(found.group(1)) if found else None
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while (item := self.get_next()) is not None:
-            yield item
+
+def _pid_alive(pid: int) -> bool:
+    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there: trust the lock file alone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temp_folders(base: Path | None = None) -> list[Path]:
+    """Remove ``quantgate-diagnose-<pid>-*`` folders under ``base`` (default: the temp dir) whose owner is gone.
+
+    The owner holds a lock on ``owner.lock`` inside while it lives; a folder whose lock can be taken, or that has no
+    lock file and whose pid is not running, belongs to a killed run. Returns the removed folders.
+    """
+    from filelock import FileLock, Timeout
+
+    root = Path(base) if base is not None else Path(tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        entries = sorted(root.glob(TEMP_PREFIX + "*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = _owner_pid(entry.name)
+        if pid is None or not entry.is_dir():
+            continue  # not ours (or an older layout without an owner): never guess
+        lock_path = entry / LOCK_NAME
+        if lock_path.exists():
+            lock = FileLock(str(lock_path), timeout=0)
+            try:
+                lock.acquire()
+            except (Timeout, OSError):
+                continue  # held: the owner is alive
+            try:
+                shutil.rmtree(entry, ignore_errors=True)
+            finally:
+                lock.release()
+        elif _pid_alive(pid):
+            continue  # created a moment ago, its lock not taken yet
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def _workspace(base: Path | None) -> Iterator[tuple[Path, int]]:
+    """Yield (a fresh locked temp folder, how many dead owners' folders were swept); always remove the folder."""
+    from filelock import FileLock
+
+    swept = len(sweep_temp_folders(base))
+    path = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=None if base is None else str(base)))
+    lock = FileLock(str(path / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+        yield path, swept
+    finally:
+        with contextlib.suppress(Exception):
+            lock.release()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# log noise of onnxruntime/onnx Python tooling: captured and counted, never printed
+
+
+class _LogCatcher(logging.Handler):
+    """Swallow and count records of onnxruntime/onnx code; pass any other record on to where it would have gone."""
+
+    def __init__(self, origins: Sequence[str], forward: bool) -> None:
+        super().__init__(logging.DEBUG)
+        self.origins = tuple(origins)
+        self.forward = forward
+        self.count = 0
+        self.first: str | None = None
+
+    def ours(self, record: logging.LogRecord) -> bool:
+        name = record.name.split(".")[0]
+        return name in ("onnxruntime", "onnx") or record.pathname.startswith(self.origins)
+
+    def keep(self, record: logging.LogRecord) -> bool:
+        """Return False (and count it) for a record of onnxruntime/onnx code; True for any other."""
+        if not self.ours(record):
+            return True
+        self.count += 1
+        if self.first is None:
+            self.first = f"{record.levelname}: {record.getMessage()[:160]}"
+        return False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # installed on the root logger only so that logging.error() finds a handler and does not call basicConfig;
+        # with no handler of the user's, a record goes where logging would have sent it: the last-resort handler
+        last = logging.lastResort
+        if self.keep(record) and self.forward and last is not None and record.levelno >= last.level:
+            last.handle(record)
+
+
+@contextlib.contextmanager
+def _captured_logs() -> Iterator[_LogCatcher]:
+    """Capture Python log records of onnxruntime/onnx tooling for the duration; restore the loggers after."""
+    origins = []
+    for package in ("onnxruntime", "onnx"):
+        module = sys.modules.get(package)
+        if module is not None and getattr(module, "__file__", None):
+            origins.append(str(Path(str(module.__file__)).parent))
+    root = logging.getLogger()
+    catcher = _LogCatcher(origins, forward=not root.handlers)
+    named = [logging.getLogger(n) for n in ("onnxruntime", "onnx")]
+    saved = [(lg, lg.propagate) for lg in named]
+    root.addFilter(catcher.keep)
+    root.addHandler(catcher)
+    for lg in named:
+        lg.addHandler(catcher)
+        lg.propagate = False
+    try:
+        yield catcher
+    finally:
+        root.removeFilter(catcher.keep)
+        root.removeHandler(catcher)
+        for lg, propagate in saved:
+            lg.removeHandler(catcher)
+            lg.propagate = propagate
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models: loaded once, saved with external weights, and re-cut per group of outputs
 
 
 def _graph_format(model: Any) -> str:
@@ -179,20 +361,27 @@ def _graph_format(model: Any) -> str:
     return "unknown"
 
 
-def _copy_model(src: Path, dst: Path) -> Any:
-    """Load ``src`` with its external data and save it self-contained as ``dst``; return the ModelProto."""
+def _externalise(src: Path, dst: Path) -> Any:
+    """Save ``src`` as ``dst`` with its large initializers in one file beside it; return the weightless ModelProto.
+
+    Every per-group model is saved into the same folder and points at that one weights file, so a group costs a
+    small graph write, not a copy of the weights.
+    """
     import onnx
 
     model = onnx.load(str(src))
-    big = model.ByteSize() > 1_800_000_000
-    onnx.save(model, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
-    return model
+    # small initializers (shapes, scales, zero points) stay inline: shape inference reads them
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.stem + ".weights", size_threshold=1024)
+    return onnx.load(str(dst), load_external_data=False)
 
 
 class _Graph:
-    """Producer/consumer look-ups of one graph."""
+    """Producer/consumer look-ups of one graph, and its initializers (loaded on demand from ``base``)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, base: Path) -> None:
+        self.model = model
+        self.base = base
         self.producer: dict[str, Any] = {}
         self.consumers: dict[str, list[Any]] = {}
         for node in model.graph.node:
@@ -200,11 +389,19 @@ class _Graph:
                 self.producer[name] = node
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.inputs = {i.name for i in model.graph.input}
+        self.inputs = [i.name for i in model.graph.input]
         self.initializers = {i.name: i for i in model.graph.initializer}
+        self.tensors = set(self.producer) | set(self.inputs)
+
+    def array(self, name: str) -> np.ndarray:
+        """Return initializer ``name`` as an array (read from the external weights file when stored there)."""
+        from onnx import numpy_helper
+
+        values: np.ndarray = np.asarray(numpy_helper.to_array(self.initializers[name], base_dir=str(self.base)))
+        return values
 
     def keep_float(self, tensor: str) -> tuple[str, ...]:
-        """Return the node names that quantise ``tensor`` (producer and consumers): excluding all keeps it float."""
+        """Return the node names that quantise ``tensor`` (its producer and consumers): excluding them all keeps it float."""
         names: list[str] = []
         prod = self.producer.get(tensor)
         if prod is not None and prod.name:
@@ -212,236 +409,520 @@ class _Graph:
         names += [c.name for c in self.consumers.get(tensor, []) if c.name]
         return tuple(dict.fromkeys(names))
 
+    def constant(self, tensor: str) -> bool:
+        """Return whether ``tensor`` is a weight (an initializer or a Constant node's output), not an activation."""
+        prod = self.producer.get(tensor)
+        return tensor in self.initializers or (prod is not None and prod.op_type == "Constant")
+
 
 def _session(path: Path, optimised: bool) -> Any:
-    ort = import_onnxruntime()
+    import onnxruntime as ort  # type: ignore[import-untyped]
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
+    so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers of a cut graph) are not the user's problem
+    # no arena: what a group's run allocated goes back to the system before the next group
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    # idle ORT threads spin by default and starve the numpy sums run between two runs
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimised:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _model_feeds(session: Any, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    names = [i.name for i in session.get_inputs()]
+def _model_feeds(graph: _Graph, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    names = [n for n in graph.inputs if n not in graph.initializers]
     missing = [n for n in names if any(n not in f for f in feeds)]
     if missing:
         raise ValueError(f"the feeds lack model input(s) {missing}")
     return [{n: np.asarray(f[n]) for n in names} for f in feeds]
 
 
-def _outputs(fp32: Path, int8: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[TensorError]:
-    ref_s, test_s = _session(fp32, True), _session(int8, True)
-    names = [o.name for o in ref_s.get_outputs()]
-    mine = _model_feeds(ref_s, feeds)
-    ref = [ref_s.run(names, f) for f in mine]
-    test = [test_s.run(names, f) for f in mine]
-    return [TensorError("output", n, None, None, sqnr_db([r[i] for r in ref], [t[i] for t in test]))
-            for i, n in enumerate(names)]
+def _tensor_bytes(graph: _Graph, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, int]:
+    """Return the byte size per feed of every tensor ONNX shape inference can size, with the largest feed's shapes."""
+    import onnx
+    from onnx import helper
+
+    sizes: dict[str, int] = {}
+    if not feeds:
+        return sizes
+    largest = max(feeds, key=lambda f: sum(np.asarray(v).nbytes for v in f.values()))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph.model)  # weightless: the initializers live in the external file
+    for inp in probe.graph.input:
+        if inp.name in largest and inp.type.HasField("tensor_type"):
+            shape = np.shape(largest[inp.name])
+            dims = inp.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shape:
+                dims.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # noqa: BLE001  # an odd graph: sizes stay unknown and are estimated by the caller
+        inferred = probe
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        tt = info.type.tensor_type
+        if not info.type.HasField("tensor_type") or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if any(d < 0 for d in dims):
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        except (KeyError, TypeError, ValueError):  # a type numpy has no dtype for: count it as 4 bytes
+            itemsize = 4
+        sizes[info.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    for name, value in largest.items():
+        sizes[name] = np.asarray(value).nbytes
+    return sizes
 
 
-def _collect(path: Path, aug: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
+@dataclass(frozen=True)
+class _Probe:
+    """One activation to compare: the int8 model tensors before/after quantisation and the fp32 model tensor."""
 
-    modify_model_output_intermediate_tensors(str(path), str(aug))
-    session = _session(path, True)
-    collected: dict[str, list[np.ndarray]] = collect_activations(str(aug), _Reader(_model_feeds(session, feeds)))
-    return collected
+    tensor: str  # the name shown (the fp32 tensor when matched)
+    pre: str  # int8 model tensor before its QuantizeLinear (dynamic: the DynamicQuantizeLinear input)
+    post: str | None  # int8 model tensor after its DequantizeLinear (dynamic: None, the Q/DQ is simulated)
+    twin: str | None  # the fp32 model tensor
+    floor: float | None  # a Relu fused into the quantisation range: clamp ``pre`` before comparing
+    nbytes: int  # bytes per feed of the arrays this probe holds at once
 
 
-def _qdq_weights(fp32: Path, int8: Path, fgraph: _Graph, qgraph: _Graph) -> list[_Weight]:
-    from onnxruntime.quantization.qdq_loss_debug import compute_weight_error, create_weight_matching
+@dataclass(frozen=True)
+class _Plan:
+    """How the activation probes were grouped under the memory bound."""
 
-    matched = create_weight_matching(str(fp32), str(int8))
-    # ORT's helper subtracts the zero point in the stored integer type (wraps for uint8 or a non-zero zero point):
-    # redo the arithmetic in float64 from the same initializers, and keep the scale for the rounding check
-    lsb: dict[str, np.ndarray | None] = {}
-    for name, match in matched.items():
-        redo = _dequantize_by_dq(name, qgraph)
-        lsb[name] = None
-        if redo is not None and redo[0].shape == np.shape(match["dequantized"]):
-            match["dequantized"], lsb[name] = redo
-    errors = compute_weight_error(matched, err_func=sqnr_db)
-    return [_weight(name, value, matched[name]["float"], matched[name]["dequantized"], lsb[name], fgraph, qgraph)
-            for name, value in errors.items()]
+    groups: tuple[tuple[_Probe, ...], ...]
+    budget: int
+    unknown: int  # probes whose size shape inference could not tell (estimated as the largest known)
+    oversized: int  # probes larger than the budget on their own (run alone)
+
+
+def _plan(probes: Sequence[_Probe], budget: int, unknown: int) -> _Plan:
+    groups: list[tuple[_Probe, ...]] = []
+    current: list[_Probe] = []
+    held = 0
+    oversized = 0
+    for probe in probes:
+        cost = probe.nbytes * RUN_COPIES
+        if cost > budget:
+            oversized += 1
+        if current and held + cost > budget:
+            groups.append(tuple(current))
+            current, held = [], 0
+        current.append(probe)
+        held += cost
+    if current:
+        groups.append(tuple(current))
+    return _Plan(tuple(groups), budget, unknown, oversized)
+
+
+def _cut(graph: _Graph, names: Sequence[str], tmp: Path, tag: str) -> Path:
+    """Save a copy of ``graph`` whose outputs are exactly ``names`` beside its weights file; return its path."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    cut = onnx.ModelProto()
+    cut.CopyFrom(graph.model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*cut.graph.value_info, *cut.graph.output)
+             if v.type.HasField("tensor_type")}
+    del cut.graph.output[:]
+    for name in names:
+        cut.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or TensorProto.FLOAT, None))
+    path = tmp / f"{tag}.onnx"
+    onnx.save_model(cut, str(path))
+    return path
+
+
+def _run_cut(graph: _Graph, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], tmp: Path,
+             tag: str) -> Generator[dict[str, np.ndarray], None, None]:
+    """Yield, feed by feed, the values of tensors ``names`` (graph inputs come from the feed itself)."""
+    wanted = [n for n in dict.fromkeys(names) if n not in graph.inputs]
+    path = _cut(graph, wanted, tmp, tag) if wanted else None
+    session = _session(path, optimised=False) if path is not None else None
+    try:
+        for feed in feeds:
+            values = dict(zip(wanted, session.run(wanted, dict(feed)))) if session is not None else {}
+            values.update({n: feed[n] for n in names if n in graph.inputs})
+            yield values
+            del values
+    finally:
+        del session
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activations
+
+
+def _qdq_probes(fgraph: _Graph, qgraph: _Graph) -> tuple[list[_Probe], int]:
+    """Return the Q→DQ activation pairs of the int8 graph in graph order, and how many have no fp32 twin."""
+    probes: list[_Probe] = []
+    seen: set[str] = set()
+    unmatched = 0
+    for node in qgraph.model.graph.node:
+        if node.op_type != "QuantizeLinear" or not node.input or qgraph.constant(node.input[0]):
+            continue
+        pre = node.input[0]
+        dq = next((c for c in qgraph.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
+        if dq is None or pre in seen:
+            continue
+        seen.add(pre)
+        post = dq.output[0]
+        candidates = [_strip(pre, "_QuantizeLinear_Input"), pre, _strip_dq(post), post]
+        twin = next((c for c in candidates if c is not None and c in fgraph.tensors), None)
+        unmatched += twin is None
+        probes.append(_Probe(twin or pre, pre, post, twin, _fused_relu_floor(node, qgraph), 0))
+    return probes, unmatched
+
+
+def _strip(name: str, suffix: str) -> str | None:
+    return name[: -len(suffix)] if name.endswith(suffix) else None
+
+
+def _strip_dq(name: str) -> str | None:
+    found = re.fullmatch(r"(.+)_DequantizeLinear_Output(?:_\d+)?", name)
+    return found.group(1) if found else None
+
+
+def _fused_relu_floor(q_node: Any, qgraph: _Graph) -> float | None:
+    """Return 0.0 when QuantizeLinear ``q_node`` has its zero point at the type's minimum (a Relu fused into it)."""
+    if len(q_node.input) < 3 or q_node.input[2] not in qgraph.initializers:
+        return None
+    zp = qgraph.array(q_node.input[2])
+    if zp.dtype.kind in "iu" and zp.size and np.all(zp == np.iinfo(zp.dtype).min):
+        return 0.0
+    return None
+
+
+def _dynamic_probes(fgraph: _Graph, qgraph: _Graph) -> list[_Probe]:
+    probes: list[_Probe] = []
+    for node in qgraph.model.graph.node:
+        if node.op_type != "DynamicQuantizeLinear" or not node.input or qgraph.constant(node.input[0]):
+            continue
+        name = node.input[0]
+        if any(p.pre == name for p in probes):
+            continue
+        probes.append(_Probe(name, name, None, name if name in fgraph.tensors else None, None, 0))
+    return probes
+
+
+def _sized(probes: Sequence[_Probe], fsizes: Mapping[str, int], qsizes: Mapping[str, int]
+           ) -> tuple[list[_Probe], int]:
+    """Attach each probe's bytes per feed (unknown sizes: the largest known tensor); return them and the unknowns."""
+    known = [*fsizes.values(), *qsizes.values()]
+    fallback = max(known) if known else CHUNK * 4
+    out: list[_Probe] = []
+    unknown = 0
+    for p in probes:
+        parts = [qsizes.get(p.pre), qsizes.get(p.post) if p.post else None, fsizes.get(p.twin) if p.twin else None]
+        size = next((s for s in parts if s is not None), None)
+        if size is None:
+            unknown += 1
+            size = fallback
+        count = 1 + (p.post is not None) + (p.twin is not None)
+        out.append(_Probe(p.tensor, p.pre, p.post, p.twin, p.floor, size * count))
+    return out, unknown
+
+
+def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapping[str, np.ndarray]],
+                         qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path) -> list[TensorError]:
+    """Run each group's cut models feed by feed and fold the SQNR sums; no group's arrays outlive its feed."""
+    out: list[TensorError] = []
+    for index, group in enumerate(plan.groups):
+        local = {p.pre: _Sums() for p in group}
+        cross = {p.pre: _Sums() for p in group}
+        q_names = [n for p in group for n in (p.pre, p.post) if n is not None]
+        f_names = [p.twin for p in group if p.twin is not None]
+        q_runs = _run_cut(qgraph, q_names, qfeeds, tmp, f"int8.g{index}")
+        f_runs = _run_cut(fgraph, f_names, ffeeds, tmp, f"fp32.g{index}") if f_names else None
+        try:
+            for _ in range(len(qfeeds)):
+                qv = next(q_runs)
+                tested: dict[str, np.ndarray] = {}
+                for p in group:
+                    pre = np.asarray(qv.pop(p.pre) if p.post is not None else qv[p.pre])
+                    if p.post is not None:
+                        post = np.asarray(qv[p.post])
+                        local[p.pre].add(pre, post, p.floor)
+                        tested[p.pre] = post
+                    else:
+                        local[p.pre].add(pre, _dynamic_qdq(pre))
+                        tested[p.pre] = pre
+                    del pre
+                del qv
+                if f_runs is not None:
+                    fv = next(f_runs)
+                    for p in group:
+                        if p.twin is not None:
+                            cross[p.pre].add(np.asarray(fv[p.twin]), tested[p.pre])
+                    del fv
+                del tested
+        finally:
+            q_runs.close()
+            if f_runs is not None:
+                f_runs.close()
+        for p in group:
+            twin_sums = cross[p.pre]
+            xmodel = twin_sums.db() if p.twin is not None and not twin_sums.mismatch else None
+            exclude = fgraph.keep_float(p.tensor)
+            node = fgraph.producer[p.tensor].name if p.tensor in fgraph.producer else (exclude[0] if exclude else None)
+            out.append(TensorError("activation", p.tensor, node, local[p.pre].db(), xmodel, exclude))
+    return out
+
+
+def _dynamic_qdq(x: np.ndarray) -> np.ndarray:
+    """Quantise and dequantise like ONNX DynamicQuantizeLinear (uint8, range always holding 0), in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    lo, hi = min(0.0, float(x.min())) if x.size else 0.0, max(0.0, float(x.max())) if x.size else 0.0
+    scale = np.float32((hi - lo) / 255.0)
+    if scale == 0:
+        return x.copy()
+    zp = np.float32(np.clip(np.rint(-lo / scale), 0, 255))
+    out = np.empty_like(x)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, CHUNK):
+        q = np.clip(np.rint(flat_in[start:start + CHUNK] / scale) + zp, 0, 255)
+        flat_out[start:start + CHUNK] = (q - zp) * scale
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weights
 
 
 @dataclass(frozen=True)
 class _Weight:
     error: TensorError
     lsb_excess: float | None  # share of elements off by more than one quantisation step (rounding gives 0)
+    how: str = "name"  # "name" | "value" (matched by shape and value: renamed by a fusion) | "scaled" (per channel)
 
 
-def _weight(name: str, value: float, ref: np.ndarray, deq: np.ndarray, step: np.ndarray | None, fgraph: _Graph,
-            qgraph: _Graph) -> _Weight:
-    consumers = _weight_consumers(name, fgraph) or _weight_consumers(name, qgraph)
-    excess = None
-    if step is not None:
-        diff = np.abs(np.asarray(ref, np.float64) - np.asarray(deq, np.float64))
-        excess = float(np.mean(diff > np.broadcast_to(step, diff.shape) * 1.01))
-    return _Weight(TensorError("weight", name, consumers[0] if consumers else None, value, None, tuple(consumers)),
-                   excess)
+@dataclass(frozen=True)
+class _Quantised:
+    """One int8 weight: its stored name, the tensor its consumers read, and how to dequantise it."""
+
+    name: str  # the quantised initializer
+    base: str  # the name without ``_quantized``
+    scale: str
+    zero_point: str | None
+    axis: int | None  # None: infer from the scale's size (dynamic/QOperator naming)
+    consumers: tuple[str, ...]
 
 
-def _dequantize_by_dq(name: str, graph: _Graph) -> tuple[np.ndarray, np.ndarray] | None:
-    from onnx import numpy_helper
-
-    for node in graph.consumers.get(name + "_quantized", []):
-        if node.op_type != "DequantizeLinear":
+def _qdq_weight_list(qgraph: _Graph) -> list[_Quantised]:
+    found = []
+    for node in qgraph.model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in qgraph.initializers:
+            continue
+        if node.input[1] not in qgraph.initializers:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        try:
-            q = numpy_helper.to_array(graph.initializers[node.input[0]]).astype(np.float64)
-            scale = numpy_helper.to_array(graph.initializers[node.input[1]]).astype(np.float64)
-            zp = (numpy_helper.to_array(graph.initializers[node.input[2]]).astype(np.float64)
-                  if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
-        except KeyError:
-            return None
-        return _dequantize(q, scale, zp, axis)
-    return None
+        zp = node.input[2] if len(node.input) > 2 and node.input[2] in qgraph.initializers else None
+        consumers = tuple(c.name for c in qgraph.consumers.get(node.output[0], []) if c.name)
+        base = _strip(node.input[0], "_quantized") or node.output[0]
+        found.append(_Quantised(node.input[0], base, node.input[1], zp, axis, consumers))
+    return found
 
 
-def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (dequantised values, the quantisation step broadcast to their shape)."""
+def _named_weight_list(qgraph: _Graph) -> list[_Quantised]:
+    """Return ``<w>_quantized`` initializers with ``<w>_scale`` (dynamic and QOperator naming)."""
+    found = []
+    for name in qgraph.initializers:
+        base = _strip(name, "_quantized")
+        if base is None or base + "_scale" not in qgraph.initializers:
+            continue
+        zp = base + "_zero_point" if base + "_zero_point" in qgraph.initializers else None
+        ops = {n.op_type for n in qgraph.consumers.get(name, [])}
+        axis = -1 if ops & {"MatMulInteger", "QLinearMatMul", "MatMul"} else None
+        consumers = tuple(n.name for n in qgraph.consumers.get(name, []) if n.name)
+        found.append(_Quantised(name, base, base + "_scale", zp, axis, consumers))
+    return found
+
+
+def _dequantise(item: _Quantised, qgraph: _Graph) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return (dequantised float64 values, the quantisation step broadcast to their shape), or None."""
+    q = qgraph.array(item.name).astype(np.float64)
+    scale = qgraph.array(item.scale).astype(np.float64)
+    zp = qgraph.array(item.zero_point).astype(np.float64) if item.zero_point else np.zeros_like(scale)
     if scale.size == 1:
-        step = np.full(q.shape, float(scale.reshape(())))
-        return (q - zp.reshape(())) * scale.reshape(()), step
+        step = np.broadcast_to(float(scale.reshape(())), q.shape)
+        return (q - zp.reshape(())) * float(scale.reshape(())), step
+    if q.ndim == 0:
+        return None
+    axis = (item.axis if item.axis is not None else 0) % q.ndim
+    if q.shape[axis] != scale.size:
+        axes = [a for a, d in enumerate(q.shape) if d == scale.size]
+        if not axes:
+            return None
+        axis = axes[0]
     shape = [1] * q.ndim
-    shape[axis % q.ndim] = scale.size
+    shape[axis] = scale.size
     return (q - zp.reshape(shape)) * scale.reshape(shape), np.broadcast_to(scale.reshape(shape), q.shape)
 
 
-def _weight_consumers(name: str, graph: _Graph) -> list[str]:
-    """Return the compute nodes that read weight ``name`` (through its DequantizeLinear, if any)."""
-    names: list[str] = []
-    for tensor in (name, name + "_DequantizeLinear_Output", name + "_quantized"):
-        for node in graph.consumers.get(tensor, []):
-            if node.op_type == "DequantizeLinear":
-                for out in node.output:
-                    names += [c.name for c in graph.consumers.get(out, []) if c.name]
-            elif node.name and node.op_type not in QDQ_OPS:
-                names.append(node.name)
-    return list(dict.fromkeys(names))
-
-
-def _fused_relu_floor(name: str, qgraph: _Graph) -> float | None:
-    """Return 0.0 when the QuantizeLinear of activation ``name`` has its zero point at the type's minimum."""
-    from onnx import numpy_helper
-
-    for tensor in (name, name + "_QuantizeLinear_Input"):
-        for node in qgraph.consumers.get(tensor, []):
-            if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in qgraph.initializers:
-                continue
-            zp = numpy_helper.to_array(qgraph.initializers[node.input[2]])
-            if zp.dtype.kind in "iu" and zp.size and np.all(zp == np.iinfo(zp.dtype).min):
-                return 0.0
-            return None
-    return None
-
-
-def _qdq_activations(fp32: Path, int8: Path, feeds: Sequence[Mapping[str, np.ndarray]], tmp: Path,
-                     fgraph: _Graph, qgraph: _Graph) -> tuple[list[TensorError], list[str]]:
-    from onnxruntime.quantization.qdq_loss_debug import compute_activation_error, create_activation_matching
-
+def _compare_weights(items: Sequence[_Quantised], fgraph: _Graph, qgraph: _Graph) -> tuple[list[_Weight], list[str]]:
+    """Dequantise each int8 weight, match it to its fp32 origin (by name, else by value) and measure its SQNR."""
+    out: list[_Weight] = []
     notes: list[str] = []
-    float_acts = _collect(fp32, tmp / "fp32.aug.onnx", feeds)
-    qdq_acts = _collect(int8, tmp / "int8.aug.onnx", feeds)
-    matching = create_activation_matching(qdq_acts, float_acts)
-    # compute_activation_error reads match["float"] and raises KeyError without it: keep the local error of
-    # unmatched tensors, computed here, and hand the library only the matched ones
-    for name, match in matching.items():
-        low = _fused_relu_floor(name, qgraph)
-        if low is not None:
-            # ORT drops a Relu before a Q/DQ whose range starts at 0: the clamp is the Relu, not quantisation noise
-            match["pre_qdq"] = [np.maximum(np.asarray(v), low) for v in match["pre_qdq"]]
-    with_float = {k: v for k, v in matching.items() if "float" in v}
-    errors = compute_activation_error(with_float, err_func=sqnr_db)
-    out = []
-    for name, match in matching.items():
-        if name in errors:
-            local, cross = errors[name].get("qdq_err"), errors[name].get("xmodel_err")
-        else:
-            local, cross = sqnr_db(match["pre_qdq"], match["post_qdq"]), None
-        exclude = fgraph.keep_float(name)
-        node = fgraph.producer[name].name if name in fgraph.producer else (exclude[0] if exclude else None)
-        out.append(TensorError("activation", name, node, local, cross, exclude))
-    unmatched = sorted(set(matching) - set(with_float))
-    if unmatched:
-        notes.append(f"{len(unmatched)} quantised activation(s) have no fp32 tensor of the same name "
-                     f"(e.g. {unmatched[0]!r}): only their local Q/DQ error is shown")
-    if not matching:
-        notes.append("no QuantizeLinear/DequantizeLinear activation pair follows ORT's naming "
-                     "(<t>_QuantizeLinear_Input / <t>_DequantizeLinear_Output): activations were not compared")
+    pending: dict[str, tuple[_Quantised, np.ndarray, np.ndarray]] = {}
+    used: set[str] = set()
+    for item in items:
+        found = _dequantise(item, qgraph)
+        if found is None:
+            continue
+        deq, step = found
+        ref = _by_name(item, deq.shape, fgraph)
+        if ref is None:
+            pending[item.name] = (item, deq, step)
+            continue
+        origin, values = ref
+        used.add(origin)
+        out.append(_weight(origin, values, deq, step, item, fgraph, "name"))
+    if pending:
+        shapes = {k: v[1].shape for k, v in pending.items()}
+        matches = _match_weights(shapes, lambda k: pending[k][1], fgraph, exclude=used)
+        for key, (origin, reference, how) in matches.items():
+            item, deq, step = pending.pop(key)
+            out.append(_weight(origin, reference, deq, step, item, fgraph, how))
+        if matches:
+            shown = ", ".join(f"{k!r}→{v[0]!r}" for k, v in list(matches.items())[:3])
+            scaled = sum(v[2] == "scaled" for v in matches.values())
+            notes.append(f"{len(matches)} int8 weight(s) renamed by ORT's fusions were matched to their fp32 origin by "
+                         f"shape and value ({shown}{' ...' if len(matches) > 3 else ''})"
+                         + (f"; {scaled} up to a per-channel scale (a folded BatchNorm)" if scaled else ""))
+        if pending:
+            names = ", ".join(repr(k) for k in list(pending)[:3])
+            notes.append(f"{len(pending)} int8 weight(s) matched no fp32 initializer by name or value ({names}"
+                         f"{' ...' if len(pending) > 3 else ''}): not compared")
     return out, notes
 
 
-def _named_weights(fp32_model: Any, fgraph: _Graph, qgraph: _Graph) -> list[_Weight]:
-    """Dequantise ``<w>_quantized`` with ``<w>_scale``/``<w>_zero_point`` (dynamic and QOperator naming)."""
-    from onnx import numpy_helper
+def _by_name(item: _Quantised, shape: tuple[int, ...], fgraph: _Graph) -> tuple[str, np.ndarray] | None:
+    for name in (item.base, item.name):
+        if name in fgraph.initializers and _float_init(fgraph.initializers[name]):
+            values = fgraph.array(name).astype(np.float64)
+            if values.shape == shape:
+                return name, values
+            if values.ndim == 2 and values.T.shape == shape:
+                return name, values.T
+    return None
 
-    out = []
-    for init in fp32_model.graph.initializer:
-        name = init.name
-        q_init = qgraph.initializers.get(name + "_quantized")
-        s_init = qgraph.initializers.get(name + "_scale")
-        if q_init is None or s_init is None:
+
+def _float_init(init: Any) -> bool:
+    from onnx import TensorProto
+
+    return bool(init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16))
+
+
+def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _Graph, exclude: Iterable[str] = ()
+                   ) -> dict[str, tuple[str, np.ndarray, str]]:
+    """Match dequantised weights whose names say nothing to fp32 initializers by shape and value.
+
+    ``values(key)`` returns the dequantised float64 array of ``shapes[key]``. A candidate is an fp32 float initializer
+    of the same shape (or, for a matrix, the transposed shape); similarity is the cosine of the two arrays, first on an
+    evenly spaced sample, then on the full arrays for the best candidate; when that is too low and each output channel
+    has ≥ 8 values, the cosine after a per-channel least-squares scale (a BatchNorm folded into a Conv by ORT's
+    ConvBnFusion). Pairs are assigned greedily, best first, one fp32 initializer per int8 weight. Returns
+    {key: (fp32 name, the reference laid out like the int8 weight, "value" | "scaled")}.
+    """
+    taken = set(exclude)
+    by_shape: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
+    for name, init in fgraph.initializers.items():
+        if name in taken or not _float_init(init) or len(init.dims) == 0:
             continue
-        ref = numpy_helper.to_array(init).astype(np.float64)
-        q = numpy_helper.to_array(q_init).astype(np.float64)
-        scale = numpy_helper.to_array(s_init).astype(np.float64)
-        z_init = qgraph.initializers.get(name + "_zero_point")
-        zp = numpy_helper.to_array(z_init).astype(np.float64) if z_init is not None else np.zeros_like(scale)
-        ops = {n.op_type for n in qgraph.consumers.get(name + "_quantized", [])}
-        axis = q.ndim - 1 if ops & {"MatMulInteger", "QLinearMatMul", "MatMul"} else 0
-        if scale.size > 1 and q.shape[axis] != scale.size:
-            axes = [a for a, d in enumerate(q.shape) if d == scale.size]
-            if not axes:
+        dims = tuple(int(d) for d in init.dims)
+        by_shape.setdefault(dims, []).append((name, False))
+        if len(dims) == 2 and dims[0] != dims[1]:
+            by_shape.setdefault(dims[::-1], []).append((name, True))
+    scored: list[tuple[float, str, str, bool, str]] = []
+    for key, shape in shapes.items():
+        candidates = by_shape.get(tuple(shape), [])
+        if not candidates or int(np.prod(shape)) < 2:
+            continue
+        deq = values(key)
+        for name, transposed in candidates:
+            ref = _aligned(fgraph, name, transposed)
+            plain = _cosine(ref, deq)
+            if plain >= MATCH_COSINE:
+                scored.append((plain, key, name, transposed, "value"))
                 continue
-            axis = axes[0]
-        deq, step = _dequantize(q, scale, zp, axis)
-        if deq.shape != ref.shape:
+            per_channel = _scaled_cosine(ref, deq)
+            if per_channel is not None and per_channel >= MATCH_COSINE:
+                scored.append((per_channel, key, name, transposed, "scaled"))
+    found: dict[str, tuple[str, np.ndarray, str]] = {}
+    for score, key, name, transposed, how in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):
+        if key in found or name in taken:
             continue
-        out.append(_weight(name, sqnr_db(ref, deq), ref, deq, step, fgraph, qgraph))
-    return out
+        taken.add(name)
+        ref = _aligned(fgraph, name, transposed)
+        found[key] = (name, _channel_scaled(ref, values(key)) if how == "scaled" else ref, how)
+    return found
 
 
-def _dynamic_activations(fp32: Path, int8: Path, feeds: Sequence[Mapping[str, np.ndarray]], tmp: Path,
-                         fgraph: _Graph, qgraph: _Graph) -> list[TensorError]:
-    """Simulate each DynamicQuantizeLinear on its collected input; compare same-named float tensors across models."""
-    float_acts = _collect(fp32, tmp / "fp32.aug.onnx", feeds)
-    int8_acts = _collect(int8, tmp / "int8.aug.onnx", feeds)
-    out = []
-    seen: set[str] = set()
-    for name, values in int8_acts.items():
-        consumers = qgraph.consumers.get(name, [])
-        if not any(c.op_type == "DynamicQuantizeLinear" for c in consumers) or name in seen:
-            continue
-        seen.add(name)
-        local = sqnr_db(values, [_dynamic_qdq(v) for v in values])
-        cross = sqnr_db(float_acts[name], values) if name in float_acts and _same_sizes(float_acts[name], values) \
-            else None
-        exclude = fgraph.keep_float(name)
-        node = fgraph.producer[name].name if name in fgraph.producer else (exclude[0] if exclude else None)
-        out.append(TensorError("activation", name, node, local, cross, exclude))
-    return out
+def _aligned(fgraph: _Graph, name: str, transposed: bool) -> np.ndarray:
+    values = fgraph.array(name).astype(np.float64)
+    return values.T if transposed else values
 
 
-def _same_sizes(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(np.size(x) == np.size(y) for x, y in zip(a, b))
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    if fa.size > MATCH_SAMPLE:  # a cheap look first: unrelated weights fail on the sample already
+        idx = np.linspace(0, fa.size - 1, MATCH_SAMPLE).astype(np.int64)
+        if _cos(fa[idx], fb[idx]) < MATCH_COSINE * 0.9:
+            return 0.0
+    return _cos(fa, fb)
 
 
-def _dynamic_qdq(x: np.ndarray) -> np.ndarray:
-    """Quantise and dequantise like ONNX DynamicQuantizeLinear (uint8, range always holding 0)."""
-    x = np.asarray(x, dtype=np.float32)
-    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
-    scale = np.float32((hi - lo) / 255.0)
-    if scale == 0:
-        return x.astype(np.float64)
-    zp = np.clip(np.rint(-lo / scale), 0, 255)
-    q = np.clip(np.rint(x / scale) + zp, 0, 255)
-    return np.asarray((q - zp).astype(np.float64) * float(scale))
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(np.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def _scaled_cosine(ref: np.ndarray, deq: np.ndarray) -> float | None:
+    if ref.ndim < 2 or ref.size // ref.shape[0] < 8:
+        return None
+    return _cos(_channel_scaled(ref, deq).reshape(-1), deq.reshape(-1))
+
+
+def _channel_scaled(ref: np.ndarray, deq: np.ndarray) -> np.ndarray:
+    """Return ``ref`` with each output channel (axis 0) scaled by its least-squares fit to ``deq``."""
+    r, d = ref.reshape(ref.shape[0], -1), deq.reshape(deq.shape[0], -1)
+    norms = np.einsum("ij,ij->i", r, r)
+    gains = np.divide(np.einsum("ij,ij->i", r, d), norms, out=np.zeros_like(norms), where=norms > 0)
+    scaled: np.ndarray = (r * gains[:, None]).reshape(ref.shape)
+    return scaled
+
+
+def _weight(origin: str, ref: np.ndarray, deq: np.ndarray, step: np.ndarray, item: _Quantised, fgraph: _Graph,
+            how: str) -> _Weight:
+    consumers = [c.name for c in fgraph.consumers.get(origin, []) if c.name] or list(item.consumers)
+    diff = np.abs(ref - deq)
+    excess = float(np.mean(diff > step * 1.01)) if diff.size else 0.0
+    shown = origin if how == "name" else f"{origin} ({item.name})"
+    error = TensorError("weight", shown, consumers[0] if consumers else None, sqnr_db(ref, deq), None,
+                        tuple(dict.fromkeys(consumers)))
+    return _Weight(error, excess, how)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs and the verdict
+
+
+def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
+             qfeeds: Sequence[Mapping[str, np.ndarray]]) -> list[TensorError]:
+    ref_s, test_s = _session(fp32, True), _session(int8, True)
+    names = [o.name for o in ref_s.get_outputs()]
+    sums = [_Sums() for _ in names]
+    for ffeed, qfeed in zip(ffeeds, qfeeds):
+        ref = ref_s.run(names, dict(ffeed))
+        test = test_s.run(names, dict(qfeed))
+        for acc, r, t in zip(sums, ref, test):
+            acc.add(np.asarray(r), np.asarray(t))
+        del ref, test
+    return [TensorError("output", n, None, None, None if s.mismatch else s.db()) for n, s in zip(names, sums)]
 
 
 def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorError], weights_per_tensor: bool) -> str:
@@ -464,87 +945,122 @@ def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorErr
         return (f"weight {first.tensor!r} ({db} dB) is the noisiest tensor: --nodes-to-exclude {exclude}{extra}; "
                 f"if many weights are low, move to qat mode")
     return (f"activation {first.tensor!r} ({db} dB) is the noisiest tensor: --nodes-to-exclude {exclude} "
-            f"(its producer and consumers in the fp32 graph), or recalibrate with --calibrate-method "
-            f"percentile/entropy; "
+            f"(its producer and consumers in the fp32 graph), or recalibrate with --calibrate-method percentile/entropy; "
             f"if the loss is spread over many tensors, move to qat mode")
 
 
-def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], *, top: int = 5) -> Diagnosis:
+def default_memory_bytes() -> int:
+    """Return the default bound on intermediate tensors held at once: 1 GiB, or a quarter of what is left if less.
+
+    "What is left" is the smaller of the available physical memory and the address-space limit (``ulimit -v``).
+    """
+    limits = [DEFAULT_MEMORY_BYTES]
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024 // 4)
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource  # POSIX only
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limits.append(int(soft) // 4)
+    return max(16 << 20, min(limits))
+
+
+def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], *, top: int = 5,
+             memory_bytes: int | None = None, temp_dir: Path | None = None) -> Diagnosis:
     """Compare an int8 sidecar with its fp32 original on ``feeds`` and rank the noisiest tensors.
 
-    ``feeds`` are ORT feed dicts (a few soak batches; every intermediate tensor of every feed is held in memory).
-    Nothing is written beside the models. Never raises: failures become ``Diagnosis.notes``.
+    ``feeds`` are ORT feed dicts: a few samples or small batches, e.g. those where fp32 and int8 disagree most.
+    ``memory_bytes`` bounds the intermediate tensors held at once (default ``default_memory_bytes()``: 1 GiB or a
+    quarter of the available memory); a single tensor larger than the bound is still compared, alone, and said in
+    the notes. ``temp_dir`` is where the private working folder goes (default: the system temp dir). Nothing is
+    written beside the models. Never raises: failures become ``Diagnosis.notes``.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    budget = default_memory_bytes() if memory_bytes is None else max(1, int(memory_bytes))
     notes: list[str] = []
+    try:
+        with _captured_logs() as logs, _workspace(temp_dir) as (tmp, swept):
+            found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes)
+    except Exception as exc:  # noqa: BLE001  # the workspace itself failed (no temp folder, unwritable dir)
+        return Diagnosis(str(fp32_path), str(int8_path), "unknown", len(feeds),
+                         notes=(*notes, f"no temporary folder: {type(exc).__name__}: {exc}"))
+    extra: list[str] = []
+    if swept:
+        extra.append(f"removed {swept} temporary folder(s) left by killed diagnoses")
+    if logs.count:
+        extra.append(f"suppressed {logs.count} log line(s) from onnxruntime/onnx (first: {logs.first})")
+    return replace(found, notes=(*found.notes, *extra))
+
+
+def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.ndarray]], top: int, budget: int,
+              tmp: Path, notes: list[str]) -> Diagnosis:
     fmt = "unknown"
     analysed: list[str] = []
     tensors: list[TensorError] = []
     weights: list[_Weight] = []
     outputs: list[TensorError] = []
     per_tensor_weights = False
+    fp32, int8 = tmp / "fp32.onnx", tmp / "int8.onnx"
     try:
-        tmp_ctx = tempfile.TemporaryDirectory(prefix="quantgate-diagnose-")
-    except OSError as exc:
-        return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds),
-                         notes=(f"no temporary folder: {exc}",), suggestion="")
-    with tmp_ctx as tmp_name:
-        tmp = Path(tmp_name)
-        fp32, int8 = tmp / "fp32.onnx", tmp / "int8.onnx"
+        fgraph = _Graph(_externalise(fp32_path, fp32), tmp)
+        qgraph = _Graph(_externalise(int8_path, int8), tmp)
+    except Exception as exc:  # noqa: BLE001  # unreadable models: nothing else can run
+        return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), notes=(
+            f"could not load the models: {type(exc).__name__}: {exc}",))
+    fmt = _graph_format(qgraph.model)
+    if not feeds:
+        notes.append("no feeds given: activations and outputs were not compared")
+
+    def attempt(what: str, fn: Any) -> Any:
         try:
-            fp32_model = _copy_model(fp32_path, fp32)
-            int8_model = _copy_model(int8_path, int8)
-        except Exception as exc:  # unreadable models: nothing else can run
-            return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), notes=(
-                f"could not load the models: {type(exc).__name__}: {exc}",))
-        fmt = _graph_format(int8_model)
-        fgraph, qgraph = _Graph(fp32_model), _Graph(int8_model)
-        if not feeds:
-            notes.append("no feeds given: activations and outputs were not compared")
+            result = fn()
+        except Exception as exc:  # noqa: BLE001  # any ORT/onnx failure on an odd graph is reported, not raised
+            notes.append(f"{what} not analysed: {type(exc).__name__}: {str(exc)[:300]}")
+            return None
+        analysed.append(what)
+        return result
 
-        def attempt(what: str, fn: Any) -> Any:
-            try:
-                result = fn()
-            except Exception as exc:  # any ORT/onnx failure on an odd graph is reported, not raised
-                notes.append(f"{what} not analysed: {type(exc).__name__}: {str(exc)[:300]}")
-                return None
-            analysed.append(what)
-            return result
-
-        if feeds:
-            outputs = attempt("outputs", lambda: _outputs(fp32, int8, feeds)) or []
-        if fmt == "qdq":
-            weights += attempt("weights", lambda: _qdq_weights(fp32, int8, fgraph, qgraph)) or []
-            per_tensor_weights = any(
-                n.op_type == "DequantizeLinear" and n.input[1] in qgraph.initializers
-                and len(qgraph.initializers[n.input[1]].dims) == 0 and n.input[0].endswith("_quantized")
-                and n.input[0][: -len("_quantized")] in fgraph.initializers
-                and len(fgraph.initializers[n.input[0][: -len("_quantized")]].dims) > 1
-                for n in int8_model.graph.node)
-            if feeds:
-                found = attempt("activations", lambda: _qdq_activations(fp32, int8, feeds, tmp, fgraph, qgraph))
-                if found is not None:
-                    acts, more = found
-                    tensors += acts
-                    notes += more
-        elif fmt == "dynamic":
-            weights += attempt("weights", lambda: _named_weights(fp32_model, fgraph, qgraph)) or []
-            per_tensor_weights = True
-            if feeds:
-                tensors += attempt("activations", lambda: _dynamic_activations(
-                    fp32, int8, feeds, tmp, fgraph, qgraph)) or []
-            notes.append("dynamic sidecar: activation ranges are computed per batch at run time, so there are no "
-                         "calibrated scales to inspect or fix; activation 'local dB' is simulated from the "
-                         "DynamicQuantizeLinear formula on the collected fp32-path inputs")
-        elif fmt == "qoperator":
-            weights += attempt("weights", lambda: _named_weights(fp32_model, fgraph, qgraph)) or []
-            notes.append("QOperator sidecar (QLinearConv/QLinearMatMul...): intermediate int8 tensors have no float "
-                         "twin, so activations cannot be compared; only weights and outputs are")
-        else:
-            notes.append("the int8 graph has no QuantizeLinear/DequantizeLinear, dynamic or QOperator nodes: "
-                         "only outputs were compared")
-        if "weights" in analysed and not weights:
-            notes.append("no int8 weight matched an fp32 initializer by name (<w>_quantized): weights not compared")
+    ffeeds: list[dict[str, np.ndarray]] = []
+    qfeeds: list[dict[str, np.ndarray]] = []
+    if feeds:
+        try:
+            ffeeds, qfeeds = _model_feeds(fgraph, feeds), _model_feeds(qgraph, feeds)
+        except ValueError as exc:
+            notes.append(f"outputs and activations not analysed: {exc}")
+    if ffeeds:
+        outputs = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds)) or []
+    if fmt in ("qdq", "dynamic", "qoperator"):
+        items = _qdq_weight_list(qgraph) if fmt == "qdq" else _named_weight_list(qgraph)
+        found_w = attempt("weights", lambda: _compare_weights(items, fgraph, qgraph))
+        if found_w is not None:
+            weights += found_w[0]
+            notes += found_w[1]
+    if fmt == "qdq":
+        per_tensor_weights = any(
+            item.base in fgraph.initializers and len(fgraph.initializers[item.base].dims) > 1
+            and len(qgraph.initializers[item.scale].dims) == 0 for item in _qdq_weight_list(qgraph))
+    elif fmt == "dynamic":
+        per_tensor_weights = True
+    if fmt in ("qdq", "dynamic") and ffeeds:
+        found_a = attempt("activations", lambda: _activations(fmt, fgraph, qgraph, ffeeds, qfeeds, tmp, budget))
+        if found_a is not None:
+            tensors += found_a[0]
+            notes += found_a[1]
+    if fmt == "dynamic":
+        notes.append("dynamic sidecar: activation ranges are computed per batch at run time, so there are no "
+                     "calibrated scales to inspect or fix; activation 'local dB' is simulated from the "
+                     "DynamicQuantizeLinear formula on the collected fp32-path inputs")
+    elif fmt == "qoperator":
+        notes.append("QOperator sidecar (QLinearConv/QLinearMatMul...): intermediate int8 tensors have no float "
+                     "twin, so activations cannot be compared; only weights and outputs are")
+    elif fmt == "unknown":
+        notes.append("the int8 graph has no QuantizeLinear/DequantizeLinear, dynamic or QOperator nodes: "
+                     "only outputs were compared")
+    if "weights" in analysed and not weights:
+        notes.append("no int8 weight matched an fp32 initializer by name or by value: weights not compared")
     changed = [w.error for w in weights if w.lsb_excess is not None and w.lsb_excess > CHANGED_SHARE]
     tensors += [w.error for w in weights if w.lsb_excess is None or w.lsb_excess <= CHANGED_SHARE]
     if changed:
@@ -552,12 +1068,39 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
         notes.append(f"{len(changed)} of {len(weights)} weight(s) differ from the fp32 original by more than one "
                      f"int8 step ({names}): the sidecar was trained (QAT) or built from another fp32 model; their "
                      f"SQNR measures that change, not rounding, so they are not ranked")
-
     ranked = sorted(tensors, key=lambda t: (t.rank_key, t.kind, t.tensor))
     worst = tuple(ranked[: max(0, top)])
     suggestion = _suggest(fmt, worst, outputs, per_tensor_weights)
     return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), worst, tuple(outputs), tuple(analysed),
                      suggestion, tuple(notes))
+
+
+def _activations(fmt: str, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapping[str, np.ndarray]],
+                 qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path, budget: int
+                 ) -> tuple[list[TensorError], list[str]]:
+    notes: list[str] = []
+    if fmt == "qdq":
+        raw, unmatched = _qdq_probes(fgraph, qgraph)
+        if unmatched:
+            first = next(p.pre for p in raw if p.twin is None)
+            notes.append(f"{unmatched} quantised activation(s) have no fp32 tensor of the same name "
+                         f"(e.g. {first!r}): only their local Q/DQ error is shown")
+        if not raw:
+            notes.append("no QuantizeLinear→DequantizeLinear pair on an activation: activations were not compared")
+    else:
+        raw = _dynamic_probes(fgraph, qgraph)
+    probes, unknown = _sized(raw, _tensor_bytes(fgraph, ffeeds), _tensor_bytes(qgraph, qfeeds))
+    plan = _plan(probes, budget, unknown)
+    out = _compare_activations(plan, fgraph, qgraph, ffeeds, qfeeds, tmp)
+    if len(plan.groups) > 1 or unknown or plan.oversized:
+        said = (f"{len(probes)} activation(s) compared in {len(plan.groups)} group(s) under a {budget / 2**20:.0f} "
+                f"MiB bound")
+        if unknown:
+            said += f"; {unknown} size(s) unknown to shape inference, taken as the largest known tensor"
+        if plan.oversized:
+            said += f"; {plan.oversized} tensor(s) larger than the bound on their own were compared alone"
+        notes.append(said)
+    return out, notes
 
 
 def feeds_from_fixture(inputs: Mapping[str, np.ndarray], batched: bool, count: int = 4, batch: int = 16
@@ -568,4 +1111,3 @@ def feeds_from_fixture(inputs: Mapping[str, np.ndarray], batched: bool, count: i
         starts = range(0, samples, batch)
         return [{k: v[s:s + batch] for k, v in inputs.items()} for s in list(starts)[:count]]
     return [{k: v[i] for k, v in inputs.items()} for i in range(min(count, samples))]
-
