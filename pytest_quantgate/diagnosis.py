@@ -401,7 +401,7 @@ class _Graph:
         return values
 
     def keep_float(self, tensor: str) -> tuple[str, ...]:
-        """Return the node names that quantise ``tensor`` (its producer and consumers): excluding them all keeps it float."""
+        """Return the node names that quantise ``tensor`` (producer and consumers): excluding all keeps it float."""
         names: list[str] = []
         prod = self.producer.get(tensor)
         if prod is not None and prod.name:
@@ -416,7 +416,7 @@ class _Graph:
 
 
 def _session(path: Path, optimised: bool) -> Any:
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers of a cut graph) are not the user's problem
@@ -458,7 +458,7 @@ def _tensor_bytes(graph: _Graph, feeds: Sequence[Mapping[str, np.ndarray]]) -> d
                 dims.add().dim_value = int(d)
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
-    except Exception:  # noqa: BLE001  # an odd graph: sizes stay unknown and are estimated by the caller
+    except Exception:  # an odd graph: sizes stay unknown and are estimated by the caller
         inferred = probe
     for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         tt = info.type.tensor_type
@@ -853,7 +853,7 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
             if per_channel is not None and per_channel >= MATCH_COSINE:
                 scored.append((per_channel, key, name, transposed, "scaled"))
     found: dict[str, tuple[str, np.ndarray, str]] = {}
-    for score, key, name, transposed, how in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):
+    for _score, key, name, transposed, how in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):
         if key in found or name in taken:
             continue
         taken.add(name)
@@ -945,7 +945,8 @@ def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorErr
         return (f"weight {first.tensor!r} ({db} dB) is the noisiest tensor: --nodes-to-exclude {exclude}{extra}; "
                 f"if many weights are low, move to qat mode")
     return (f"activation {first.tensor!r} ({db} dB) is the noisiest tensor: --nodes-to-exclude {exclude} "
-            f"(its producer and consumers in the fp32 graph), or recalibrate with --calibrate-method percentile/entropy; "
+            f"(its producer and consumers in the fp32 graph), or recalibrate with --calibrate-method "
+            f"percentile/entropy; "
             f"if the loss is spread over many tensors, move to qat mode")
 
 
@@ -984,7 +985,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
     try:
         with _captured_logs() as logs, _workspace(temp_dir) as (tmp, swept):
             found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes)
-    except Exception as exc:  # noqa: BLE001  # the workspace itself failed (no temp folder, unwritable dir)
+    except Exception as exc:  # the workspace itself failed (no temp folder, unwritable dir)
         return Diagnosis(str(fp32_path), str(int8_path), "unknown", len(feeds),
                          notes=(*notes, f"no temporary folder: {type(exc).__name__}: {exc}"))
     extra: list[str] = []
@@ -1007,7 +1008,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     try:
         fgraph = _Graph(_externalise(fp32_path, fp32), tmp)
         qgraph = _Graph(_externalise(int8_path, int8), tmp)
-    except Exception as exc:  # noqa: BLE001  # unreadable models: nothing else can run
+    except Exception as exc:  # unreadable models: nothing else can run
         return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), notes=(
             f"could not load the models: {type(exc).__name__}: {exc}",))
     fmt = _graph_format(qgraph.model)
@@ -1017,7 +1018,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     def attempt(what: str, fn: Any) -> Any:
         try:
             result = fn()
-        except Exception as exc:  # noqa: BLE001  # any ORT/onnx failure on an odd graph is reported, not raised
+        except Exception as exc:  # any ORT/onnx failure on an odd graph is reported, not raised
             notes.append(f"{what} not analysed: {type(exc).__name__}: {str(exc)[:300]}")
             return None
         analysed.append(what)
