@@ -689,29 +689,6 @@ def _registry_relative(path: Path, registry: Registry, settings: Settings) -> st
                       f"{settings.fixtures_dir}; copy it there and rerun")
 
 
-def _value_end(text: str, start: int) -> int:
-    """Return the offset just past the JSON object that starts at ``text[start] == '{'``."""
-    depth, in_string, escaped = 0, False, False
-    for pos in range(start, len(text)):
-        char = text[pos]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return pos + 1
-    raise AdviseError("unbalanced braces in the registry")
-
-
 def set_object_field(text: str, entry_id: str, key: str, value: Mapping[str, Any], path: Path) -> str:
     """Return the registry text with ``key`` of one entry set to the object ``value``, formatting kept elsewhere."""
     import re
@@ -728,7 +705,8 @@ def set_object_field(text: str, entry_id: str, key: str, value: Mapping[str, Any
             continue
         found = re.search(r'"' + re.escape(key) + r'"\s*:\s*', body)
         if found is not None and body[found.end():found.end() + 1] == "{":
-            stop = _value_end(body, found.end())
+            # json's own scanner finds where the object ends, as registry.entry_spans does for entries
+            stop = json.JSONDecoder().raw_decode(body, found.end())[1]
             body = body[: found.end()] + encoded + body[stop:]
         else:
             anchor = re.search(r'"quant_mode"\s*:\s*"[^"]*"', body) or re.search(r'"onnx"\s*:\s*"[^"]*"', body)
