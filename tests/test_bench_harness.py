@@ -1,0 +1,74 @@
+"""bench/measured.run_measured and bench/ort_loop.py: the pieces every real-size number comes from."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from measured import run_measured
+
+from tests.modelkit import (
+    fitted_mlp_weights,
+    mlp_model,
+    quantize_dynamic_file,
+    write_registry,
+)
+
+ALLOC = "import numpy as np; a = np.ones({n} * 2**20 // 8); print(a.sum())"
+
+
+def test_peak_rss_of_a_child_counts_what_it_touched_not_its_parent(tmp_path: Path) -> None:
+    ballast = np.ones(300 * 2**20 // 8)  # this process is big: a forked child would start at its size
+    small = run_measured([sys.executable, "-c", ALLOC.format(n=8)], tmp_path)
+    big = run_measured([sys.executable, "-c", ALLOC.format(n=400)], tmp_path)
+    assert small.rc == 0 and big.rc == 0
+    assert big.peak_mib - small.peak_mib > 350
+    assert small.peak_mib < 200
+    assert ballast.sum() > 0
+
+
+def test_memcap_makes_a_hungry_child_fail_instead_of_growing(tmp_path: Path) -> None:
+    capped = run_measured([sys.executable, "-c", ALLOC.format(n=2000)], tmp_path, memcap=1_000_000_000)
+    assert capped.rc != 0
+    assert "MemoryError" in capped.tail or "Unable to allocate" in capped.tail
+    assert capped.peak_mib < 1000
+
+
+def test_timeout_kills_the_child_and_says_so(tmp_path: Path) -> None:
+    slow = run_measured([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, timeout=0.5)
+    assert slow.timed_out and not slow.ok
+
+
+def test_plain_loop_runs_both_models_over_the_fixture(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    onnx.save(mlp_model(fitted_mlp_weights()), str(tmp_path / "m.onnx"))
+    quantize_dynamic_file(tmp_path / "m.onnx", tmp_path / "m.int8.onnx")
+    x = (load_digits().data[:50] / 16.0).astype(np.float32)
+    np.savez(tmp_path / "m1.npz", features=x, target=np.zeros(50))
+    registry = write_registry(tmp_path / "registry.json", [
+        {"id": "m1", "onnx": "m.onnx", "quant_mode": "dynamic"},
+        {"id": "skipped", "onnx": "m.onnx", "quant_mode": "fp32"},
+    ])
+    child = run_measured([sys.executable, str(ROOT / "bench" / "ort_loop.py"), str(registry), str(tmp_path),
+                          "--batch", "16", "--passes", "2"], ROOT)
+    assert child.rc == 0, child.tail
+    out = json.loads(child.tail.strip().splitlines()[-1])
+    import onnxruntime as ort  # type: ignore[import-untyped]
+
+    expected = 0.0
+    for name in ("m.onnx", "m.int8.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        # same batches as the loop: dynamic int8 takes its activation ranges per batch
+        expected += sum(float(sess.run(None, {"features": x[s:s + 16]})[0].astype(np.float64).sum())
+                        for s in range(0, len(x), 16))
+    assert len(out["passes"]) == 2
+    assert out["checksum"] == pytest.approx(expected, rel=1e-6)
