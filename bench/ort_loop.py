@@ -34,7 +34,7 @@ def _paths(registry: Path, fixtures: Path, entry: dict[str, Any]) -> tuple[Path,
 def run(registry: Path, fixtures: Path, ids: list[str], batch: int) -> float:
     """Run every selected gated entry once; return the float64 sum of every output element."""
     import numpy as np
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     total = 0.0
     for entry in json.loads(registry.read_text())["models"]:

@@ -104,11 +104,12 @@ def run_batch(sessions: list[Any], entry: dict[str, Any], batch: int) -> int:
 def infer(paths: Paths, entry: dict[str, Any], batch: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]],
                                                                     np.ndarray | None, int]:
     """Run both models over the whole fixture; return (inputs, [fp32 outputs, int8 outputs], target, batch)."""
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (paths.fp32, paths.int8)]
+    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                for p in (paths.fp32, paths.int8)]
     names = [i.name for i in sessions[0].get_inputs()]
     with np.load(paths.fixture, allow_pickle=False) as npz:
         missing = [n for n in names if n not in npz.files]
@@ -145,7 +146,7 @@ def evaluate(registry: Path, entry_id: str, fixtures: Path, batch: int = 256) ->
     budget = float(entry.get("quant_accuracy_budget_plcc", DEFAULT_BUDGET.get(mode, 0.01)))
     slope_budget = float(entry.get("quant_budget_slope", DEFAULT_SLOPE))
     flip_budget = float(entry.get("quant_budget_label_flip", DEFAULT_LABEL_FLIP))
-    axis = entry["quant_channel_axis"] if "quant_channel_axis" in entry else 1
+    axis = entry.get("quant_channel_axis", 1)  # an explicit null means whole outputs only
     argmax_axis = entry.get("quant_argmax_axis")
     target_out = entry.get("quant_target_output", next(iter(ref_all)) if len(ref_all) == 1 else None)
     residual = entry.get("quant_compare") == "residual"

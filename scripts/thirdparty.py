@@ -2,8 +2,8 @@
 
 Usage::
 
-    python scripts/thirdparty.py [--cache DIR] [--samples N] [--memcap BYTES] [--timeout S] [--batch N]
-                                 [--only GLOB ...] [--no-eval] [--json PATH]
+    python -m scripts.thirdparty [--cache DIR] [--samples N] [--memcap BYTES] [--timeout S] [--batch N]
+                                 [--only GLOB ...] [--no-eval] [--no-pytest] [--json PATH]
 
 1. Fetch: ``pip download --no-deps`` of rapidocr-onnxruntime 1.4.4 (PP-OCRv4 text detector with 1-channel
    probability maps, PP-OCRv4 text-line recogniser with [N, 40, 6625] softmax outputs, PP-OCR direction classifier)
@@ -17,7 +17,9 @@ Usage::
    ConvInteger) and static; the classifier static and dynamic. ``quantgate pin`` writes the hashes.
 4. For every entry, one child process each (timed, peak RSS from wait4, under ``prlimit --as``): the plain ORT loop
    (bench/ort_loop.py), ``quantgate measure REGISTRY --fixtures DIR --ep cpu --id ID --json OUT``, and
-   scripts/independent_eval.py (streamed float64). Prints verdicts, drops, wall and peak RSS side by side.
+   scripts/independent_eval.py (whole arrays in float64). Prints verdicts, drops, wall and peak RSS side by side.
+5. ``pytest --quantgate -v`` over the whole registry in one capped child, from an empty folder, as a new user
+   would run it; prints every item's verdict line.
 
 Everything lives in the cache folder (default ``$XDG_CACHE_HOME/pytest-quantgate/thirdparty``); rebuilt pieces are
 skipped when present. Nothing is downloaded at gate time or in CI.
@@ -42,8 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Child, run_measured
-from realsize_build import load_rgb
+from measured import Child, run_measured  # noqa: E402
 
 PYTHON = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "true", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -109,6 +110,18 @@ def fetch(cache: Path) -> Path:
                 if name.endswith(".onnx") and not (src / name).is_file():
                     zf.extract(name, src)
     return src
+
+
+def load_rgb(name: str) -> np.ndarray:
+    """Return one scikit-image sample photograph as float32 RGB in [0, 1] (grey images repeated on 3 channels)."""
+    from skimage import data
+
+    img = getattr(data, name)()
+    scale = 255.0 if img.dtype == np.uint8 else (65535.0 if img.dtype == np.uint16 else 1.0)
+    img = img.astype(np.float32) / scale
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.asarray(np.clip(img[..., :3], 0.0, 1.0), np.float32)
 
 
 def _crop_resize(img: np.ndarray, h: int, w: int, rng: np.random.Generator, strip: bool) -> np.ndarray:
@@ -214,14 +227,18 @@ def _last_json(child: Child) -> dict[str, Any]:
 def _why(child: Child) -> str:
     if child.timed_out:
         return "TIMEOUT"
-    if child.rc < 0:
-        return f"killed (signal {-child.rc})"
+    if child.rc < 0 or child.rc > 128:
+        return f"killed (status {child.rc})"
     lines = [ln for ln in child.tail.strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else f"rc {child.rc}")[-200:]
 
 
+def _measure(child: Child) -> dict[str, Any]:
+    return {"wall": child.wall, "peak_mib": child.peak_mib, "rc": child.rc, "why": "" if child.ok else _why(child)}
+
+
 def trial(registry: Path, fixtures: Path, entry_id: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Measure one entry: plain loop, the gate, the independent evaluation."""
+    """Measure one entry, each in a fresh capped child: plain loop, ``quantgate measure``, independent evaluation."""
     loop = run_measured([PYTHON, str(ROOT / "bench" / "ort_loop.py"), str(registry), str(fixtures), "--id", entry_id,
                          "--batch", str(args.batch)], ROOT, memcap=args.memcap, timeout=args.timeout, env=ENV)
     with tempfile.TemporaryDirectory(prefix="qg-thirdparty-") as tmp:
@@ -231,23 +248,39 @@ def trial(registry: Path, fixtures: Path, entry_id: str, args: argparse.Namespac
                              "--json", str(out)], ROOT, memcap=args.memcap, timeout=args.timeout, env=ENV)
         rows = json.loads(out.read_text()) if out.is_file() else []
     row = rows[0] if rows else {}
+    worst = max(row.get("outputs") or [{}], key=lambda o: o.get("drop") or 0.0)
     result: dict[str, Any] = {
         "id": entry_id,
-        "loop": {"wall": loop.wall, "peak_mib": loop.peak_mib, "ok": loop.rc == 0, "why": "" if loop.rc == 0
-                 else _why(loop)},
-        "gate": {"wall": gate.wall, "peak_mib": gate.peak_mib, "rc": gate.rc, "verdict": row.get("verdict"),
-                 "drop": row.get("drop"), "reason": row.get("reason"), "kind": row.get("kind"),
-                 "why": "" if row else _why(gate)},
+        "loop": _measure(loop),
+        "gate": {**_measure(gate), "verdict": row.get("verdict"), "drop": row.get("drop"), "kind": row.get("kind"),
+                 "reason": row.get("reason") or row.get("error"), "also": row.get("also"),
+                 "samples": row.get("samples"), "worst_channel": worst.get("worst_channel"),
+                 "worst_channel_drop": worst.get("worst_channel_drop")},
     }
     if not args.no_eval:
-        ev = run_measured([PYTHON, str(ROOT / "scripts" / "independent_eval.py"), str(registry), "--id", entry_id,
-                           "--fixtures", str(fixtures), "--batch", str(args.batch)], ROOT, memcap=args.memcap,
+        ev = run_measured([PYTHON, "-m", "scripts.independent_eval", str(registry), "--id", entry_id, "--fixtures",
+                           str(fixtures), "--batch", str(args.batch)], ROOT, memcap=args.memcap,
                           timeout=args.timeout, env=ENV)
         rep = _last_json(ev)
-        worst = {k: v for k, v in rep.get("outputs", {}).items()}
-        result["independent"] = {"wall": ev.wall, "peak_mib": ev.peak_mib, "verdict": rep.get("verdict"),
-                                 "drop": rep.get("drop"), "outputs": worst, "why": "" if rep else _why(ev)}
+        result["independent"] = {**_measure(ev), "verdict": rep.get("verdict"), "drop": rep.get("drop"),
+                                 "breaches": rep.get("breaches"), "outputs": rep.get("outputs", {})}
     return result
+
+
+def pytest_run(registry: Path, fixtures: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``pytest --quantgate -v`` over the whole registry, as a user would, in one capped child."""
+    with tempfile.TemporaryDirectory(prefix="qg-thirdparty-pytest-") as tmp:
+        report = Path(tmp) / "report.json"
+        child = run_measured([PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "--quantgate", "-v",
+                              f"--quantgate-registry={registry}", f"--quantgate-fixtures={fixtures}",
+                              "--quantgate-ep=cpu", f"--quantgate-batch-size={args.batch}",
+                              f"--quantgate-report={report}", "-p", "no:randomly"], Path(tmp), memcap=args.memcap,
+                             timeout=args.timeout * 4, env=ENV)
+        rows = json.loads(report.read_text()) if report.is_file() else []
+    items = [ln.strip() for ln in child.tail.splitlines()
+             if "::" in ln and any(w in ln for w in ("PASSED", "FAILED", "ERROR", "SKIPPED"))]
+    return {**_measure(child), "items": items, "rows": rows,
+            "summary": (child.tail.strip().splitlines() or [""])[-1]}
 
 
 def _fmt(v: Any, spec: str = ".6f") -> str:
@@ -256,18 +289,17 @@ def _fmt(v: Any, spec: str = ".6f") -> str:
 
 def print_table(results: list[dict[str, Any]], problems: dict[str, str]) -> None:
     """Print one line per entry: loop and gate cost, both verdicts and drops."""
-    head = ("entry", "loop s", "loop MiB", "gate s", "gate MiB", "gate verdict", "gate drop", "indep.", "indep. drop",
-            "worst channel")
+    head = ("entry", "loop s", "loop MiB", "gate s", "gate MiB", "gate", "gate drop", "indep.", "indep. drop",
+            "|Δ drop|")
     lines = [head]
     for r in results:
         lp, gt, ev = r["loop"], r["gate"], r.get("independent", {})
-        chan = ""
-        for name, o in ev.get("outputs", {}).items():
-            if "worst_channel_drop" in o:
-                chan = f"{name}[{o['worst_channel']}] {o['worst_channel_drop']:.4f}"
+        delta = (abs(gt["drop"] - ev["drop"]) if gt.get("drop") is not None and ev.get("drop") is not None
+                 else None)
         lines.append((r["id"], f"{lp['wall']:.1f}", f"{lp['peak_mib']:.0f}", f"{gt['wall']:.1f}",
-                      f"{gt['peak_mib']:.0f}", str(gt["verdict"] or gt["why"][:60]), _fmt(gt["drop"]),
-                      str(ev.get("verdict") or ev.get("why", "")[:40]), _fmt(ev.get("drop")), chan))
+                      f"{gt['peak_mib']:.0f}", f"{gt['verdict']} ({gt['kind']})" if gt["verdict"] else gt["why"][:60],
+                      _fmt(gt["drop"]), str(ev.get("verdict") or ev.get("why", "")[:40]), _fmt(ev.get("drop")),
+                      _fmt(delta, ".1e")))
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
@@ -276,19 +308,24 @@ def print_table(results: list[dict[str, Any]], problems: dict[str, str]) -> None
     for entry_id, why in problems.items():
         print(f"{entry_id}: the producer failed: {why}")
     for r in results:
-        if r["gate"]["verdict"] is None or r["gate"]["verdict"] != "PASS":
+        if r["gate"]["verdict"] != "PASS":
             print(f"{r['id']}: gate {r['gate']['verdict']}: {r['gate']['reason'] or r['gate']['why']}")
+            for extra in r["gate"].get("also") or ():
+                print(f"    also: {extra}")
+        if r.get("independent", {}).get("breaches"):
+            print(f"{r['id']}: independent: {'; '.join(r['independent']['breaches'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=default_cache())
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--memcap", type=int, default=12_000_000_000, help="bytes of address space per child")
+    parser.add_argument("--memcap", type=int, default=8_000_000_000, help="bytes of address space per child")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per child")
     parser.add_argument("--batch", type=int, default=256, help="batch of loop, gate and evaluation (gate default)")
     parser.add_argument("--only", action="append", help="entry id glob (repeatable)")
     parser.add_argument("--no-eval", action="store_true", help="skip the independent float64 evaluation")
+    parser.add_argument("--no-pytest", action="store_true", help="skip the `pytest --quantgate -v` run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     registry, problems = build(args.cache, args.samples)
@@ -297,14 +334,22 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for entry_id in ids:
         r = trial(registry, args.cache / "fixtures", entry_id, args)
+        ev = r.get("independent", {})
         print(f"  {entry_id}: gate {r['gate']['verdict']} {_fmt(r['gate']['drop'])} {r['gate']['wall']:.1f} s "
               f"{r['gate']['peak_mib']:.0f} MiB; loop {r['loop']['wall']:.1f} s {r['loop']['peak_mib']:.0f} MiB; "
-              f"independent {r.get('independent', {}).get('verdict')} {_fmt(r.get('independent', {}).get('drop'))}",
-              flush=True)
+              f"independent {ev.get('verdict')} {_fmt(ev.get('drop'))}", flush=True)
         results.append(r)
     print_table(results, problems)
+    run: dict[str, Any] = {}
+    if not args.no_pytest:
+        run = pytest_run(registry, args.cache / "fixtures", args)
+        print(f"\npytest --quantgate -v: rc {run['rc']}, {run['wall']:.1f} s, peak {run['peak_mib']:.0f} MiB")
+        for line in run["items"]:
+            print(f"  {line}")
+        print(f"  {run['summary']}")
     if args.json:
-        args.json.write_text(json.dumps({"memcap": args.memcap, "results": results, "problems": problems}, indent=2))
+        args.json.write_text(json.dumps({"memcap": args.memcap, "samples": args.samples, "results": results,
+                                         "pytest": run, "problems": problems}, indent=2))
     return 0
 
 

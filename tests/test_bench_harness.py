@@ -1,4 +1,4 @@
-"""bench/measured.run_measured and bench/ort_loop.py: the pieces every real-size number comes from."""
+"""bench/measured.py and bench/ort_loop.py: the pieces every real-size number comes from."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from measured import run_measured
+from measured import run_measured  # noqa: E402
 
-from tests.modelkit import (
+from tests.modelkit import (  # noqa: E402
     fitted_mlp_weights,
     mlp_model,
     quantize_dynamic_file,
