@@ -67,7 +67,7 @@ def run_measured(cmd: Sequence[str], cwd: Path, *, memcap: int | None = None, ti
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             wall = time.perf_counter() - start
-        tail = log.read_bytes().decode(errors="replace")[-8000:]
+        tail = log.read_bytes().decode(errors="replace")[-256_000:]  # pytest -v prints item lines before reports
         if report.is_file():
             data = json.loads(report.read_text())
             rc, peak = int(data["rc"]), data["maxrss_kb"] / 1024.0

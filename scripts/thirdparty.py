@@ -31,6 +31,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -277,8 +278,9 @@ def pytest_run(registry: Path, fixtures: Path, args: argparse.Namespace) -> dict
                               f"--quantgate-report={report}", "-p", "no:randomly"], Path(tmp), memcap=args.memcap,
                              timeout=args.timeout * 4, env=ENV)
         rows = json.loads(report.read_text()) if report.is_file() else []
+    # pytest -v: one "<nodeid> PASSED|FAILED|ERROR|SKIPPED [ n%]" line per item (an ERROR's own line as well)
     items = [ln.strip() for ln in child.tail.splitlines()
-             if "::" in ln and any(w in ln for w in ("PASSED", "FAILED", "ERROR", "SKIPPED"))]
+             if re.match(r"\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED)\b", ln.strip())]
     return {**_measure(child), "items": items, "rows": rows,
             "summary": (child.tail.strip().splitlines() or [""])[-1]}
 

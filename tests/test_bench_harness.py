@@ -72,3 +72,42 @@ def test_plain_loop_runs_both_models_over_the_fixture(tmp_path: Path) -> None:
                         for s in range(0, len(x), 16))
     assert len(out["passes"]) == 2
     assert out["checksum"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_thirdparty_trial_reports_gate_and_independent_verdicts_under_a_cap(tmp_path: Path) -> None:
+    import argparse
+    import hashlib
+    import shutil
+
+    from sklearn.datasets import load_digits
+
+    from scripts import thirdparty
+
+    onnx.save(mlp_model(fitted_mlp_weights()), str(tmp_path / "m.onnx"))
+    quantize_dynamic_file(tmp_path / "m.onnx", tmp_path / "m.int8.onnx")
+    shutil.copy(tmp_path / "m.onnx", tmp_path / "copy.onnx")  # the fp32 named as its own sidecar: not quantised
+    np.savez(tmp_path / "soak.npz", features=(load_digits().data[:60] / 16.0).astype(np.float32))
+
+    def digest(name: str) -> str:
+        return hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+    base = {"onnx": "m.onnx", "quant_mode": "dynamic", "sha256": digest("m.onnx"), "soak_fixture": "soak.npz"}
+    registry = write_registry(tmp_path / "registry.json", [
+        dict(base, id="good", int8_sha256=digest("m.int8.onnx")),
+        dict(base, id="same", int8_onnx="copy.onnx", int8_sha256=digest("copy.onnx")),
+        dict(base, id="nofix", int8_sha256=digest("m.int8.onnx"), soak_fixture="absent.npz"),
+    ])
+    args = argparse.Namespace(batch=256, memcap=3_000_000_000, timeout=300.0, no_eval=False)
+    good = thirdparty.trial(registry, tmp_path, "good", args)
+    assert good["gate"]["verdict"] == "PASS" == good["independent"]["verdict"]
+    assert good["gate"]["drop"] == pytest.approx(good["independent"]["drop"], abs=1e-9)
+    assert good["loop"]["rc"] == 0 and good["gate"]["peak_mib"] > 0
+    same = thirdparty.trial(registry, tmp_path, "same", args)
+    # drop 0 for both, but the gate's lineage check refuses a sidecar with no integer weight
+    assert same["gate"]["verdict"] == "FAIL" and same["gate"]["kind"] == "lineage"
+    assert same["independent"]["verdict"] == "PASS" and same["independent"]["drop"] == pytest.approx(0.0, abs=1e-12)
+    run = thirdparty.pytest_run(registry, tmp_path, args)
+    assert run["rc"] == 1, run["summary"]
+    verdicts = {line.split("::")[1].split("[")[0]: line.split()[1] for line in run["items"]}
+    assert verdicts == {"good": "PASSED", "same": "FAILED", "nofix": "ERROR"}
+    assert "1 failed, 1 passed, 1 error" in run["summary"]
