@@ -88,6 +88,13 @@ SIDECARS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
     ("dddd_det_static", "dddd_det", "ptq-static", (), "QDQ static, defaults (fixed batch 1)"),
 )
 
+# extra registry entries over an existing sidecar: (entry id, sidecar's entry id, registry keys, note). ddddocr's
+# head is [N, anchors, 4 + 1 + classes]: the default channel axis 1 judges each of its 3549 anchors (boxes and
+# scores of one anchor pooled); axis 2 judges each column (x, y, w, h, objectness, class score) over all anchors
+VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
+    ("dddd_det_static_axis2", "dddd_det_static", {"quant_channel_axis": 2}, "channels along axis 2 (columns)"),
+)
+
 
 def default_cache() -> Path:
     """Return $QUANTGATE_THIRDPARTY_CACHE, else $XDG_CACHE_HOME or ~/.cache, /pytest-quantgate/thirdparty."""
@@ -208,6 +215,10 @@ def build(cache: Path, samples: int) -> tuple[Path, dict[str, str]]:
         if producer == "ptq-static":
             entry["quant_calibration_set"] = f"{model}.calib.npz"
         entries.append(entry)
+    for entry_id, of, keys, note in VARIANTS:
+        for entry in list(entries):
+            if entry["id"] == of:
+                entries.append({**entry, **keys, "id": entry_id, "description": f"{entry['description']}; {note}"})
     registry = model_dir / "registry.json"
     registry.write_text(json.dumps({"schema_version": 1, "models": entries}, indent=2) + "\n")
     pin = _cli("pin", str(registry), "--fixtures", str(fixtures))
@@ -246,7 +257,8 @@ def trial(registry: Path, fixtures: Path, entry_id: str, args: argparse.Namespac
         out = Path(tmp) / "gate.json"
         gate = run_measured([PYTHON, "-m", "pytest_quantgate.cli", "measure", str(registry), "--fixtures",
                              str(fixtures), "--ep", "cpu", "--id", entry_id, "--batch-size", str(args.batch),
-                             "--json", str(out)], ROOT, memcap=args.memcap, timeout=args.timeout, env=ENV)
+                             "--json", str(out), "--diagnose", args.diagnose], ROOT, memcap=args.memcap,
+                            timeout=args.timeout, env=ENV)
         rows = json.loads(out.read_text()) if out.is_file() else []
     row = rows[0] if rows else {}
     worst = max(row.get("outputs") or [{}], key=lambda o: o.get("drop") or 0.0)
@@ -275,6 +287,7 @@ def pytest_run(registry: Path, fixtures: Path, args: argparse.Namespace) -> dict
         child = run_measured([PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "--quantgate", "-v",
                               f"--quantgate-registry={registry}", f"--quantgate-fixtures={fixtures}",
                               "--quantgate-ep=cpu", f"--quantgate-batch-size={args.batch}",
+                              f"--quantgate-diagnose={args.diagnose}",
                               f"--quantgate-report={report}", "-p", "no:randomly"], Path(tmp), memcap=args.memcap,
                              timeout=args.timeout * 4, env=ENV)
         rows = json.loads(report.read_text()) if report.is_file() else []
@@ -326,13 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per child")
     parser.add_argument("--batch", type=int, default=256, help="batch of loop, gate and evaluation (gate default)")
     parser.add_argument("--only", action="append", help="entry id glob (repeatable)")
+    parser.add_argument("--diagnose", choices=("auto", "off", "always"), default="auto",
+                        help="the gate's --diagnose for `quantgate measure` (auto: failing items are diagnosed)")
     parser.add_argument("--no-eval", action="store_true", help="skip the independent float64 evaluation")
     parser.add_argument("--no-pytest", action="store_true", help="skip the `pytest --quantgate -v` run")
+    parser.add_argument("--no-trials", action="store_true", help="only the `pytest --quantgate -v` run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     registry, problems = build(args.cache, args.samples)
     ids = [e["id"] for e in json.loads(registry.read_text())["models"]]
-    ids = [i for i in ids if not args.only or any(fnmatch.fnmatch(i, p) for p in args.only)]
+    ids = [i for i in ids if not args.no_trials and (not args.only or any(fnmatch.fnmatch(i, p) for p in args.only))]
     results = []
     for entry_id in ids:
         r = trial(registry, args.cache / "fixtures", entry_id, args)

@@ -97,7 +97,7 @@ def test_thirdparty_trial_reports_gate_and_independent_verdicts_under_a_cap(tmp_
         dict(base, id="same", int8_onnx="copy.onnx", int8_sha256=digest("copy.onnx")),
         dict(base, id="nofix", int8_sha256=digest("m.int8.onnx"), soak_fixture="absent.npz"),
     ])
-    args = argparse.Namespace(batch=256, memcap=3_000_000_000, timeout=300.0, no_eval=False)
+    args = argparse.Namespace(batch=256, memcap=3_000_000_000, timeout=300.0, no_eval=False, diagnose="auto")
     good = thirdparty.trial(registry, tmp_path, "good", args)
     assert good["gate"]["verdict"] == "PASS" == good["independent"]["verdict"]
     assert good["gate"]["drop"] == pytest.approx(good["independent"]["drop"], abs=1e-9)
