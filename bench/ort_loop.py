@@ -31,8 +31,12 @@ def _paths(registry: Path, fixtures: Path, entry: dict[str, Any]) -> tuple[Path,
     return fp32, int8, fixture
 
 
-def run(registry: Path, fixtures: Path, ids: list[str], batch: int) -> float:
-    """Run every selected gated entry once; return the float64 sum of every output element."""
+def run(registry: Path, fixtures: Path, ids: list[str], batch: int, as_gate: bool = False) -> float:
+    """Run every selected gated entry once; return the float64 sum of every output element.
+
+    ``as_gate``: run each entry at the batch the gate runs it at (``quant_deploy_batch``, else 1 for dynamic
+    sidecars, whose activation ranges are taken per batch), so both do the same ORT work.
+    """
     import numpy as np
     import onnxruntime as ort
 
@@ -49,7 +53,8 @@ def run(registry: Path, fixtures: Path, ids: list[str], batch: int) -> float:
             sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             names = {i.name for i in sess.get_inputs()}
             fixed = {i.shape[0] for i in sess.get_inputs() if isinstance(i.shape[0], int) and i.shape[0] > 0}
-            step = fixed.pop() if fixed else batch  # a fixed-batch model takes only its own batch size
+            deploy = entry.get("quant_deploy_batch", 1 if entry.get("quant_mode") == "dynamic" else batch)
+            step = fixed.pop() if fixed else (deploy if as_gate else batch)  # a fixed batch is the only one
             for start in range(0, n - n % step if fixed else n, step):
                 outs = sess.run(None, {k: v[start:start + step] for k, v in inputs.items() if k in names})
                 total += sum(float(np.sum(o, dtype=np.float64)) for o in outs if o.dtype.kind in "fiu")
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", dest="ids", action="append", default=[])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--passes", type=int, default=1, help="repeat in this process (pass 2+ is warm)")
+    parser.add_argument("--as-gate", action="store_true", help="each entry at the gate's batch (dynamic: 1)")
     args = parser.parse_args(argv)
     import numpy  # noqa: F401  (imports paid before the clock, as for the gate's warm numbers)
     import onnxruntime  # noqa: F401
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     times, total = [], 0.0
     for _ in range(args.passes):
         start = time.perf_counter()
-        total = run(args.registry, args.fixtures, args.ids, args.batch)
+        total = run(args.registry, args.fixtures, args.ids, args.batch, args.as_gate)
         times.append(time.perf_counter() - start)
     print(json.dumps({"passes": times, "checksum": total}))
     return 0

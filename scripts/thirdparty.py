@@ -252,7 +252,8 @@ def _measure(child: Child) -> dict[str, Any]:
 def trial(registry: Path, fixtures: Path, entry_id: str, args: argparse.Namespace) -> dict[str, Any]:
     """Measure one entry, each in a fresh capped child: plain loop, ``quantgate measure``, independent evaluation."""
     loop = run_measured([PYTHON, str(ROOT / "bench" / "ort_loop.py"), str(registry), str(fixtures), "--id", entry_id,
-                         "--batch", str(args.batch)], ROOT, memcap=args.memcap, timeout=args.timeout, env=ENV)
+                         "--batch", str(args.batch), "--as-gate"], ROOT, memcap=args.memcap, timeout=args.timeout,
+                        env=ENV)
     with tempfile.TemporaryDirectory(prefix="qg-thirdparty-") as tmp:
         out = Path(tmp) / "gate.json"
         gate = run_measured([PYTHON, "-m", "pytest_quantgate.cli", "measure", str(registry), "--fixtures",

@@ -72,6 +72,16 @@ def test_plain_loop_runs_both_models_over_the_fixture(tmp_path: Path) -> None:
                         for s in range(0, len(x), 16))
     assert len(out["passes"]) == 2
     assert out["checksum"] == pytest.approx(expected, rel=1e-6)
+    # --as-gate: a dynamic entry runs one sample at a time, as the gate runs it
+    child = run_measured([sys.executable, str(ROOT / "bench" / "ort_loop.py"), str(registry), str(tmp_path),
+                          "--batch", "16", "--as-gate"], ROOT)
+    single = 0.0
+    for name in ("m.onnx", "m.int8.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        single += sum(float(sess.run(None, {"features": x[s:s + 1]})[0].astype(np.float64).sum())
+                      for s in range(len(x)))
+    assert json.loads(child.tail.strip().splitlines()[-1])["checksum"] == pytest.approx(single, rel=1e-9)
+    assert single != pytest.approx(expected, rel=1e-9)  # the batch matters, so the check above can fail
 
 
 def test_thirdparty_trial_reports_gate_and_independent_verdicts_under_a_cap(tmp_path: Path) -> None:
