@@ -15,7 +15,7 @@ The rules are the README's ("The verdict"), re-implemented from the text:
 
 * float outputs: drop = 1 − PLCC(fp32, int8) over every element; with a fixture ``target`` on that output, the
   larger of PLCC(fp32, t) − PLCC(int8, t) and PLCC(fp32, t)·(1 − PLCC(fp32, int8)). Outputs of rank ≥ 3 are also
-  judged per channel along ``quant_channel_axis`` (default 1; null for none): channels whose fp32 std is 0 or
+  judged per channel along ``quant_channel_axis`` (default 1; null for none; one channel is the whole): channels whose fp32 std is 0 or
   below (|mean| + std)/256 are not judged, an int8 channel with an undefined PLCC counts 1, and the output's drop is
   the larger of the whole-output and the worst judged channel's. NaN/inf or a constant output fails;
   ``quant_compare: residual`` subtracts the input first; the affine fit of int8 on fp32 must keep |slope − 1| and
@@ -194,7 +194,7 @@ def evaluate(registry: Path, entry_id: str, fixtures: Path, batch: int = 256) ->
             pr, pt = plcc(ref, t), plcc(test, t)
             drop = max(pr - pt, pr * (1.0 - r))
             out.update(plcc_fp32_target=pr, plcc_int8_target=pt)
-        if axis is not None and ref.ndim >= 3:
+        if axis is not None and ref.ndim >= 3 and ref.shape[int(axis)] > 1:
             drops, mask = channel_drops(ref, test, int(axis))
             judged = np.where(mask, drops, -np.inf)
             k = int(np.argmax(judged))
