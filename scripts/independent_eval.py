@@ -18,8 +18,9 @@ The rules are the README's ("The verdict"), re-implemented from the text:
   judged per channel along ``quant_channel_axis`` (default 1; null for none; a single channel is the whole):
   channels whose fp32 std is 0 or below (|mean| + std)/256 are not judged, an int8 channel with an undefined PLCC
   counts 1, and the output's drop is the larger of the whole-output and the worst judged channel's. NaN/inf or a
-  constant output fails; ``quant_compare: residual`` subtracts the input first; the affine fit of int8 on fp32 must keep |slope − 1| and
-  |offset at the mean|/std within ``quant_budget_slope`` (0.1); ``quant_budget_mae`` / ``quant_budget_max_abs``.
+  constant output fails; ``quant_compare: residual`` subtracts the input first; the affine fit of int8 on fp32
+  must keep |slope − 1| and |offset at the mean|/std within ``quant_budget_slope`` (0.1); ``quant_budget_mae`` /
+  ``quant_budget_max_abs``.
 * integer and boolean outputs (and ``quant_argmax_axis`` on float outputs): the share of elements that differ,
   against ``quant_budget_label_flip`` (0.01).
 
