@@ -391,13 +391,21 @@ class _Graph:
                 self.consumers.setdefault(name, []).append(node)
         self.inputs = [i.name for i in model.graph.input]
         self.initializers = {i.name: i for i in model.graph.initializer}
+        # weights to match int8 ones against: initializers, and Constant nodes' tensors (Paddle and some other
+        # exporters hold every weight in a Constant node and no initializer at all, e.g. PP-OCRv4)
+        self.weights = dict(self.initializers)
+        for node in model.graph.node:
+            if node.op_type == "Constant" and len(node.output) == 1 and node.output[0] not in self.weights:
+                value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+                if value is not None:
+                    self.weights[node.output[0]] = value
         self.tensors = set(self.producer) | set(self.inputs)
 
     def array(self, name: str) -> np.ndarray:
-        """Return initializer ``name`` as an array (read from the external weights file when stored there)."""
+        """Return weight ``name`` as an array (read from the external weights file when stored there)."""
         from onnx import numpy_helper
 
-        values: np.ndarray = np.asarray(numpy_helper.to_array(self.initializers[name], base_dir=str(self.base)))
+        values: np.ndarray = np.asarray(numpy_helper.to_array(self.weights[name], base_dir=str(self.base)))
         return values
 
     def keep_float(self, tensor: str) -> tuple[str, ...]:
@@ -749,7 +757,8 @@ def _dequantise(item: _Quantised, qgraph: _Graph) -> tuple[np.ndarray, np.ndarra
     zp = qgraph.array(item.zero_point).astype(np.float64) if item.zero_point else np.zeros_like(scale)
     if scale.size == 1:
         step = np.broadcast_to(float(scale.reshape(())), q.shape)
-        return (q - zp.reshape(())) * float(scale.reshape(())), step
+        # asarray: a 0-d weight (a quantised scalar operand) would otherwise come back as a numpy scalar
+        return np.asarray((q - zp.reshape(())) * float(scale.reshape(()))), step
     if q.ndim == 0:
         return None
     axis = (item.axis if item.axis is not None else 0) % q.ndim
@@ -802,7 +811,7 @@ def _compare_weights(items: Sequence[_Quantised], fgraph: _Graph, qgraph: _Graph
 
 def _by_name(item: _Quantised, shape: tuple[int, ...], fgraph: _Graph) -> tuple[str, np.ndarray] | None:
     for name in (item.base, item.name):
-        if name in fgraph.initializers and _float_init(fgraph.initializers[name]):
+        if name in fgraph.weights and _float_init(fgraph.weights[name]):
             values = fgraph.array(name).astype(np.float64)
             if values.shape == shape:
                 return name, values
@@ -830,7 +839,7 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
     """
     taken = set(exclude)
     by_shape: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
-    for name, init in fgraph.initializers.items():
+    for name, init in fgraph.weights.items():
         if name in taken or not _float_init(init) or len(init.dims) == 0:
             continue
         dims = tuple(int(d) for d in init.dims)
@@ -1041,7 +1050,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
             notes += found_w[1]
     if fmt == "qdq":
         per_tensor_weights = any(
-            item.base in fgraph.initializers and len(fgraph.initializers[item.base].dims) > 1
+            item.base in fgraph.weights and len(fgraph.weights[item.base].dims) > 1
             and len(qgraph.initializers[item.scale].dims) == 0 for item in _qdq_weight_list(qgraph))
     elif fmt == "dynamic":
         per_tensor_weights = True
