@@ -66,13 +66,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, cast
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
 from .errors import FixtureError
 from .metrics import Interval, MomentTerm, PairMetrics, bootstrap_drop, samples_needed
+from .records import Diagnosis, LineageRecord, PlotData, Provenance, Timing, dump, load
 from .soak import Fixture, TensorSpec
 from .streaming import MAD, SA, SAA, SB, SBB, LabelAccumulator, N, PairAccumulator, describe_sums, pair_moments
 
@@ -119,7 +120,7 @@ class OutputReport:
 class GateResult:
     """The verdict of one entry on one EP, with every number needed to explain it."""
 
-    entry_id: str
+    entry_id: str = field(metadata={"json": "id"})
     ep: str
     mode: str
     samples: int
@@ -135,7 +136,12 @@ class GateResult:
     needed_samples: int | None = None
     warnings: tuple[str, ...] = ()
     also: tuple[str, ...] = ()  # further budget breaches after the first
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    fp32_probe: tuple[float, ...] = ()  # a few fp32 output values, to compare the fp32 baseline across EPs
+    timing: Timing | None = None
+    provenance: Provenance | None = None
+    lineage: LineageRecord | None = None
+    diagnosis: Diagnosis | None = None
+    plot: PlotData | None = None
 
     @property
     def passed(self) -> bool:
@@ -149,74 +155,18 @@ class GateResult:
             return None
         return float("inf") if self.drop <= 0 else self.budget / self.drop
 
-    def to_row(self) -> dict[str, Any]:
-        """Return a JSON-able summary row (travels from xdist workers to the controller)."""
-        row = {
-            "id": self.entry_id,
-            "ep": self.ep,
-            "mode": self.mode,
-            "samples": self.samples,
-            "drop": self.drop,
-            "budget": self.budget,
-            "headroom": self.headroom,
-            "verdict": self.verdict,
-            "kind": self.kind,
-            "reason": self.reason,
-            "decision": self.decision,
-            "compare": self.compare,
-            "ci": [self.interval.low, self.interval.high] if self.interval else None,
-            "ci_level": self.interval.level if self.interval else None,
-            "needed_samples": self.needed_samples,
-            "warnings": list(self.warnings),
-            "also": list(self.also),
-            "outputs": [
-                {
-                    "name": o.name,
-                    "drop": o.drop,
-                    "vs_fp32": asdict(o.vs_fp32),
-                    "fp32_vs_target": asdict(o.fp32_vs_target) if o.fp32_vs_target else None,
-                    "int8_vs_target": asdict(o.int8_vs_target) if o.int8_vs_target else None,
-                    "channels": o.channels,
-                    "channel_axis": o.channel_axis,
-                    "worst_channel": o.worst_channel,
-                    "worst_channel_drop": o.worst_channel_drop,
-                    "labels": asdict(o.labels) if o.labels else None,
-                }
-                for o in self.outputs
-            ],
-        }
-        row.update(self.extra)
-        return row
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form (:func:`records.dump`, plus the derived headroom for readers of the report)."""
+        data: dict[str, Any] = dump(self)
+        data["headroom"] = dump(self.headroom)
+        if self.timing is not None:
+            data["timing"]["size_ratio"] = self.timing.size_ratio
+        return data
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> GateResult:
-        """Rebuild the result from its :meth:`to_row` form (a JSON report item, an xdist report attribute)."""
-        known = {"id", "ep", "mode", "samples", "drop", "budget", "headroom", "verdict", "kind", "reason", "decision",
-                 "ci", "ci_level", "needed_samples", "warnings", "also", "outputs", "regenerated", "cached",
-                 "traceback", "log", "status", "compare"}
-        interval = None
-        if row.get("ci") is not None:
-            interval = Interval(float(row["ci"][0]), float(row["ci"][1]), float(row["ci_level"]),
-                                int(row.get("provenance", {}).get("bootstrap", 0) or 0))
-        outputs = []
-        for o in row.get("outputs") or ():
-            labels = o.get("labels")
-            outputs.append(OutputReport(
-                name=o["name"], drop=o["drop"], vs_fp32=PairMetrics(**o["vs_fp32"]),
-                fp32_vs_target=PairMetrics(**o["fp32_vs_target"]) if o.get("fp32_vs_target") else None,
-                int8_vs_target=PairMetrics(**o["int8_vs_target"]) if o.get("int8_vs_target") else None,
-                channels=o.get("channels", 1), channel_axis=o.get("channel_axis"),
-                worst_channel=o.get("worst_channel"), worst_channel_drop=o.get("worst_channel_drop"),
-                labels=None if not labels else LabelReport(
-                    labels["what"], labels["flip_rate"], labels["budget"],
-                    Interval(**labels["interval"]) if labels.get("interval") else None)))
-        return cls(entry_id=row["id"], ep=row["ep"], mode=row["mode"], samples=row["samples"], budget=row["budget"],
-                   verdict=cast(Verdict, row["verdict"]), reason=row["reason"], kind=cast(Kind, row["kind"]),
-                   drop=row.get("drop"),
-                   interval=interval, outputs=tuple(outputs), compare=row.get("compare", "output"),
-                   decision=row.get("decision", "point"), needed_samples=row.get("needed_samples"),
-                   warnings=tuple(row.get("warnings") or ()), also=tuple(row.get("also") or ()),
-                   extra={k: v for k, v in row.items() if k not in known})
+    def from_json(cls, data: Mapping[str, Any]) -> GateResult:
+        """Rebuild the result from :meth:`to_json`'s form; raise RecordError naming a field that does not fit."""
+        return load(cls, data)
 
 
 @dataclass(frozen=True)
@@ -585,7 +535,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
             + (f"about {needed} samples would" if needed else "the drop sits on the budget, no sample count would")
         )
     common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
-                  warnings=tuple(warnings), extra={"fp32_probe": probe})
+                  warnings=tuple(warnings), fp32_probe=tuple(probe))
 
     # every budget is checked and every breach reported; a gross gain/offset error of a residual entry's raw
     # output leads (it is the diagnosis), then the PLCC drop, then the checks PLCC cannot see (gain and offset

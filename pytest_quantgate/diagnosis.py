@@ -35,11 +35,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .records import Diagnosis, TensorError
+from .reports import format_db
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
@@ -115,97 +118,6 @@ class _Sums:
         if self.signal == 0.0:
             return float("-inf")
         return 10.0 * math.log10(self.signal / self.noise)
-
-
-@dataclass(frozen=True)
-class TensorError:
-    """The quantisation error of one tensor.
-
-    ``sqnr_db`` is the local error (fp32 weight vs its dequantised int8 value; an activation before vs after its
-    Q/DQ pair), ``xmodel_db`` the accumulated one (fp32 model tensor vs int8 model tensor of the same name).
-    ``exclude`` lists the fp32 node names whose exclusion keeps this tensor in float.
-    """
-
-    kind: str  # "weight" | "activation" | "output"
-    tensor: str
-    node: str | None
-    sqnr_db: float | None
-    xmodel_db: float | None = None
-    exclude: tuple[str, ...] = ()
-
-    @property
-    def rank_key(self) -> float:
-        """Return the SQNR this tensor is ranked by (local when known, else accumulated)."""
-        value = self.sqnr_db if self.sqnr_db is not None else self.xmodel_db
-        return float("inf") if value is None or math.isnan(value) else value
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    """Ranked per-tensor errors of one int8 sidecar against its fp32 original, and what to try."""
-
-    fp32_path: str
-    int8_path: str
-    format: str  # "qdq" | "dynamic" | "qoperator" | "unknown"
-    feeds: int
-    worst: tuple[TensorError, ...] = ()
-    outputs: tuple[TensorError, ...] = ()
-    analysed: tuple[str, ...] = ()  # what was compared: "weights", "activations", "outputs"
-    suggestion: str = ""
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def lines(self) -> list[str]:
-        """Return the failure-message block: a fixed-width table of the worst tensors and a suggestion line."""
-        head = f"Diagnosis ({self.format} sidecar, {self.feeds} feed(s); SQNR in dB, lower is worse):"
-        out = [head]
-        rows = [("kind", "tensor", "node", "local dB", "vs fp32 dB")]
-        for t in (*self.worst, *self.outputs):
-            rows.append((t.kind, _clip(t.tensor), _clip(t.node or "-"), _db(t.sqnr_db), _db(t.xmodel_db)))
-        if len(rows) > 1:
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            for i, r in enumerate(rows):
-                cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))]
-                out.append("    " + "  ".join(cells).rstrip())
-                if i == 0:
-                    out.append("    " + "  ".join("-" * w for w in widths))
-        else:
-            out.append("    (no tensor could be compared)")
-        if self.suggestion:
-            out.append(f"  Suggestion: {self.suggestion}")
-        out += [f"  note: {n}" for n in self.notes]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict (infinities become the strings "inf"/"-inf")."""
-        raw = asdict(self)
-        result: dict[str, Any] = _jsonable(raw)
-        return result
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _db(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.1f}"
-
-
-def _clip(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -933,7 +845,7 @@ def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorErr
         return "no per-tensor data: compare the outputs above and rebuild the sidecar"
     first = worst[0]
     exclude = ", ".join(repr(n) for n in first.exclude) or repr(first.node)
-    db = _db(first.rank_key)
+    db = format_db(first.rank_key)
     if fmt == "dynamic":
         if first.kind == "weight":
             return (f"weight {first.tensor!r} ({db} dB) loses most; dynamic mode quantises weights per tensor: try "

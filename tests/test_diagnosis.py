@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from pytest_quantgate.diagnosis import Diagnosis, diagnose, feeds_from_fixture, sqnr_db
+from pytest_quantgate.reports import diagnosis_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "model"
@@ -65,7 +66,7 @@ def test_static_qdq_sidecar_weights_activations_and_outputs(residual: tuple[Path
     assert act.xmodel_db is not None and act.exclude and all(n.startswith("/") for n in act.exclude)
     assert [o.tensor for o in diag.outputs] == ["clean"]
     assert diag.outputs[0].xmodel_db > 30
-    lines = diag.lines()
+    lines = diagnosis_lines(diag)
     assert lines[0].startswith("Diagnosis (qdq sidecar, 3 feed(s)")
     assert any("local dB" in line and "vs fp32 dB" in line for line in lines)
     assert any(line.startswith("  Suggestion: ") and "--nodes-to-exclude" in line for line in lines)
@@ -91,7 +92,7 @@ def test_broken_activation_scale_ranks_first(residual: tuple[Path, Path], tmp_pa
     before = next(t for t in healthy.worst if t.tensor == BROKEN_TENSOR).sqnr_db
     assert before - first.sqnr_db == pytest.approx(20 * np.log10(8), abs=3)  # 8x coarser steps: ~18 dB
     assert "'/body/body.3/Relu'" in diag.suggestion and "--nodes-to-exclude" in diag.suggestion
-    assert BROKEN_TENSOR in "\n".join(diag.lines())
+    assert BROKEN_TENSOR in "\n".join(diagnosis_lines(diag))
 
 
 def test_dynamic_sidecar_weights_by_name_and_simulated_activations(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_unreadable_int8_model_is_a_diagnosis_not_an_exception(tmp_path: Path) -
     diag = diagnose(MODEL / "fusion_mlp_v1.onnx", bad, _feeds("fusion_mlp_v1"))
     assert diag.worst == () and diag.analysed == ()
     assert "could not load the models" in diag.notes[0]
-    assert "could not load" in "\n".join(diag.lines())
+    assert "could not load" in "\n".join(diagnosis_lines(diag))
     _check_json(diag)
 
 
