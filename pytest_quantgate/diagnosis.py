@@ -55,11 +55,12 @@ LOCK_NAME = "owner.lock"
 DEFAULT_MEMORY_BYTES = 1 << 30
 # ORT's Python binding copies each output out of its own buffer, so a group's arrays exist twice during a run
 RUN_COPIES = 2
-CHUNK = 1 << 20  # elements turned into float64 at a time by the SQNR sums
+CHUNK = 1 << 18  # elements turned into float64 at a time by the SQNR sums (2 MiB per float64 chunk)
 # an unnamed int8 weight is taken for an fp32 one when their cosine similarity reaches this (int8 rounding gives
 # > 0.99; unrelated trained weights of one shape sit near 0)
 MATCH_COSINE = 0.9
 MATCH_SAMPLE = 4096
+MATCH_MIN_SIZE = 16
 
 
 def sqnr_db(reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]) -> float:
@@ -398,7 +399,7 @@ class _Probe:
     post: str | None  # int8 model tensor after its DequantizeLinear (dynamic: None, the Q/DQ is simulated)
     twin: str | None  # the fp32 model tensor
     floor: float | None  # a Relu fused into the quantisation range: clamp ``pre`` before comparing
-    nbytes: int  # bytes per feed of the arrays this probe holds at once
+    nbytes: int  # bytes per feed of the arrays this probe holds at once (ORT's copy during a run not counted)
 
 
 @dataclass(frozen=True)
@@ -431,10 +432,20 @@ def _plan(probes: Sequence[_Probe], budget: int, unknown: int) -> _Plan:
 
 
 def _cut(graph: _Graph, names: Sequence[str], tmp: Path, tag: str) -> Path:
-    """Save a copy of ``graph`` whose outputs are exactly ``names`` beside its weights file; return its path."""
+    """Save a copy of ``graph`` cut down to what computes ``names``, with exactly those outputs; return its path.
+
+    Nodes and initializers the outputs do not need are dropped, so an early group runs a short graph and ORT reads
+    only the weights it uses from the shared weights file.
+    """
     import onnx
     from onnx import TensorProto, helper
 
+    needed: set[str] = set(names)
+    keep: list[Any] = []
+    for node in reversed(graph.model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(_node_reads(node))
     cut = onnx.ModelProto()
     cut.CopyFrom(graph.model)
     types = {v.name: v.type.tensor_type.elem_type for v in (*cut.graph.value_info, *cut.graph.output)
@@ -442,9 +453,24 @@ def _cut(graph: _Graph, names: Sequence[str], tmp: Path, tag: str) -> Path:
     del cut.graph.output[:]
     for name in names:
         cut.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or TensorProto.FLOAT, None))
+    del cut.graph.node[:]
+    cut.graph.node.extend(reversed(keep))
+    inits = [i for i in cut.graph.initializer if i.name in needed]
+    del cut.graph.initializer[:]
+    cut.graph.initializer.extend(inits)
     path = tmp / f"{tag}.onnx"
     onnx.save_model(cut, str(path))
     return path
+
+
+def _node_reads(node: Any) -> list[str]:
+    """Return the tensors ``node`` reads, including those its subgraphs (If/Loop/Scan bodies) take from outside."""
+    reads = [n for n in node.input if n]
+    for attr in node.attribute:
+        for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+            for inner in sub.node:
+                reads += _node_reads(inner)
+    return reads
 
 
 def _run_cut(graph: _Graph, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], tmp: Path,
@@ -534,8 +560,8 @@ def _sized(probes: Sequence[_Probe], fsizes: Mapping[str, int], qsizes: Mapping[
         if size is None:
             unknown += 1
             size = fallback
-        count = 1 + (p.post is not None) + (p.twin is not None)
-        out.append(_Probe(p.tensor, p.pre, p.post, p.twin, p.floor, size * count))
+        # at most two arrays of a probe are alive at once: int8 pre and post, then post and the fp32 twin
+        out.append(_Probe(p.tensor, p.pre, p.post, p.twin, p.floor, size * 2))
     return out, unknown
 
 
@@ -734,7 +760,7 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
     """Match dequantised weights whose names say nothing to fp32 initializers by shape and value.
 
     ``values(key)`` returns the dequantised float64 array of ``shapes[key]``. A candidate is an fp32 float initializer
-    of the same shape (or, for a matrix, the transposed shape); similarity is the cosine of the two arrays, first on an
+    of ≥ 2 dimensions and ≥ 16 values with the same shape (or, for a matrix, the transposed shape); similarity is the cosine of the two arrays, first on an
     evenly spaced sample, then on the full arrays for the best candidate; when that is too low and each output channel
     has ≥ 8 values, the cosine after a per-channel least-squares scale (a BatchNorm folded into a Conv by ORT's
     ConvBnFusion). Pairs are assigned greedily, best first, one fp32 initializer per int8 weight. Returns
@@ -743,11 +769,12 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
     taken = set(exclude)
     by_shape: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
     for name, init in fgraph.initializers.items():
-        if name in taken or not _float_init(init) or len(init.dims) == 0:
-            continue
         dims = tuple(int(d) for d in init.dims)
+        # vectors (biases, BatchNorm parameters) are left out: short and often all positive, they look alike
+        if name in taken or not _float_init(init) or len(dims) < 2 or int(np.prod(dims)) < MATCH_MIN_SIZE:
+            continue
         by_shape.setdefault(dims, []).append((name, False))
-        if len(dims) == 2 and dims[0] != dims[1]:
+        if len(dims) == 2:
             by_shape.setdefault(dims[::-1], []).append((name, True))
     scored: list[tuple[float, str, str, bool, str]] = []
     for key, shape in shapes.items():
@@ -769,8 +796,16 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
         if key in found or name in taken:
             continue
         taken.add(name)
-        ref = _aligned(fgraph, name, transposed)
-        found[key] = (name, _channel_scaled(ref, values(key)) if how == "scaled" else ref, how)
+        ref, deq = _aligned(fgraph, name, transposed), values(key)
+        if how == "value" and _scaled_cosine(ref, deq) is not None:
+            # a plain match may still carry a folded per-channel scale: fitting one gain per channel of ≥ 8 values
+            # removes at most 1/8 of pure rounding noise, so halving the residual means the scale is real
+            scaled = _channel_scaled(ref, deq)
+            if float(np.sum((deq - scaled) ** 2)) < 0.5 * float(np.sum((deq - ref) ** 2)):
+                ref, how = scaled, "scaled"
+        elif how == "scaled":
+            ref = _channel_scaled(ref, deq)
+        found[key] = (name, ref, how)
     return found
 
 
