@@ -97,7 +97,11 @@ def conv_bn(path: Path, channels: int = 8, size: int = 32, seed: int = 9) -> Pat
 def quantise_qdq(fp32: Path, int8: Path, calibration: np.ndarray, pre_process: bool = False,
                  per_channel: bool = True) -> Path:
     """Write a static QDQ int8 sidecar of ``fp32`` calibrated on ``calibration`` (optionally after quant_pre_process)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        quantize_static,
+    )
 
     source = fp32
     if pre_process:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import convkit
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
+from pytest_quantgate import diagnosis
 from pytest_quantgate.diagnosis import Diagnosis, diagnose, feeds_from_fixture, sqnr_db
 from pytest_quantgate.reports import diagnosis_lines
 
@@ -144,18 +153,6 @@ def test_float_only_sidecar_and_wrong_feeds(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # bounded memory, temporary folders, log noise, renamed weights
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import convkit  # noqa: E402
-
-from pytest_quantgate import diagnosis  # noqa: E402
-
 MiB = 1 << 20
 
 
@@ -195,7 +192,7 @@ def _diagnose_in_child(chain: tuple[Path, Path, Path], bound: int, work: Path) -
     fp32, int8, npz = chain
     proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(fp32), str(int8), str(npz), str(bound), str(work)],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     return found["peak"] - found["base"], found["diag"]
@@ -310,7 +307,7 @@ def test_folder_of_a_killed_diagnosis_is_swept_by_the_next(residual: tuple[Path,
 def test_sweep_without_a_lock_file_goes_by_the_pid(tmp_path: Path) -> None:
     mine = tmp_path / f"{diagnosis.TEMP_PREFIX}{os.getpid()}-abc"
     mine.mkdir()
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead = tmp_path / f"{diagnosis.TEMP_PREFIX}{int(child.stdout)}-def"
     (dead / "sub").mkdir(parents=True)
     other = tmp_path / f"{diagnosis.TEMP_PREFIX}abc"  # no owner in the name: never guessed at
