@@ -32,13 +32,14 @@ def photo_crops(count: int, size: int, seed: int = 3) -> np.ndarray:
     return np.stack(crops)[:, None].astype(np.float32)
 
 
-def conv_chain(path: Path, layers: int = 3, channels: int = 8, size: int = 256, seed: int = 5) -> Path:
-    """Save a Conv-Relu chain 1→channels→…→1 keeping ``channels``×``size``×``size`` maps; return ``path``."""
+def conv_chain(path: Path, layers: int = 3, channels: int = 8, size: int = 256, seed: int = 5,
+               out_channels: int = 1) -> Path:
+    """Save a Conv-Relu chain 1→channels→…→out_channels (plus the input) on ``size``×``size`` maps; return ``path``."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
     prev, prev_ch = "image", 1
     for i in range(layers):
-        out_ch = 1 if i == layers - 1 else channels
+        out_ch = out_channels if i == layers - 1 else channels
         w = rng.normal(0.0, np.sqrt(2.0 / (prev_ch * 9)), size=(out_ch, prev_ch, 3, 3)).astype(np.float32)
         b = rng.normal(0.0, 0.05, size=(out_ch,)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"conv{i}.weight"), numpy_helper.from_array(b, f"conv{i}.bias")]
@@ -55,7 +56,7 @@ def conv_chain(path: Path, layers: int = 3, channels: int = 8, size: int = 256, 
     graph = helper.make_graph(
         nodes, "conv_chain",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])],
-        [helper.make_tensor_value_info("restored", TensorProto.FLOAT, ["N", 1, size, size])],
+        [helper.make_tensor_value_info("restored", TensorProto.FLOAT, ["N", out_channels, size, size])],
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
