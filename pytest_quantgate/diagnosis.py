@@ -762,11 +762,12 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
     """Match dequantised weights whose names say nothing to fp32 initializers by shape and value.
 
     ``values(key)`` returns the dequantised float64 array of ``shapes[key]``. A candidate is an fp32 float initializer
-    of ≥ 2 dimensions and ≥ 16 values with the same shape (or, for a matrix, the transposed shape); similarity is the cosine of the two arrays, first on an
-    evenly spaced sample, then on the full arrays for the best candidate; when that is too low and each output channel
-    has ≥ 8 values, the cosine after a per-channel least-squares scale (a BatchNorm folded into a Conv by ORT's
-    ConvBnFusion). Pairs are assigned greedily, best first, one fp32 initializer per int8 weight. Returns
-    {key: (fp32 name, the reference laid out like the int8 weight, "value" | "scaled")}.
+    of ≥ 2 dimensions and ≥ 16 values with the same shape (or, for a matrix, the transposed shape); similarity is the
+    cosine of the two arrays, first on an evenly spaced sample, then on the full arrays for the best candidate; when
+    that is too low and each output channel has ≥ 8 values, the cosine after a per-channel least-squares scale (a
+    BatchNorm folded into a Conv by ORT's ConvBnFusion). Pairs are assigned greedily, best first, one fp32
+    initializer per int8 weight. Returns {key: (fp32 name, the reference laid out like the int8 weight, "value" |
+    "scaled")}.
     """
     taken = set(exclude)
     by_shape: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
