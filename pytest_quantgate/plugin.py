@@ -182,8 +182,14 @@ class QuantGateSession:
         data = getattr(report, "quantgate_outcome", None)
         if data is not None:
             from .gate import Outcome
+            from .records import RecordError
 
-            self.config.stash[OUTCOMES_KEY][report.nodeid] = Outcome.from_json(data)
+            try:
+                outcome = Outcome.from_json(data)
+            except RecordError as exc:  # a bug, never a reason to lose the other items' summary
+                outcome = Outcome(str(data.get("id", report.nodeid)), str(data.get("ep", "-")), "-", "error",
+                                  f"quantgate could not read this item's outcome from its worker: {exc}")
+            self.config.stash[OUTCOMES_KEY][report.nodeid] = outcome
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

@@ -352,3 +352,23 @@ def test_strict_mode_turns_an_unresolvable_fixture_into_an_error(project: GatePr
     strict = project.run("--quantgate-strict")
     strict.assert_outcomes(errors=1)
     strict.stdout.fnmatch_lines(["*quantgate ERROR: tiny [[]cpu[]]:*straddles the budget*(--quantgate-strict)*"])
+
+
+def test_an_unreadable_outcome_from_a_worker_is_that_items_error_not_an_internal_error(project: GateProject) -> None:
+    """The controller rebuilds each outcome from its report; one that does not load loses nothing else."""
+    project.write([project.add_sidecar("good"), project.add_sidecar("other")])
+    project.pytester.makeconftest('''
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report):
+    data = getattr(report, "quantgate_outcome", None)
+    if data is not None and data["id"] == "other":
+        report.quantgate_outcome = {**data, "status": "bogus"}
+''')
+    result = project.run("--quantgate-report", "r.json")
+    result.assert_outcomes(passed=2)
+    assert "INTERNALERROR" not in result.stdout.str()
+    items = {i["id"]: i for i in json.loads((project.root / "r.json").read_text())["items"]}
+    assert items["good"]["verdict"] == "PASS" and items["other"]["verdict"] == "ERROR"
+    assert "Outcome.status: 'bogus' is not one of" in items["other"]["reason"]
