@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .registry import DEFAULT_BUDGET_PLCC, Entry, Registry
+from .registry import Entry, Registry
 from .settings import Settings
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from .comparison import GateResult
 
 STAGES = ("dynamic", "static", "exclusions", "int4", "qat", "qad")
 MIN_CALIBRATION_SAMPLES = 100  # the QAT literature's "100+ representative batches"
@@ -65,27 +67,52 @@ class CandidateResult:
     candidate: Candidate
     status: str
     reason: str = ""
-    drop: float | None = None
-    interval: tuple[float, float] | None = None
-    budget: float | None = None
-    verdict: str = ""
-    int8_ms: float | None = None
-    int8_bytes: int | None = None
+    gate: GateResult | None = None  # the gate's own result, when the candidate was measured
     sha256: str | None = None
     path: Path | None = None
-    row: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         """Return True when the gate passed this candidate."""
         return self.status == "pass"
 
+    @property
+    def drop(self) -> float | None:
+        """Return the measured drop."""
+        return self.gate.drop if self.gate is not None else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """Return the drop's bootstrap interval."""
+        ci = self.gate.interval if self.gate is not None else None
+        return (ci.low, ci.high) if ci is not None else None
+
+    @property
+    def budget(self) -> float | None:
+        """Return the budget the candidate was gated against."""
+        return self.gate.budget if self.gate is not None else None
+
+    @property
+    def verdict(self) -> str:
+        """Return the gate's verdict, or "" when nothing was measured."""
+        return self.gate.verdict if self.gate is not None else ""
+
+    @property
+    def int8_ms(self) -> float | None:
+        """Return the int8 latency per sample the gate measured."""
+        return self.gate.timing.int8_ms if self.gate is not None and self.gate.timing is not None else None
+
+    @property
+    def int8_bytes(self) -> int | None:
+        """Return the sidecar's size on disk."""
+        return self.gate.timing.int8_bytes if self.gate is not None and self.gate.timing is not None else None
+
     def to_dict(self) -> dict[str, Any]:
-        """Return the result as JSON-ready data (the gate's own row included)."""
+        """Return the result as JSON-ready data (the gate's own result included)."""
         return {**self.candidate.to_dict(), "status": self.status, "reason": self.reason, "drop": self.drop,
                 "ci": list(self.interval) if self.interval else None, "budget": self.budget, "verdict": self.verdict,
                 "int8_ms": self.int8_ms, "int8_bytes": self.int8_bytes, "int8_sha256": self.sha256,
-                "gate": dict(self.row)}
+                "gate": self.gate.to_json() if self.gate is not None else {}}
 
 
 @dataclass(frozen=True)
@@ -152,17 +179,7 @@ def _gate_candidate(registry: Registry, entry: Entry, int8_path: Path, ep: str, 
     sha = sha256_file(int8_path) if int8_path.is_file() else None
     if result is None:
         return CandidateResult(placeholder, outcome.status, outcome.message, sha256=sha, path=int8_path)
-    interval = (result.interval.low, result.interval.high) if result.interval is not None else None
-    return CandidateResult(
-        placeholder, outcome.status, outcome.message, drop=result.drop, interval=interval, budget=result.budget,
-        verdict=result.verdict, int8_ms=result.extra.get("int8_ms"), int8_bytes=result.extra.get("int8_bytes"),
-        sha256=sha, path=int8_path, row=_jsonable_row(result.to_row()),
-    )
-
-
-def _jsonable_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    parsed: dict[str, Any] = json.loads(json.dumps(row, default=str))
-    return parsed
+    return CandidateResult(placeholder, outcome.status, outcome.message, result, sha256=sha, path=int8_path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,10 +327,9 @@ class _Run:
         self.recipe: Path | None = None
 
     def budget_entry(self, mode: str) -> Entry:
-        """Return the entry as the gate would see it under ``mode`` (an explicit budget stays, else the mode's)."""
-        explicit = self.entry.explicit_budget_plcc
-        budget = float(explicit if explicit is not None else DEFAULT_BUDGET_PLCC.get(mode, 0.0))
-        return dataclasses.replace(self.entry, mode=mode, budget_plcc=budget)
+        """Return the entry as the gate will see it once written with ``mode`` (that mode's default budget and
+        deploy batch, unless the entry sets them): the candidate's numbers are then the ones measure repeats."""
+        return self.entry.as_mode(mode)
 
     def try_candidate(self, candidate: Candidate, calibration: Path | None) -> CandidateResult:
         """Build and gate one candidate; a producer failure is an error row, never an exception."""

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .comparison import GateResult
 from .fileio import sha256_file
+from .records import RecordError
 from .registry import Entry, Registry
 from .settings import Settings
 
-CACHE_PREFIX = "quantgate/v1/"
+CACHE_PREFIX = "quantgate/v2/"  # v2: typed GateResult records (v1 held row dicts)
 
 
 def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | None:
@@ -46,44 +48,56 @@ def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | 
 
 
 class PytestCache:
-    """Passing rows in pytest's own cache (``.pytest_cache``), shared by xdist workers."""
+    """Passing results in pytest's own cache (``.pytest_cache``), shared by xdist workers."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
 
-    def get(self, digest: str) -> dict[str, Any] | None:
-        """Return the row cached for this digest, if any."""
+    def get(self, digest: str) -> GateResult | None:
+        """Return the result cached for this digest, if any."""
         if self.config.cache is None:
             return None
-        value = self.config.cache.get(CACHE_PREFIX + digest, None)
-        return dict(value) if isinstance(value, dict) else None
+        return _load(self.config.cache.get(CACHE_PREFIX + digest, None))
 
-    def set(self, digest: str, row: dict[str, Any]) -> None:
-        """Remember a passing row (failures are never cached: they must be re-measured)."""
+    def set(self, digest: str, result: GateResult) -> None:
+        """Remember a passing result (failures are never cached: they must be re-measured)."""
         if self.config.cache is not None:
-            self.config.cache.set(CACHE_PREFIX + digest, _slim(row))
+            self.config.cache.set(CACHE_PREFIX + digest, _slim(result))
 
 
 class FolderCache:
-    """Passing rows as JSON files in a folder: the cache of ``quantgate measure --cache``."""
+    """Passing results as JSON files in a folder: the cache of ``quantgate measure --cache``."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def get(self, digest: str) -> dict[str, Any] | None:
-        """Return the row cached for this digest, if any."""
+    def get(self, digest: str) -> GateResult | None:
+        """Return the result cached for this digest, if any."""
         try:
             value = json.loads((self.folder / f"{digest}.json").read_text("utf-8"))
         except (OSError, ValueError):
             return None
-        return dict(value) if isinstance(value, dict) else None
+        return _load(value)
 
-    def set(self, digest: str, row: dict[str, Any]) -> None:
-        """Remember a passing row atomically."""
+    def set(self, digest: str, result: GateResult) -> None:
+        """Remember a passing result atomically."""
         from .fileio import atomic_write_text
 
-        atomic_write_text(self.folder / f"{digest}.json", json.dumps(_slim(row), default=str))
+        atomic_write_text(self.folder / f"{digest}.json", json.dumps(_slim(result)))
 
 
-def _slim(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in ("plot", "diagnosis", "diagnosis_lines")}
+def _slim(result: GateResult) -> dict[str, Any]:
+    """Return the JSON form without the plot and diagnosis: a cached pass is shown in the summary, not plotted."""
+    return result.to_json() if result.plot is None and result.diagnosis is None else \
+        replace(result, plot=None, diagnosis=None).to_json()
+
+
+def _load(value: Any) -> GateResult | None:
+    """Return the cached result, or None for anything unreadable (an older format, a hand-edited file): a miss."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        result = GateResult.from_json(value)
+    except (RecordError, TypeError):
+        return None
+    return result if result.passed else None

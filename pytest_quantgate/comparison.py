@@ -66,13 +66,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, cast
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
 from .errors import FixtureError
 from .metrics import Interval, MomentTerm, PairMetrics, bootstrap_drop, samples_needed
+from .records import Diagnosis, LineageRecord, PlotData, Provenance, Timing, dump, load
 from .soak import Fixture, TensorSpec
 from .streaming import MAD, SA, SAA, SB, SBB, LabelAccumulator, N, PairAccumulator, describe_sums, pair_moments
 
@@ -119,7 +120,7 @@ class OutputReport:
 class GateResult:
     """The verdict of one entry on one EP, with every number needed to explain it."""
 
-    entry_id: str
+    entry_id: str = field(metadata={"json": "id"})
     ep: str
     mode: str
     samples: int
@@ -135,7 +136,12 @@ class GateResult:
     needed_samples: int | None = None
     warnings: tuple[str, ...] = ()
     also: tuple[str, ...] = ()  # further budget breaches after the first
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    fp32_probe: tuple[float, ...] = ()  # a few fp32 output values, to compare the fp32 baseline across EPs
+    timing: Timing | None = None
+    provenance: Provenance | None = None
+    lineage: LineageRecord | None = None
+    diagnosis: Diagnosis | None = None
+    plot: PlotData | None = None
 
     @property
     def passed(self) -> bool:
@@ -149,74 +155,18 @@ class GateResult:
             return None
         return float("inf") if self.drop <= 0 else self.budget / self.drop
 
-    def to_row(self) -> dict[str, Any]:
-        """Return a JSON-able summary row (travels from xdist workers to the controller)."""
-        row = {
-            "id": self.entry_id,
-            "ep": self.ep,
-            "mode": self.mode,
-            "samples": self.samples,
-            "drop": self.drop,
-            "budget": self.budget,
-            "headroom": self.headroom,
-            "verdict": self.verdict,
-            "kind": self.kind,
-            "reason": self.reason,
-            "decision": self.decision,
-            "compare": self.compare,
-            "ci": [self.interval.low, self.interval.high] if self.interval else None,
-            "ci_level": self.interval.level if self.interval else None,
-            "needed_samples": self.needed_samples,
-            "warnings": list(self.warnings),
-            "also": list(self.also),
-            "outputs": [
-                {
-                    "name": o.name,
-                    "drop": o.drop,
-                    "vs_fp32": asdict(o.vs_fp32),
-                    "fp32_vs_target": asdict(o.fp32_vs_target) if o.fp32_vs_target else None,
-                    "int8_vs_target": asdict(o.int8_vs_target) if o.int8_vs_target else None,
-                    "channels": o.channels,
-                    "channel_axis": o.channel_axis,
-                    "worst_channel": o.worst_channel,
-                    "worst_channel_drop": o.worst_channel_drop,
-                    "labels": asdict(o.labels) if o.labels else None,
-                }
-                for o in self.outputs
-            ],
-        }
-        row.update(self.extra)
-        return row
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form (:func:`records.dump`, plus the derived headroom for readers of the report)."""
+        data: dict[str, Any] = dump(self)
+        data["headroom"] = dump(self.headroom)
+        if self.timing is not None:
+            data["timing"]["size_ratio"] = self.timing.size_ratio
+        return data
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> GateResult:
-        """Rebuild the result from its :meth:`to_row` form (a JSON report item, an xdist report attribute)."""
-        known = {"id", "ep", "mode", "samples", "drop", "budget", "headroom", "verdict", "kind", "reason", "decision",
-                 "ci", "ci_level", "needed_samples", "warnings", "also", "outputs", "regenerated", "cached",
-                 "traceback", "log", "status", "compare"}
-        interval = None
-        if row.get("ci") is not None:
-            interval = Interval(float(row["ci"][0]), float(row["ci"][1]), float(row["ci_level"]),
-                                int(row.get("provenance", {}).get("bootstrap", 0) or 0))
-        outputs = []
-        for o in row.get("outputs") or ():
-            labels = o.get("labels")
-            outputs.append(OutputReport(
-                name=o["name"], drop=o["drop"], vs_fp32=PairMetrics(**o["vs_fp32"]),
-                fp32_vs_target=PairMetrics(**o["fp32_vs_target"]) if o.get("fp32_vs_target") else None,
-                int8_vs_target=PairMetrics(**o["int8_vs_target"]) if o.get("int8_vs_target") else None,
-                channels=o.get("channels", 1), channel_axis=o.get("channel_axis"),
-                worst_channel=o.get("worst_channel"), worst_channel_drop=o.get("worst_channel_drop"),
-                labels=None if not labels else LabelReport(
-                    labels["what"], labels["flip_rate"], labels["budget"],
-                    Interval(**labels["interval"]) if labels.get("interval") else None)))
-        return cls(entry_id=row["id"], ep=row["ep"], mode=row["mode"], samples=row["samples"], budget=row["budget"],
-                   verdict=cast(Verdict, row["verdict"]), reason=row["reason"], kind=cast(Kind, row["kind"]),
-                   drop=row.get("drop"),
-                   interval=interval, outputs=tuple(outputs), compare=row.get("compare", "output"),
-                   decision=row.get("decision", "point"), needed_samples=row.get("needed_samples"),
-                   warnings=tuple(row.get("warnings") or ()), also=tuple(row.get("also") or ()),
-                   extra={k: v for k, v in row.items() if k not in known})
+    def from_json(cls, data: Mapping[str, Any]) -> GateResult:
+        """Rebuild the result from :meth:`to_json`'s form; raise RecordError naming a field that does not fit."""
+        return load(cls, data)
 
 
 @dataclass(frozen=True)
@@ -404,43 +354,153 @@ class Collector:
 # --- budget checks: each returns its breaches (kind, text) ----------------------------------------------------
 
 
-def _degenerate(name: str, acc: PairAccumulator, what: str) -> tuple[Kind, str] | None:
-    """Return a breach when an output holds NaN/inf or is constant (raw outputs first)."""
+@dataclass(frozen=True)
+class Breach:
+    """One budget a result breaks: its kind (what the report's remedy dispatches on) and the sentence saying so."""
+
+    kind: Kind
+    reason: str
+
+
+# --- the checks: each looks at one thing and returns the breaches it finds --------------------------------------
+
+
+def _degenerate(name: str, acc: PairAccumulator, what: str) -> Breach | None:
+    """Return a breach when an output holds NaN/inf or is constant."""
     bad_a, bad_b, count = acc.nonfinite()
     if bad_a or bad_b:
         side = "fp32" if bad_a else "int8"
-        return "nonfinite", f"{side} output {name!r}{what} has NaN/inf values in {count} of {acc.samples} samples"
+        return Breach("nonfinite", f"{side} output {name!r}{what} has NaN/inf values in {count} of {acc.samples} "
+                                   f"samples")
     rows = acc.output_rows()
     totals = rows.sum(axis=0)
     n = totals[N]
     for side, s, ss in (("fp32", SA, SAA), ("int8", SB, SBB)):
         var = totals[ss] - totals[s] ** 2 / n if n else 0.0
         if n < 2 or var <= 0.0:
-            return "constant", f"{side} output {name!r}{what} is constant"
+            return Breach("constant", f"{side} output {name!r}{what} is constant")
     return None
 
 
-def _affine(name: str, m: PairMetrics, budget: float, what: str = "") -> tuple[Kind, str] | None:
+def check_degenerate(c: Collector) -> Breach | None:
+    """Return the first output that is NaN/inf or constant; raw outputs first (a constant output minus the
+    residual input is not constant)."""
+    for plan in c.plans:
+        name = plan.spec.name
+        if plan.labels:
+            continue
+        if name in c.raw:
+            found = _degenerate(name, c.raw[name], "")
+            if found is not None:
+                return found
+        found = _degenerate(name, c.values[name], " (residual)" if name in c.raw else "")
+        if found is not None:
+            return found
+    return None
+
+
+def check_affine(name: str, m: PairMetrics, budget: float, what: str = "") -> Breach | None:
+    """Return a breach when int8 ≈ a·fp32 + b with a gain or offset beyond ``quant_budget_slope`` (the one rule)."""
     if abs(m.slope - 1.0) <= budget and m.offset_rel <= budget:
         return None
-    return "affine", (f"output {name!r}{what}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset error "
-                      f"exceeds quant_budget_slope {budget:g} (|slope−1| {abs(m.slope - 1):.4f}, offset "
-                      f"{m.offset_rel:.4f} std)")
+    return Breach("affine", f"output {name!r}{what}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset "
+                            f"error exceeds quant_budget_slope {budget:g} (|slope−1| {abs(m.slope - 1):.4f}, offset "
+                            f"{m.offset_rel:.4f} std)")
 
 
-def _absolute(name: str, m: PairMetrics, entry: Entry) -> list[tuple[Kind, str]]:
-    out: list[tuple[Kind, str]] = []
+def check_absolute(name: str, m: PairMetrics, entry: Entry) -> list[Breach]:
+    """Return breaches of the optional absolute error budgets (``quant_budget_mae``, ``quant_budget_max_abs``)."""
+    out: list[Breach] = []
     if entry.budget_mae is not None and m.mae > entry.budget_mae:
-        out.append(("mae", f"output {name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae "
-                           f"{entry.budget_mae:g}"))
+        out.append(Breach("mae", f"output {name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae "
+                                 f"{entry.budget_mae:g}"))
     if entry.budget_max_abs is not None and m.max_abs > entry.budget_max_abs:
-        out.append(("max_abs", f"output {name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds quant_budget_max_abs "
-                               f"{entry.budget_max_abs:g}"))
+        out.append(Breach("max_abs", f"output {name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds "
+                                     f"quant_budget_max_abs {entry.budget_max_abs:g}"))
     return out
+
+
+def over_budget(value: float, interval: Interval | None, budget: float, decision: str) -> bool:
+    """Return whether ``value`` breaks ``budget`` under the decision rule (the one drop rule, also for labels)."""
+    if decision == "conservative" and interval is not None:
+        return interval.high > budget
+    return value > budget
+
+
+def check_drop(worst: OutputReport, interval: Interval | None, budget: Budget, decision: str) -> Breach | None:
+    """Return a breach when the worst output's drop exceeds the budget, saying where the drop comes from."""
+    drop = worst.drop
+    if not over_budget(drop, interval, budget.value, decision):
+        return None
+    bound = "" if decision == "point" or interval is None else (
+        f" (upper {interval.level:.0%} bound {interval.high:.6f})")
+    how = ""
+    if worst.fp32_vs_target is not None and worst.int8_vs_target is not None:
+        target_drop = worst.fp32_vs_target.plcc - worst.int8_vs_target.plcc
+        if drop > target_drop + 1e-12:
+            how = (f"; implied by int8 vs fp32 PLCC {worst.vs_fp32.plcc:.6f} (the int8 output does not track "
+                   f"the fp32 output; against the target alone the drop is {target_drop:.6f})")
+    if worst.worst_channel_drop is not None and worst.worst_channel_drop >= drop:
+        how += (f"; worst channel {worst.worst_channel} of {worst.channels} along axis {worst.channel_axis} "
+                f"(whole-output drop {1.0 - worst.vs_fp32.plcc:.6f})")
+    return Breach(budget.kind, f"PLCC drop {drop:.6f} > budget {budget.value:g}{bound} on output {worst.name!r}"
+                               f"{budget.note}{how}")
+
+
+# --- the metrics of each output --------------------------------------------------------------------------------
 
 
 def _metrics(values: np.ndarray, shift: np.ndarray, x: int, y: int, sample: np.ndarray) -> PairMetrics:
     return PairMetrics(**describe_sums(values, shift, x, y, sample))
+
+
+def _pair_metrics(acc: PairAccumulator, pairs: Sequence[tuple[int, int]]) -> list[PairMetrics]:
+    """Return the metrics of each pair of columns (0 fp32, 1 int8, 2 target) over every sample."""
+    rows = acc.output_rows()
+    totals = rows.sum(axis=0)
+    totals[MAD] = rows[:, MAD].max()  # the largest |error| is a max over samples, not a sum
+    shift, sample = acc.output_shift(), acc.reservoir()
+    return [_metrics(totals, shift, x, y, sample) for x, y in pairs]
+
+
+def _channel_drop(acc: PairAccumulator) -> tuple[MomentTerm, int, float]:
+    """Return the per-channel drop term, the worst judged channel and its drop."""
+    sums = acc.channel_sums()
+    count = sums.values[:, N]
+    fp32_std = np.sqrt(np.maximum(sums.values[:, SAA] - sums.values[:, SA] ** 2 / count, 0.0) / count)
+    fp32_mean = sums.values[:, SA] / count + acc.shift[0] if acc.shift is not None else 0.0
+    # a channel whose fp32 values vary by less than one 8-bit step of their own magnitude (a saturated sigmoid,
+    # an unused class) carries nothing int8 can keep: it is not judged; a real score channel (0-1 next to 0-320
+    # px boxes) varies far more and is
+    mask = (fp32_std > 0) & (fp32_std >= (np.abs(fp32_mean) + fp32_std) / 256.0)
+    fidelity = 1.0 - sums.plcc(0, 1)
+    fidelity = np.where(np.isfinite(fidelity), fidelity, 1.0)
+    fidelity = np.where(mask, fidelity, -np.inf)
+    worst = int(np.argmax(fidelity))
+    return MomentTerm(pair_moments(acc.stats, 0, 1), mask=mask), worst, float(fidelity[worst])
+
+
+def output_report(plan: OutputPlan, acc: PairAccumulator) -> tuple[OutputReport, list[MomentTerm]]:
+    """Return one value output's metrics and drop, and the bootstrap terms that drop is made of."""
+    with_target = plan.target and acc.with_target
+    rows = acc.output_rows()
+    term = MomentTerm(pair_moments(rows, 0, 1), pair_moments(rows, 0, 2) if with_target else None,
+                      pair_moments(rows, 1, 2) if with_target else None, implied=True)
+    terms = [term]
+    drop = term.point()
+    worst_channel = worst_drop = None
+    if acc.channels > 1:
+        channel_term, worst_channel, worst_drop = _channel_drop(acc)
+        terms.append(channel_term)
+        drop = max(drop, worst_drop)
+    if with_target:
+        vs_fp32, fp32_t, int8_t = _pair_metrics(acc, [(0, 1), (0, 2), (1, 2)])
+    else:
+        (vs_fp32,), fp32_t, int8_t = _pair_metrics(acc, [(0, 1)]), None, None
+    report = OutputReport(plan.spec.name, drop, vs_fp32, fp32_t, int8_t, channels=acc.channels,
+                          channel_axis=plan.channel_axis if acc.channels > 1 else None,
+                          worst_channel=worst_channel, worst_channel_drop=worst_drop)
+    return report, terms
 
 
 def _label_term(acc: LabelAccumulator) -> Any:
@@ -451,175 +511,130 @@ def _label_term(acc: LabelAccumulator) -> Any:
     return _Term()
 
 
+def label_reports(c: Collector, options: CompareOptions) -> tuple[dict[str, LabelReport], list[Breach]]:
+    """Return the agreement of every label output (and argmax view) and the ones over their flip budget."""
+    entry = c.entry
+    budget = entry.budget_label_flip if entry.budget_label_flip is not None else DEFAULT_LABEL_FLIP
+    reports: dict[str, LabelReport] = {}
+    breaches: list[Breach] = []
+    for key, lab in sorted(c.labels.items()):
+        rate = float(lab.rate())
+        interval = bootstrap_drop([_label_term(lab)], c.samples, options.bootstrap, c.seed, options.confidence)
+        what = "labels" if not key.endswith(":argmax") else f"argmax(axis={entry.argmax_axis})"
+        reports[key] = LabelReport(what, rate, budget, interval)
+        if over_budget(rate, interval, budget, options.decision):
+            breaches.append(Breach("labels", f"output {key.removesuffix(':argmax')!r}: {what} differ on {rate:.2%} "
+                                             f"of elements (int8 vs fp32), over quant_budget_label_flip {budget:g}"))
+    return reports, breaches
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The PLCC budget that applies: the entry's, or the one ``quant_budget_relative`` derives from the target."""
+
+    value: float
+    kind: Kind = "drop"
+    note: str = ""
+
+
+def plcc_budget(entry: Entry, reports: Sequence[OutputReport]) -> Budget:
+    """Return the budget the drop is held to (``quant_budget_relative`` r: ``(1 − r) · PLCC(fp32, t)``)."""
+    relative = entry.budget_relative
+    if relative is None:
+        return Budget(entry.budget_plcc)
+    ref_t = next((r.fp32_vs_target for r in reports if r.fp32_vs_target is not None), None)
+    if ref_t is None:
+        raise FixtureError(f"entry {entry.id!r} field 'quant_budget_relative': no output is compared with the "
+                           f"fixture's target")
+    allowed = (1.0 - relative) * ref_t.plcc
+    explicit = entry.explicit_budget_plcc
+    return Budget(allowed if explicit is None else min(float(explicit), allowed), "relative",
+                  f" (quant_budget_relative {relative:g}: int8 PLCC vs target must be >= {relative:g} × fp32 PLCC "
+                  f"vs target {ref_t.plcc:.6f})")
+
+
+# --- one decision ------------------------------------------------------------------------------------------------
+
+
 def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
+    """Measure every output, run every check, and turn the breaches into one verdict (the first one leads)."""
     entry = c.entry
     samples = c.samples
     base: dict[str, Any] = dict(entry_id=entry.id, ep=ep, mode=entry.mode, samples=samples,
                                 budget=entry.budget_plcc, compare=entry.compare, decision=options.decision)
     if c.target_range[0] == c.target_range[1]:
         raise FixtureError(f"{c.where}: array 'target' is constant; a correlation against it is undefined")
+    degenerate = check_degenerate(c)
+    if degenerate is not None:
+        return GateResult(**base, verdict=FAIL, kind=degenerate.kind, reason=degenerate.reason)
+
     reports: list[OutputReport] = []
     terms: list[MomentTerm] = []
-    breaches: list[tuple[Kind, str]] = []
-    probe: list[float] = []
+    breaches: list[Breach] = []  # a residual entry's gross raw gain/offset error leads: it is the diagnosis
     for plan in c.plans:
-        name = plan.spec.name
         if plan.labels:
             continue
-        acc = c.values[name]
-        if name in c.raw:
-            # raw outputs first: a constant output minus the residual input is not constant
-            found = _degenerate(name, c.raw[name], "")
-            if found is not None:
-                return GateResult(**base, verdict=FAIL, kind=found[0], reason=found[1], outputs=tuple(reports))
-        found = _degenerate(name, acc, " (residual)" if name in c.raw else "")
-        if found is not None:
-            return GateResult(**base, verdict=FAIL, kind=found[0], reason=found[1], outputs=tuple(reports))
-        sample = acc.reservoir()
-        if not probe:
-            probe = [float(v) for v in sample[:64, 0]]
-        rows = acc.output_rows()
-        shift = acc.output_shift()
-        totals = rows.sum(axis=0)
-        totals[MAD] = rows[:, MAD].max()
-        vs_fp32 = _metrics(totals, shift, 0, 1, sample)
-        has_t = plan.target and acc.with_target
-        fp32_t = _metrics(totals, shift, 0, 2, sample) if has_t else None
-        int8_t = _metrics(totals, shift, 1, 2, sample) if has_t else None
-        term = MomentTerm(pair_moments(rows, 0, 1),
-                          pair_moments(rows, 0, 2) if has_t else None,
-                          pair_moments(rows, 1, 2) if has_t else None, implied=True)
-        drop = term.point()
-        terms.append(term)
-        worst_channel = worst_drop = None
-        if acc.channels > 1:
-            sums = acc.channel_sums()
-            count = sums.values[:, N]
-            fp32_std = np.sqrt(np.maximum(sums.values[:, SAA] - sums.values[:, SA] ** 2 / count, 0.0) / count)
-            fp32_mean = sums.values[:, SA] / count + acc.shift[0] if acc.shift is not None else 0.0
-            # a channel whose fp32 values vary by less than one 8-bit step of their own magnitude (a saturated
-            # sigmoid, an unused class) carries nothing int8 can keep: it is not judged; a real score channel
-            # (0-1 next to 0-320 px boxes) varies far more and is
-            mask = (fp32_std > 0) & (fp32_std >= (np.abs(fp32_mean) + fp32_std) / 256.0)
-            channel_term = MomentTerm(pair_moments(acc.stats, 0, 1), mask=mask)
-            fidelity = 1.0 - sums.plcc(0, 1)
-            fidelity = np.where(np.isfinite(fidelity), fidelity, 1.0)
-            fidelity = np.where(mask, fidelity, -np.inf)
-            worst_channel = int(np.argmax(fidelity))
-            worst_drop = float(fidelity[worst_channel])
-            terms.append(channel_term)
-            drop = max(drop, worst_drop)
-        reports.append(OutputReport(name, drop, vs_fp32, fp32_t, int8_t, channels=acc.channels,
-                                    channel_axis=plan.channel_axis if acc.channels > 1 else None,
-                                    worst_channel=worst_channel, worst_channel_drop=worst_drop))
-        if name in c.raw:
-            raw = c.raw[name]
-            raw_rows = raw.output_rows()
-            raw_totals = raw_rows.sum(axis=0)
-            raw_totals[MAD] = raw_rows[:, MAD].max()
-            found = _affine(name, _metrics(raw_totals, raw.output_shift(), 0, 1, raw.reservoir()),
-                            entry.budget_slope, " (raw, before the residual)")
+        report, output_terms = output_report(plan, c.values[plan.spec.name])
+        reports.append(report)
+        terms += output_terms
+        raw = c.raw.get(plan.spec.name)
+        if raw is not None:
+            found = check_affine(plan.spec.name, _pair_metrics(raw, [(0, 1)])[0], entry.budget_slope,
+                                 " (raw, before the residual)")
             if found is not None:
                 breaches.append(found)
-
-    label_reports: dict[str, LabelReport] = {}
-    label_breaches: list[tuple[Kind, str]] = []
-    seed = c.seed
-    for key, lab in sorted(c.labels.items()):
-        budget = entry.budget_label_flip if entry.budget_label_flip is not None else DEFAULT_LABEL_FLIP
-        rate = float(lab.rate())
-        interval = bootstrap_drop([_label_term(lab)], samples, options.bootstrap, seed, options.confidence)
-        what = "labels" if not key.endswith(":argmax") else f"argmax(axis={entry.argmax_axis})"
-        label_reports[key] = LabelReport(what, rate, budget, interval)
-        over = rate > budget if options.decision == "point" or interval is None else interval.high > budget
-        if over:
-            name = key.removesuffix(":argmax")
-            label_breaches.append(("labels", f"output {name!r}: {what} differ on {rate:.2%} of elements "
-                                             f"(int8 vs fp32), over quant_budget_label_flip {budget:g}"))
-
-    # integer outputs: a report carrying only the label agreement
-    for plan in c.plans:
+    labels, label_breaches = label_reports(c, options)
+    for plan in c.plans:  # label outputs get a report carrying only their agreement; argmax views join theirs
+        name = plan.spec.name
         if plan.labels:
             nan = float("nan")
             empty = PairMetrics(0, nan, nan, nan, nan, nan, nan, nan, nan, nan)
-            reports.append(OutputReport(plan.spec.name, 0.0, empty, labels=label_reports[plan.spec.name]))
-        elif f"{plan.spec.name}:argmax" in label_reports:
-            i = next(i for i, r in enumerate(reports) if r.name == plan.spec.name)
-            reports[i] = OutputReport(**{**reports[i].__dict__, "labels": label_reports[f"{plan.spec.name}:argmax"]})
+            reports.append(OutputReport(name, 0.0, empty, labels=labels[name]))
+        elif f"{name}:argmax" in labels:
+            i = next(i for i, r in enumerate(reports) if r.name == name)
+            reports[i] = replace(reports[i], labels=labels[f"{name}:argmax"])
 
-    budget = entry.budget_plcc
-    relative_note = ""
-    relative = entry.budget_relative
-    if relative is not None:
-        ref_t = next((r.fp32_vs_target for r in reports if r.fp32_vs_target is not None), None)
-        if ref_t is None:
-            raise FixtureError(f"entry {entry.id!r} field 'quant_budget_relative': no output is compared with the "
-                               f"fixture's target")
-        allowed = (1.0 - relative) * ref_t.plcc
-        explicit = entry.explicit_budget_plcc
-        budget = allowed if explicit is None else min(float(explicit), allowed)
-        relative_note = (f" (quant_budget_relative {relative:g}: int8 PLCC vs target must be >= {relative:g} × fp32 "
-                         f"PLCC vs target {ref_t.plcc:.6f})")
-        base["budget"] = budget
-
+    budget = plcc_budget(entry, reports)
+    base["budget"] = budget.value
     value_reports = [r for r in reports if r.labels is None or r.vs_fp32.n > 0]
-    if not value_reports:
-        # only label outputs: the verdict is their agreement
+    if not value_reports:  # only label outputs: the verdict is their agreement
         if label_breaches:
-            kind, reason = label_breaches[0]
-            return GateResult(**base, verdict=FAIL, kind=kind, reason=reason, outputs=tuple(reports),
-                              also=tuple(t for _, t in label_breaches[1:]))
-        rates = ", ".join(f"{k} {v.flip_rate:.2%}" for k, v in label_reports.items())
+            return GateResult(**base, verdict=FAIL, kind=label_breaches[0].kind, reason=label_breaches[0].reason,
+                              outputs=tuple(reports), also=tuple(b.reason for b in label_breaches[1:]))
+        rates = ", ".join(f"{k} {v.flip_rate:.2%}" for k, v in labels.items())
         return GateResult(**base, verdict=PASS, kind="pass", reason=f"label flip rate {rates} within budget",
                           outputs=tuple(reports))
 
     worst = max(value_reports, key=lambda r: r.drop)
-    drop = worst.drop
-    interval = bootstrap_drop(terms, samples, options.bootstrap, seed, options.confidence)
-    needed = samples_needed(samples, interval, drop, budget) if interval else None
+    interval = bootstrap_drop(terms, samples, options.bootstrap, c.seed, options.confidence)
+    needed = samples_needed(samples, interval, worst.drop, budget.value) if interval else None
     warnings: list[str] = []
     if needed is not None and interval is not None:
         warnings.append(
             f"the {interval.level:.0%} interval [{interval.low:.6f}, {interval.high:.6f}] straddles the budget "
-            f"{budget:g}: this fixture cannot resolve the verdict; "
+            f"{budget.value:g}: this fixture cannot resolve the verdict; "
             + (f"about {needed} samples would" if needed else "the drop sits on the budget, no sample count would")
         )
-    common = dict(base, drop=drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
-                  warnings=tuple(warnings), extra={"fp32_probe": probe})
+    probe = tuple(float(v) for v in c.values[value_reports[0].name].reservoir()[:64, 0])
 
-    # every budget is checked and every breach reported; a gross gain/offset error of a residual entry's raw
-    # output leads (it is the diagnosis), then the PLCC drop, then the checks PLCC cannot see (gain and offset
-    # errors have PLCC 1.0), the absolute errors and the label agreement
-    over = drop > budget
-    if options.decision == "conservative" and interval is not None:
-        over = interval.high > budget
-    if over:
-        bound = "" if options.decision == "point" or interval is None else (
-            f" (upper {interval.level:.0%} bound {interval.high:.6f})")
-        how = ""
-        if worst.fp32_vs_target is not None and worst.int8_vs_target is not None:
-            target_drop = worst.fp32_vs_target.plcc - worst.int8_vs_target.plcc
-            if drop > target_drop + 1e-12:
-                how = (f"; implied by int8 vs fp32 PLCC {worst.vs_fp32.plcc:.6f} (the int8 output does not track "
-                       f"the fp32 output; against the target alone the drop is {target_drop:.6f})")
-        if worst.worst_channel_drop is not None and worst.worst_channel_drop >= drop:
-            how += (f"; worst channel {worst.worst_channel} of {worst.channels} along axis {worst.channel_axis} "
-                    f"(whole-output drop {1.0 - worst.vs_fp32.plcc:.6f})")
-        kind = "drop" if relative is None else "relative"
-        breaches.append((kind, f"PLCC drop {drop:.6f} > budget {budget:g}{bound} on output {worst.name!r}"
-                               f"{relative_note}{how}"))
+    # every budget is checked and every breach reported: the PLCC drop, then what PLCC cannot see (gain and
+    # offset errors have PLCC 1.0), the absolute errors and the label agreement
+    found = check_drop(worst, interval, budget, options.decision)
+    if found is not None:
+        breaches.append(found)
     for rep in value_reports:
-        found = _affine(rep.name, rep.vs_fp32, entry.budget_slope)
+        found = check_affine(rep.name, rep.vs_fp32, entry.budget_slope)
         if found is not None:
             breaches.append(found)
-        breaches += _absolute(rep.name, rep.vs_fp32, entry)
+        breaches += check_absolute(rep.name, rep.vs_fp32, entry)
     breaches += label_breaches
+    common = dict(base, drop=worst.drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
+                  warnings=tuple(warnings), fp32_probe=probe)
     if breaches:
-        kind, reason = breaches[0]
-        return GateResult(**common, verdict=FAIL, kind=kind, reason=reason,
-                          also=tuple(text for _, text in breaches[1:]))
+        return GateResult(**common, verdict=FAIL, kind=breaches[0].kind, reason=breaches[0].reason,
+                          also=tuple(b.reason for b in breaches[1:]))
     return GateResult(**common, verdict=PASS, kind="pass", reason=(
-        f"PLCC drop {drop:.6f} <= budget {budget:g}{relative_note}"))
+        f"PLCC drop {worst.drop:.6f} <= budget {budget.value:g}{budget.note}"))
 
 
 def compare(

@@ -35,11 +35,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .records import Diagnosis, TensorError
+from .reports import format_db
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
@@ -52,11 +55,12 @@ LOCK_NAME = "owner.lock"
 DEFAULT_MEMORY_BYTES = 1 << 30
 # ORT's Python binding copies each output out of its own buffer, so a group's arrays exist twice during a run
 RUN_COPIES = 2
-CHUNK = 1 << 20  # elements turned into float64 at a time by the SQNR sums
+CHUNK = 1 << 18  # elements turned into float64 at a time by the SQNR sums (2 MiB per float64 chunk)
 # an unnamed int8 weight is taken for an fp32 one when their cosine similarity reaches this (int8 rounding gives
 # > 0.99; unrelated trained weights of one shape sit near 0)
 MATCH_COSINE = 0.9
 MATCH_SAMPLE = 4096
+MATCH_MIN_SIZE = 16
 
 
 def sqnr_db(reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]) -> float:
@@ -93,17 +97,19 @@ class _Sums:
         if r.size != t.size:
             self.mismatch = True
             return
+        # einsum, not np.dot: BLAS threads cost more than they save on vectors this size (6x slower measured)
         for start in range(0, r.size, CHUNK):
             a = r[start:start + CHUNK].astype(np.float64)
             if floor is not None:
                 np.maximum(a, floor, out=a)
             b = t[start:start + CHUNK].astype(np.float64)
-            if not np.isfinite(b).all():
+            b -= a
+            noise = float(np.einsum("i,i->", b, b))
+            if not math.isfinite(noise) and not np.isfinite(t[start:start + CHUNK]).all():
                 self.finite = False
                 continue
-            self.signal += float(np.dot(a, a))
-            b -= a
-            self.noise += float(np.dot(b, b))
+            self.signal += float(np.einsum("i,i->", a, a))
+            self.noise += noise
 
     def db(self) -> float:
         if not self.finite:
@@ -115,97 +121,6 @@ class _Sums:
         if self.signal == 0.0:
             return float("-inf")
         return 10.0 * math.log10(self.signal / self.noise)
-
-
-@dataclass(frozen=True)
-class TensorError:
-    """The quantisation error of one tensor.
-
-    ``sqnr_db`` is the local error (fp32 weight vs its dequantised int8 value; an activation before vs after its
-    Q/DQ pair), ``xmodel_db`` the accumulated one (fp32 model tensor vs int8 model tensor of the same name).
-    ``exclude`` lists the fp32 node names whose exclusion keeps this tensor in float.
-    """
-
-    kind: str  # "weight" | "activation" | "output"
-    tensor: str
-    node: str | None
-    sqnr_db: float | None
-    xmodel_db: float | None = None
-    exclude: tuple[str, ...] = ()
-
-    @property
-    def rank_key(self) -> float:
-        """Return the SQNR this tensor is ranked by (local when known, else accumulated)."""
-        value = self.sqnr_db if self.sqnr_db is not None else self.xmodel_db
-        return float("inf") if value is None or math.isnan(value) else value
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    """Ranked per-tensor errors of one int8 sidecar against its fp32 original, and what to try."""
-
-    fp32_path: str
-    int8_path: str
-    format: str  # "qdq" | "dynamic" | "qoperator" | "unknown"
-    feeds: int
-    worst: tuple[TensorError, ...] = ()
-    outputs: tuple[TensorError, ...] = ()
-    analysed: tuple[str, ...] = ()  # what was compared: "weights", "activations", "outputs"
-    suggestion: str = ""
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def lines(self) -> list[str]:
-        """Return the failure-message block: a fixed-width table of the worst tensors and a suggestion line."""
-        head = f"Diagnosis ({self.format} sidecar, {self.feeds} feed(s); SQNR in dB, lower is worse):"
-        out = [head]
-        rows = [("kind", "tensor", "node", "local dB", "vs fp32 dB")]
-        for t in (*self.worst, *self.outputs):
-            rows.append((t.kind, _clip(t.tensor), _clip(t.node or "-"), _db(t.sqnr_db), _db(t.xmodel_db)))
-        if len(rows) > 1:
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            for i, r in enumerate(rows):
-                cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))]
-                out.append("    " + "  ".join(cells).rstrip())
-                if i == 0:
-                    out.append("    " + "  ".join("-" * w for w in widths))
-        else:
-            out.append("    (no tensor could be compared)")
-        if self.suggestion:
-            out.append(f"  Suggestion: {self.suggestion}")
-        out += [f"  note: {n}" for n in self.notes]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict (infinities become the strings "inf"/"-inf")."""
-        raw = asdict(self)
-        result: dict[str, Any] = _jsonable(raw)
-        return result
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _db(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.1f}"
-
-
-def _clip(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,7 +409,7 @@ class _Probe:
     post: str | None  # int8 model tensor after its DequantizeLinear (dynamic: None, the Q/DQ is simulated)
     twin: str | None  # the fp32 model tensor
     floor: float | None  # a Relu fused into the quantisation range: clamp ``pre`` before comparing
-    nbytes: int  # bytes per feed of the arrays this probe holds at once
+    nbytes: int  # bytes per feed of the arrays this probe holds at once (ORT's copy during a run not counted)
 
 
 @dataclass(frozen=True)
@@ -527,10 +442,20 @@ def _plan(probes: Sequence[_Probe], budget: int, unknown: int) -> _Plan:
 
 
 def _cut(graph: _Graph, names: Sequence[str], tmp: Path, tag: str) -> Path:
-    """Save a copy of ``graph`` whose outputs are exactly ``names`` beside its weights file; return its path."""
+    """Save a copy of ``graph`` cut down to what computes ``names``, with exactly those outputs; return its path.
+
+    Nodes and initializers the outputs do not need are dropped, so an early group runs a short graph and ORT reads
+    only the weights it uses from the shared weights file.
+    """
     import onnx
     from onnx import TensorProto, helper
 
+    needed: set[str] = set(names)
+    keep: list[Any] = []
+    for node in reversed(graph.model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(_node_reads(node))
     cut = onnx.ModelProto()
     cut.CopyFrom(graph.model)
     types = {v.name: v.type.tensor_type.elem_type for v in (*cut.graph.value_info, *cut.graph.output)
@@ -538,9 +463,24 @@ def _cut(graph: _Graph, names: Sequence[str], tmp: Path, tag: str) -> Path:
     del cut.graph.output[:]
     for name in names:
         cut.graph.output.append(helper.make_tensor_value_info(name, types.get(name) or TensorProto.FLOAT, None))
+    del cut.graph.node[:]
+    cut.graph.node.extend(reversed(keep))
+    inits = [i for i in cut.graph.initializer if i.name in needed]
+    del cut.graph.initializer[:]
+    cut.graph.initializer.extend(inits)
     path = tmp / f"{tag}.onnx"
     onnx.save_model(cut, str(path))
     return path
+
+
+def _node_reads(node: Any) -> list[str]:
+    """Return the tensors ``node`` reads, including those its subgraphs (If/Loop/Scan bodies) take from outside."""
+    reads = [n for n in node.input if n]
+    for attr in node.attribute:
+        for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+            for inner in sub.node:
+                reads += _node_reads(inner)
+    return reads
 
 
 def _run_cut(graph: _Graph, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], tmp: Path,
@@ -630,8 +570,8 @@ def _sized(probes: Sequence[_Probe], fsizes: Mapping[str, int], qsizes: Mapping[
         if size is None:
             unknown += 1
             size = fallback
-        count = 1 + (p.post is not None) + (p.twin is not None)
-        out.append(_Probe(p.tensor, p.pre, p.post, p.twin, p.floor, size * count))
+        # at most two arrays of a probe are alive at once: int8 pre and post, then post and the fp32 twin
+        out.append(_Probe(p.tensor, p.pre, p.post, p.twin, p.floor, size * 2))
     return out, unknown
 
 
@@ -831,20 +771,22 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
     """Match dequantised weights whose names say nothing to fp32 initializers by shape and value.
 
     ``values(key)`` returns the dequantised float64 array of ``shapes[key]``. A candidate is an fp32 float initializer
-    of the same shape (or, for a matrix, the transposed shape); similarity is the cosine of the two arrays, first on an
-    evenly spaced sample, then on the full arrays for the best candidate; when that is too low and each output channel
-    has ≥ 8 values, the cosine after a per-channel least-squares scale (a BatchNorm folded into a Conv by ORT's
-    ConvBnFusion). Pairs are assigned greedily, best first, one fp32 initializer per int8 weight. Returns
-    {key: (fp32 name, the reference laid out like the int8 weight, "value" | "scaled")}.
+    of ≥ 2 dimensions and ≥ 16 values with the same shape (or, for a matrix, the transposed shape); similarity is the
+    cosine of the two arrays, first on an evenly spaced sample, then on the full arrays for the best candidate; when
+    that is too low and each output channel has ≥ 8 values, the cosine after a per-channel least-squares scale (a
+    BatchNorm folded into a Conv by ORT's ConvBnFusion). Pairs are assigned greedily, best first, one fp32
+    initializer per int8 weight. Returns {key: (fp32 name, the reference laid out like the int8 weight, "value" |
+    "scaled")}.
     """
     taken = set(exclude)
     by_shape: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
     for name, init in fgraph.weights.items():
-        if name in taken or not _float_init(init) or len(init.dims) == 0:
-            continue
         dims = tuple(int(d) for d in init.dims)
+        # vectors (biases, BatchNorm parameters) are left out: short and often all positive, they look alike
+        if name in taken or not _float_init(init) or len(dims) < 2 or int(np.prod(dims)) < MATCH_MIN_SIZE:
+            continue
         by_shape.setdefault(dims, []).append((name, False))
-        if len(dims) == 2 and dims[0] != dims[1]:
+        if len(dims) == 2:
             by_shape.setdefault(dims[::-1], []).append((name, True))
     scored: list[tuple[float, str, str, bool, str]] = []
     for key, shape in shapes.items():
@@ -866,8 +808,16 @@ def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _
         if key in found or name in taken:
             continue
         taken.add(name)
-        ref = _aligned(fgraph, name, transposed)
-        found[key] = (name, _channel_scaled(ref, values(key)) if how == "scaled" else ref, how)
+        ref, deq = _aligned(fgraph, name, transposed), values(key)
+        if how == "value" and _scaled_cosine(ref, deq) is not None:
+            # a plain match may still carry a folded per-channel scale: fitting one gain per channel of ≥ 8 values
+            # removes at most 1/8 of pure rounding noise, so halving the residual means the scale is real
+            scaled = _channel_scaled(ref, deq)
+            if float(np.sum((deq - scaled) ** 2)) < 0.5 * float(np.sum((deq - ref) ** 2)):
+                ref, how = scaled, "scaled"
+        elif how == "scaled":
+            ref = _channel_scaled(ref, deq)
+        found[key] = (name, ref, how)
     return found
 
 
@@ -942,7 +892,7 @@ def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorErr
         return "no per-tensor data: compare the outputs above and rebuild the sidecar"
     first = worst[0]
     exclude = ", ".join(repr(n) for n in first.exclude) or repr(first.node)
-    db = _db(first.rank_key)
+    db = format_db(first.rank_key)
     if fmt == "dynamic":
         if first.kind == "weight":
             return (f"weight {first.tensor!r} ({db} dB) loses most; dynamic mode quantises weights per tensor: try "

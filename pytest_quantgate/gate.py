@@ -9,9 +9,9 @@ translate its :class:`Outcome`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from .comparison import Collector, CompareOptions, GateResult, plan_outputs
 from .errors import FixtureError, HashMismatchError, InsufficientSamplesError, ModelFileError
 from .fileio import sha256_file
 from .providers import SessionSpec, open_session
+from .records import FileRef, LineageRecord, PlotData, Provenance, RecordError, Timing, dump, load
 from .registry import DEFAULT_MIN_SAMPLES, Entry, Registry
 from .sessions import check_signatures, run, signature
 from .settings import Settings
@@ -242,13 +243,9 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
         strict=settings.strict,
     )
     result = with_lineage(collector.decide(p.ep, options), p)
-    extra = dict(result.extra)
-    extra.update(speed_and_size(p, clock, batch))
-    extra.update(provenance(p, settings))
-    if settings.html is not None:
-        extra["plot"] = plot_data(p, collector, result)
-    result = check_speed(replace(result, extra=extra), p.entry)
-    return result, collector
+    result = replace(result, timing=speed_and_size(p, clock, batch), provenance=provenance(p, settings),
+                     plot=plot_data(p, collector, result) if settings.html is not None else None)
+    return check_speed(result, p.entry), collector
 
 
 def with_lineage(result: GateResult, p: Prepared) -> GateResult:
@@ -264,15 +261,13 @@ def with_lineage(result: GateResult, p: Prepared) -> GateResult:
 
     report = check_lineage(p.fp32_path, p.int8_path, p.entry.mode, fp32_sha256=p.fp32_sha256,
                            int8_sha256=p.int8_sha256)
-    extra = {**result.extra, "lineage": {"ok": report.ok, "reasons": list(report.reasons),
-                                         "weights_matched": report.weights_matched,
-                                         "weights_total": report.weights_total}}
+    lineage = LineageRecord(report.ok, tuple(report.reasons), report.weights_matched, report.weights_total)
     if report.ok:
-        return replace(result, extra=extra)
+        return replace(result, lineage=lineage)
     reason = f"lineage: {p.int8_path.name} is not derived from {p.fp32_path.name}: " + "; ".join(report.reasons)
     if not result.passed:
-        return replace(result, also=(*result.also, reason), extra=extra)
-    return replace(result, verdict="FAIL", kind="lineage", reason=reason, extra=extra)
+        return replace(result, also=(*result.also, reason), lineage=lineage)
+    return replace(result, verdict="FAIL", kind="lineage", reason=reason, lineage=lineage)
 
 
 def with_diagnosis(result: GateResult, p: Prepared, collector: Collector) -> GateResult:
@@ -292,77 +287,93 @@ def with_diagnosis(result: GateResult, p: Prepared, collector: Collector) -> Gat
     else:
         feeds = [{k: v[i] for k, v in inputs.items()} for i in range(len(picked))]
     found = diagnose(p.fp32_path, p.int8_path, feeds)
-    return replace(result, extra={**result.extra, "diagnosis": found.to_dict(), "diagnosis_lines": found.lines(),
-                                  "diagnosis_samples": picked})
+    return replace(result, diagnosis=replace(found, samples=tuple(int(i) for i in picked)))
 
 
-def speed_and_size(p: Prepared, clock: _Clock, batch: int | None) -> dict[str, Any]:
+def speed_and_size(p: Prepared, clock: _Clock, batch: int | None) -> Timing:
     """Return on-disk bytes and the latency per sample of both models, from the gate's own runs.
 
     Both models ran the same feeds, so the ratio of their total run times is the speed-up; it has a value
     however few runs there were (the first run's warm-up is in both totals).
     """
-    fp32_bytes, int8_bytes = p.fp32_path.stat().st_size, p.int8_path.stat().st_size
     samples = max(clock.samples, 1)
-    fp32_ms = clock.fp32 * 1000.0 / samples
-    int8_ms = clock.int8 * 1000.0 / samples
-    return {
-        "fp32_bytes": fp32_bytes,
-        "int8_bytes": int8_bytes,
-        "size_ratio": int8_bytes / fp32_bytes if fp32_bytes else None,
-        "fp32_ms": fp32_ms,
-        "int8_ms": int8_ms,
-        "speedup": clock.fp32 / clock.int8 if clock.int8 > 0 else None,
-        "latency_batch": batch,
-        "latency_runs": clock.runs,
-    }
+    return Timing(fp32_bytes=p.fp32_path.stat().st_size, int8_bytes=p.int8_path.stat().st_size,
+                  fp32_ms=clock.fp32 * 1000.0 / samples, int8_ms=clock.int8 * 1000.0 / samples,
+                  speedup=clock.fp32 / clock.int8 if clock.int8 > 0 else None, batch=batch, runs=clock.runs)
 
 
 def check_speed(result: GateResult, entry: Entry) -> GateResult:
     """Fail a sidecar slower than the entry's optional ``quant_min_speedup`` (off by default)."""
     minimum = entry.min_speedup
-    speedup = result.extra.get("speedup")
-    if minimum is None or speedup is None or speedup >= minimum:
+    timing = result.timing
+    if minimum is None or timing is None or timing.speedup is None or timing.speedup >= minimum:
         return result
-    reason = (f"int8 speedup x{speedup:.2f} (fp32 {result.extra['fp32_ms']:.3f} ms vs int8 "
-              f"{result.extra['int8_ms']:.3f} ms per sample) is below quant_min_speedup x{minimum:g}")
+    reason = (f"int8 speedup x{timing.speedup:.2f} (fp32 {timing.fp32_ms:.3f} ms vs int8 "
+              f"{timing.int8_ms:.3f} ms per sample) is below quant_min_speedup x{minimum:g}")
     if result.passed:
         return replace(result, verdict="FAIL", kind="speed", reason=reason)
     return replace(result, also=(*result.also, reason))
 
 
-def provenance(p: Prepared, settings: Settings) -> dict[str, Any]:
+def provenance(p: Prepared, settings: Settings) -> Provenance:
     """Return what produced this verdict: files and hashes, EP and options, onnxruntime, CPU, time."""
     from . import __version__, providers, system
 
-    return {
-        "provenance": {
-            "fp32": {"path": str(p.fp32_path), "sha256": p.fp32_sha256},
-            "int8": {"path": str(p.int8_path), "sha256": p.int8_sha256},
-            "fixture": {"path": str(p.fixture.path), "sha256": p.fixture.sha256},
-            "ep": p.ep,
-            "providers": [str(x) for x in p.int8.get_providers()],
-            "provider_options": p.int8.get_provider_options(),
-            "onnxruntime": providers.ort_distribution(),
-            "graph_optimization_level": "ORT_ENABLE_ALL",
-            "quantgate": __version__,
-            "bootstrap": settings.bootstrap,
-            "seed": settings.seed,
-            "decision": settings.decision,
-            **system.describe(),
-        }
-    }
+    return Provenance(
+        fp32=FileRef(str(p.fp32_path), p.fp32_sha256),
+        int8=FileRef(str(p.int8_path), p.int8_sha256),
+        fixture=FileRef(str(p.fixture.path), p.fixture.sha256),
+        ep=p.ep,
+        providers=tuple(str(x) for x in p.int8.get_providers()),
+        provider_options=p.int8.get_provider_options(),
+        onnxruntime=providers.ort_distribution(),
+        graph_optimization_level="ORT_ENABLE_ALL",
+        quantgate=__version__,
+        bootstrap=settings.bootstrap,
+        seed=settings.seed,
+        decision=settings.decision,
+        system=system.describe(),
+    )
 
 
-def plot_data(p: Prepared, collector: Collector, result: GateResult) -> dict[str, Any]:
+def plot_data(p: Prepared, collector: Collector, result: GateResult) -> PlotData:
     """Return the HTML report's plot data for the worst output, as compared, from the bounded reservoir."""
-    from .html import plot_data as subsample
-
     values = [r for r in result.outputs if r.labels is None]
     name = max(values, key=lambda r: r.drop).name if values else p.outputs[0].name
     kept = collector.reservoir(name)
     target = kept[:, 2] if kept.size and np.isfinite(kept[:, 2]).all() else None
-    return subsample(name, kept[:, 0], kept[:, 1], target)
+    return plot_points(name, kept[:, 0], kept[:, 1], target)
+
+
+PLOT_POINTS = 2000  # points in the HTML report's scatter plots
+HIST_BINS = 40
+
+
+def plot_points(output: str, fp32: np.ndarray, int8: np.ndarray, target: np.ndarray | None = None, *,
+              points: int = PLOT_POINTS, bins: int = HIST_BINS) -> PlotData:
+    """Return the plot of one output: at most ``points`` evenly spaced values and the error histogram.
+
+    The histogram counts every element of int8 − fp32, not only the plotted subset.
+    """
+    ref = np.asarray(fp32, dtype=np.float64).ravel()
+    test = np.asarray(int8, dtype=np.float64).ravel()
+    index = np.linspace(0, max(ref.size - 1, 0), num=min(points, ref.size)).astype(np.int64)
+    err = test - ref
+    err = err[np.isfinite(err)]
+    clipped = 0
+    if err.size:
+        # a few outliers would squash the bulk into one bar: clip the 0.1 % tails into the end bins, and say so
+        lo, hi = np.percentile(err, [0.1, 99.9])
+        if hi > lo:
+            clipped = int(np.count_nonzero((err < lo) | (err > hi)))
+            err = np.clip(err, lo, hi)
+    counts, edges = np.histogram(err, bins=bins) if err.size else (np.zeros(0), np.zeros(0))
+    tgt = None
+    if target is not None:
+        t = np.asarray(target, dtype=np.float64).ravel()
+        tgt = tuple(float(v) for v in t[index]) if t.size == ref.size else None
+    return PlotData(output, tuple(float(v) for v in ref[index]), tuple(float(v) for v in test[index]), tgt,
+                    tuple(float(v) for v in edges), tuple(int(v) for v in counts), clipped)
 
 
 # what happened to an item: measured (pass, fail), not measurable (error: bad input), or not run here (skip)
@@ -371,64 +382,57 @@ Status = Literal["pass", "fail", "error", "skip"]
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one (entry, EP): pass, fail, error or skip, with the result when one was measured."""
+    """What happened to one (entry, EP): pass, fail, error or skip, with the result when one was measured.
 
-    entry_id: str
+    A cached outcome (``cached=True``) carries the result of the earlier passing run it stands for.
+    """
+
+    entry_id: str = field(metadata={"json": "id"})
     ep: str
     mode: str
     status: Status
-    message: str
+    message: str = field(metadata={"json": "reason"})  # why: the result's reason, or what went wrong
     result: GateResult | None = None
     regenerated: str | None = None
     cached: bool = False
     notes: tuple[str, ...] = ()  # warnings for the user (a rebuilt sidecar that differs from its pin)
     traceback: str | None = None  # an unexpected exception's traceback (JSON report, or -v)
-    cached_row: Mapping[str, Any] | None = None  # the row of the passing run a cached outcome stands for
     log: tuple[str, ...] = ()  # the summary of what ORT and its tooling logged meanwhile
 
-    def to_row(self) -> dict[str, Any]:
-        """Return the summary row of this outcome."""
-        if self.cached_row is not None:
-            row = {**self.cached_row, "verdict": "PASS", "reason": f"cached: {self.cached_row.get('reason', '')}"}
-        elif self.result is not None:
-            row = self.result.to_row()
-            if self.status == "error":
-                row.update(verdict="ERROR", reason=self.message)
-        else:
-            row = {"id": self.entry_id, "ep": self.ep, "mode": self.mode, "samples": None, "drop": None,
-                   "budget": None, "headroom": None, "verdict": self.status.upper(), "reason": self.message}
-        row["regenerated"] = self.regenerated
-        row["status"] = self.status
-        if self.cached:
-            row["cached"] = True
-        if self.traceback:
-            row["traceback"] = self.traceback
-        if self.log:
-            row["log"] = list(self.log)
-        return row
+    @property
+    def verdict(self) -> str:
+        """Return the verdict shown for the item: PASS, FAIL, ERROR or SKIP."""
+        return self.status.upper()
 
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form: the JSON report's items and the attribute xdist carries to the controller."""
+        data: dict[str, Any] = dump(replace(self, result=None))
+        data["verdict"] = self.verdict
+        data["result"] = self.result.to_json() if self.result is not None else None
+        return data
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Outcome:
-        """Rebuild an outcome from its :meth:`to_row` form: the JSON report and xdist carry rows."""
-        status = cast(Status, str(row.get("status") or str(row["verdict"]).lower()))
-        result = None
-        if row.get("kind") is not None and row.get("samples") is not None and not row.get("cached"):
-            result = GateResult.from_row({k: v for k, v in row.items() if k != "status"})
-        return cls(str(row["id"]), str(row["ep"]), str(row.get("mode", "-")), status, str(row.get("reason") or ""),
-                   result, regenerated=row.get("regenerated"), cached=bool(row.get("cached")),
-                   traceback=row.get("traceback"), cached_row=row if row.get("cached") else None,
-                   log=tuple(row.get("log") or ()))
+    def from_json(cls, data: Mapping[str, Any]) -> Outcome:
+        """Rebuild an outcome from :meth:`to_json`'s form; raise RecordError naming a field that does not fit."""
+        return load(cls, data)
+
+
+def read_report(data: Any) -> list[Outcome]:
+    """Return the outcomes of a JSON report (:func:`report_document`'s form, or measure's list of items)."""
+    items = data.get("items") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise RecordError("report: expected a list of items or an object with 'items'")
+    return [Outcome.from_json(item) for item in items]
 
 
 class CacheStore(Protocol):
     """Where passing rows are remembered between runs (pytest's cache, or a folder for the CLI)."""
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """Return the row stored under ``key``."""
+    def get(self, key: str) -> GateResult | None:
+        """Return the passing result stored under ``key``."""
 
-    def set(self, key: str, row: dict[str, Any]) -> None:
-        """Store a passing row."""
+    def set(self, key: str, result: GateResult) -> None:
+        """Store a passing result."""
 
 
 def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str = "",
@@ -465,11 +469,10 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
             from .cache import key as cache_key
 
             key = cache_key(registry, entry, ep, settings)
-            row = cache.get(key) if key else None
-            if row is not None:
+            earlier = cache.get(key) if key else None
+            if earlier is not None:
                 return Outcome(entry.id, ep, entry.mode, "pass", f"unchanged since a passing run (drop "
-                               f"{row.get('drop')}); --quantgate-cache", regenerated=regenerated, cached=True,
-                               cached_row=row)
+                               f"{earlier.drop}); --quantgate-cache", earlier, regenerated=regenerated, cached=True)
         prepared = prepare(registry, entry, ep, settings, int8_pinned=built is None)
         result, collector = measure(prepared, settings)
         failed = not result.passed and result.kind != "speed"
@@ -494,7 +497,7 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
                        f"{registry.path}: entry {entry.id!r}: {result.warnings[-1]} (--quantgate-strict)", result,
                        regenerated=regenerated, notes=tuple(notes))
     if key is not None and cache is not None and result.passed:
-        cache.set(key, result.to_row())
+        cache.set(key, result)
     return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,
                    regenerated=regenerated, notes=tuple(notes))
 

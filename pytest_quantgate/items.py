@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
@@ -79,15 +79,16 @@ def _id_lines(path: Path) -> dict[str, int]:
     return found
 
 
-def _error(item: pytest.Item, message: str, row: dict[str, Any]) -> NoReturn:
-    """Record an ERROR row and fail the setup phase with the message alone (no Python traceback)."""
-    item.quantgate_row = row  # type: ignore[attr-defined]
-    pytest.fail(message, pytrace=False)
-
-
-# metrics that also go to JUnit XML (record_property style), so CI test views show them
-JUNIT_KEYS = ("verdict", "drop", "budget", "headroom", "ci", "samples", "speedup", "fp32_ms", "int8_ms",
-              "fp32_bytes", "int8_bytes")
+def junit_properties(result: GateResult) -> list[tuple[str, object]]:
+    """Return the metrics that also go to JUnit XML (record_property style), so CI test views show them."""
+    ci = [result.interval.low, result.interval.high] if result.interval is not None else None
+    props: list[tuple[str, object]] = [("verdict", result.verdict), ("drop", result.drop), ("budget", result.budget),
+                                       ("headroom", result.headroom), ("ci", ci), ("samples", result.samples)]
+    if result.timing is not None:
+        t = result.timing
+        props += [("speedup", t.speedup), ("fp32_ms", t.fp32_ms), ("int8_ms", t.int8_ms),
+                  ("fp32_bytes", t.fp32_bytes), ("int8_bytes", t.int8_bytes)]
+    return [(f"quantgate_{name}", value) for name, value in props if value is not None]
 
 
 class QuantGateItem(pytest.Item):
@@ -100,7 +101,7 @@ class QuantGateItem(pytest.Item):
         self.entry = entry
         self.ep = ep
         self.outcome: Outcome | None = None
-        self.quantgate_row: dict[str, Any] | None = None
+        self.quantgate_outcome: dict[str, Any] | None = None  # the outcome's JSON form, put on the report
         self.add_marker("quantgate")
 
     @property
@@ -120,15 +121,12 @@ class QuantGateItem(pytest.Item):
         self.outcome = outcome
         for note in outcome.notes:
             self.warn(pytest.PytestWarning(f"quantgate {self.entry.id}: {note}"))
-        self.quantgate_row = outcome.to_row()
+        self.quantgate_outcome = outcome.to_json()
         if outcome.log:
             # shown with the item's report (failures, or -rA), once, instead of ORT's lines on the terminal
             self.add_report_section("setup", "onnxruntime log", "\n".join(outcome.log))
-        if outcome.result is not None and outcome.status != "error":
-            row = self.quantgate_row
-            for name in JUNIT_KEYS:
-                if row.get(name) is not None:
-                    self.user_properties.append((f"quantgate_{name}", row[name]))
+        if outcome.result is not None and outcome.status != "error" and not outcome.cached:
+            self.user_properties.extend(junit_properties(outcome.result))
         if outcome.cached:
             pytest.skip(f"quantgate: {self.entry.id} [{self.ep}] {outcome.message}")
         if outcome.status == "skip":
@@ -169,14 +167,13 @@ class BrokenEntryItem(pytest.Item):
     def __init__(self, *, problem: EntryProblem, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.problem = problem
-        self.quantgate_row: dict[str, Any] | None = None
+        self.quantgate_outcome: dict[str, Any] | None = None
         self.add_marker("quantgate")
 
     def setup(self) -> None:
-        """Fail the setup with the schema message."""
-        row = {"id": self.problem.label, "ep": "-", "mode": "-", "samples": None, "drop": None, "budget": None,
-               "headroom": None, "verdict": "ERROR", "reason": self.problem.message}
-        _error(self, f"quantgate ERROR: {self.problem.message}", row)
+        """Fail the setup with the schema message (no Python traceback)."""
+        self.quantgate_outcome = Outcome(self.problem.label, "-", "-", "error", self.problem.message).to_json()
+        pytest.fail(f"quantgate ERROR: {self.problem.message}", pytrace=False)
 
     def runtest(self) -> None:
         """Never reached: setup always fails."""

@@ -19,7 +19,7 @@ from .settings import (
     positive_int,
     resolve,
 )
-from .stash import ROWS_KEY, RUN_ID_KEY, SETTINGS_KEY
+from .stash import OUTCOMES_KEY, RUN_ID_KEY, SETTINGS_KEY
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -97,7 +97,7 @@ def pytest_configure(config: pytest.Config) -> None:
             f"quantgate: registry {settings.registry} not found (set --quantgate-registry or quantgate_registry)"
         )
     _ensure_registry_collected(config, settings.registry)
-    config.stash[ROWS_KEY] = {}
+    config.stash[OUTCOMES_KEY] = {}
     config.pluginmanager.register(QuantGateSession(config), "quantgate-session")
 
 
@@ -170,18 +170,26 @@ class QuantGateSession:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-        """Attach the item's summary row to its report; xdist carries report attributes to the controller."""
+        """Put the item's outcome (JSON form) on its report; xdist carries report attributes to the controller."""
         outcome = yield
-        row = getattr(item, "quantgate_row", None)
-        if row is not None and call.when in ("setup", "call"):
-            outcome.get_result().quantgate_row = row
+        data = getattr(item, "quantgate_outcome", None)
+        if data is not None and call.when in ("setup", "call"):
+            outcome.get_result().quantgate_outcome = data
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Gather each item's summary row (on the controller when xdist runs workers)."""
-        row = getattr(report, "quantgate_row", None)
-        if row is not None:
-            self.config.stash[ROWS_KEY][report.nodeid] = row
+        """Gather each item's outcome (on the controller when xdist runs workers)."""
+        data = getattr(report, "quantgate_outcome", None)
+        if data is not None:
+            from .gate import Outcome
+            from .records import RecordError
+
+            try:
+                outcome = Outcome.from_json(data)
+            except RecordError as exc:  # a bug, never a reason to lose the other items' summary
+                outcome = Outcome(str(data.get("id", report.nodeid)), str(data.get("ep", "-")), "-", "error",
+                                  f"quantgate could not read this item's outcome from its worker: {exc}")
+            self.config.stash[OUTCOMES_KEY][report.nodeid] = outcome
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -190,28 +198,28 @@ class QuantGateSession:
             return
         from . import reports
 
-        rows = list(self.config.stash.get(ROWS_KEY, {}).values())
+        outcomes = list(self.config.stash.get(OUTCOMES_KEY, {}).values())
         settings = self.config.stash[SETTINGS_KEY]
         if settings.report is not None:
-            reports.write_json(settings.report, rows, settings)
+            reports.write_json(settings.report, outcomes, settings)
         if settings.html is not None:
             from .html import write_html
 
-            write_html(settings.html, rows, title=f"quantgate: {settings.registry}")
-        reports.append_github_summary(rows)
+            write_html(settings.html, outcomes, title=f"quantgate: {settings.registry}")
+        reports.append_github_summary(outcomes)
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
         """Print one row per gated item, then drops per EP when several ran."""
         from .reports import per_ep_lines, summary_lines
 
-        rows = list(config.stash.get(ROWS_KEY, {}).values())
-        if not rows:
+        outcomes = list(config.stash.get(OUTCOMES_KEY, {}).values())
+        if not outcomes:
             return
         terminalreporter.section("quantgate summary")
-        for line in summary_lines(rows):
+        for line in summary_lines(outcomes):
             terminalreporter.line(line)
-        per_ep = per_ep_lines(rows)
+        per_ep = per_ep_lines(outcomes)
         if per_ep:
             terminalreporter.section("quantgate drops per execution provider")
             for line in per_ep:

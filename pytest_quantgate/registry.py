@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -110,6 +110,19 @@ class Entry:
     def location(self) -> str:
         """Return the entry's JSON path in the registry, e.g. ``$.models[2]``."""
         return f"$.models[{self.index}]"
+
+    def as_mode(self, mode: str) -> Entry:
+        """Return the entry as the registry would read it with ``quant_mode`` set to ``mode``.
+
+        The mode's defaults (budget, deploy batch) apply wherever the entry does not set them, exactly as when
+        the entry is loaded, so a candidate of another mode is gated as the registry will gate it once written.
+        """
+        source = {**self.source, "quant_mode": mode}
+        budget = self.explicit_budget_plcc if self.explicit_budget_plcc is not None else \
+            DEFAULT_BUDGET_PLCC.get(mode, 0.0)
+        return replace(self, mode=mode, budget_plcc=float(budget),
+                       deploy_batch=source.get("quant_deploy_batch", DEFAULT_DEPLOY_BATCH.get(mode)),
+                       source=MappingProxyType(source))
 
 
 @dataclass(frozen=True)
@@ -421,7 +434,9 @@ def parse_registry(data: Any, path: Path) -> Registry:
         errors = sorted(entry_validator.iter_errors(raw), key=lambda e: (list(e.absolute_path), e.validator))
         if errors:
             shown = label or f"models[{index}]"
-            details = "; ".join(_describe(e).replace("at $", f"at $.models[{index}]", 1) for e in errors)
+            # dict.fromkeys: jsonschema reports one "required" error per missing key, each naming all of them
+            details = "; ".join(dict.fromkeys(_describe(e).replace("at $", f"at $.models[{index}]", 1)
+                                              for e in errors))
             problems.append(EntryProblem(index, shown, f"{path}: entry {shown!r} is invalid: {details}"))
             continue
         bad_paths = _unencodable_paths(raw, index)

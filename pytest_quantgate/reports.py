@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comparison import GateResult
+from .records import Diagnosis, dump
+
+if TYPE_CHECKING:
+    from .gate import Outcome
 
 REMEDIES = {
     "drop": [
@@ -93,14 +97,48 @@ def failure_text(result: GateResult, registry: str) -> str:
     lines += metrics_table(result)
     for warning in result.warnings:
         lines.append(f"  warning: {warning}")
-    diagnosis = result.extra.get("diagnosis_lines")
-    if diagnosis:
-        lines += ["", *diagnosis]
+    if result.diagnosis is not None:
+        lines += ["", *diagnosis_lines(result.diagnosis)]
     lines += ["", "What to do:"]
     for remedy in REMEDIES.get(result.kind, REMEDIES["drop"]):
         text = remedy.format(producer=PRODUCER.get(result.mode, "ptq-static"), registry=registry, id=result.entry_id)
         lines.append(f"  - {text}")
     return "\n".join(lines)
+
+
+def format_db(value: float | None) -> str:
+    """Return an SQNR in dB as the reports show it (one decimal, inf, -inf or -)."""
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.1f}"
+
+
+def _clip(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def diagnosis_lines(diagnosis: Diagnosis) -> list[str]:
+    """Return the failure report's diagnosis block: a fixed-width table of the worst tensors and a suggestion."""
+    samples = f", samples {list(diagnosis.samples)}" if diagnosis.samples else ""
+    out = [f"Diagnosis ({diagnosis.format} sidecar, {diagnosis.feeds} feed(s){samples}; SQNR in dB, lower is worse):"]
+    rows = [("kind", "tensor", "node", "local dB", "vs fp32 dB")]
+    for t in (*diagnosis.worst, *diagnosis.outputs):
+        rows.append((t.kind, _clip(t.tensor), _clip(t.node or "-"), format_db(t.sqnr_db), format_db(t.xmodel_db)))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for i, r in enumerate(rows):
+            cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))]
+            out.append("    " + "  ".join(cells).rstrip())
+            if i == 0:
+                out.append("    " + "  ".join("-" * w for w in widths))
+    else:
+        out.append("    (no tensor could be compared)")
+    if diagnosis.suggestion:
+        out.append(f"  Suggestion: {diagnosis.suggestion}")
+    out += [f"  note: {n}" for n in diagnosis.notes]
+    return out
 
 
 SUMMARY_COLUMNS = ("id", "EP", "mode", "samples", "drop", "CI", "budget", "headroom", "size", "speed-up", "verdict")
@@ -110,39 +148,49 @@ def _ratio_cell(value: float | None) -> str:
     return "-" if value is None else f"x{value:.2f}"
 
 
-def _ci_cell(row: Mapping[str, Any]) -> str:
-    ci = row.get("ci")
-    return f"[{ci[0]:.5f}, {ci[1]:.5f}]" if ci else "-"
+def _ci_cell(result: GateResult | None) -> str:
+    ci = result.interval if result is not None else None
+    return f"[{ci.low:.5f}, {ci.high:.5f}]" if ci else "-"
 
 
-def _headroom_cell(row: Mapping[str, Any]) -> str:
-    value = row.get("headroom")
+def _headroom_cell(result: GateResult | None) -> str:
+    value = result.headroom if result is not None else None
     if value is None:
         return "-"
     return "inf" if math.isinf(value) else f"x{value:.1f}"
 
 
-def summary_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+def _order(outcomes: Iterable[Outcome]) -> list[Outcome]:
+    return sorted(outcomes, key=lambda o: (o.entry_id, o.ep))
+
+
+def _reason(outcome: Outcome) -> str:
+    return f"cached: {outcome.result.reason}" if outcome.cached and outcome.result is not None else outcome.message
+
+
+def summary_lines(outcomes: Iterable[Outcome]) -> list[str]:
     """Return the summary table: one row per item, sorted by id then EP."""
-    rows = list(rows)
+    outcomes = _order(outcomes)
     table = [SUMMARY_COLUMNS]
-    for row in sorted(rows, key=lambda r: (r["id"], r["ep"])):
-        drop = row.get("drop")
+    for o in outcomes:
+        r = o.result
+        timing = r.timing if r is not None else None
         table.append((
-            row["id"], row["ep"], row.get("mode", "-"), str(row.get("samples") or "-"),
-            "-" if drop is None else f"{drop:.6f}", _ci_cell(row),
-            "-" if row.get("budget") is None else f"{row['budget']:g}",
-            _headroom_cell(row), _ratio_cell(row.get("size_ratio")), _ratio_cell(row.get("speedup")),
-            row["verdict"] + (" (cached)" if row.get("cached") else ""),
+            o.entry_id, o.ep, o.mode, str(r.samples if r is not None else "-"),
+            "-" if r is None or r.drop is None else f"{r.drop:.6f}", _ci_cell(r),
+            "-" if r is None else f"{r.budget:g}", _headroom_cell(r),
+            _ratio_cell(timing.size_ratio if timing else None), _ratio_cell(timing.speedup if timing else None),
+            o.verdict + (" (cached)" if o.cached else ""),
         ))
     widths = [max(len(str(r[i])) for r in table) for i in range(len(SUMMARY_COLUMNS))]
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     out.insert(1, "  ".join("-" * w for w in widths))
-    notes = [r for r in rows if r["verdict"] != "PASS" and r.get("reason")]
-    for row in sorted(notes, key=lambda r: (r["id"], r["ep"])):
-        out.append(f"{row['id']} [{row['ep']}] {row['verdict']}: {row['reason']}")
-    for row in sorted((r for r in rows if r.get("regenerated")), key=lambda r: (r["id"], r["ep"])):
-        out.append(f"{row['id']} [{row['ep']}] regenerated: {row['regenerated']}")
+    for o in outcomes:
+        if o.status != "pass" and o.message:
+            out.append(f"{o.entry_id} [{o.ep}] {o.verdict}: {o.message}")
+    for o in outcomes:
+        if o.regenerated:
+            out.append(f"{o.entry_id} [{o.ep}] regenerated: {o.regenerated}")
     return out
 
 
@@ -162,16 +210,16 @@ def fp32_disagreement(a: list[float], b: list[float]) -> float:
     return float(np.max(np.abs(x - y)) / spread)
 
 
-def per_ep_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+def per_ep_lines(outcomes: Iterable[Outcome]) -> list[str]:
     """Return a table of drops per EP side by side, flagging fp32 baselines that disagree across EPs."""
-    rows = [r for r in rows if r.get("ep") not in (None, "-")]
-    eps = sorted({r["ep"] for r in rows}, key=lambda e: ("cpu", "cuda", "openvino").index(e)
+    outcomes = [o for o in outcomes if o.ep not in ("", "-")]
+    eps = sorted({o.ep for o in outcomes}, key=lambda e: ("cpu", "cuda", "openvino").index(e)
                  if e in ("cpu", "cuda", "openvino") else 9)
     if len(eps) < 2:
         return []
-    by_id: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for row in rows:
-        by_id.setdefault(row["id"], {})[row["ep"]] = row
+    by_id: dict[str, dict[str, Outcome]] = {}
+    for o in outcomes:
+        by_id.setdefault(o.entry_id, {})[o.ep] = o
     table = [("id", *eps, "fp32 across EPs")]
     flags: list[str] = []
     for entry_id in sorted(by_id):
@@ -180,11 +228,12 @@ def per_ep_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
             found = by_id[entry_id].get(ep)
             if found is None:
                 cells.append("-")
-            elif found.get("drop") is None:
-                cells.append(found["verdict"])
+            elif found.result is None or found.result.drop is None:
+                cells.append(found.verdict)
             else:
-                cells.append(f"{found['drop']:.6f} {found['verdict']}")
-        probes = {ep: r["fp32_probe"] for ep, r in by_id[entry_id].items() if r.get("fp32_probe")}
+                cells.append(f"{found.result.drop:.6f} {found.verdict}")
+        probes = {ep: list(o.result.fp32_probe) for ep, o in by_id[entry_id].items()
+                  if o.result is not None and o.result.fp32_probe}
         agree = "-"
         if len(probes) >= 2:
             ref_ep = next(iter(sorted(probes)))
@@ -200,61 +249,67 @@ def per_ep_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return out + flags
 
 
-def write_json(path: Any, rows: Sequence[Mapping[str, Any]], settings: Any) -> None:
-    """Write every item's row (metrics, interval, budget, verdict, provenance) as one JSON document."""
-    import json
-    from dataclasses import asdict
+REPORT_FORMAT = 2  # 2: items are Outcome.to_json() (the result nested under "result"); 1 held flat row dicts
 
+
+def report_document(outcomes: Sequence[Outcome], settings: Any) -> dict[str, Any]:
+    """Return the JSON report: every item (metrics, interval, budget, verdict, provenance) and the settings."""
     from . import __version__
-    from .fileio import atomic_write_text
 
-    settings_doc = {k: str(v) if not isinstance(v, (bool, int, float, list, tuple, dict, type(None))) else v
-                    for k, v in asdict(settings).items()}
-    doc = {
-        "format": 1,
+    items = []
+    for o in _order(outcomes):
+        item = o.to_json()
+        if item["result"] is not None:
+            item["result"]["plot"] = None  # the plots live in the HTML report; the numbers are all here
+        items.append(item)
+    return {
+        "format": REPORT_FORMAT,
         "tool": f"pytest-quantgate {__version__}",
         "registry": str(settings.registry),
-        "settings": settings_doc,
-        "items": sorted((_without_plot(r) for r in rows), key=lambda r: (r["id"], r["ep"])),
-        "totals": {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "ERROR", "SKIP")},
+        "settings": dump(settings),
+        "items": items,
+        "totals": {v: sum(o.verdict == v for o in outcomes) for v in ("PASS", "FAIL", "ERROR", "SKIP")},
     }
-    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def _without_plot(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in ("plot", "diagnosis_lines")}
+def write_json(path: Any, outcomes: Sequence[Outcome], settings: Any) -> None:
+    """Write the JSON report atomically."""
+    from .fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report_document(outcomes, settings), indent=2, allow_nan=False) + "\n")
 
 
-def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def markdown_lines(outcomes: Sequence[Outcome]) -> list[str]:
     """Return the summary as a GitHub-flavoured markdown table."""
     icon = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "ERROR": "⚠️ ERROR", "SKIP": "⏭️ SKIP"}
     out = ["### quantgate", "", "| id | EP | mode | samples | drop | 95% CI | budget | headroom | speed-up | verdict |",
            "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
-    for row in sorted(rows, key=lambda r: (r["id"], r["ep"])):
-        drop = row.get("drop")
-        speed = row.get("speedup")
+    ordered = _order(outcomes)
+    for o in ordered:
+        r = o.result
+        speed = r.timing.speedup if r is not None and r.timing is not None else None
         out.append("| " + " | ".join([
-            f"`{row['id']}`", str(row["ep"]), str(row.get("mode", "-")), str(row.get("samples") or "-"),
-            "-" if drop is None else f"{drop:.6f}", _ci_cell(row),
-            "-" if row.get("budget") is None else f"{row['budget']:g}", _headroom_cell(row),
-            "-" if speed is None else f"x{speed:.2f}", icon.get(row["verdict"], row["verdict"]),
+            f"`{o.entry_id}`", o.ep, o.mode, str(r.samples if r is not None else "-"),
+            "-" if r is None or r.drop is None else f"{r.drop:.6f}", _ci_cell(r),
+            "-" if r is None else f"{r.budget:g}", _headroom_cell(r),
+            "-" if speed is None else f"x{speed:.2f}", icon.get(o.verdict, o.verdict),
         ]) + " |")
-    for row in rows:
-        if row["verdict"] != "PASS" and row.get("reason"):
-            reason = str(row["reason"]).replace("|", "\\|")
-            out.append(f"\n- **{row['id']} [{row['ep']}] {row['verdict']}**: {reason}")
+    for o in ordered:
+        if o.status != "pass" and o.message:
+            reason = o.message.replace("|", "\\|")
+            out.append(f"\n- **{o.entry_id} [{o.ep}] {o.verdict}**: {reason}")
     return out
 
 
-def append_github_summary(rows: Sequence[Mapping[str, Any]]) -> None:
+def append_github_summary(outcomes: Sequence[Outcome]) -> None:
     """Append the markdown summary to ``$GITHUB_STEP_SUMMARY`` when GitHub Actions sets it."""
     import os
 
     target = os.environ.get("GITHUB_STEP_SUMMARY")
-    if not target or not rows:
+    if not target or not outcomes:
         return
     with open(target, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(markdown_lines(rows)) + "\n")
+        handle.write("\n".join(markdown_lines(outcomes)) + "\n")
 
 
 # --- the command line's report (quantgate measure and pre-commit) ------------------------------------------
@@ -275,7 +330,7 @@ def err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def report_outcomes(outcomes: Sequence[Any], registry_path: str, json_out: Path | None) -> int:
+def report_outcomes(outcomes: Sequence[Outcome], registry_path: str, json_out: Path | None) -> int:
     """Print failure reports, errors, skips, the summary tables and the counts; return measure's exit code."""
     for outcome in outcomes:
         if outcome.status == "fail" and outcome.result is not None:
@@ -285,15 +340,15 @@ def report_outcomes(outcomes: Sequence[Any], registry_path: str, json_out: Path 
             out(f"quantgate {outcome.status.upper()}: {outcome.entry_id} [{outcome.ep}]: {outcome.message}")
     if outcomes:
         out()
-        rows = [o.to_row() for o in outcomes]
-        for line in [*summary_lines(rows), "", *per_ep_lines(rows)]:
+        for line in [*summary_lines(outcomes), "", *per_ep_lines(outcomes)]:
             out(line)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
     out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
     if json_out is not None:
         from .fileio import atomic_write_text
 
-        atomic_write_text(json_out, json.dumps([o.to_row() for o in outcomes], indent=2) + "\n")
+        atomic_write_text(json_out, json.dumps([o.to_json() for o in _order(outcomes)], indent=2, allow_nan=False)
+                          + "\n")
     if counts["error"]:
         return EXIT_ERROR
     return EXIT_FAIL if counts["fail"] else EXIT_PASS

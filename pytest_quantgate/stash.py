@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .gate import Outcome
+
 SETTINGS_KEY = pytest.StashKey[Settings]()
 RUN_ID_KEY = pytest.StashKey[str]()
-ROWS_KEY = pytest.StashKey[dict[str, dict[str, Any]]]()
+# each item's outcome by node id, rebuilt on the controller from the JSON form xdist carries on the report
+OUTCOMES_KEY = pytest.StashKey[dict[str, "Outcome"]]()

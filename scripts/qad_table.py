@@ -91,7 +91,7 @@ def measure(builts: list[qt.Built], work: Path) -> dict[str, dict[str, Any]]:
     for line in captured.getvalue().splitlines():
         if line.startswith("quantgate ERROR"):
             qt._say(line)
-    return {row["id"]: row for row in json.loads(out.read_text())}
+    return {item["id"]: qt.flat_row(item) for item in json.loads(out.read_text())}
 
 
 def table(builts: list[qt.Built], errors: dict[str, dict[str, str]], rows: dict[str, dict[str, Any]]) -> str:

@@ -361,7 +361,15 @@ def measure(builts: list[Built], work: Path) -> dict[str, dict[str, Any]]:
     if rc not in (0, 1) or not out.is_file():
         sys.stderr.write(captured.getvalue())
         raise SystemExit(f"quantgate measure failed (exit {rc}); its output is above")
-    return {row["id"]: row for row in json.loads(out.read_text())}
+    return {item["id"]: flat_row(item) for item in json.loads(out.read_text())}
+
+
+def flat_row(item: dict[str, Any]) -> dict[str, Any]:
+    """Return a measure JSON item (an Outcome: verdict and reason, the GateResult under "result") as one flat row."""
+    result = item.get("result") or {}
+    ci = result.get("interval")
+    return {**result, "verdict": item["verdict"], "reason": item["reason"],
+            "ci": [ci["low"], ci["high"]] if ci else None}
 
 
 SPEED_ROUNDS = 7

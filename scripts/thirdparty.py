@@ -249,6 +249,12 @@ def _measure(child: Child) -> dict[str, Any]:
     return {"wall": child.wall, "peak_mib": child.peak_mib, "rc": child.rc, "why": "" if child.ok else _why(child)}
 
 
+def gate_result(row: dict[str, Any]) -> dict[str, Any]:
+    """Return the measurements of one report item: its ``result`` (today's report), else the item itself."""
+    result = row.get("result")
+    return dict(result) if isinstance(result, dict) else row
+
+
 def trial(registry: Path, fixtures: Path, entry_id: str, args: argparse.Namespace) -> dict[str, Any]:
     """Measure one entry, each in a fresh capped child: plain loop, ``quantgate measure``, independent evaluation."""
     loop = run_measured([PYTHON, str(ROOT / "bench" / "ort_loop.py"), str(registry), str(fixtures), "--id", entry_id,
@@ -262,13 +268,14 @@ def trial(registry: Path, fixtures: Path, entry_id: str, args: argparse.Namespac
                             timeout=args.timeout, env=ENV)
         rows = json.loads(out.read_text()) if out.is_file() else []
     row = rows[0] if rows else {}
-    worst = max(row.get("outputs") or [{}], key=lambda o: o.get("drop") or 0.0)
+    res = gate_result(row)
+    worst = max(res.get("outputs") or [{}], key=lambda o: o.get("drop") or 0.0)
     result: dict[str, Any] = {
         "id": entry_id,
         "loop": _measure(loop),
-        "gate": {**_measure(gate), "verdict": row.get("verdict"), "drop": row.get("drop"), "kind": row.get("kind"),
-                 "reason": row.get("reason") or row.get("error"), "also": row.get("also"),
-                 "samples": row.get("samples"), "worst_channel": worst.get("worst_channel"),
+        "gate": {**_measure(gate), "verdict": row.get("verdict"), "drop": res.get("drop"), "kind": res.get("kind"),
+                 "reason": row.get("reason") or res.get("reason"), "also": res.get("also"),
+                 "samples": res.get("samples"), "worst_channel": worst.get("worst_channel"),
                  "worst_channel_drop": worst.get("worst_channel_drop")},
     }
     if not args.no_eval:

@@ -417,3 +417,13 @@ def test_measure_exit_code(project: GateProject, mix: tuple[str, ...], code: int
     captured = capsys.readouterr()
     assert rc == code, captured.out + captured.err
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_an_entry_missing_two_required_keys_is_described_once(tmp_path: Path) -> None:
+    """jsonschema reports one error per missing key, each naming both: the message says it once."""
+    from pytest_quantgate.registry import load_registry
+
+    (tmp_path / "registry.json").write_text(json.dumps(
+        {"schema_version": 1, "models": [{"id": "d", "onnx": "d.onnx", "quant_mode": "dynamic"}]}))
+    (problem,) = load_registry(tmp_path / "registry.json").problems
+    assert problem.message.count("missing required field(s) 'sha256', 'int8_sha256'") == 1, problem.message

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import convkit
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
+from pytest_quantgate import diagnosis
 from pytest_quantgate.diagnosis import Diagnosis, diagnose, feeds_from_fixture, sqnr_db
+from pytest_quantgate.reports import diagnosis_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "model"
@@ -65,7 +75,7 @@ def test_static_qdq_sidecar_weights_activations_and_outputs(residual: tuple[Path
     assert act.xmodel_db is not None and act.exclude and all(n.startswith("/") for n in act.exclude)
     assert [o.tensor for o in diag.outputs] == ["clean"]
     assert diag.outputs[0].xmodel_db > 30
-    lines = diag.lines()
+    lines = diagnosis_lines(diag)
     assert lines[0].startswith("Diagnosis (qdq sidecar, 3 feed(s)")
     assert any("local dB" in line and "vs fp32 dB" in line for line in lines)
     assert any(line.startswith("  Suggestion: ") and "--nodes-to-exclude" in line for line in lines)
@@ -91,7 +101,7 @@ def test_broken_activation_scale_ranks_first(residual: tuple[Path, Path], tmp_pa
     before = next(t for t in healthy.worst if t.tensor == BROKEN_TENSOR).sqnr_db
     assert before - first.sqnr_db == pytest.approx(20 * np.log10(8), abs=3)  # 8x coarser steps: ~18 dB
     assert "'/body/body.3/Relu'" in diag.suggestion and "--nodes-to-exclude" in diag.suggestion
-    assert BROKEN_TENSOR in "\n".join(diag.lines())
+    assert BROKEN_TENSOR in "\n".join(diagnosis_lines(diag))
 
 
 def test_dynamic_sidecar_weights_by_name_and_simulated_activations(tmp_path: Path) -> None:
@@ -123,7 +133,7 @@ def test_unreadable_int8_model_is_a_diagnosis_not_an_exception(tmp_path: Path) -
     diag = diagnose(MODEL / "fusion_mlp_v1.onnx", bad, _feeds("fusion_mlp_v1"))
     assert diag.worst == () and diag.analysed == ()
     assert "could not load the models" in diag.notes[0]
-    assert "could not load" in "\n".join(diag.lines())
+    assert "could not load" in "\n".join(diagnosis_lines(diag))
     _check_json(diag)
 
 
@@ -138,3 +148,245 @@ def test_float_only_sidecar_and_wrong_feeds(tmp_path: Path) -> None:
     assert any(t.kind == "weight" for t in wrong.worst)  # weights need no feeds
     empty = diagnose(MODEL / "residual_filter_v1.onnx", MODEL / "residual_filter_v1.int8.onnx", [])
     assert any("no feeds" in n for n in empty.notes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bounded memory, temporary folders, log noise, renamed weights
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A 9-layer conv chain with 4×256×256 maps, its QDQ sidecar, and two real-photo feeds of batch 8 (.npz)."""
+    root = tmp_path_factory.mktemp("chain")
+    fp32 = convkit.conv_chain(root / "chain.onnx", layers=9, channels=4, size=256)
+    int8 = convkit.quantise_qdq(fp32, root / "chain.int8.onnx", convkit.photo_crops(4, 256, seed=1))
+    np.savez(root / "feeds.npz", image=convkit.photo_crops(16, 256, seed=2))
+    return fp32, int8, root / "feeds.npz"
+
+
+RSS_CHILD = """
+import json, resource, sys
+from pathlib import Path
+import numpy as np
+import onnxruntime as ort
+from pytest_quantgate.diagnosis import diagnose
+
+fp32, int8, npz, bound = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+images = np.load(npz)["image"]
+feeds = [{"image": images[:8]}, {"image": images[8:]}]
+for path in (fp32, int8):  # the memory of plain inference on these feeds: the baseline
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        session.run(None, feed)
+    del session
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+diag = diagnose(fp32, int8, feeds, top=30, memory_bytes=bound, temp_dir=Path(sys.argv[5]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak, "diag": diag.to_dict()}))
+"""
+
+
+def _diagnose_in_child(chain: tuple[Path, Path, Path], bound: int, work: Path) -> tuple[int, dict[str, Any]]:
+    fp32, int8, npz = chain
+    proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(fp32), str(int8), str(npz), str(bound), str(work)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    return found["peak"] - found["base"], found["diag"]
+
+
+def test_activations_compared_within_the_memory_bound(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    tensor = 8 * 4 * 256 * 256 * 4  # one map of one feed: 8 MiB
+    pairs = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(chain[1])).graph.node)
+    # what collecting every activation holds: pre, post and the fp32 twin of every Q/DQ pair, of both feeds
+    assert pairs * 3 * tensor * 2 > 400 * MiB
+    bound = 48 * MiB
+    grown, bounded = _diagnose_in_child(chain, bound, tmp_path)
+    said = next((n for n in bounded["notes"] if "group(s)" in n), "")
+    assert f"{pairs} activation(s) compared in" in said and "under a 48 MiB bound" in said, bounded["notes"]
+    assert int(said.split(" in ")[1].split()[0]) >= pairs // 2
+    assert grown < bound, f"peak RSS grew by {grown / MiB:.0f} MiB over plain inference, bound {bound / MiB:.0f} MiB"
+    # the same diagnosis in one group grows past the bound: the measurement can fail
+    whole_grown, whole = _diagnose_in_child(chain, 1 << 36, tmp_path)
+    assert whole_grown > bound
+    # grouping changes nothing in the numbers
+    rows = [(t["tensor"], t["sqnr_db"], t["xmodel_db"]) for t in bounded["worst"]]
+    assert rows == [(t["tensor"], t["sqnr_db"], t["xmodel_db"]) for t in whole["worst"]]
+    acts = {t["tensor"]: t for t in bounded["worst"] if t["kind"] == "activation"}
+    assert {"/relu0/Relu_output_0", "/conv8/Conv_output_0", "restored", "image"} <= set(acts)
+    assert all(t["xmodel_db"] is not None for t in acts.values())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_folder_removed_on_success_and_on_exceptions(residual: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    fp32, int8 = residual
+    work = tmp_path / "work"
+    work.mkdir()
+    seen: list[Path] = []
+    real = diagnosis._compare_activations
+
+    def spy(plan: Any, fgraph: Any, qgraph: Any, ffeeds: Any, qfeeds: Any, tmp: Path) -> Any:
+        seen.append(tmp)
+        assert (tmp / diagnosis.LOCK_NAME).exists() and tmp.parent == work
+        assert tmp.name.startswith(f"{diagnosis.TEMP_PREFIX}{os.getpid()}-")
+        return real(plan, fgraph, qgraph, ffeeds, qfeeds, tmp)
+
+    monkeypatch.setattr(diagnosis, "_compare_activations", spy)
+    assert diagnose(fp32, int8, _feeds("residual_filter_v1", 1), temp_dir=work).worst
+    assert seen and list(work.iterdir()) == []
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("ORT arena failed")
+
+    monkeypatch.setattr(diagnosis, "_compare_activations", broken)
+    diag = diagnose(fp32, int8, _feeds("residual_filter_v1", 1), temp_dir=work)
+    assert any("activations not analysed: RuntimeError: ORT arena failed" in n for n in diag.notes)
+    assert list(work.iterdir()) == []
+
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diagnosis, "_compare_activations", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose(fp32, int8, _feeds("residual_filter_v1", 1), temp_dir=work)
+    assert list(work.iterdir()) == []
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from pytest_quantgate import diagnosis
+
+def stall(plan, fgraph, qgraph, ffeeds, qfeeds, tmp):
+    Path(sys.argv[3]).write_text(str(tmp))
+    time.sleep(120)
+
+diagnosis._compare_activations = stall
+with np.load(sys.argv[4]) as npz:
+    feeds = diagnosis.feeds_from_fixture({"luma": npz["luma"]}, batched=True, count=1)
+diagnosis.diagnose(Path(sys.argv[1]), Path(sys.argv[2]), feeds, temp_dir=Path(sys.argv[5]))
+"""
+
+
+def test_folder_of_a_killed_diagnosis_is_swept_by_the_next(residual: tuple[Path, Path], tmp_path: Path) -> None:
+    fp32, int8 = residual
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "inside"
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(fp32), str(int8), str(marker),
+         str(FIXTURES / "residual_filter_v1.npz"), str(work)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for _ in range(600):
+            if marker.exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), "the child never reached the activation comparison"
+        (left,) = list(work.iterdir())
+        assert str(left) == marker.read_text() and left.name.startswith(f"{diagnosis.TEMP_PREFIX}{child.pid}-")
+        assert diagnosis.sweep_temp_folders(work) == []  # its owner is alive and holds the lock: kept
+        assert left.exists()
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert left.exists()  # a killed run cannot clean up after itself
+    diag = diagnose(fp32, int8, _feeds("residual_filter_v1", 1), temp_dir=work)
+    assert any("removed 1 temporary folder(s) left by killed diagnoses" in n for n in diag.notes)
+    assert list(work.iterdir()) == []
+
+
+def test_sweep_without_a_lock_file_goes_by_the_pid(tmp_path: Path) -> None:
+    mine = tmp_path / f"{diagnosis.TEMP_PREFIX}{os.getpid()}-abc"
+    mine.mkdir()
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = tmp_path / f"{diagnosis.TEMP_PREFIX}{int(child.stdout)}-def"
+    (dead / "sub").mkdir(parents=True)
+    other = tmp_path / f"{diagnosis.TEMP_PREFIX}abc"  # no owner in the name: never guessed at
+    other.mkdir()
+    assert diagnosis.sweep_temp_folders(tmp_path) == [dead]
+    assert mine.exists() and other.exists() and not dead.exists()
+
+
+def _renamed(int8: Path, dest: Path, old: str, new: str) -> Path:
+    model = onnx.load(str(int8))
+    for init in model.graph.initializer:
+        if init.name == old:
+            init.name = new
+    for node in model.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+    onnx.save(model, str(dest))
+    return dest
+
+
+def test_renamed_weight_matched_by_value_and_no_log_noise(residual: tuple[Path, Path], tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    fp32, int8 = residual
+    renamed = _renamed(int8, tmp_path / "renamed.int8.onnx", "body.2.weight_quantized", "onnx::Conv_77_quantized")
+    feeds = _feeds("residual_filter_v1", 1)
+    healthy = diagnose(fp32, int8, feeds, top=10)
+    diag = diagnose(fp32, renamed, feeds, top=10)
+    before = next(t for t in healthy.worst if t.tensor == "body.2.weight")
+    after = next(t for t in diag.worst if t.tensor.startswith("body.2.weight"))
+    assert after.tensor == "body.2.weight (onnx::Conv_77_quantized)"
+    assert after.sqnr_db == pytest.approx(before.sqnr_db) and after.node == "/body/body.2/Conv"
+    assert any("matched to their fp32 origin by shape and value" in n for n in diag.notes)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    # ORT's own weight matcher logs an ERROR:root line for this very sidecar: captured, counted, not printed
+    from onnxruntime.quantization.qdq_loss_debug import create_weight_matching
+
+    handlers = list(logging.getLogger().handlers)
+    with diagnosis._captured_logs() as logs:
+        create_weight_matching(str(fp32), str(renamed))
+    assert logs.count >= 1 and "not found" in (logs.first or "")
+    assert logging.getLogger().handlers == handlers
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_weight_folded_by_convbn_fusion_matched_to_its_fp32_origin(tmp_path: Path) -> None:
+    fp32 = convkit.conv_bn(tmp_path / "cbn.onnx")
+    int8 = convkit.quantise_qdq(fp32, tmp_path / "cbn.int8.onnx", convkit.photo_crops(4, 32), pre_process=True)
+    assert "ConvBnFusion_W_conv.weight_quantized" in {i.name for i in onnx.load(str(int8)).graph.initializer}
+    diag = diagnose(fp32, int8, [{"image": convkit.photo_crops(2, 32, seed=4)}], top=10)
+    fused = next(t for t in diag.worst if t.kind == "weight" and t.tensor.startswith("conv.weight"))
+    assert fused.tensor == "conv.weight (ConvBnFusion_W_conv.weight_quantized)" and fused.node == "/conv/Conv"
+    assert fused.sqnr_db is not None and fused.sqnr_db > 30  # rounding only, once the folded scale is fitted
+    assert any("per-channel scale (a folded BatchNorm)" in n for n in diag.notes)
+    assert any("ConvBnFusion_BN_B_bn.beta_quantized" in n and "not compared" in n for n in diag.notes)
+
+
+def test_transposed_and_unrelated_weights(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(24, 40))
+    other = rng.normal(size=(24, 40))
+    model = helper_model({"w": w, "other": other})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    graph = diagnosis._Graph(onnx.load(str(tmp_path / "m.onnx")), tmp_path)
+    step = np.abs(w).max() / 127
+    deq = np.round(w.T / step) * step
+    noise = rng.normal(size=(40, 24))
+    found = diagnosis._match_weights({"a": deq.shape, "b": noise.shape}, {"a": deq, "b": noise}.__getitem__, graph)
+    assert set(found) == {"a"}
+    name, ref, how = found["a"]
+    assert (name, how) == ("w", "value") and np.array_equal(ref, w.astype(np.float32).T)
+
+
+def helper_model(arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    nodes = [helper.make_node("MatMul", ["x", k], [f"y_{k}"]) for k in arrays]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 24])],
+                              [helper.make_tensor_value_info(f"y_{k}", TensorProto.FLOAT, None) for k in arrays],
+                              initializer=inits)
+    return helper.make_model(graph)

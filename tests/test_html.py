@@ -9,37 +9,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_quantgate.html import MISSING_PLOTS, plot_data, render_html, write_html
+from pytest_quantgate.comparison import GateResult, OutputReport
+from pytest_quantgate.gate import Outcome
+from pytest_quantgate.gate import plot_points as plot_data
+from pytest_quantgate.html import MISSING_PLOTS, render_html, write_html
+from pytest_quantgate.metrics import Interval, PairMetrics
+from pytest_quantgate.records import Diagnosis, PlotData, TensorError, Timing
 
-METRICS = {"n": 200, "plcc": 0.999, "srocc": 0.998, "krcc": 0.97, "rmse": 0.01, "mae": 0.008, "max_abs": 0.05,
-           "slope": 1.001, "intercept": -0.002, "offset_rel": 0.01}
+METRICS = PairMetrics(n=200, plcc=0.999, srocc=0.998, krcc=0.97, rmse=0.01, mae=0.008, max_abs=0.05, slope=1.001,
+                      intercept=-0.002, offset_rel=0.01)
 
 
-def _rows(with_plot: bool = True) -> list[dict]:
+def _rows(with_plot: bool = True) -> list[Outcome]:
     rng = np.random.default_rng(0)
     fp32 = rng.normal(size=500)
     int8 = fp32 + rng.normal(scale=0.02, size=500)
     target = fp32 + rng.normal(scale=0.3, size=500)
-    ok = {"id": "mlp_v1", "ep": "cpu", "mode": "dynamic", "samples": 500, "drop": 0.0004, "budget": 0.01,
-          "headroom": 25.0, "verdict": "PASS", "reason": "PLCC drop 0.000400 <= budget 0.01", "ci": [0.0001, 0.0008],
-          "outputs": [{"name": "score", "drop": 0.0004, "vs_fp32": METRICS, "fp32_vs_target": METRICS,
-                       "int8_vs_target": METRICS}],
-          "fp32_bytes": 20480, "int8_bytes": 8800, "fp32_ms": 0.05, "int8_ms": 0.03, "speedup": 1.67,
-          "diagnosis": {"format": "dynamic", "feeds": 3, "worst": [
-              {"kind": "weight", "tensor": "w<1>", "node": "/fc&1", "sqnr_db": 32.5, "xmodel_db": None,
-               "exclude": ["/fc&1"]}], "outputs": [{"kind": "output", "tensor": "score", "node": None,
-                                                    "sqnr_db": None, "xmodel_db": "inf", "exclude": []}],
-              "suggestion": "exclude <b>it</b>", "notes": ["n <i>1</i>"]}}
-    if with_plot:
-        ok["plot"] = plot_data("score", fp32, int8, target)
-    hostile = {"id": "<script>alert(1)</script>", "ep": "cpu", "mode": "static", "samples": None, "drop": None,
-               "budget": None, "headroom": None, "verdict": "ERROR", "reason": "bad <script>alert('x')</script> & co"}
-    sparse = {"id": "only_id", "verdict": "SKIP"}
-    failed = {"id": "cnn", "ep": "cpu", "mode": "qat", "samples": 12, "drop": 0.02, "budget": 0.002,
-              "headroom": 0.1, "verdict": "FAIL", "reason": "PLCC drop 0.02 > budget 0.002", "ci": None,
-              "outputs": [{"name": "score", "drop": 0.02, "vs_fp32": METRICS, "fp32_vs_target": None,
-                           "int8_vs_target": None}], "speedup": float("inf")}
-    return [ok, hostile, sparse, failed]
+    diagnosis = Diagnosis("m.onnx", "m.int8.onnx", "dynamic", 3,
+                          worst=(TensorError("weight", "w<1>", "/fc&1", 32.5, None, ("/fc&1",)),),
+                          outputs=(TensorError("output", "score", None, None, float("inf")),),
+                          suggestion="exclude <b>it</b>", notes=("n <i>1</i>",))
+    ok = GateResult("mlp_v1", "cpu", "dynamic", 500, 0.01, "PASS", "PLCC drop 0.000400 <= budget 0.01", "pass",
+                    drop=0.0004, interval=Interval(0.0001, 0.0008, 0.95, 100),
+                    outputs=(OutputReport("score", 0.0004, METRICS, METRICS, METRICS),),
+                    timing=Timing(20480, 8800, 0.05, 0.03, 1.67, None, 500), diagnosis=diagnosis,
+                    plot=plot_data("score", fp32, int8, target) if with_plot else None)
+    failed = GateResult("cnn", "cpu", "qat", 12, 0.002, "FAIL", "PLCC drop 0.02 > budget 0.002", "drop", drop=0.02,
+                        outputs=(OutputReport("score", 0.02, METRICS),),
+                        timing=Timing(100, 50, 0.01, 0.0, float("inf"), 1, 12))
+    return [
+        Outcome("mlp_v1", "cpu", "dynamic", "pass", ok.reason, ok),
+        Outcome("<script>alert(1)</script>", "cpu", "static", "error", "bad <script>alert('x')</script> & co"),
+        Outcome("only_id", "-", "-", "skip", ""),
+        Outcome("cnn", "cpu", "qat", "fail", failed.reason, failed),
+    ]
 
 
 def _self_contained(page: str) -> None:
@@ -91,14 +94,24 @@ def test_page_without_matplotlib_says_how_to_get_plots(tmp_path: Path, monkeypat
     assert "0.999000" in page  # the tables are all there
 
 
-def test_empty_and_odd_rows_never_raise() -> None:
+def test_empty_and_odd_records_never_raise() -> None:
+    """No items, NaN and infinite numbers, a plot with no points or a constant error: the page is still written."""
     page = render_html([], "empty", plots=False)
     assert "0 item(s)" in page
-    odd = [{"id": 3, "verdict": None, "ci": "x", "outputs": [None, {"name": "y"}], "plot": {"fp32": [1, "a"]},
-            "diagnosis": {"worst": [None]}}]
-    assert "3" in render_html(odd, "odd", plots=False)
+    nan = float("nan")
+    odd_metrics = PairMetrics(3, nan, nan, nan, 0.0, 0.0, 0.0, nan, nan, nan)
+    odd = GateResult("odd", "cpu", "static", 3, 0.01, "FAIL", "constant", "constant", drop=nan,
+                     outputs=(OutputReport("y", nan, odd_metrics),),
+                     plot=PlotData("y", (1.0, nan), (1.0,), None, (), (), 0))
+    empty_plot = GateResult("e", "cpu", "static", 3, 0.01, "PASS", "ok", "pass", drop=0.0,
+                            plot=PlotData("z", (), (), None, (), (), 0))
+    outcomes = [Outcome("odd", "cpu", "static", "fail", "constant", odd),
+                Outcome("e", "cpu", "static", "pass", "ok", empty_plot)]
+    page = render_html(outcomes, "odd", plots=False)
+    assert "nan" in page and "inf" in page  # drop NaN; headroom of a zero drop is inf
     pytest.importorskip("matplotlib")
-    assert "3" in render_html(odd, "odd", plots=True)
+    page = render_html(outcomes, "odd", plots=True)
+    assert "no plot data" in page
 
 
 def test_plot_data_caps_points_and_counts_every_error() -> None:
@@ -106,7 +119,7 @@ def test_plot_data_caps_points_and_counts_every_error() -> None:
     int8 = fp32 + 0.001
     int8[0] += 5.0  # one outlier: clipped into the end bin, counted
     data = plot_data("y", fp32, int8, None)
-    assert len(data["fp32"]) == len(data["int8"]) == 2000 and data["target"] is None
-    assert sum(data["hist_counts"]) == 10_000
-    assert len(data["hist_edges"]) == len(data["hist_counts"]) + 1
-    assert data["hist_clipped"] >= 1
+    assert len(data.fp32) == len(data.int8) == 2000 and data.target is None
+    assert sum(data.hist_counts) == 10_000
+    assert len(data.hist_edges) == len(data.hist_counts) + 1
+    assert data.hist_clipped >= 1

@@ -10,6 +10,9 @@ import onnx
 import pytest
 from conftest import GateProject, affine, append_to_output, rounded_weights
 
+from pytest_quantgate.fileio import sha256_file
+from pytest_quantgate.gate import read_report
+
 
 def healthy(project: GateProject) -> list[dict]:
     return [
@@ -240,10 +243,9 @@ def test_xdist_workers_agree_and_the_controller_prints_the_summary(project: Gate
 
 def test_multi_input_multi_output_and_stacked_samples(project: GateProject) -> None:
     """Two inputs, two outputs, no batch axis: the fixture's leading axis stacks whole inputs."""
+    import modelkit
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-
-    import modelkit
 
     w = modelkit.fitted_mlp_weights()
     nodes = [
@@ -295,16 +297,22 @@ def test_json_report_junit_properties_and_github_summary(project: GateProject, m
     result.assert_outcomes(passed=1, failed=1)
     doc = json.loads((project.root / "out" / "report.json").read_text())
     assert doc["totals"] == {"PASS": 1, "FAIL": 1, "ERROR": 0, "SKIP": 0}
-    good, fake = sorted(doc["items"], key=lambda r: r["id"], reverse=True)
-    assert good["id"] == "good" and good["verdict"] == "PASS" and fake["kind"] == "affine"
-    assert good["ci"][0] <= good["drop"] <= good["ci"][1]
-    prov = good["provenance"]
-    assert prov["int8"]["sha256"] == doc["items"][1]["provenance"]["int8"]["sha256"] or prov["int8"]["sha256"]
+    assert doc["format"] == 2 and [i["id"] for i in doc["items"]] == ["fake", "good"]
+    fake, good = doc["items"]
+    assert good["verdict"] == "PASS" and fake["verdict"] == "FAIL" and fake["result"]["kind"] == "affine"
+    ci = good["result"]["interval"]
+    assert ci["low"] <= good["result"]["drop"] <= ci["high"] and ci["level"] == 0.95
+    prov = good["result"]["provenance"]
+    assert prov["int8"]["sha256"] == sha256_file(project.model / "good.int8.onnx")
     assert prov["ep"] == "cpu" and prov["providers"] == ["CPUExecutionProvider"]
     assert prov["onnxruntime"].startswith("onnxruntime")
-    assert "avx2" in prov["cpu"]["isa"] or prov["cpu"]["isa"] is not None
-    assert prov["fixture"]["sha256"] and prov["python"]
-    assert good["fp32_bytes"] > 0 and good["int8_bytes"] > 0 and good["fp32_ms"] > 0 and good["speedup"] > 0
+    assert prov["system"]["cpu"]["isa"] is not None and prov["system"]["python"]
+    assert prov["fixture"]["sha256"] == sha256_file(project.fixtures / "good.npz")
+    timing = good["result"]["timing"]
+    assert timing["fp32_bytes"] > 0 and timing["int8_bytes"] > 0 and timing["fp32_ms"] > 0 and timing["speedup"] > 0
+    # the controller rebuilt each worker's typed outcome from the report attribute xdist carried (-n 2)
+    outcomes = {o.entry_id: o for o in read_report(doc)}
+    assert outcomes["fake"].result is not None and outcomes["fake"].result.kind == "affine"
     props = {p.get("name"): p.get("value") for p in ET.parse(project.root / "junit.xml").iter("property")}
     assert props["quantgate_verdict"] in ("PASS", "FAIL") and float(props["quantgate_drop"]) < 0.01
     text = summary.read_text()
@@ -335,7 +343,7 @@ def test_strict_mode_turns_an_unresolvable_fixture_into_an_error(project: GatePr
     np.savez(project.fixtures / "tiny.npz", features=data["features"][:40])
     project.write([entry])
     project.run("--quantgate-report", "r.json").assert_outcomes(passed=1)
-    drop = json.loads((project.root / "r.json").read_text())["items"][0]["drop"]
+    drop = json.loads((project.root / "r.json").read_text())["items"][0]["result"]["drop"]
     # a budget equal to the point estimate lies inside the interval: 40 samples cannot resolve it
     project.write([{**entry, "quant_accuracy_budget_plcc": drop * 1.05}])
     warned = project.run("-W", "default")
@@ -344,3 +352,23 @@ def test_strict_mode_turns_an_unresolvable_fixture_into_an_error(project: GatePr
     strict = project.run("--quantgate-strict")
     strict.assert_outcomes(errors=1)
     strict.stdout.fnmatch_lines(["*quantgate ERROR: tiny [[]cpu[]]:*straddles the budget*(--quantgate-strict)*"])
+
+
+def test_an_unreadable_outcome_from_a_worker_is_that_items_error_not_an_internal_error(project: GateProject) -> None:
+    """The controller rebuilds each outcome from its report; one that does not load loses nothing else."""
+    project.write([project.add_sidecar("good"), project.add_sidecar("other")])
+    project.pytester.makeconftest('''
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report):
+    data = getattr(report, "quantgate_outcome", None)
+    if data is not None and data["id"] == "other":
+        report.quantgate_outcome = {**data, "status": "bogus"}
+''')
+    result = project.run("--quantgate-report", "r.json")
+    result.assert_outcomes(passed=2)
+    assert "INTERNALERROR" not in result.stdout.str()
+    items = {i["id"]: i for i in json.loads((project.root / "r.json").read_text())["items"]}
+    assert items["good"]["verdict"] == "PASS" and items["other"]["verdict"] == "ERROR"
+    assert "Outcome.status: 'bogus' is not one of" in items["other"]["reason"]

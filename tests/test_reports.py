@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from pytest_quantgate.reports import EP_FP32_TOLERANCE, per_ep_lines, summary_lines
+from pytest_quantgate.comparison import GateResult
+from pytest_quantgate.gate import Outcome
+from pytest_quantgate.metrics import Interval
 
 
-def row(entry_id: str, ep: str, drop: float | None, verdict: str, probe: list[float] | None = None) -> dict:
-    return {"id": entry_id, "ep": ep, "mode": "static", "samples": 100, "drop": drop, "budget": 0.01,
-            "headroom": None if not drop else 0.01 / drop, "verdict": verdict, "reason": "r", "ci": [0.001, 0.003],
-            "fp32_probe": probe}
+def row(entry_id: str, ep: str, drop: float | None, verdict: str, probe: list[float] | None = None) -> Outcome:
+    """An outcome as the gate makes it: measured (PASS/FAIL, with a result) or not (ERROR/SKIP)."""
+    status = verdict.lower()
+    if drop is None:
+        return Outcome(entry_id, ep, "static", status, "r")  # type: ignore[arg-type]
+    result = GateResult(entry_id, ep, "static", 100, 0.01, verdict, "r", "pass" if verdict == "PASS" else "drop",
+                        drop=drop, interval=Interval(0.001, 0.003, 0.95, 100), fp32_probe=tuple(probe or ()))
+    return Outcome(entry_id, ep, "static", status, "r", result)  # type: ignore[arg-type]
 
 
 def test_summary_has_headroom_ci_and_sorted_rows() -> None:

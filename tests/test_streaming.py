@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy import stats
 
 from pytest_quantgate.errors import FixtureError
+from pytest_quantgate.gate import Outcome, read_report
 from pytest_quantgate.streaming import MAD, PairAccumulator, describe_sums
 
 # --- the sums agree with scipy on float64, however the data is chunked ------------------------------------------
@@ -165,13 +166,14 @@ def _registry(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _measure(registry: Path, fixtures: Path, *args: str) -> tuple[int, dict[str, Any]]:
+def _measure(registry: Path, fixtures: Path, *args: str) -> tuple[int, dict[str, Outcome]]:
+    """Run ``quantgate measure`` and read its JSON back into typed outcomes (the round trip under test)."""
     from pytest_quantgate.cli import main
 
     out = registry.parent / "out.json"
     code = main(["measure", str(registry), "--fixtures", str(fixtures), "--ep", "cpu", "--bootstrap", "200",
                  "--json", str(out), *args])
-    rows = {row["id"]: row for row in json.loads(out.read_text())}
+    rows = {o.entry_id: o for o in read_report(json.loads(out.read_text()))}
     return code, rows
 
 
@@ -217,18 +219,18 @@ def test_a_collapsed_score_channel_fails_although_the_boxes_dominate(tmp_path: P
     registry = _registry(tmp_path, entries)
     code, rows = _measure(registry, tmp_path / "fixtures")
     assert code == 1
-    assert rows["ok"]["verdict"] == "PASS"
+    assert rows["ok"].verdict == "PASS"
     det = rows["det"]
-    assert det["verdict"] == "FAIL" and det["kind"] == "drop", det
-    output = det["outputs"][0]
-    assert output["channels"] == 6 and output["worst_channel"] in (4, 5)
-    assert 1.0 - output["vs_fp32"]["plcc"] < 0.01  # the flattened drop alone would have passed the 0.01 budget
-    assert "worst channel" in det["reason"]
+    assert det.verdict == "FAIL" and det.result.kind == "drop", det
+    output = det.result.outputs[0]
+    assert output.channels == 6 and output.worst_channel in (4, 5)
+    assert 1.0 - output.vs_fp32.plcc < 0.01  # the flattened drop alone would have passed the 0.01 budget
+    assert "worst channel" in det.message
     # the entry can opt out of the per-channel view: then only the whole array counts, and it passes
     entries[0]["quant_channel_axis"] = None
     entries[0]["quant_budget_slope"] = 1.0
     code, rows = _measure(_registry(tmp_path, entries), tmp_path / "fixtures")
-    assert rows["det"]["verdict"] == "PASS", rows["det"]
+    assert rows["det"].verdict == "PASS", rows["det"]
 
 
 def _argmax_model(path: Path, flip: bool) -> Path:
@@ -265,14 +267,14 @@ def test_label_outputs_are_judged_by_agreement_never_by_plcc(tmp_path: Path) -> 
                 "sha256": sha256_file(tmp_path / f"{n}.onnx"), "int8_sha256": sha256_file(tmp_path / f"{n}.int8.onnx")}
                for n in ("flip", "same")]
     code, rows = _measure(_registry(tmp_path, entries), tmp_path / "fixtures")
-    assert rows["same"]["verdict"] == "PASS"
+    assert rows["same"].verdict == "PASS"
     flip = rows["flip"]
-    assert flip["verdict"] == "FAIL" and flip["kind"] == "labels", flip
-    labels = flip["outputs"][0]["labels"]
+    assert flip.verdict == "FAIL" and flip.result.kind == "labels", flip
+    labels = flip.result.outputs[0].labels
     expected = float(np.mean(np.argmax(x @ np.random.default_rng(5).normal(size=(8, 10)).astype(np.float32), 1) == 4))
-    assert labels["flip_rate"] == pytest.approx(expected)
-    assert labels["interval"]["low"] < labels["flip_rate"] < labels["interval"]["high"]
-    assert "differ on" in flip["reason"] and "quant_budget_label_flip" in flip["reason"]
+    assert labels.flip_rate == pytest.approx(expected)
+    assert labels.interval.low < labels.flip_rate < labels.interval.high
+    assert "differ on" in flip.message and "quant_budget_label_flip" in flip.message
 
 
 def test_a_sequence_of_maps_output_is_compared_as_an_array_in_key_order(tmp_path: Path) -> None:
@@ -298,11 +300,11 @@ def test_a_sequence_of_maps_output_is_compared_as_an_array_in_key_order(tmp_path
              "quant_lineage": False,
              "sha256": sha256_file(tmp_path / "zm.onnx"), "int8_sha256": sha256_file(tmp_path / "zm.int8.onnx")}
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
-    assert code == 0 and rows["zm"]["verdict"] == "PASS", rows["zm"]
+    assert code == 0 and rows["zm"].verdict == "PASS", rows["zm"]
     zipmap(tmp_path / "zm.int8.onnx", -1.0)  # probabilities reversed: must fail, not crash
     entry["int8_sha256"] = sha256_file(tmp_path / "zm.int8.onnx")
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
-    assert code == 1 and rows["zm"]["verdict"] == "FAIL", rows["zm"]
+    assert code == 1 and rows["zm"].verdict == "FAIL", rows["zm"]
 
 
 def test_below_the_sample_floor_the_fixture_is_an_error_naming_the_count(tmp_path: Path) -> None:
@@ -316,8 +318,8 @@ def test_below_the_sample_floor_the_fixture_is_an_error_naming_the_count(tmp_pat
              "quant_lineage": False,
              "sha256": sha256_file(tmp_path / "few.onnx"), "int8_sha256": sha256_file(tmp_path / "few.int8.onnx")}
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
-    assert code == 2 and rows["few"]["verdict"] == "ERROR"
-    assert "2 sample(s); entry 'few' needs at least 30" in rows["few"]["reason"]
+    assert code == 2 and rows["few"].verdict == "ERROR"
+    assert "2 sample(s); entry 'few' needs at least 30" in rows["few"].message
 
 
 def test_a_dynamic_sidecar_verdict_does_not_depend_on_the_batch_size_option(tmp_path: Path) -> None:
@@ -334,7 +336,7 @@ def test_a_dynamic_sidecar_verdict_does_not_depend_on_the_batch_size_option(tmp_
     entry = {"id": "d", "onnx": "d.onnx", "quant_mode": "dynamic", "sha256": sha256_file(tmp_path / "d.onnx"),
              "int8_sha256": sha256_file(tmp_path / "d.int8.onnx")}
     registry = _registry(tmp_path, [entry])
-    drops = {batch: _measure(registry, tmp_path / "fixtures", "--batch-size", str(batch))[1]["d"]["drop"]
+    drops = {batch: _measure(registry, tmp_path / "fixtures", "--batch-size", str(batch))[1]["d"].result.drop
              for batch in (1, 32, 256)}
     assert drops[1] == pytest.approx(drops[32], abs=1e-9) and drops[1] == pytest.approx(drops[256], abs=1e-9)
 
@@ -393,29 +395,53 @@ def test_large_outputs_stream_in_bounded_memory(tmp_path: Path) -> None:
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     peak_mib = int(proc.stdout.split("MAXRSS")[-1].split()[0]) / 1024
-    row = json.loads((tmp_path / "o.json").read_text())[0]
-    assert row["verdict"] == "PASS" and row["samples"] == 240
+    (row,) = read_report(json.loads((tmp_path / "o.json").read_text()))
+    assert row.verdict == "PASS" and row.result is not None and row.result.samples == 240
     # whole outputs of both models in float32 are 960 MiB each: the streamed gate holds one chunk of them
     assert peak_mib < 900, f"peak RSS {peak_mib:.0f} MiB"
     print(f"large outputs: 240 samples, peak RSS {peak_mib:.0f} MiB")
 
 
 def test_the_json_report_round_trips_through_the_typed_records(tmp_path: Path) -> None:
-    """Every row of measure's JSON rebuilds an Outcome (and its GateResult) whose row is the same JSON."""
-    from pytest_quantgate.gate import Outcome
-
+    """Every item of measure's JSON (strict JSON: no NaN/Infinity) loads as the typed Outcome it came from."""
     repo = Path(__file__).resolve().parents[1]
     from pytest_quantgate.cli import main
 
     out = tmp_path / "report.json"
     assert main(["measure", str(repo / "model" / "registry.json"), "--fixtures", str(repo / "fixtures"), "--ep", "cpu",
-                 "--bootstrap", "100", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
-    assert len(rows) == 3
-    for row in rows:
-        outcome = Outcome.from_row(row)
-        assert outcome.result is not None and outcome.result.drop == row["drop"]
-        assert json.loads(json.dumps(outcome.to_row(), default=str)) == row
+                 "--bootstrap", "100", "--diagnose", "always", "--json", str(out)]) == 0
+
+    def strict(token: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    items = json.loads(out.read_text(), parse_constant=strict)
+    assert len(items) == 3
+    for item in items:
+        outcome = Outcome.from_json(item)
+        result = outcome.result
+        assert result is not None and result.drop == item["result"]["drop"]
+        assert result.timing is not None and result.timing.int8_bytes == (repo / "model" / f"{outcome.entry_id}.int8"
+                                                                          ".onnx").stat().st_size
+        assert result.provenance is not None and result.provenance.ep == "cpu"
+        assert result.lineage is not None and result.lineage.ok
+        assert result.diagnosis is not None and len(result.diagnosis.samples) == 4  # --diagnose always
+        assert isinstance(result.outputs[0].vs_fp32.plcc, float) and result.interval is not None
+        # compared as JSON: a NaN metric (slope of a constant output) is never == itself as a float
+        assert json.loads(json.dumps(outcome.to_json())) == item
+
+
+def test_a_record_that_does_not_fit_is_refused_naming_the_field() -> None:
+    """Loading checks every field against its annotation, so a hand-edited or older report cannot pass as new."""
+    from pytest_quantgate.records import RecordError
+
+    good = Outcome("m", "cpu", "dynamic", "error", "boom").to_json()
+    assert Outcome.from_json(good) == Outcome("m", "cpu", "dynamic", "error", "boom")
+    with pytest.raises(RecordError, match=r"Outcome\.status: 'fine' is not one of"):
+        Outcome.from_json({**good, "status": "fine"})
+    with pytest.raises(RecordError, match=r"Outcome\.ep: missing"):
+        Outcome.from_json({k: v for k, v in good.items() if k != "ep"})
+    with pytest.raises(RecordError, match=r"Outcome\.notes\[1\]: expected a string"):
+        Outcome.from_json({**good, "notes": ["a", 3]})
 
 
 def test_the_fp32_model_named_as_its_own_sidecar_fails_on_lineage(tmp_path: Path) -> None:
@@ -434,8 +460,8 @@ def test_the_fp32_model_named_as_its_own_sidecar_fails_on_lineage(tmp_path: Path
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
     assert code == 1
     row = rows["m"]
-    assert row["verdict"] == "FAIL" and row["kind"] == "lineage" and row["drop"] == pytest.approx(0.0, abs=1e-12)
-    assert "not a quantised sidecar: m.int8.onnx is the fp32 file itself" in row["reason"]
+    assert row.verdict == "FAIL" and row.result.kind == "lineage" and row.result.drop == pytest.approx(0.0, abs=1e-12)
+    assert "not a quantised sidecar: m.int8.onnx is the fp32 file itself" in row.message
 
 
 def test_an_unexpected_exception_is_that_entrys_error_and_the_others_still_run(project: Any) -> None:
@@ -455,8 +481,8 @@ def test_an_unexpected_exception_is_that_entrys_error_and_the_others_still_run(p
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*quantgate ERROR: nz [[]cpu[]]: *"])
     assert "Traceback" not in result.stdout.str()
-    rows = {r["id"]: r for r in json.loads((project.root / "report.json").read_text())["items"]}
-    assert rows["healthy"]["verdict"] == "PASS" and rows["nz"]["verdict"] == "ERROR"
+    rows = {r.entry_id: r for r in read_report(json.loads((project.root / "report.json").read_text()))}
+    assert rows["healthy"].verdict == "PASS" and rows["nz"].verdict == "ERROR"
 
 
 def test_measure_keeps_every_entry_when_one_raises_anything(project: Any, monkeypatch: pytest.MonkeyPatch,
@@ -480,11 +506,11 @@ def test_measure_keeps_every_entry_when_one_raises_anything(project: Any, monkey
     code = main(["measure", str(project.model / "registry.json"), "--fixtures", str(project.fixtures), "--ep", "cpu",
                  "--bootstrap", "100", "--json", str(out)])
     assert code == 2
-    rows = {r["id"]: r for r in json.loads(out.read_text())}
-    assert rows["fine"]["verdict"] == "PASS"
-    assert rows["boom"]["verdict"] == "ERROR" and "unexpected KeyError: 'surprise'" in rows["boom"]["reason"]
-    assert "entry 'boom' ($.models[0])" in rows["boom"]["reason"] and "Traceback" in rows["boom"]["traceback"]
-    assert rows["quits"]["verdict"] == "ERROR" and "unexpected SystemExit: 3" in rows["quits"]["reason"]
+    rows = {r.entry_id: r for r in read_report(json.loads(out.read_text()))}
+    assert rows["fine"].verdict == "PASS"
+    assert rows["boom"].verdict == "ERROR" and "unexpected KeyError: 'surprise'" in rows["boom"].message
+    assert "entry 'boom' ($.models[0])" in rows["boom"].message and "Traceback" in rows["boom"].traceback
+    assert rows["quits"].verdict == "ERROR" and "unexpected SystemExit: 3" in rows["quits"].message
     assert "Traceback" not in capsys.readouterr().out
 
 
@@ -528,8 +554,8 @@ def test_an_input_without_a_declared_shape_is_not_called_a_scalar(tmp_path: Path
              "int8_sha256": sha256_file(tmp_path / "free.int8.onnx")}
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
     assert code == 2
-    assert "'x': float32 (no shape declared in the model)" in rows["free"]["reason"]
+    assert "'x': float32 (no shape declared in the model)" in rows["free"].message
     # with the right array name it runs: samples on axis 0, any trailing shape
     np.savez(tmp_path / "fixtures" / "free.npz", x=np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32))
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
-    assert code == 0 and rows["free"]["verdict"] == "PASS", rows["free"]
+    assert code == 0 and rows["free"].verdict == "PASS", rows["free"]

@@ -1,0 +1,249 @@
+"""The typed records a gate run produces, and their one JSON round trip.
+
+Every record is a frozen dataclass. :func:`dump` turns any of them into JSON-ready data and :func:`load` turns
+that data back into the same record, checking each field against its annotation; reports, the HTML page, the
+cache and xdist's report attributes all use this one pair, so there is no hand-written row shape to drift.
+
+A field may name its JSON key in ``field(metadata={"json": ...})``. Keys the record does not know are ignored
+when loading (derived values such as ``headroom`` are written for readers, not read back).
+
+JSON has no infinities or NaN, so non-finite floats are written as the strings ``"inf"``, ``"-inf"`` and ``"nan"``
+and read back as floats (Python's ``json`` would otherwise write ``Infinity``, which strict parsers refuse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
+
+
+class RecordError(ValueError):
+    """JSON data that does not fit the record it is loaded as; the message names the field path."""
+
+
+# --- the records --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """On-disk size and latency per sample of both models, from the gate's own runs of the soak fixture."""
+
+    fp32_bytes: int
+    int8_bytes: int
+    fp32_ms: float
+    int8_ms: float
+    speedup: float | None  # total fp32 run time / total int8 run time over the same feeds
+    batch: int | None  # the batch the models ran at (None: one sample per run)
+    runs: int
+
+    @property
+    def size_ratio(self) -> float | None:
+        """Return int8 bytes / fp32 bytes."""
+        return self.int8_bytes / self.fp32_bytes if self.fp32_bytes else None
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file a verdict depends on, by path and content hash."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a verdict: the files, the EP as ONNX Runtime resolved it, the statistics, the machine."""
+
+    fp32: FileRef
+    int8: FileRef
+    fixture: FileRef
+    ep: str
+    providers: tuple[str, ...]
+    provider_options: Mapping[str, Any]
+    onnxruntime: str
+    graph_optimization_level: str
+    quantgate: str
+    bootstrap: int
+    seed: int
+    decision: str
+    system: Mapping[str, Any]  # cpu (model, isa, machine), python, platform, time
+
+
+@dataclass(frozen=True)
+class LineageRecord:
+    """Whether the sidecar is quantised from this fp32 model (see :mod:`.lineage`)."""
+
+    ok: bool
+    reasons: tuple[str, ...]
+    weights_matched: int
+    weights_total: int
+
+
+@dataclass(frozen=True)
+class PlotData:
+    """The HTML report's plot of one output: evenly spaced values of both models and the error histogram."""
+
+    output: str
+    fp32: tuple[float, ...]
+    int8: tuple[float, ...]
+    target: tuple[float, ...] | None
+    hist_edges: tuple[float, ...]
+    hist_counts: tuple[int, ...]
+    hist_clipped: int
+
+
+@dataclass(frozen=True)
+class TensorError:
+    """The quantisation error of one tensor.
+
+    ``sqnr_db`` is the local error (fp32 weight vs its dequantised int8 value; an activation before vs after its
+    Q/DQ pair), ``xmodel_db`` the accumulated one (fp32 model tensor vs int8 model tensor of the same name).
+    ``exclude`` lists the fp32 node names whose exclusion keeps this tensor in float.
+    """
+
+    kind: str  # "weight" | "activation" | "output"
+    tensor: str
+    node: str | None
+    sqnr_db: float | None
+    xmodel_db: float | None = None
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def rank_key(self) -> float:
+        """Return the SQNR this tensor is ranked by (local when known, else accumulated)."""
+        value = self.sqnr_db if self.sqnr_db is not None else self.xmodel_db
+        return float("inf") if value is None or math.isnan(value) else value
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Ranked per-tensor errors of one int8 sidecar against its fp32 original, and what to try."""
+
+    fp32_path: str
+    int8_path: str
+    format: str  # "qdq" | "dynamic" | "qoperator" | "unknown"
+    feeds: int
+    worst: tuple[TensorError, ...] = ()
+    outputs: tuple[TensorError, ...] = ()
+    analysed: tuple[str, ...] = ()  # what was compared: "weights", "activations", "outputs"
+    suggestion: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    samples: tuple[int, ...] = ()  # the fixture samples the feeds came from (where int8 departs most)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form (infinities become the strings "inf"/"-inf")."""
+        data: dict[str, Any] = dump(self)
+        return data
+
+
+# --- the one JSON round trip --------------------------------------------------------------------------------------
+
+
+def dump(value: Any) -> Any:
+    """Return ``value`` (a record, or anything inside one) as JSON-ready data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {_key(f): dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): dump(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [dump(v) for v in value]
+    if hasattr(value, "item"):  # a numpy scalar
+        return dump(value.item())
+    return str(value)
+
+
+def load(cls: type[T], data: Any, where: str = "") -> T:
+    """Return the record of type ``cls`` that :func:`dump` wrote as ``data``; raise RecordError naming the field."""
+    return typing.cast(T, _load(cls, data, where or cls.__name__))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _key(f: dataclasses.Field[Any]) -> str:
+    """Return the JSON key of a field: its name, or ``metadata["json"]`` (``entry_id`` is ``id`` in reports)."""
+    return str(f.metadata.get("json", f.name))
+
+
+def _load(tp: Any, data: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return data
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if data is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _load(option, data, where)
+            except RecordError as exc:
+                errors.append(str(exc))
+        raise RecordError(errors[0] if len(errors) == 1 else f"{where}: {data!r} fits none of {tp}")
+    if origin is Literal:
+        if data not in typing.get_args(tp):
+            raise RecordError(f"{where}: {data!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}")
+        return data
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(data, Mapping):
+            raise RecordError(f"{where}: expected an object for {tp.__name__}, got {type(data).__name__}")
+        hints = _hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            key = _key(f)
+            if key in data:
+                kwargs[f.name] = _load(hints[f.name], data[key], f"{where}.{key}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecordError(f"{where}.{key}: missing")
+        return tp(**kwargs)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(data, (list, tuple)):
+            raise RecordError(f"{where}: expected a list, got {type(data).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_load(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
+        if len(args) != len(data):
+            raise RecordError(f"{where}: expected {len(args)} items, got {len(data)}")
+        return tuple(_load(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
+    if origin in (Mapping, dict) or tp in (Mapping, dict):
+        if not isinstance(data, Mapping):
+            raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
+        args = typing.get_args(tp) or (str, Any)
+        return {str(k): _load(args[1], v, f"{where}.{k}") for k, v in data.items()}
+    if tp is float:
+        if isinstance(data, str) and data in ("inf", "-inf", "nan"):
+            return float(data)
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return float(data)
+        raise RecordError(f"{where}: expected a number, got {data!r}")
+    if tp is int:
+        if isinstance(data, int) and not isinstance(data, bool):
+            return data
+        raise RecordError(f"{where}: expected an integer, got {data!r}")
+    if tp is bool:
+        if isinstance(data, bool):
+            return data
+        raise RecordError(f"{where}: expected true or false, got {data!r}")
+    if tp is str:
+        if isinstance(data, str):
+            return data
+        raise RecordError(f"{where}: expected a string, got {data!r}")
+    raise RecordError(f"{where}: cannot load a {tp!r}")
