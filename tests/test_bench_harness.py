@@ -34,7 +34,8 @@ from measured import run_measured
 ballast = np.ones(300 * 2**20 // 8)  # this process is big: a forked child would start at its size
 small = run_measured([sys.executable, "-c", sys.argv[2].format(n=8)], sys.argv[3])
 big = run_measured([sys.executable, "-c", sys.argv[2].format(n=400)], sys.argv[3])
-print(json.dumps({"rc": [small.rc, big.rc], "small": small.peak_mib, "big": big.peak_mib, "ok": bool(ballast.sum() > 0)}))
+ok = bool(ballast.sum() > 0)
+print(json.dumps({"rc": [small.rc, big.rc], "small": small.peak_mib, "big": big.peak_mib, "ok": ok}))
 """
 
 
