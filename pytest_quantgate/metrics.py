@@ -171,6 +171,11 @@ class MomentTerm:
         """Return the drop on the full fixture."""
         return float(self.replicates(np.ones((1, self.ref_test.shape[0])))[0])
 
+    @property
+    def width(self) -> int:
+        """Return the float64 values one replicate sums (6 per channel): what bounds a replicate batch."""
+        return int(np.prod(self.ref_test.shape[1:]))
+
     def parts(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (target drop, implied drop) per weight row, worst channel; without a target both are 1 − PLCC."""
         fidelity = 1.0 - self._plcc(self.ref_test, weights)
@@ -202,6 +207,9 @@ class Interval:
     replicates: int
 
 
+BOOTSTRAP_VALUES = 4_000_000
+
+
 class Term(Protocol):
     """Anything whose value can be recomputed for rows of bootstrap sample weights (B, S)."""
 
@@ -219,7 +227,10 @@ def bootstrap_drop(terms: Sequence[Term], samples: int, replicates: int, seed: i
         return None
     rng = np.random.default_rng(seed)
     drops = np.full(replicates, -np.inf)
-    chunk = max(1, min(replicates, 4_000_000 // max(samples, 1)))
+    # a batch of replicates holds (batch, samples) weights and (batch, width) sums per term: ≤ 4 M values each
+    # (32 MiB), so a detector head judged per anchor (thousands of channels) costs no more than a scalar output
+    width = max((int(getattr(term, "width", 1)) for term in terms), default=1)
+    chunk = max(1, min(replicates, BOOTSTRAP_VALUES // max(samples, width, 1)))
     for start in range(0, replicates, chunk):
         count = min(chunk, replicates - start)
         # counts of each sample among `samples` uniform draws with replacement, one row per replicate: one

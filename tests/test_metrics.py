@@ -98,3 +98,27 @@ def test_samples_needed_only_when_the_interval_straddles_the_budget() -> None:
     assert needed == math.ceil(100 * (0.003 / 0.001) ** 2)
     # a drop exactly on the budget: unresolved, and no sample count would resolve it
     assert samples_needed(100, Interval(0.006, 0.012, 0.95, 100), 0.01, 0.01) == 0
+
+
+def test_bootstrap_of_a_term_with_many_channels_is_bounded_in_memory() -> None:
+    """25 200 channels (a YOLOv5-style head judged per anchor): replicates are batched by channels too."""
+    import tracemalloc
+
+    from pytest_quantgate.metrics import BOOTSTRAP_VALUES, MomentTerm, bootstrap_drop
+
+    rng = np.random.default_rng(0)
+    samples, channels = 100, 25_200
+    a = rng.normal(size=(samples, channels, 8))
+    b = a + rng.normal(scale=0.05, size=a.shape)
+    moments = np.stack([np.full(a.shape[:2], 8.0), a.sum(-1), b.sum(-1), (a * a).sum(-1), (b * b).sum(-1),
+                        (a * b).sum(-1)], axis=-1)
+    del a, b
+    term = MomentTerm(moments)
+    tracemalloc.start()
+    interval = bootstrap_drop([term], samples, 200, seed=1, level=0.95)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert interval is not None and 0.0 < interval.low <= interval.high < 0.05
+    # unbatched, one batch of 200 replicates would sum (200, 25 200, 6) float64: 242 MB; batched it stays near
+    # a few arrays of BOOTSTRAP_VALUES float64 (32 MB each)
+    assert peak < 6 * BOOTSTRAP_VALUES * 8, f"{peak / 2**20:.0f} MiB"
