@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ENV, PYTHON, Result  # noqa: E402
+from common import ENV, PYTHON, Result
 
 LOOP = """
 import sys, numpy as np, onnxruntime as ort
