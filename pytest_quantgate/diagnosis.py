@@ -101,9 +101,11 @@ class _Sums:
             if not np.isfinite(b).all():
                 self.finite = False
                 continue
-            self.signal += float(np.dot(a, a))
+            # einsum, not np.dot: BLAS's dot starts threads on long vectors, and beside ORT's threads on 2 cores
+            # these sums took 0.14-0.52 s per diagnosis instead of 0.02 s (measured with OPENBLAS_NUM_THREADS=1)
+            self.signal += float(np.einsum("i,i->", a, a))
             b -= a
-            self.noise += float(np.dot(b, b))
+            self.noise += float(np.einsum("i,i->", b, b))
 
     def db(self) -> float:
         if not self.finite:

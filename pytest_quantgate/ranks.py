@@ -36,8 +36,9 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     ry = average_ranks(y)
     rx -= rx.mean()
     ry -= ry.mean()
-    denom = math.sqrt(float(np.dot(rx, rx)) * float(np.dot(ry, ry)))
-    return float(np.dot(rx, ry)) / denom if denom > 0 else float("nan")
+    # einsum, not np.dot: BLAS's dot may start threads on long vectors, which stalls on a busy 2-core machine
+    denom = math.sqrt(float(np.einsum("i,i->", rx, rx)) * float(np.einsum("i,i->", ry, ry)))
+    return float(np.einsum("i,i->", rx, ry)) / denom if denom > 0 else float("nan")
 
 
 def _tied_pairs(sorted_values: np.ndarray) -> int:

@@ -194,7 +194,9 @@ class PairAccumulator:
             values = self.stats.sum(axis=0)
             values[..., MAD] = self.stats[..., MAD].max(axis=0)
         else:
-            values = np.tensordot(weights, self.stats, axes=(1, 0))
+            from .metrics import weighted_sum
+
+            values = weighted_sum(weights, self.stats)
         return Sums(values, self.shift)
 
     def output_rows(self) -> np.ndarray:
@@ -287,7 +289,9 @@ class LabelAccumulator:
         if weights is None:
             total = self.counts.sum(axis=0)
             return np.asarray(total[0] / total[1] if total[1] else 0.0)
-        sums = weights @ self.counts
+        from .metrics import weighted_sum
+
+        sums = weighted_sum(weights, self.counts)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.asarray(sums[:, 0] / sums[:, 1])
 
