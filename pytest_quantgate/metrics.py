@@ -94,7 +94,7 @@ def weighted_sum(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
     # einsum's own loop, not tensordot: BLAS's gemm starts threads on these shapes, and beside ORT (or another
     # process) on 2 cores a 1000-replicate bootstrap then took 4-260 ms instead of a steady 4-9 ms (measured)
     flat = rows.reshape(rows.shape[0], -1)
-    return np.einsum("bs,sf->bf", weights, flat).reshape(weights.shape[0], *rows.shape[1:])
+    return np.asarray(np.einsum("bs,sf->bf", weights, flat)).reshape(weights.shape[0], *rows.shape[1:])
 
 
 def _sample_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
