@@ -13,6 +13,9 @@ import math
 
 import numpy as np
 
+# values compared pairwise by brute force before the merge levels start (see :func:`inversions`)
+BRUTE_BLOCK = 64
+
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """Return 1-based ranks of ``values``, ties given the mean of their ranks (scipy's ``method="average"``)."""
@@ -55,11 +58,21 @@ def inversions(values: np.ndarray) -> int:
     r = np.unique(np.asarray(values).ravel(), return_inverse=True)[1].astype(np.int64).ravel()
     n = r.size
     span = int(r.max()) + 1 if n else 1
-    index = np.arange(n, dtype=np.int64)
+    # pairs inside each block of BRUTE_BLOCK consecutive values are compared all at once (n · BRUTE_BLOCK
+    # booleans), which replaces the first log2(BRUTE_BLOCK) merge levels
     total = 0
-    width = 1
-    # at each level the blocks [2kw, 2kw+w) and [2kw+w, 2kw+2w) are siblings: every pair i < j is counted once,
-    # at the level where i sits in the left sibling and j in the right one
+    later = np.triu(np.ones((BRUTE_BLOCK, BRUTE_BLOCK), dtype=bool), 1)
+    for lo in range(0, n, BRUTE_BLOCK * 256):
+        part = r[lo : min(n, lo + BRUTE_BLOCK * 256)]
+        whole = part.size // BRUTE_BLOCK * BRUTE_BLOCK
+        blocks = part[:whole].reshape(-1, BRUTE_BLOCK)
+        total += int(np.count_nonzero((blocks[:, :, None] > blocks[:, None, :]) & later))
+        rest = part[whole:]
+        total += int(np.count_nonzero((rest[:, None] > rest[None, :]) & later[: rest.size, : rest.size]))
+    index = np.arange(n, dtype=np.int64)
+    width = BRUTE_BLOCK
+    # at each level the blocks [2kw, 2kw+w) and [2kw+w, 2kw+2w) are siblings: every pair i < j in different
+    # blocks is counted once, at the level where i sits in the left sibling and j in the right one
     while width < n:
         pair = index // (2 * width)
         left = (index // width) % 2 == 0
