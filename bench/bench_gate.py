@@ -38,11 +38,17 @@ def run_inprocess(reps: int = 5) -> list[Result]:
     loop = statistics.median(r["loop"] for r in runs)
     cold = statistics.median(r["gate"] for r in runs)
     warm = statistics.median(r["gate_warm"] for r in runs)
+    same = statistics.median(r["loop_same"] for r in runs)
     return [
         Result("gate vs loop, in-process (lazy imports in)", cold, loop, cold / loop, f"<= {TARGET:.2f}x",
                cold / loop <= TARGET, detail="prepare+evaluate per entry vs sessions+batched runs; start-up excluded"),
-        Result("gate vs loop, in-process, warm imports", warm, loop, warm / loop, f"<= {TARGET:.2f}x",
-               warm / loop <= TARGET),
+        Result("gate vs loop, in-process, warm imports", warm, loop, warm / loop, "<= 1.5x", warm / loop <= 1.5,
+               detail=f"gate {[round(r['gate_warm'], 3) for r in runs]} s; "
+                      f"loop {[round(r['loop'], 3) for r in runs]} s"),
+        Result("gate vs loop at the gate's batches, in-process, warm", warm, same, warm / same, "<= 1.5x",
+               warm / same <= 1.5,
+               detail="the loop runs each entry at the batch the gate runs (deployment batch 1 for the dynamic "
+                      f"entry): {[round(r['loop_same'], 3) for r in runs]} s"),
     ]
 
 

@@ -20,7 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # a bench must never rebuild a sidecar, and must not read the developer's pytest cache
-ENV = {**os.environ, "CI": "true", "PYTHONDONTWRITEBYTECODE": "1"}
+# children import the package of this checkout (cwd is often a temporary project, where an editable install of
+# another checkout would win)
+ENV = {**os.environ, "CI": "true", "PYTHONDONTWRITEBYTECODE": "1",
+       "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 @dataclass(frozen=True)

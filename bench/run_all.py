@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_collect  # noqa: E402
-import bench_gate  # noqa: E402
-import bench_realsize  # noqa: E402
-import bench_startup  # noqa: E402
-import bench_xdist  # noqa: E402
-from common import print_table  # noqa: E402
+import bench_collect
+import bench_gate
+import bench_realsize
+import bench_startup
+import bench_xdist
+from common import print_table
 
 
 def main(argv: list[str] | None = None) -> int:

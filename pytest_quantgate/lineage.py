@@ -579,8 +579,9 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     if np.array_equal(x, y):
         return 1.0
     xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    return float(xc @ yc) / den if den > 0 else math.nan
+    # einsum, not @: BLAS's dot may start threads on long vectors, which stalls on a busy 2-core machine
+    den = math.sqrt(float(np.einsum("i,i->", xc, xc)) * float(np.einsum("i,i->", yc, yc)))
+    return float(np.einsum("i,i->", xc, yc)) / den if den > 0 else math.nan
 
 
 def _sample(a: np.ndarray) -> np.ndarray:

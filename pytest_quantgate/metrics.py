@@ -89,6 +89,14 @@ def pair_metrics(x: np.ndarray, y: np.ndarray) -> PairMetrics:
     )
 
 
+def weighted_sum(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Return ``weights`` (B, S) times ``rows`` (S, ...) summed over samples: (B, ...)."""
+    # einsum's own loop, not tensordot: BLAS's gemm starts threads on these shapes, and beside ORT (or another
+    # process) on 2 cores a 1000-replicate bootstrap then took 4-260 ms instead of a steady 4-9 ms (measured)
+    flat = rows.reshape(rows.shape[0], -1)
+    return np.asarray(np.einsum("bs,sf->bf", weights, flat)).reshape(weights.shape[0], *rows.shape[1:])
+
+
 def _sample_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-sample sufficient statistics [n, Σa, Σb, Σa², Σb², Σab] of centred float64 data, shape (S, 6)."""
     samples = a.shape[0]
@@ -164,7 +172,7 @@ class MomentTerm:
     mask: np.ndarray | None = None  # (K,) channels that count
 
     def _plcc(self, moments: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        summed = np.tensordot(weights, moments, axes=(1, 0))
+        summed = weighted_sum(weights, moments)
         return _plcc_from_sums(summed.reshape(-1, 6)).reshape(summed.shape[:-1])
 
     def point(self) -> float:

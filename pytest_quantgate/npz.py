@@ -8,7 +8,8 @@ module, so the safety rules live in one place:
   declared ``shape × itemsize`` must equal the member's uncompressed size (a lying header is refused), and
   the archive's total declared bytes must stay under a cap (``DEFAULT_MAX_BYTES``, overridable), so a
   zip bomb or a header claiming ``(1e9, 64)`` is an error, not an allocation;
-- members stored uncompressed (``numpy.savez``) are memory-mapped; compressed members
+- members stored uncompressed (``numpy.savez``) are read block by block with ``readinto`` (the kernel's page
+  cache is not charged to the gate's RSS, as a memory map's touched pages are); compressed members
   (``numpy.savez_compressed``) are streamed row block by row block, never inflated whole;
 - a fixture may also be a folder of shard files (``part-000.npz``, ``part-001.npz``, ...; sorted by name),
   each holding the same arrays: the samples are their concatenation, so data larger than RAM (or than one
@@ -18,6 +19,7 @@ module, so the safety rules live in one place:
 from __future__ import annotations
 
 import hashlib
+import io
 import stat
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +38,9 @@ DEFAULT_MAX_BYTES = 64 << 30
 STREAM_BLOCK_BYTES = 32 << 20
 # at most this many samples are read from a member at a time (fewer when they exceed STREAM_BLOCK_BYTES)
 STREAM_ROWS = 1024
+# rows read at once from a stored (uncompressed) member are bounded tighter: reading costs no inflation, so small
+# blocks are as fast, and the gate's peak memory does not follow the fixture's size
+STORED_BLOCK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,21 @@ def read_rows(member: Member, handle: IO[bytes], count: int) -> np.ndarray:
     return np.frombuffer(data, dtype=member.dtype).reshape((count, *member.shape[1:]))
 
 
+def read_stored(member: Member, handle: io.FileIO, first: int, count: int) -> np.ndarray:
+    """Read samples ``first .. first+count`` of a stored (uncompressed, C-order) member into a new array."""
+    assert member.data_offset is not None
+    out = np.empty((count, *member.shape[1:]), dtype=member.dtype)
+    view = out.data.cast("B")
+    handle.seek(member.data_offset + first * member.row_bytes)
+    done = 0
+    while done < len(view):
+        got = handle.readinto(view[done:])
+        if not got:
+            raise FixtureError(f"{member.archive}: array {member.key!r} ends early (truncated archive)")
+        done += got
+    return out
+
+
 def load(member: Member) -> np.ndarray:
     """Return a whole member: memory-mapped when stored uncompressed, else read (its size is already capped)."""
     if member.data_offset is not None:
@@ -198,6 +218,11 @@ class ShardedArray:
         self.shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
 
     @property
+    def stored(self) -> bool:
+        """Return whether every shard holds this array uncompressed (read without inflating)."""
+        return all(p.data_offset is not None for p in self.parts)
+
+    @property
     def ndim(self) -> int:
         """Return the rank."""
         return len(self.shape)
@@ -216,6 +241,11 @@ class ShardedArray:
     def blocks(self, rows: int) -> Iterator[np.ndarray]:
         """Yield consecutive blocks of at most ``rows`` samples, each shard streamed, never loaded whole."""
         for part in self.parts:
+            if part.data_offset is not None and part.row_bytes:
+                with io.FileIO(part.archive, "r") as raw:
+                    for first in range(0, part.shape[0], rows):
+                        yield read_stored(part, raw, first, min(rows, part.shape[0] - first))
+                continue
             if part.data_offset is not None or part.fortran:
                 whole = load(part)
                 for start in range(0, part.shape[0], rows):
@@ -306,7 +336,8 @@ def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> 
     for key, value in arrays.items():
         if isinstance(value, ShardedArray):
             row_bytes = max(1, value.parts[0].row_bytes)
-            streams[key] = value.blocks(max(1, min(STREAM_ROWS, STREAM_BLOCK_BYTES // row_bytes)))
+            cap = STORED_BLOCK_BYTES if value.stored else STREAM_BLOCK_BYTES
+            streams[key] = value.blocks(max(1, min(STREAM_ROWS, cap // row_bytes)))
         else:
             streams[key] = _slices(value, STREAM_ROWS)
     pending: dict[str, list[np.ndarray]] = {key: [] for key in streams}

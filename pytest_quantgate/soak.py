@@ -105,7 +105,7 @@ class Fixture:
         wanted = sorted(set(int(i) for i in indices))
         picked: dict[str, list[np.ndarray]] = {name: [] for name in self.inputs}
         start = 0
-        for block, _ in self.chunks(256):
+        for block, _ in self.chunks(32):  # small blocks: only the picked samples are kept
             stop = start + next(iter(block.values())).shape[0]
             local = [i - start for i in wanted if start <= i < stop]
             if local:
