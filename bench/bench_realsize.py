@@ -184,8 +184,8 @@ def run(quick: bool = False, reps: int = 3) -> list[Result]:
                                       gate_wall / loop_wall, "<= 1.2x", gate_wall / loop_wall <= 1.2,
                                       detail=f"verdict {row['verdict']} drop {result['drop']} (exit {rc}), diagnosed: "
                                              f"{result.get('diagnosis') is not None}; medians of {reps}; the loop with "
-                                             f"ORT threads not spinning (as the gate's) took {quiet_wall:.2f} s: gate / "
-                                             f"that = {gate_wall / quiet_wall:.2f}"))
+                                             f"ORT threads not spinning (as the gate's) took {quiet_wall:.2f} s: "
+                                             f"gate / that = {gate_wall / quiet_wall:.2f}"))
                 results.append(Result(f"{name} {samples} samples: gate vs loop, peak RSS MiB", gate_rss, loop_rss,
                                       gate_rss / loop_rss, "<= 1.5x", gate_rss / loop_rss <= 1.5, unit="MiB"))
                 if row["verdict"] == "FAIL":
