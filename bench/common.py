@@ -78,12 +78,13 @@ def gated_entries() -> list[dict]:
     return [m for m in data["models"] if m.get("quant_mode", "fp32") != "fp32"]
 
 
-def make_project(dest: Path, copies: int = 1, entries: int | None = None, files: bool = True) -> Path:
+def make_project(dest: Path, copies: int = 1, entries: int | None = None, files: bool = True, repeat: int = 1) -> Path:
     """Write a gate project under ``dest``: model/registry.json and fixtures/ with the bundled gated entries.
 
     ``copies`` repeats every gated entry under new ids (files copied too, so ids never share a file);
     ``entries`` instead writes that many entries cycling over the bundled ones. ``files=False`` writes the
-    registry alone (enough for --collect-only). Returns the registry path.
+    registry alone (enough for --collect-only). ``repeat`` > 1 tiles each fixture's samples that many times, so
+    an entry does as much work as one with a larger soak set. Returns the registry path.
     """
     model, fixtures = dest / "model", dest / "fixtures"
     model.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,14 @@ def make_project(dest: Path, copies: int = 1, entries: int | None = None, files:
         if files:
             shutil.copy(ROOT / "model" / src["onnx"], model / f"{new_id}.onnx")
             shutil.copy(ROOT / "model" / src["onnx"].replace(".onnx", ".int8.onnx"), model / f"{new_id}.int8.onnx")
-            shutil.copy(ROOT / "fixtures" / f"{src['id']}.npz", fixtures / f"{new_id}.npz")
+            if repeat > 1:
+                import numpy as np
+
+                with np.load(ROOT / "fixtures" / f"{src['id']}.npz") as data:
+                    tiled = {k: np.concatenate([data[k]] * repeat) for k in data.files}
+                np.savez(fixtures / f"{new_id}.npz", **tiled)
+            else:
+                shutil.copy(ROOT / "fixtures" / f"{src['id']}.npz", fixtures / f"{new_id}.npz")
             if "quant_calibration_set" in src:
                 shutil.copy(ROOT / "fixtures" / src["quant_calibration_set"], fixtures / src["quant_calibration_set"])
         if "qat_recipe" in entry:

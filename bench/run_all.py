@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_collect.run(3 if q else 7),
         bench_startup.run(7 if q else 21),
         bench_xdist.run(2 if q else 5),
+        bench_xdist.run(2 if q else 3, repeat=10),
     ]
     if not args.no_realsize:
         results += bench_realsize.run(quick=q)
