@@ -386,10 +386,13 @@ def test_large_outputs_stream_in_bounded_memory(tmp_path: Path) -> None:
              "quant_accuracy_budget_plcc": 0.05,
              "sha256": sha256_file(tmp_path / "img.onnx"), "int8_sha256": sha256_file(tmp_path / "img.int8.onnx")}
     registry = _registry(tmp_path, [entry])
-    code = (f"import resource, sys; from pytest_quantgate.cli import main; "
+    code = (f"import sys; from pytest_quantgate.cli import main; "
             f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(tmp_path / 'fixtures')!r}, '--ep', 'cpu', "
             f"'--json', {str(tmp_path / 'o.json')!r}]); "
-            f"print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+            # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child started from a large pytest worker would
+            # report the worker's size
+            f"hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]; "
+            f"print('MAXRSS', hwm); sys.exit(rc)")
     limit = 3 << 30
     proc = subprocess.run(["prlimit", f"--as={limit}", sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600)
