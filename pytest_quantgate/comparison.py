@@ -7,9 +7,10 @@ What is compared
     Per output, over every fixture sample (float64 sums): the int8 output against the fp32 output, and
     both against the fixture's ``target`` where it has one.
     Channels: an output of rank ≥ 3 (samples first) is also judged per channel along axis 1 (NCHW maps,
-    ``[N, 4 + classes, anchors]`` detector heads) unless the entry sets ``quant_channel_axis`` (an axis, or
-    null for none); the output's drop is the larger of the whole-output drop and the worst channel's, so a
-    collapsed score channel fails even when the box channels dominate the flattened correlation. Rank-2
+    ``[N, 4 + classes, anchors]`` detector heads; at most MAX_DEFAULT_CHANNELS of them) unless the entry sets
+    ``quant_channel_axis`` (an axis, or null for none); the output's drop is the larger of the whole-output
+    drop and the worst channel's, so a collapsed score channel fails even when the box channels dominate the
+    flattened correlation. Rank-2
     outputs (a feature or logit vector per sample) are not split: one value per sample and channel is too
     little to correlate. A channel whose fp32 values are constant is skipped; an int8 channel that is
     constant where fp32 varies counts as a drop of 1.
@@ -233,6 +234,12 @@ def _channel_axis(entry: Entry) -> int | None:
     return entry.channel_axis if entry.channel_axis_set else 1
 
 
+# The default channel axis (1) splits an output only up to this many channels: each channel keeps 13 float64 sums
+# per sample, so an anchor-major detector head ([N, 25 200, 85]) split along axis 1 would keep a third of its
+# output's size per sample. Such heads want quant_channel_axis: 2 (the class axis); an explicit axis is honoured.
+MAX_DEFAULT_CHANNELS = 1024
+
+
 def _target_output(entry: Entry, outputs: Sequence[TensorSpec], fixture: Fixture) -> str | None:
     if fixture.target is None:
         return None
@@ -278,6 +285,21 @@ class Collector:
         self.labels: dict[str, LabelAccumulator] = {}
         self.target_range = [np.inf, -np.inf]
         self.filled = 0
+        self.notes: dict[str, str] = {}  # per output: why the default channel view was not used
+
+    def _axis(self, plan: OutputPlan, shape: tuple[int, ...]) -> int | None:
+        """Return the channel axis this output is viewed along (None: judged whole)."""
+        axis = plan.channel_axis
+        if axis is None or self.entry.channel_axis_set or len(shape) < 3 or not 0 < axis < len(shape):
+            return axis
+        if shape[axis] <= MAX_DEFAULT_CHANNELS:
+            return axis
+        name = plan.spec.name
+        self.notes.setdefault(name, (
+            f"output {name!r} has {shape[axis]} entries along axis {axis}, more than the {MAX_DEFAULT_CHANNELS} the "
+            f"default channel view splits; it is judged whole. Set quant_channel_axis to its class axis (e.g. "
+            f"{len(shape) - 1} for an [N, anchors, 4 + classes] head) to judge each channel"))
+        return None
 
     def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool) -> PairAccumulator:
         if name not in store:
@@ -314,6 +336,7 @@ class Collector:
                 t = target.reshape(a.shape)
                 self.target_range = [min(self.target_range[0], float(np.min(t))),
                                      max(self.target_range[1], float(np.max(t)))]
+            axis_used = self._axis(plan, a.shape)
             base = None
             if plan.residual is not None:
                 base = np.asarray(inputs[plan.residual])
@@ -322,11 +345,11 @@ class Collector:
                         f"entry {self.entry.id!r}: residual comparison needs output {name!r} {a.shape[1:]} and its "
                         f"input {base.shape[1:]} to have the same number of values"
                     )
-                base = _channels_view(base.reshape(a.shape), plan.channel_axis)
-                self._acc(self.raw, name, _channels_view(a, plan.channel_axis).shape[1], False).add(
-                    start, _channels_view(a, plan.channel_axis), _channels_view(b, plan.channel_axis))
-            va, vb = _channels_view(a, plan.channel_axis), _channels_view(b, plan.channel_axis)
-            vt = None if t is None else _channels_view(t, plan.channel_axis)
+                base = _channels_view(base.reshape(a.shape), axis_used)
+                self._acc(self.raw, name, _channels_view(a, axis_used).shape[1], False).add(
+                    start, _channels_view(a, axis_used), _channels_view(b, axis_used))
+            va, vb = _channels_view(a, axis_used), _channels_view(b, axis_used)
+            vt = None if t is None else _channels_view(t, axis_used)
             self._acc(self.values, name, va.shape[1], vt is not None).add(start, va, vb, vt, base)
             del count
         self.filled = max(self.filled, start + next(iter(fp32.values())).shape[0])
@@ -608,7 +631,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     worst = max(value_reports, key=lambda r: r.drop)
     interval = bootstrap_drop(terms, samples, options.bootstrap, c.seed, options.confidence)
     needed = samples_needed(samples, interval, worst.drop, budget.value) if interval else None
-    warnings: list[str] = []
+    warnings: list[str] = [c.notes[name] for name in sorted(c.notes)]
     if needed is not None and interval is not None:
         warnings.append(
             f"the {interval.level:.0%} interval [{interval.low:.6f}, {interval.high:.6f}] straddles the budget "

@@ -15,7 +15,8 @@ The rules are the README's ("The verdict"), re-implemented from the text:
 
 * float outputs: drop = 1 − PLCC(fp32, int8) over every element; with a fixture ``target`` on that output, the
   larger of PLCC(fp32, t) − PLCC(int8, t) and PLCC(fp32, t)·(1 − PLCC(fp32, int8)). Outputs of rank ≥ 3 are also
-  judged per channel along ``quant_channel_axis`` (default 1; null for none; a single channel is the whole):
+  judged per channel along ``quant_channel_axis`` (default 1, but not past 1024 channels on the default axis;
+  null for none; a single channel is the whole):
   channels whose fp32 std is 0 or below (|mean| + std)/256 are not judged, an int8 channel with an undefined PLCC
   counts 1, and the output's drop is the larger of the whole-output and the worst judged channel's. NaN/inf or a
   constant output fails; ``quant_compare: residual`` subtracts the input first; the affine fit of int8 on fp32
@@ -42,6 +43,7 @@ import numpy as np
 
 DEFAULT_BUDGET = {"qat": 0.002}
 DEFAULT_SLOPE = 0.1
+DEFAULT_MAX_CHANNELS = 1024  # the default channel axis splits no more channels than this
 DEFAULT_LABEL_FLIP = 0.01
 
 
@@ -195,7 +197,8 @@ def evaluate(registry: Path, entry_id: str, fixtures: Path, batch: int = 256) ->
             pr, pt = plcc(ref, t), plcc(test, t)
             drop = max(pr - pt, pr * (1.0 - r))
             out.update(plcc_fp32_target=pr, plcc_int8_target=pt)
-        if axis is not None and ref.ndim >= 3 and ref.shape[int(axis)] > 1:
+        default_too_wide = "quant_channel_axis" not in entry and ref.ndim >= 3 and ref.shape[1] > DEFAULT_MAX_CHANNELS
+        if axis is not None and not default_too_wide and ref.ndim >= 3 and ref.shape[int(axis)] > 1:
             drops, mask = channel_drops(ref, test, int(axis))
             judged = np.where(mask, drops, -np.inf)
             k = int(np.argmax(judged))

@@ -562,3 +562,38 @@ def test_an_input_without_a_declared_shape_is_not_called_a_scalar(tmp_path: Path
     np.savez(tmp_path / "fixtures" / "free.npz", x=np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32))
     code, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
     assert code == 0 and rows["free"].verdict == "PASS", rows["free"]
+
+
+def _anchor_major(path: Path, noise: float) -> Path:
+    """[N, 1100, 3]: an anchor-major head (more anchors than the default channel view splits), from x [N, 8]."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(8, 3300)).astype(np.float32)
+    w += noise * rng.normal(size=w.shape).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["flat"]), helper.make_node("Reshape", ["flat", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "anchors", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1100, 3])],
+                              [numpy_helper.from_array(w, "W"),
+                               numpy_helper.from_array(np.array([-1, 1100, 3], dtype=np.int64), "shape")])
+    return _save(graph, path)
+
+
+def test_an_anchor_major_head_is_judged_whole_by_default_and_per_channel_when_asked(tmp_path: Path) -> None:
+    """Past MAX_DEFAULT_CHANNELS the default axis is not split (its per-sample sums would grow with the output)."""
+    from pytest_quantgate.comparison import MAX_DEFAULT_CHANNELS
+    from pytest_quantgate.fileio import sha256_file
+
+    assert 1100 > MAX_DEFAULT_CHANNELS
+    (tmp_path / "fixtures").mkdir()
+    _anchor_major(tmp_path / "a.onnx", 0.0)
+    _anchor_major(tmp_path / "a.int8.onnx", 0.01)
+    np.savez(tmp_path / "fixtures" / "a.npz", x=np.random.default_rng(2).normal(size=(64, 8)).astype(np.float32))
+    entry = {"id": "a", "onnx": "a.onnx", "quant_mode": "dynamic", "quant_lineage": False,
+             "sha256": sha256_file(tmp_path / "a.onnx"), "int8_sha256": sha256_file(tmp_path / "a.int8.onnx")}
+    _, rows = _measure(_registry(tmp_path, [entry]), tmp_path / "fixtures")
+    result = rows["a"].result
+    assert result is not None and result.outputs[0].channels == 1
+    assert any("1100 entries along axis 1" in w and "quant_channel_axis" in w for w in result.warnings)
+    _, rows = _measure(_registry(tmp_path, [{**entry, "quant_channel_axis": 1}]), tmp_path / "fixtures")
+    asked = rows["a"].result
+    assert asked is not None and asked.outputs[0].channels == 1100 and asked.outputs[0].channel_axis == 1
+    assert not any("entries along axis" in w for w in asked.warnings)
