@@ -24,7 +24,9 @@ def main(registry: Path, fixtures: Path, batch: int = 256) -> None:
             inputs = {k: npz[k] for k in npz.files if k != "target"}
         n = next(iter(inputs.values())).shape[0]
         for path in (fp32, fp32.with_name(fp32.name.replace(".onnx", ".int8.onnx"))):
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.x64quantprecision", "1")  # the gate's int8 kernels
+            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             for start in range(0, n, batch):
                 sess.run(None, {k: v[start:start + batch] for k, v in inputs.items()})
 

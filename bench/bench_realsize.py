@@ -35,6 +35,7 @@ fp32, int8, fixture = sys.argv[1:4]
 x = np.load(fixture)["x"]
 total = 0.0
 options = ort.SessionOptions()
+options.add_session_config_entry("session.x64quantprecision", "1")  # the gate's exact int8 kernels
 if sys.argv[4:] == ["nospin"]:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 for path in (fp32, int8):

@@ -33,7 +33,9 @@ def main(registry_path: Path, fixtures: Path) -> None:
             n = next(iter(inputs.values())).shape[0]
             step = steps[entry.id]
             for path in (registry.fp32_path(entry), registry.int8_path(entry)):
-                sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                options = ort.SessionOptions()
+                options.add_session_config_entry("session.x64quantprecision", "1")  # the gate's int8 kernels
+                sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 for s in range(0, n, step):
                     sess.run(None, {k: v[s:s + step] for k, v in inputs.items()})
         return time.perf_counter() - start

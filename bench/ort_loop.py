@@ -50,7 +50,9 @@ def run(registry: Path, fixtures: Path, ids: list[str], batch: int, as_gate: boo
             inputs = {k: npz[k] for k in npz.files if k != "target"}
         n = next(iter(inputs.values())).shape[0]
         for path in (fp32, int8):
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.x64quantprecision", "1")  # the gate's int8 kernels
+            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             names = {i.name for i in sess.get_inputs()}
             fixed = {i.shape[0] for i in sess.get_inputs() if isinstance(i.shape[0], int) and i.shape[0] > 0}
             deploy = entry.get("quant_deploy_batch", 1 if entry.get("quant_mode") == "dynamic" else batch)

@@ -339,8 +339,10 @@ class _Graph:
         return tensor in self.initializers or (prod is not None and prod.op_type == "Constant")
 
 
-def _session(path: Path, optimised: bool) -> Any:
+def _session(path: Path, optimised: bool, exact: bool = True) -> Any:
     import onnxruntime as ort
+
+    from .providers import int8_config
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers of a cut graph) are not the user's problem
@@ -351,6 +353,8 @@ def _session(path: Path, optimised: bool) -> Any:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimised:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for key, value in int8_config("exact" if exact else "fast").items():  # the gate's int8 kernels
+        so.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -872,8 +876,8 @@ def _weight(origin: str, ref: np.ndarray, deq: np.ndarray, step: np.ndarray, ite
 
 
 def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
-             qfeeds: Sequence[Mapping[str, np.ndarray]]) -> list[TensorError]:
-    ref_s, test_s = _session(fp32, True), _session(int8, True)
+             qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool) -> list[TensorError]:
+    ref_s, test_s = _session(fp32, True, exact), _session(int8, True, exact)
     names = [o.name for o in ref_s.get_outputs()]
     sums = [_Sums() for _ in names]
     for ffeed, qfeed in zip(ffeeds, qfeeds):
@@ -930,7 +934,7 @@ def default_memory_bytes() -> int:
 
 
 def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], *, top: int = 5,
-             memory_bytes: int | None = None, temp_dir: Path | None = None) -> Diagnosis:
+             memory_bytes: int | None = None, temp_dir: Path | None = None, exact: bool = True) -> Diagnosis:
     """Compare an int8 sidecar with its fp32 original on ``feeds`` and rank the noisiest tensors.
 
     ``feeds`` are ORT feed dicts: a few samples or small batches, e.g. those where fp32 and int8 disagree most.
@@ -944,7 +948,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
     notes: list[str] = []
     try:
         with _captured_logs() as logs, _workspace(temp_dir) as (tmp, swept):
-            found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes)
+            found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes, exact)
     except Exception as exc:  # the workspace itself failed (no temp folder, unwritable dir)
         return Diagnosis(str(fp32_path), str(int8_path), "unknown", len(feeds),
                          notes=(*notes, f"no temporary folder: {type(exc).__name__}: {exc}"))
@@ -957,7 +961,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
 
 
 def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.ndarray]], top: int, budget: int,
-              tmp: Path, notes: list[str]) -> Diagnosis:
+              tmp: Path, notes: list[str], exact: bool = True) -> Diagnosis:
     fmt = "unknown"
     analysed: list[str] = []
     tensors: list[TensorError] = []
@@ -992,7 +996,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
         except ValueError as exc:
             notes.append(f"outputs and activations not analysed: {exc}")
     if ffeeds:
-        outputs = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds)) or []
+        outputs = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact)) or []
     if fmt in ("qdq", "dynamic", "qoperator"):
         items = _qdq_weight_list(qgraph) if fmt == "qdq" else _named_weight_list(qgraph)
         found_w = attempt("weights", lambda: _compare_weights(items, fgraph, qgraph))

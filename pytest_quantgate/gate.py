@@ -243,9 +243,22 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
         strict=settings.strict,
     )
     result = with_lineage(collector.decide(p.ep, options), p)
+    result = with_kernel_warning(result, p, settings)
     result = replace(result, timing=speed_and_size(p, clock, batch), provenance=provenance(p, settings),
                      plot=plot_data(p, collector, result) if settings.html is not None else None)
     return check_speed(result, p.entry), collector
+
+
+def with_kernel_warning(result: GateResult, p: Prepared, settings: Settings) -> GateResult:
+    """Warn when the drop was measured with onnxruntime's saturating int8 kernels (fast mode on a CPU without VNNI)."""
+    from . import system
+
+    if settings.ep_options.int8_precision != "fast" or p.ep == "openvino" or not system.int8_saturates():
+        return result
+    text = ("--quantgate-int8-precision fast on an x86 CPU without VNNI: onnxruntime's default int8 kernels can "
+            "saturate U8S8/S8S8 products here, so a CPU with VNNI may measure another drop; 'exact' gives the "
+            "result every CPU computes")
+    return replace(result, warnings=(text, *result.warnings))  # first: the strict rule quotes the last one
 
 
 def with_lineage(result: GateResult, p: Prepared) -> GateResult:
@@ -270,7 +283,7 @@ def with_lineage(result: GateResult, p: Prepared) -> GateResult:
     return replace(result, verdict="FAIL", kind="lineage", reason=reason, lineage=lineage)
 
 
-def with_diagnosis(result: GateResult, p: Prepared, collector: Collector) -> GateResult:
+def with_diagnosis(result: GateResult, p: Prepared, collector: Collector, settings: Settings) -> GateResult:
     """Attach where the drop comes from (worst tensors by SQNR) on the samples where int8 departs most."""
     from .diagnosis import diagnose
 
@@ -286,7 +299,7 @@ def with_diagnosis(result: GateResult, p: Prepared, collector: Collector) -> Gat
         feeds = [dict(inputs)]
     else:
         feeds = [{k: v[i] for k, v in inputs.items()} for i in range(len(picked))]
-    found = diagnose(p.fp32_path, p.int8_path, feeds)
+    found = diagnose(p.fp32_path, p.int8_path, feeds, exact=settings.ep_options.int8_precision == "exact")
     return replace(result, diagnosis=replace(found, samples=tuple(int(i) for i in picked)))
 
 
@@ -333,6 +346,7 @@ def provenance(p: Prepared, settings: Settings) -> Provenance:
         seed=settings.seed,
         decision=settings.decision,
         system=system.describe(),
+        session_config=SessionSpec(p.ep, settings.ep_options).config_entries(),
     )
 
 
@@ -477,7 +491,7 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
         result, collector = measure(prepared, settings)
         failed = not result.passed and result.kind != "speed"
         if (failed and settings.diagnose != "off") or settings.diagnose == "always":
-            result = with_diagnosis(result, prepared, collector)
+            result = with_diagnosis(result, prepared, collector, settings)
     except EpUnavailableError as exc:
         if settings.strict_ep:
             return Outcome(entry.id, ep, entry.mode, "error", f"{exc} (--quantgate-strict-ep)",

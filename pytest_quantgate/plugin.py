@@ -12,6 +12,8 @@ from .settings import (
     DEFAULT_MAX_FIXTURE_GIB,
     DIAGNOSE_CHOICES,
     EP_CHOICES,
+    INT8_PRECISION_HELP,
+    INT8_PRECISIONS,
     OPENVINO_PRECISIONS,
     REGEN_CHOICES,
     confidence_level,
@@ -76,6 +78,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     both("--quantgate-openvino-precision", f"OpenVINO inference precision: {', '.join(OPENVINO_PRECISIONS)} "
          "(default FP32, so the fp32 baseline never runs in f16)", type=str.upper, choices=OPENVINO_PRECISIONS,
          default=None)
+    both("--quantgate-int8-precision", INT8_PRECISION_HELP, type=str.lower, choices=INT8_PRECISIONS, default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:

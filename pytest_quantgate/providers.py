@@ -67,6 +67,19 @@ OPENVINO_REFUSED_OPS = {
 _VERBOSE, _ERROR = 0, 3  # ORT log severities
 
 
+# onnxruntime's U8S8 (and S8S8) int8 GEMM/conv kernels on x86 CPUs without VNNI multiply through vpmaddubsw,
+# whose int16 pair sums saturate: the same sidecar then computes another result than on a CPU with VNNI (measured on
+# an AVX2-only AMD EPYC: the bundled QAT sidecar dropped 0.0769 instead of 0.0015, a dynamic digits MLP 0.034
+# instead of 0.0002 at batch 1). This session option makes those CPUs use the exact (U8U8) path instead; CPUs with
+# VNNI sum exactly either way. With it the verdict means the same on every x86 CPU.
+X64_PRECISION = {"session.x64quantprecision": "1"}
+
+
+def int8_config(precision: str) -> dict[str, str]:
+    """Return the CPU EP's session config entries for ``--quantgate-int8-precision`` (exact or fast)."""
+    return dict(X64_PRECISION) if precision == "exact" else {}
+
+
 def available() -> list[str]:
     """Return the gate's EP names the installed onnxruntime offers, in a fixed order."""
     ort = import_onnxruntime()
@@ -119,10 +132,10 @@ class SessionSpec:
                 "precision": self.options.openvino_precision.upper()}
 
     def config_entries(self) -> dict[str, str]:
-        """Return session config entries; OpenVINO gets no silent CPU fallback."""
+        """Return session config entries; OpenVINO gets no silent CPU fallback, CPU kernels exact int8 sums."""
         if self.ep == "openvino":
             return {"session.disable_cpu_ep_fallback": "1"}
-        return {}
+        return dict(int8_config(self.options.int8_precision))
 
     def describe(self) -> str:
         """Return the EP and its options, for messages."""

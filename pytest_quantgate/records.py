@@ -74,6 +74,7 @@ class Provenance:
     seed: int
     decision: str
     system: Mapping[str, Any]  # cpu (model, isa, machine), python, platform, time
+    session_config: Mapping[str, str] = field(default_factory=dict)  # ORT session config entries both sessions had
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,14 @@ REGEN_CHOICES = ("missing", "all", "never")
 DIAGNOSE_CHOICES = ("auto", "off", "always")
 DECISION_CHOICES = ("point", "conservative")
 OPENVINO_PRECISIONS = ("FP32", "FP16", "ACCURACY")
+INT8_PRECISIONS = ("exact", "fast")
+
+INT8_PRECISION_HELP = (
+    "int8 kernels of the CPU EP: exact (default; session.x64quantprecision=1, so x86 CPUs without VNNI sum int8 "
+    "products without saturating, as VNNI CPUs do, and the verdict does not depend on the CPU) | fast "
+    "(onnxruntime's default kernels, which saturate U8S8/S8S8 products on x86 CPUs without VNNI: gate what a "
+    "deployment that keeps onnxruntime's defaults computes on this CPU)"
+)
 
 DEFAULT_REGISTRY = "model/registry.json"
 DEFAULT_FIXTURES = "fixtures"
@@ -35,6 +43,9 @@ class EpOptions:
     cuda_device_id: int = 0
     openvino_device: str = "CPU"
     openvino_precision: str = "FP32"
+    # exact: onnxruntime's CPU kernels sum int8 products without saturation on every x86 CPU (see providers.py),
+    # so a verdict does not depend on whether the CPU has VNNI; fast: onnxruntime's default kernels
+    int8_precision: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -246,6 +257,8 @@ def resolve(config: pytest.Config) -> Settings:
             openvino_precision=_choice(
                 config, "quantgate_openvino_precision", "quantgate_openvino_precision", OPENVINO_PRECISIONS, "FP32"
             ),
+            int8_precision=_choice(config, "quantgate_int8_precision", "quantgate_int8_precision", INT8_PRECISIONS,
+                                   "exact"),
         ),
     )
 
@@ -267,6 +280,7 @@ def add_gate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-device", type=non_negative_int, default=0, metavar="N")
     parser.add_argument("--openvino-device", default="CPU", metavar="DEVICE")
     parser.add_argument("--openvino-precision", choices=OPENVINO_PRECISIONS, default="FP32")
+    parser.add_argument("--int8-precision", choices=INT8_PRECISIONS, default="exact", help=INT8_PRECISION_HELP)
     parser.add_argument("--regen", choices=REGEN_CHOICES, default=None,
                         help="rebuild sidecars: missing | all | never (default: missing; never when CI=true)")
     parser.add_argument("--allow-recipes", action="store_true", help="let regeneration run qat_recipe files")
@@ -300,5 +314,6 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         allow_recipes=bool(getattr(ns, "allow_recipes", False)),
         diagnose=ns.diagnose,
         max_fixture_bytes=int(ns.max_fixture_gib * (1 << 30)),
-        ep_options=EpOptions(ns.cuda_device, ns.openvino_device.upper(), ns.openvino_precision),
+        ep_options=EpOptions(ns.cuda_device, ns.openvino_device.upper(), ns.openvino_precision,
+                             getattr(ns, "int8_precision", "exact")),
     )

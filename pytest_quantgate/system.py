@@ -32,6 +32,15 @@ def cpu() -> dict[str, Any]:
     return {"model": model, "isa": sorted(f for f in ISA_FLAGS if f in flags), "machine": platform.machine()}
 
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_saturates() -> bool:
+    """Return True on an x86 CPU without VNNI: onnxruntime's default U8S8/S8S8 kernels saturate int16 sums there."""
+    info = cpu()
+    return info["machine"].lower() in ("x86_64", "amd64", "i686", "x86") and not set(VNNI_FLAGS) & set(info["isa"])
+
+
 def describe() -> dict[str, Any]:
     """Return CPU, Python and time for a provenance record."""
     return {

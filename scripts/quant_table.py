@@ -391,6 +391,7 @@ def speed(builts: list[Built]) -> dict[str, dict[str, float]]:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.x64quantprecision", "1")  # the gate's exact int8 kernels
         sessions = {k: ort.InferenceSession(str(b.work / f), opts, providers=["CPUExecutionProvider"])
                     for k, f in names.items()}
         times: dict[str, list[float]] = {k: [] for k in sessions}

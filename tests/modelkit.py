@@ -68,6 +68,18 @@ def quantize_dynamic_file(fp32: Path, int8: Path) -> None:
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
 
 
+def cpu_session(path: Path | str) -> Any:
+    """Return a CPU session with the gate's int8 kernels (exact int8 sums on x86 CPUs without VNNI too)."""
+    import onnxruntime as ort
+
+    from pytest_quantgate.providers import X64_PRECISION
+
+    options = ort.SessionOptions()
+    for key, value in X64_PRECISION.items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def write_registry(path: Path, models: list[dict[str, Any]], schema_version: int = 1) -> Path:
     """Write a registry.json and return its path."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from measured import run_measured  # noqa: E402
 
 from tests.modelkit import (  # noqa: E402
+    cpu_session,
     fitted_mlp_weights,
     mlp_model,
     quantize_dynamic_file,
@@ -78,11 +79,10 @@ def test_plain_loop_runs_both_models_over_the_fixture(tmp_path: Path) -> None:
                           "--batch", "16", "--passes", "2"], ROOT)
     assert child.rc == 0, child.tail
     out = json.loads(child.tail.strip().splitlines()[-1])
-    import onnxruntime as ort  # type: ignore[import-untyped]
 
     expected = 0.0
     for name in ("m.onnx", "m.int8.onnx"):
-        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        sess = cpu_session(tmp_path / name)
         # same batches as the loop: dynamic int8 takes its activation ranges per batch
         expected += sum(float(sess.run(None, {"features": x[s:s + 16]})[0].astype(np.float64).sum())
                         for s in range(0, len(x), 16))
@@ -93,7 +93,7 @@ def test_plain_loop_runs_both_models_over_the_fixture(tmp_path: Path) -> None:
                           "--batch", "16", "--as-gate"], ROOT)
     single = 0.0
     for name in ("m.onnx", "m.int8.onnx"):
-        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        sess = cpu_session(tmp_path / name)
         single += sum(float(sess.run(None, {"features": x[s:s + 1]})[0].astype(np.float64).sum())
                       for s in range(len(x)))
     assert json.loads(child.tail.strip().splitlines()[-1])["checksum"] == pytest.approx(single, rel=1e-9)

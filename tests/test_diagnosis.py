@@ -178,7 +178,9 @@ fp32, int8, npz, bound = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(
 images = np.load(npz)["image"]
 feeds = [{"image": images[:8]}, {"image": images[8:]}]
 for path in (fp32, int8):  # the memory of plain inference on these feeds: the baseline
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")  # the int8 kernels the diagnosis uses
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     for feed in feeds:
         session.run(None, feed)
     del session

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy import stats
 
 from scripts import independent_eval, thirdparty
-from tests.modelkit import digits_split, quantize_dynamic_file, write_registry
+from tests.modelkit import cpu_session, digits_split, quantize_dynamic_file, write_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS, WIDTH = 3, 5
@@ -45,9 +45,8 @@ def _model(w: np.ndarray) -> onnx.ModelProto:
 
 def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
     """Run one sample at a time, as the gate runs dynamic sidecars (activation ranges per batch)."""
-    import onnxruntime as ort  # type: ignore[import-untyped]
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     parts = [sess.run(None, {"x": x[i:i + 1]}) for i in range(len(x))]
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 

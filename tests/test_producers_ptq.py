@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from modelkit import cpu_session
 from onnx import TensorProto, helper, numpy_helper
 
 from pytest_quantgate.fileio import sha256_file
@@ -137,7 +138,7 @@ def _inputs(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def _run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     return session.run(None, feed)[0]
 
 

@@ -112,7 +112,15 @@ def test_openvino_session_spec_uses_the_option_names_onnxruntime_openvino_accept
 def test_cuda_session_spec_passes_the_device_id_and_keeps_cpu_for_int8_ops() -> None:
     spec = SessionSpec("cuda", EpOptions(cuda_device_id=3))
     assert spec.providers() == [("CUDAExecutionProvider", {"device_id": "3"}), "CPUExecutionProvider"]
-    assert spec.config_entries() == {}
+    # the int8 nodes CUDA leaves to the CPU EP sum exactly, as on the CPU EP
+    assert spec.config_entries() == {"session.x64quantprecision": "1"}
+    fast = SessionSpec("cuda", EpOptions(int8_precision="fast"))
+    assert fast.config_entries() == {}
+
+
+def test_cpu_int8_precision_is_exact_by_default_and_fast_on_request() -> None:
+    assert SessionSpec("cpu", EpOptions()).config_entries() == {"session.x64quantprecision": "1"}
+    assert SessionSpec("cpu", EpOptions(int8_precision="fast")).config_entries() == {}
 
 
 def test_plugin_passes_the_ep_options_through(project: GateProject) -> None:
@@ -124,9 +132,13 @@ def test_plugin_passes_the_ep_options_through(project: GateProject) -> None:
         "    print('EPOPTIONS', session.config.stash[SETTINGS_KEY].ep_options)\n"
     )
     result = project.run("--quantgate-ep", "cpu", "--quantgate-openvino-device", "npu",
-                         "--quantgate-openvino-precision", "ACCURACY", "--quantgate-cuda-device", "2", "-s")
+                         "--quantgate-openvino-precision", "ACCURACY", "--quantgate-cuda-device", "2",
+                         "--quantgate-int8-precision", "FAST", "-s")
     result.stdout.fnmatch_lines(["*EPOPTIONS EpOptions(cuda_device_id=2, openvino_device='NPU', "
-                                 "openvino_precision='ACCURACY')*"])
+                                 "openvino_precision='ACCURACY', int8_precision='fast')*"])
+    bad = project.run("--quantgate-int8-precision", "loose")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--quantgate-int8-precision*invalid choice*'loose'*"])
 
 
 # --- ORT's log: what it says when an EP cannot run -------------------------------------------------------------
@@ -266,3 +278,19 @@ def test_sessions_on_cpu_still_run(digits_assets: Path) -> None:
     assert session.get_providers() == ["CPUExecutionProvider"]
     (out,) = session.run(None, {"features": np.zeros((2, 64), np.float32)})
     assert out.shape == (2, 1)
+
+
+def test_fast_int8_kernels_on_a_cpu_without_vnni_are_named_in_the_result(project: GateProject,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_quantgate import system
+
+    project.write([project.add_sidecar("mlp")])
+    monkeypatch.setattr(system, "int8_saturates", lambda: True)
+    fast = project.run("--quantgate-ep", "cpu", "--quantgate-int8-precision", "fast", "-rA")
+    # the verdict itself depends on this CPU's kernels in fast mode (the digits sidecar is U8S8): only the warning is
+    # the same everywhere
+    assert fast.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    fast.stdout.fnmatch_lines(["*--quantgate-int8-precision fast on an x86 CPU without VNNI*"])
+    exact = project.run("--quantgate-ep", "cpu", "-rA")
+    exact.assert_outcomes(passed=1)
+    assert "without VNNI" not in exact.stdout.str()

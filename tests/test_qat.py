@@ -18,6 +18,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torchao")
 
+from modelkit import cpu_session  # noqa: E402
+
 from pytest_quantgate.fileio import sha256_file, sweep_partials  # noqa: E402
 from pytest_quantgate.producers.base import ProducerError, QatRecipe  # noqa: E402
 from pytest_quantgate.producers.provenance import read_provenance  # noqa: E402
@@ -37,9 +39,7 @@ def _plcc(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _run(path: Path, luma: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     return sess.run(None, {"luma": luma})[0]
 
 

@@ -228,6 +228,7 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray], output: str | None = None
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    opts.add_session_config_entry("session.x64quantprecision", "1")  # the gate's exact int8 kernels
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return sess.run([output or names[0]], feeds)[0]
