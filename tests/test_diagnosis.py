@@ -215,8 +215,10 @@ def test_activations_compared_within_the_memory_bound(chain: tuple[Path, Path, P
     assert f"{pairs} activation(s) compared in" in said and "under a 48 MiB bound" in said, bounded["notes"]
     assert int(said.split(" in ")[1].split()[0]) >= pairs // 2
     # the bound counts the activation arrays a group holds; the cut graphs' sessions, ORT's own buffers during a
-    # run and the allocator's slack come on top (peak RSS measured with VmHWM grew 37-63 MiB at this 48 MiB bound)
-    assert grown < 1.5 * bound, f"peak RSS grew by {grown / MiB:.0f} MiB over plain inference, bound {bound / MiB:.0f} MiB"
+    # run and the allocator's slack come on top (peak RSS measured with VmHWM grew 37-63 MiB at this 48 MiB bound
+    # on an AVX-512 Xeon, 66-90 MiB on an AVX2 AMD EPYC with the other xdist worker busy); collecting every
+    # activation instead holds over 400 MiB, so twice the bound still tells the two apart
+    assert grown < 2 * bound, f"peak RSS grew by {grown / MiB:.0f} MiB over plain inference, bound {bound / MiB:.0f} MiB"
     # the same diagnosis in one group grows far past it: the measurement can fail
     whole_grown, whole = _diagnose_in_child(chain, 1 << 36, tmp_path)
     assert whole_grown > 3 * bound, f"{whole_grown / MiB:.0f} MiB"
