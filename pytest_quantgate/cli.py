@@ -176,7 +176,7 @@ def cmd_pin(ns: argparse.Namespace) -> int:
         sweep_partials(target.parent)
         with FileLock(str(lock_path_for(target)), timeout=PIN_LOCK_TIMEOUT_S):
             registry, text = load_registry_text(target)  # re-read under the lock: the last pin's edits count
-            updates: dict[str, dict[str, str]] = {}
+            updates: dict[str, dict[str, Any]] = {}
             for entry in _selected(registry, ns.ids):
                 fields: dict[str, str] = {}
                 fp32 = registry.fp32_path(entry)
@@ -184,11 +184,17 @@ def cmd_pin(ns: argparse.Namespace) -> int:
                     fields["sha256"] = sha256_file(fp32)
                 if entry.gated and registry.int8_path(entry).is_file():
                     fields["int8_sha256"] = sha256_file(registry.int8_path(entry))
-                changed = {k: v for k, v in fields.items() if (getattr(entry, k) or "").lower() != v}
+                changed: dict[str, Any] = {k: v for k, v in fields.items()
+                                           if (getattr(entry, k) or "").lower() != v}
+                for key, value in changed.items():
+                    _out(f"{entry.id}: {key} {getattr(entry, key) or '(none)'} -> {value}")
+                build = _pinned_build(registry, entry)
+                if build != entry.source.get("int8_build", _ABSENT) and (build is not None
+                                                                          or "int8_build" in entry.source):
+                    changed["int8_build"] = build
+                    _out(f"{entry.id}: int8_build {_describe_build(build)}")
                 if changed:
                     updates[entry.id] = changed
-                    for key, value in changed.items():
-                        _out(f"{entry.id}: {key} {getattr(entry, key) or '(none)'} -> {value}")
             if not updates:
                 _out(f"{ns.registry}: every selected hash is already pinned")
                 return EXIT_PASS
@@ -203,8 +209,38 @@ def cmd_pin(ns: argparse.Namespace) -> int:
     except OSError as exc:
         _err(f"quantgate: error: {ns.registry}: cannot write the registry: {exc.strerror or exc}")
         return EXIT_ERROR
-    _out(f"{ns.registry}: pinned {sum(len(v) for v in updates.values())} hash(es)")
+    hashes = sum(len(set(v) - {"int8_build"}) for v in updates.values())
+    builds = sum("int8_build" in v for v in updates.values())
+    _out(f"{ns.registry}: pinned {hashes} hash(es)" + (f" and {builds} build record(s)" if builds else ""))
     return EXIT_PASS
+
+
+_ABSENT = object()
+
+
+def _pinned_build(registry: Any, entry: Any) -> dict[str, Any] | None:
+    """Return what the entry's sidecar records of its build, for the registry's ``int8_build`` (None: nothing)."""
+    from .producers.build import pinned_build
+    from .producers.provenance import read_provenance
+
+    sidecar = registry.int8_path(entry)
+    if not entry.gated or not sidecar.is_file():
+        return None
+    return pinned_build(read_provenance(sidecar))
+
+
+def _describe_build(build: dict[str, Any] | None) -> str:
+    """Return one line about a pinned build record."""
+    if build is None:
+        return "removed (the sidecar records no build)"
+    text = f"{build['producer']}, reproducible: {build['reproducible']}"
+    environment = build.get("environment") or {}
+    if environment:
+        text += f" (torch {environment.get('torch_cpu_capability')}, {environment.get('cpu_vendor')})"
+    gate = build.get("gate") or {}
+    if isinstance(gate.get("drop"), (int, float)):
+        text += f", build-time drop {gate['drop']:.6f}"
+    return text
 
 
 # --- producers ------------------------------------------------------------------------------------------
@@ -253,6 +289,7 @@ def _print_logs(captured: Any) -> None:
 def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
     from .logcapture import capture_logs
     from .producers.dispatch import produce
+    from .regen import assessor
     from .registry import load_registry
 
     registry = load_registry(getattr(ns, "source", None) or ns.registry)
@@ -267,7 +304,8 @@ def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
         try:
             with capture_logs() as captured:
                 result = produce(registry, entry, ns.fixtures.resolve(),
-                                 allow_recipes=getattr(ns, "allow_recipes", False), progress=_out, overrides=overrides)
+                                 allow_recipes=getattr(ns, "allow_recipes", False), progress=_out, overrides=overrides,
+                                 assess=assessor(registry, entry, ns.fixtures.resolve()))
         finally:
             _print_logs(captured)
         _out(f"{entry.id}: wrote {result.int8_path}")

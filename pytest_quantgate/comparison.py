@@ -87,7 +87,7 @@ FAIL: Final = "FAIL"
 Verdict = Literal["PASS", "FAIL"]
 # why a result failed (or "pass"): one per budget check, so reports, remedies and tests can dispatch on it
 Kind = Literal["pass", "drop", "relative", "nonfinite", "constant", "affine", "mae", "max_abs", "speed", "labels",
-               "lineage"]
+               "lineage", "rebuild"]
 DEFAULT_LABEL_FLIP = 0.01
 
 

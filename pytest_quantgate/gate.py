@@ -109,13 +109,15 @@ def check_hash(path: Path, pinned: str | None, field: str, entry: Entry, registr
     return actual
 
 
-def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, int8_pinned: bool = True) -> Prepared:
+def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, int8_pinned: bool = True,
+            int8_path: Path | None = None) -> Prepared:
     """Check files, hashes, fixture and EP, and open both sessions; raise an InputError subclass on bad input.
 
-    ``int8_pinned=False`` skips the int8 hash check for a sidecar this run rebuilt (its pin is reported apart).
+    ``int8_pinned=False`` skips the int8 hash check for a sidecar this run rebuilt (its pin is reported apart);
+    ``int8_path`` gates another file than the entry's sidecar (a build not yet published).
     """
     fp32_path = registry.fp32_path(entry)
-    int8_path = registry.int8_path(entry)
+    int8_path = int8_path if int8_path is not None else registry.int8_path(entry)
     unshaped = check_model_file(fp32_path, "fp32", entry, registry)
     check_model_file(int8_path, "int8", entry, registry)
     fp32_sha = check_hash(fp32_path, entry.sha256, "sha256", entry, registry)
@@ -510,6 +512,21 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
         return Outcome(entry.id, ep, entry.mode, "error",
                        f"{registry.path}: entry {entry.id!r}: {result.warnings[-1]} (--quantgate-strict)", result,
                        regenerated=regenerated, notes=tuple(notes))
+    if built is not None and not built.matches_pin:
+        # the regeneration rule (README "Regeneration"): a rebuild that differs from its pin is used without
+        # review only when the difference is explained and its drop is no worse than the reviewed build's
+        usable, why = built.review(result.passed)
+        repin = f"`quantgate pin {registry.path} --id {entry.id}`"
+        if not usable:
+            regenerated = f"{regenerated}; needs review: {why}"
+            notes[-1] = regenerated
+            reason = (f"the rebuilt {built.path.name} differs from its pin and needs review: {why}; review it, then "
+                      f"re-pin with {repin}")
+            result = (replace(result, verdict="FAIL", kind="rebuild", reason=reason) if result.passed
+                      else replace(result, also=(*result.also, reason)))
+        else:
+            regenerated = f"{regenerated}; used without review: {why} (re-pin with {repin} to record this build)"
+            notes[-1] = regenerated
     if key is not None and cache is not None and result.passed:
         cache.set(key, result)
     return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,

@@ -3,36 +3,97 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelFileError, RegistryError
 from .fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
 from .registry import Entry, Registry
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .producers.base import Assess
+    from .producers.build import Difference
+
 
 @dataclass(frozen=True)
 class Regenerated:
-    """A sidecar this run rebuilt, and how its hash compares with the pin."""
+    """A sidecar this run rebuilt, how its hash compares with the pin, and why it differs."""
 
     path: Path
     sha256: str
     pinned: str | None
     reused: bool = False  # another item (EP, xdist worker) of this run already rebuilt it
+    record: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # the rebuild's provenance
+    pinned_build: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # entry's int8_build
 
     @property
     def matches_pin(self) -> bool:
         """Return True when the rebuilt file hashes to the pinned value."""
         return self.pinned is not None and self.pinned.lower() == self.sha256
 
+    def difference(self) -> Difference | None:
+        """Return why the rebuilt bytes differ from the pinned ones (None when they match)."""
+        from .producers.build import explain
+
+        return None if self.matches_pin else explain(self.pinned_build, self.record)
+
     def note(self, registry: Registry, entry: Entry) -> str:
-        """Return the line that tells the user what was rebuilt and whether to re-pin."""
+        """Return the line that tells the user what was rebuilt and, when it differs from the pin, why."""
         verb = "reused the sidecar rebuilt earlier in this run," if self.reused else "rebuilt"
-        if self.matches_pin:
+        difference = self.difference()
+        if difference is None:
             return f"{verb} {self.path.name}; sha256 matches the pin"
-        return (f"{verb} {self.path.name}: sha256 {self.sha256} differs from the pinned int8_sha256 "
-                f"{self.pinned}; review it, then re-pin with `quantgate pin {registry.path} --id {entry.id}`")
+        return (f"{verb} {self.path.name}: sha256 {self.sha256} differs from the pinned int8_sha256 {self.pinned}: "
+                f"{difference.text}")
+
+    def review(self, gate_passed: bool) -> tuple[bool, str]:
+        """Return whether the rebuild may be used without review (the README's rule) and why, in one clause."""
+        from .producers.build import usable_without_review
+
+        difference = self.difference()
+        if difference is None:
+            return True, "it matches the pin"
+        return usable_without_review(difference, self.pinned_build, self.record, gate_passed)
+
+
+def pinned_build_of(entry: Entry) -> Mapping[str, Any] | None:
+    """Return the entry's ``int8_build`` (what ``quantgate pin`` recorded of the reviewed build), if any."""
+    value = entry.source.get("int8_build")
+    return value if isinstance(value, Mapping) else None
+
+
+def assessor(registry: Registry, entry: Entry, fixtures_dir: Path) -> Assess:
+    """Return the callback that gates a training producer's build before it is published.
+
+    It always measures the same way -- CPU EP, exact int8 kernels, one thread, the default bootstrap and seed
+    -- whatever the run's own options, so the number recorded in the sidecar depends on the build alone and
+    two builds' numbers compare.
+    """
+
+    def assess(candidate: Path) -> dict[str, Any]:
+        from .gate import evaluate, prepare
+
+        settings = Settings(enabled=True, registry=registry.path, fixtures_dir=fixtures_dir, eps=("cpu",),
+                            regen="never", diagnose="off", threads=1)
+        try:
+            prepared = prepare(registry, entry, "cpu", settings, int8_pinned=False, int8_path=candidate)
+            result = evaluate(prepared, settings)
+        except Exception as exc:  # the build stays usable; its record says why it has no drop
+            message = (str(exc).strip().splitlines() or [""])[0].replace(str(candidate.parent), "")
+            return {"error": f"{type(exc).__name__}: {message}"[:300]}
+        gate: dict[str, Any] = {"ep": "cpu", "int8_precision": settings.ep_options.int8_precision,
+                                "verdict": str(result.verdict), "budget": result.budget, "samples": result.samples,
+                                "fixture": prepared.fixture.path.name, "fixture_sha256": prepared.fixture.sha256,
+                                "bootstrap": settings.bootstrap, "seed": settings.seed,
+                                "confidence": settings.confidence, "drop": result.drop}
+        if result.interval is not None:
+            gate["drop_interval"] = [result.interval.low, result.interval.high]
+        return gate
+
+    return assess
 
 
 def _lock_path(sidecar: Path) -> Path:
@@ -57,7 +118,10 @@ def _reused(sidecar: Path, entry: Entry, run_id: str) -> Regenerated | None:
     """Return the sidecar as 'reused' when an earlier item of this run built it, else None (nothing rebuilt)."""
     if not _built_in_run(sidecar, run_id):
         return None
-    return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256, reused=True)
+    from .producers.provenance import read_provenance
+
+    return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256, reused=True,
+                       record=read_provenance(sidecar), pinned_build=pinned_build_of(entry))
 
 
 def _stamp(sidecar: Path, sha256: str, run_id: str) -> None:
@@ -94,14 +158,16 @@ def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id:
         from .producers.dispatch import produce
 
         try:
-            result = produce(registry, entry, settings.fixtures_dir, allow_recipes=settings.allow_recipes)
+            result = produce(registry, entry, settings.fixtures_dir, allow_recipes=settings.allow_recipes,
+                             assess=assessor(registry, entry, settings.fixtures_dir))
         except ProducerError as exc:
             raise ModelFileError(f"{registry.path}: entry {entry.id!r}: rebuilding {sidecar.name} failed: "
                                  f"{exc}") from None
         except RegistryError:
             raise
         _stamp(sidecar, result.sha256, run_id)
-        return Regenerated(sidecar, result.sha256, entry.int8_sha256)
+        return Regenerated(sidecar, result.sha256, entry.int8_sha256, record=result.provenance,
+                           pinned_build=pinned_build_of(entry))
 
 
 def _producer(entry: Entry) -> str:

@@ -641,10 +641,51 @@ def _entry_objects(text: str) -> list[tuple[int, dict[str, tuple[int, int, int]]
     return found
 
 
-def pin_text(text: str, updates: Mapping[str, Mapping[str, str]], path: Path) -> str:
+def _indent(text: str, key_start: int) -> str | None:
+    """Return the whitespace before a key on its line, or None when the key does not start its line."""
+    line_start = text.rfind("\n", 0, key_start)
+    indent = text[line_start + 1 : key_start]
+    return indent if line_start >= 0 and not indent.strip() else None
+
+
+def _encoded(value: Any, indent: str | None) -> str:
+    """Return a field's JSON value: objects over several lines under an indented key, else on one line."""
+    if not isinstance(value, Mapping) or indent is None:
+        return json.dumps(value, sort_keys=True)
+    step = "  " if "\t" not in indent else "\t"
+    return json.dumps(value, sort_keys=True, indent=step).replace("\n", "\n" + indent)
+
+
+def _value_edits(text: str, start: int, end: int, value: Any, indent: str | None) -> list[tuple[int, int, str]]:
+    """Return the edits that turn the JSON value at text[start:end] into ``value``, keeping what is unchanged.
+
+    An object replacing an object is edited member by member (recursively), so a build record re-pinned after
+    a rebuild changes only the lines that differ, in the file's own layout; anything else is replaced whole.
+    """
+    old = json.loads(text[start:end])
+    if old == value:
+        return []
+    if not (isinstance(value, Mapping) and isinstance(old, dict)) or set(old) - set(value) or not old:
+        return [(start, end, _encoded(value, indent))]
+    members, _ = _members(text, start, json.JSONDecoder())
+    edits: list[tuple[int, int, str]] = []
+    for key, new in value.items():
+        if key in members:
+            key_start, value_start, value_end = members[key]
+            edits.extend(_value_edits(text, value_start, value_end, new, _indent(text, key_start)))
+            continue
+        last_key, _, last_end = max(members.values(), key=lambda m: m[2])
+        inner = _indent(text, last_key)
+        sep = f",\n{inner}" if inner is not None else ", "
+        edits.append((last_end, last_end, f"{sep}{json.dumps(key)}: {_encoded(new, inner)}"))
+    return edits
+
+
+def pin_text(text: str, updates: Mapping[str, Mapping[str, Any]], path: Path) -> str:
     """Return the registry text with hash fields set, keeping the file's formatting and key order.
 
-    ``updates`` maps entry id -> {field: value}. A missing field is inserted right after the entry's ``onnx``.
+    ``updates`` maps entry id -> {field: JSON value}. A missing hash is inserted right after the entry's ``onnx``,
+    a missing object (``int8_build``) after its last field.
     Any valid JSON is handled (escaped quotes and unicode escapes in names, keys given twice); the result is
     checked to differ from the input by exactly the requested fields.
     """
@@ -662,18 +703,22 @@ def pin_text(text: str, updates: Mapping[str, Mapping[str, str]], path: Path) ->
         if not isinstance(entry_id, str) or entry_id not in pending:
             continue
         for key, value in pending.pop(entry_id).items():
-            encoded = json.dumps(value)
             if key in members:
-                _, value_start, value_end = members[key]
-                edits.append((value_start, value_end, encoded))
+                key_start, value_start, value_end = members[key]
+                edits.extend(_value_edits(text, value_start, value_end, value, _indent(text, key_start)))
                 continue
             if "onnx" not in members:
                 raise RegistryError(f"{path}: entry {entry_id!r}: cannot find where to insert {key!r}")
-            key_start, _, onnx_end = members["onnx"]
+            # hashes go right after "onnx" (where a reader looks for them); an object (a build record) goes
+            # last, so the entry's own settings stay together at the top
+            anchor = max(members, key=lambda k: members[k][2]) if isinstance(value, Mapping) else "onnx"
+            key_start, _, anchor_end = members[anchor]
             line_start = text.rfind("\n", 0, key_start)
             indent = text[line_start + 1 : key_start] if line_start >= 0 else ""
-            sep = f",\n{indent}" if line_start >= 0 and not indent.strip() else ", "
-            edits.append((onnx_end, onnx_end, f"{sep}{json.dumps(key)}: {encoded}"))
+            multiline = line_start >= 0 and not indent.strip()
+            sep = f",\n{indent}" if multiline else ", "
+            encoded = _encoded(value, indent if multiline else None)
+            edits.append((anchor_end, anchor_end, f"{sep}{json.dumps(key)}: {encoded}"))
     if pending:
         raise RegistryError(f"{path}: no entry with id {', '.join(repr(k) for k in pending)}")
     result = text

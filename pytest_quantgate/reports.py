@@ -45,6 +45,11 @@ REMEDIES = {
         "The sidecar is not quantised from this fp32 model: it is the fp32 file itself, another model, or was built "
         "from an older fp32. Rebuild it: `quantgate {producer} {registry} --id {id}`, then re-pin both hashes.",
     ],
+    "rebuild": [
+        "This run rebuilt the sidecar and its bytes differ from int8_sha256 in a way the regeneration rule does not "
+        "accept without review (README, Regeneration). Compare the rebuilt file with the pinned one; if it is "
+        "right, `quantgate pin {registry} --id {id}` records it, else restore the pinned file.",
+    ],
     "labels": [
         "Too many labels (class ids, or argmax of the scores) differ between int8 and fp32. Rebuild the sidecar with "
         "per-channel weights or keep the last layer in fp32 (nodes_to_exclude), or review quant_budget_label_flip.",

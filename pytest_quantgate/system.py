@@ -15,9 +15,10 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni
 
 
 @lru_cache(maxsize=1)
-def cpu() -> dict[str, Any]:
-    """Return the CPU model and the int8-relevant ISA flags (Linux /proc/cpuinfo; best effort elsewhere)."""
+def _cpuinfo() -> tuple[str, str, frozenset[str]]:
+    """Return the CPU model, vendor and every flag of the first processor (Linux /proc/cpuinfo; best effort)."""
     model = platform.processor() or platform.machine()
+    vendor = platform.machine()
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
@@ -25,11 +26,25 @@ def cpu() -> dict[str, Any]:
             key = key.strip().lower()
             if key in ("model name", "hardware") and model in ("", platform.machine(), platform.processor()):
                 model = value.strip()
+            elif key == "vendor_id":
+                vendor = value.strip()
             elif key in ("flags", "features"):
                 flags.update(value.split())
     except OSError:
         pass
+    return model, vendor, frozenset(flags)
+
+
+def cpu() -> dict[str, Any]:
+    """Return the CPU model and the int8-relevant ISA flags."""
+    model, _, flags = _cpuinfo()
     return {"model": model, "isa": sorted(f for f in ISA_FLAGS if f in flags), "machine": platform.machine()}
+
+
+def cpu_flags(names: tuple[str, ...]) -> tuple[str, list[str]]:
+    """Return the CPU vendor and which of ``names`` its flags include, sorted."""
+    _, vendor, flags = _cpuinfo()
+    return vendor, sorted(f for f in names if f in flags)
 
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")

@@ -94,4 +94,10 @@ def pin(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
     int8 = entry.get("int8_onnx", entry["onnx"].removesuffix(".onnx") + ".int8.onnx")
     if (folder / int8).exists():
         entry["int8_sha256"] = sha256_file(folder / int8)
+        from pytest_quantgate.producers.build import pinned_build
+        from pytest_quantgate.producers.provenance import read_provenance
+
+        build = pinned_build(read_provenance(folder / int8))  # as `quantgate pin` records it
+        if build is not None:
+            entry["int8_build"] = build
     return entry

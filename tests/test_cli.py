@@ -85,9 +85,11 @@ def test_ptq_static_from_the_registry_entry_then_pin_and_measure(workdir: Path,
     code, out = run(capsys, "pin", registry, "--id", "residual_filter_v1")
     assert code == 0, out
     after = (workdir / "model" / "registry.json").read_text()
-    # only the one hash changed: same layout, same key order, same hand-made spacing
+    # only the hash and the build record's inputs digest (other calibration options) changed: same layout,
+    # same key order, same hand-made spacing
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
-    assert len(changed) == 1 and '"int8_sha256"' in changed[0][0]
+    assert len(before.splitlines()) == len(after.splitlines())
+    assert [a.split(":")[0].strip() for a, _ in changed] == ['"int8_sha256"', '"inputs_sha256"'], changed
     assert '"schema_version":   1' in after
     assert run(capsys, "validate", registry, "--fixtures", fixtures)[0] == 0
     code, out = run(capsys, "measure", registry, "--fixtures", fixtures, "--bootstrap", "200")

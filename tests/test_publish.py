@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import onnx
 import pytest
 from conftest import GateProject
@@ -73,9 +74,12 @@ def test_a_sidecar_path_that_names_another_role_is_refused_before_any_write(proj
 
 def test_regen_all_in_pytest_is_an_error_item_and_the_other_model_survives(project: GateProject) -> None:
     victims = _victims(project)
+    # the other entry's sidecar as its producer builds it, pinned with its build record: rebuilt, it matches
+    quantize_dynamic(project.model / "other.onnx", project.model / "other.int8.onnx", DynamicConfig())
+    other = modelkit.pin(victims["other"], project.model)
     attacker = project.add_sidecar("attacker")
     attacker["int8_onnx"] = "other.onnx"
-    project.write([victims["other"], attacker])
+    project.write([other, attacker])
     fp32_before = sha256_file(project.model / "other.onnx")
     result = project.run("--quantgate-regen", "all")
     result.assert_outcomes(passed=1, errors=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import GateProject
@@ -13,7 +14,7 @@ from pytest_quantgate.producers.provenance import read_provenance
 
 def _shared_pair(project: GateProject) -> list[dict]:
     """Two entries that point at the same fp32 model and the same sidecar: a race if both rebuilt it."""
-    first = project.add_sidecar("twin_a")
+    first = _produced(project, "twin_a")
     second = {**first, "id": "twin_b"}
     (project.fixtures / "twin_b.npz").write_bytes((project.fixtures / "twin_a.npz").read_bytes())
     return [first, second]
@@ -27,7 +28,9 @@ def _produced(project: GateProject, entry_id: str) -> dict:
 
     project.add_sidecar(entry_id)
     quantize_dynamic(project.model / f"{entry_id}.onnx", project.model / f"{entry_id}.int8.onnx", DynamicConfig())
-    return modelkit.pin({"id": entry_id, "onnx": f"{entry_id}.onnx", "quant_mode": "dynamic"}, project.model)
+    entry = modelkit.pin({"id": entry_id, "onnx": f"{entry_id}.onnx", "quant_mode": "dynamic"}, project.model)
+    assert entry["int8_build"]["reproducible"] == "bytes"  # what `quantgate pin` records of a PTQ build
+    return entry
 
 
 def test_missing_sidecar_is_rebuilt_gated_and_reported(project: GateProject) -> None:
@@ -43,18 +46,43 @@ def test_missing_sidecar_is_rebuilt_gated_and_reported(project: GateProject) -> 
     assert not list(project.model.glob("*.partial")) and not list(project.model.glob("*.lock"))
 
 
-def test_rebuilt_sidecar_that_differs_from_the_pin_says_both_hashes_and_how_to_repin(project: GateProject) -> None:
-    entry = project.add_sidecar("moved", quant_options={"per_channel": True})
+def test_rebuilt_sidecar_without_a_build_record_fails_until_reviewed_and_repinned(project: GateProject) -> None:
+    entry = project.add_sidecar("moved", quant_options={"per_channel": True})  # pinned by hand: no int8_build
     project.write([entry])
     (project.model / "moved.int8.onnx").unlink()
     result = project.run("--quantgate-regen", "missing", "-W", "default")
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines_random([
         f"moved [[]cpu[]] regenerated: rebuilt moved.int8.onnx: sha256 * differs from the pinned int8_sha256 "
-        f"{entry['int8_sha256']}; review it, then re-pin with `quantgate pin */model/registry.json --id moved`",
+        f"{entry['int8_sha256']}: the registry holds no int8_build for the pinned sidecar *, so the cause is unknown; "
+        f"needs review: without a record of both builds the difference cannot be explained",
+        "*the rebuilt moved.int8.onnx differs from its pin and needs review: *; review it, then re-pin with "
+        "`quantgate pin */model/registry.json --id moved`",
     ])
     assert main(["pin", str(project.model / "registry.json"), "--id", "moved"]) == 0
+    assert json.loads((project.model / "registry.json").read_text())["models"][0]["int8_build"]["producer"] == \
+        "ptq_dynamic"
     assert project.run("--quantgate-regen", "never").ret == 0
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({}, "same inputs and libraries, and this producer's bytes do not depend on the CPU: a real change*"),
+    ({"libraries": {"onnxruntime": "1.20.0"}},
+     "built with other libraries (onnxruntime 1.20.0 -> *): new bytes are expected, and so is a new review"),
+    ({"inputs_sha256": "0" * 64}, "built from other inputs (fp32 model, producer options, recipe or calibration *"),
+], ids=["same-environment", "libraries", "inputs"])
+def test_a_ptq_rebuild_that_differs_from_its_pin_says_why_and_needs_review(project: GateProject, change: dict,
+                                                                           why: str) -> None:
+    """PTQ bytes do not depend on the CPU: every difference is explained, none is accepted without review."""
+    entry = _produced(project, "ptq")
+    build = entry["int8_build"]
+    entry["int8_build"] = {**build, **{k: {**build[k], **v} if isinstance(v, dict) else v for k, v in change.items()}}
+    entry["int8_sha256"] = "f" * 64  # a pin of another build of the same entry
+    project.write([entry])
+    result = project.run("--quantgate-regen", "all", "-W", "default")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"ptq [[]cpu[]] regenerated: rebuilt ptq.int8.onnx: sha256 * differs from the pinned "
+                                 f"int8_sha256 {'f' * 64}: {why}; needs review: *"])
 
 
 def test_never_makes_a_missing_sidecar_an_error_with_the_build_command(project: GateProject) -> None:
@@ -67,7 +95,7 @@ def test_never_makes_a_missing_sidecar_an_error_with_the_build_command(project: 
 
 
 def test_ci_defaults_to_never(project: GateProject, monkeypatch: pytest.MonkeyPatch) -> None:
-    project.write([project.add_sidecar("gone")])
+    project.write([_produced(project, "gone")])
     (project.model / "gone.int8.onnx").unlink()
     monkeypatch.setenv("CI", "true")
     project.run().assert_outcomes(errors=1)
@@ -102,24 +130,65 @@ def test_qat_regeneration_needs_the_recipe_opt_in(project: GateProject) -> None:
 
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
 def test_deleted_bundled_sidecars_are_rebuilt_to_their_pins(pytester: pytest.Pytester, workers: list[str]) -> None:
-    """Delete every bundled sidecar; the gate rebuilds dynamic, static and QAT ones byte for byte, then passes."""
-    import shutil
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    for folder in ("model", "fixtures", "scripts"):
-        shutil.copytree(repo / folder, pytester.path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    """Delete every bundled sidecar; the gate rebuilds PTQ ones byte for byte and QAT ones under the rule; all pass."""
+    _bundled_copy(pytester.path)
     for sidecar in (pytester.path / "model").glob("*.int8.onnx"):
         sidecar.unlink()
     result = pytester.runpytest("--quantgate", "-p", "no:cacheprovider", "--quantgate-regen", "missing",
                                 "--quantgate-allow-recipes", "--quantgate-bootstrap", "200", *workers)
     result.assert_outcomes(passed=3)
+    # PTQ builds are byte-reproducible on every CPU and kernel setting (.ci/run reruns this under other ones)
     result.stdout.fnmatch_lines_random([
         "fusion_mlp_v1 [[]cpu[]] regenerated: rebuilt fusion_mlp_v1.int8.onnx; sha256 matches the pin",
         "residual_filter_v1 [[]cpu[]] regenerated: rebuilt residual_filter_v1.int8.onnx; sha256 matches the pin",
-        "nr_cnn_v1 [[]cpu[]] regenerated: rebuilt nr_cnn_v1.int8.onnx; sha256 matches the pin",
     ])
+    # a QAT build's bytes depend on the CPU's float kernels: the pin's bytes on the pin's kernels, else explained
+    # and accepted by the rule (its build-time drop within the pinned build's interval)
+    qat = [line for line in result.stdout.lines if line.startswith("nr_cnn_v1 [cpu] regenerated: ")]
+    assert len(qat) == 1, result.stdout.str()
+    assert qat[0].endswith("rebuilt nr_cnn_v1.int8.onnx; sha256 matches the pin") or (
+        ": other CPU kernels (" in qat[0] and "expected for a training producer (qat); used without review: its "
+        "build-time drop" in qat[0] and "is within the pinned build's interval" in qat[0]), qat[0]
     assert not [p.name for p in (pytester.path / "model").iterdir() if p.name.startswith(".")]
+
+
+def _bundled_copy(root: Path) -> Path:
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    for folder in ("model", "fixtures", "scripts"):
+        shutil.copytree(repo / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return root / "model" / "registry.json"
+
+
+def test_qat_rebuilt_on_other_cpu_kernels_is_judged_by_its_build_time_drop(pytester: pytest.Pytester,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other kernels (ATen's baseline, oneDNN at SSE4.1): other bytes, explained; the drop rule decides."""
+    registry = _bundled_copy(pytester.path)
+    # every x86-64 CPU with AVX2 or newer picks other kernels than these (a CPU without AVX2 matches the pin)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    args = ("--quantgate", "-p", "no:cacheprovider", "--quantgate-regen", "all", "--quantgate-allow-recipes",
+            "--quantgate-bootstrap", "200", "-k", "nr_cnn_v1", "-W", "default")
+    result = pytester.runpytest_subprocess(*args)  # a fresh torch: ATen reads its capability at import
+    result.assert_outcomes(passed=1)
+    line = next(x for x in result.stdout.lines if x.startswith("nr_cnn_v1 [cpu] regenerated: "))
+    if not line.endswith("sha256 matches the pin"):
+        assert "ONEDNN_MAX_CPU_ISA unset -> SSE41" in line and "ATEN_CPU_CAPABILITY unset -> default" in line, line
+        assert "expected for a training producer (qat); used without review: its build-time drop" in line, line
+    # the same rebuild against a reviewed build whose interval it exceeds: a FAIL that says so and how to go on
+    data = json.loads(registry.read_text())
+    entry = next(e for e in data["models"] if e["id"] == "nr_cnn_v1")
+    entry["int8_sha256"] = "e" * 64
+    entry["int8_build"]["gate"]["drop_interval"] = [0.0001, 0.0002]
+    registry.write_text(json.dumps(data, indent=2))
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*the rebuilt nr_cnn_v1.int8.onnx differs from its pin and needs review: its build-time drop 0.00* is above "
+        "the pinned build's interval (drop 0.00*, upper bound 0.000200); review it, then re-pin with `quantgate pin "
+        "*registry.json --id nr_cnn_v1`*",
+    ])
 
 
 def test_measure_rebuilds_a_missing_sidecar_exactly_as_the_pytest_gate_does(project: GateProject,

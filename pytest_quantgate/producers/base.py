@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -9,6 +10,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # torch is only needed by the QAT producer; never import it at module load
     import numpy as np
     import torch
+
+
+# gates a built sidecar (its file) before it is published; returns the numbers recorded as ``build.gate``
+Assess = Callable[[Path], Mapping[str, Any]]
 
 
 class ProducerError(Exception):

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import RegistryError
 from ..registry import Entry, Registry
-from .base import ProducerError, ProducerResult
+from .base import Assess, ProducerError, ProducerResult
 
 
 def _config(cls: type, options: Mapping[str, Any], entry: Entry, registry: Registry, **fixed: Any) -> Any:
@@ -40,8 +40,14 @@ def produce(
     allow_recipes: bool,
     progress: Callable[[str], None] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    assess: Assess | None = None,
 ) -> ProducerResult:
-    """Build the entry's int8 sidecar with the producer of its mode; raise ProducerError or RegistryError."""
+    """Build the entry's int8 sidecar with the producer of its mode; raise ProducerError or RegistryError.
+
+    ``assess`` gates a training producer's build before it is published (its bytes depend on the CPU's float
+    kernels, so the drop measured at build time is recorded with them); PTQ builds are byte-reproducible and
+    record nothing of the machine.
+    """
     fp32 = registry.fp32_path(entry)
     int8 = registry.int8_path(entry)
     if not fp32.is_file():
@@ -75,7 +81,7 @@ def produce(
 
         config = _config(QatConfig, options, entry, registry)
         try:
-            return quantize_qat(fp32, int8, config, recipe=recipe, progress=progress, guard=guard)
+            return quantize_qat(fp32, int8, config, recipe=recipe, progress=progress, guard=guard, assess=assess)
         except (ProducerError, RegistryError):
             raise
         except (Exception, SystemExit) as exc:  # the recipe is user code: whatever it raises is reported

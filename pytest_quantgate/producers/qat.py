@@ -45,8 +45,15 @@ import numpy as np
 
 from pytest_quantgate.fileio import sha256_file, sweep_partials
 from pytest_quantgate.ort import import_onnxruntime
-from pytest_quantgate.producers.base import ProducerError, ProducerResult, QatRecipe
-from pytest_quantgate.producers.provenance import check_target, provenance_path_for, publish_sidecar, shaping_versions
+from pytest_quantgate.producers.base import Assess, ProducerError, ProducerResult, QatRecipe
+from pytest_quantgate.producers.build import build_block
+from pytest_quantgate.producers.provenance import (
+    check_target,
+    provenance_path_for,
+    publish_sidecar,
+    scratch_dir,
+    shaping_versions,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -243,12 +250,15 @@ def quantize_qat(
     recipe: QatRecipe | str | os.PathLike[str],
     progress: Callable[[str], None] | None = None,
     guard: WriteGuard | None = None,
+    assess: Assess | None = None,
 ) -> QatResult:
     """Fine-tune the model in ``fp32_path`` with fake quantisation and write the int8 sidecar ``int8_path``.
 
     ``recipe`` is a recipe object or the path of a recipe file (see :func:`load_recipe` for the trust model).
     ``progress`` receives one line per stage and per epoch. ``guard`` (from ``Registry.write_guard``) refuses
-    a target the registry names in another role, before the training and again before writing. Returns a
+    a target the registry names in another role, before the training and again before writing. ``assess``
+    gates the build before it is published; its numbers go into the provenance (``build.gate``), beside the
+    CPU kernels the training ran on (``build.environment``): the bytes depend on both. Returns a
     :class:`QatResult`; raises :class:`ProducerError` with the file and the reason on any failure, leaving
     ``int8_path`` untouched.
     """
@@ -356,6 +366,14 @@ def quantize_qat(
         torch.set_num_threads(prev_threads)
 
     _check_loads(int8_bytes, int8_path)
+    # read while torch is imported and before anything else runs: the kernels the fine-tune used
+    build = build_block(threads=config.threads, seed=config.seed, gate=None)
+    if assess is not None:
+        say("gating the build on the soak fixture (recorded as build.gate)")
+        with scratch_dir("qat-assess") as folder:
+            candidate = folder / int8_path.name
+            candidate.write_bytes(int8_bytes)
+            build["gate"] = dict(assess(candidate))
     say(f"writing {int8_path}")
     record = {
         "producer": "qat",
@@ -381,6 +399,7 @@ def quantize_qat(
         "fp32_path": fp32_path.name,
         "fp32_sha256": sha256_file(fp32_path),
         "library_versions": shaping_versions(torch=True),
+        "build": build,
     }
     published = publish_sidecar(int8_bytes, int8_path, record, fp32_path=fp32_path, guard=guard)
     say(f"wrote {int8_path} in {time.monotonic() - started:.1f}s")
