@@ -31,6 +31,9 @@ def _hook_config() -> str:
     hooks = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
     hook = dict(next(h for h in hooks if h["id"] == "quantgate"))
     assert hook["entry"] == "quantgate pre-commit" and hook["language"] == "python" and hook["pass_filenames"]
+    # the onnxruntime wheel the manifest installs into its own environment: this interpreter already has one, and
+    # pre-commit refuses additional_dependencies for a hook that builds no environment
+    assert hook.pop("additional_dependencies")
     hook.update(
         entry=f"{sys.executable} -m pytest_quantgate.cli pre-commit",
         args=["--bootstrap", "200", "--ep", "cpu"],
