@@ -12,12 +12,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import modelkit
 import onnx
 import pytest
-
-import modelkit
 from conftest import affine
 
 pytest.importorskip("pre_commit", reason="pre-commit is not installed (dev extra)")
@@ -31,6 +31,9 @@ def _hook_config() -> str:
     hooks = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
     hook = dict(next(h for h in hooks if h["id"] == "quantgate"))
     assert hook["entry"] == "quantgate pre-commit" and hook["language"] == "python" and hook["pass_filenames"]
+    # the onnxruntime wheel the manifest installs into its own environment: this interpreter already has one, and
+    # pre-commit refuses additional_dependencies for a hook that builds no environment
+    assert hook.pop("additional_dependencies")
     hook.update(
         entry=f"{sys.executable} -m pytest_quantgate.cli pre-commit",
         args=["--bootstrap", "200", "--ep", "cpu"],
@@ -43,11 +46,13 @@ def _hook_config() -> str:
 class HookRepo:
     """A git repository with two gated digits entries and the quantgate hook installed."""
 
-    def __init__(self, root: Path, assets: Path, home: Path) -> None:
+    def __init__(self, root: Path, assets: Path, home: Path, config: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        """Build the repository with ``config`` (default: the local hook) and ``env`` over the isolated environment."""
         self.root = root
         self.env = {**os.environ, "PRE_COMMIT_HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(home),
                     "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-                    "GIT_COMMITTER_EMAIL": "t@example.com"}
+                    "GIT_COMMITTER_EMAIL": "t@example.com", **(env or {})}
         self.env.pop("CI", None)
         self.model = root / "model"
         self.fixtures = root / "fixtures"
@@ -62,7 +67,7 @@ class HookRepo:
                         for i in ("digits_a", "digits_b")]
         self.write_registry()
         (root / "README.md").write_text("models\n")
-        (root / ".pre-commit-config.yaml").write_text(_hook_config())
+        (root / ".pre-commit-config.yaml").write_text(_hook_config() if config is None else config)
         self.git("init", "-q", "-b", "main")
         self.git("add", "-A")
         self.git("commit", "-q", "-m", "initial")
@@ -163,7 +168,8 @@ def test_broken_registry_entry_is_refused(repo: HookRepo) -> None:
 
 
 def test_manifest_and_config_validate() -> None:
-    for command, path in (("validate-manifest", ".pre-commit-hooks.yaml"), ("validate-config", ".pre-commit-config.yaml")):
+    for command, path in (("validate-manifest", ".pre-commit-hooks.yaml"),
+                          ("validate-config", ".pre-commit-config.yaml")):
         result = subprocess.run([sys.executable, "-m", "pre_commit", command, str(ROOT / path)], capture_output=True,
                                 text=True)
         assert result.returncode == 0, result.stdout + result.stderr
