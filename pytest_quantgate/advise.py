@@ -29,7 +29,6 @@ from .registry import Entry, Registry
 from .settings import Settings
 
 if TYPE_CHECKING:
-    import numpy as np
 
     from .comparison import GateResult
 
@@ -547,23 +546,6 @@ def exclusion_stage(run: _Run, calibration: Path) -> None:
             return
         if result.drop is not None and result.drop < best:
             kept, best = trial, result.drop
-
-
-def disagreeing_samples(fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndarray],
-                        count: int) -> list[int]:
-    """Return the indices of the ``count`` samples where int8 departs most from fp32 (scaled per output)."""
-    import numpy as np
-
-    names = list(fp32_out)
-    samples = int(np.asarray(fp32_out[names[0]]).shape[0])
-    score = np.zeros(samples, np.float64)
-    for name in names:
-        ref = np.asarray(fp32_out[name], np.float64).reshape(samples, -1)
-        test = np.asarray(int8_out[name], np.float64).reshape(samples, -1)
-        scale = float(ref.std()) or 1.0
-        score += np.abs(ref - test).mean(axis=1) / scale
-    order = np.argsort(-score, kind="stable")[:count]
-    return sorted(int(i) for i in order)
 
 
 def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:

@@ -27,7 +27,6 @@ DEFAULT_BUDGET_PLCC = {"dynamic": 0.01, "static": 0.01, "qat": 0.002}
 # room for the fp32 drift of a QAT fine-tune (nr_cnn_v1: slope 1.02, offset 0.075 std) and still fails a 10 % gain
 # error, let alone 0.5·y + 10.
 DEFAULT_BUDGET_SLOPE = 0.1
-QUANT_MODES = ("fp32", "static", "dynamic", "qat")
 # Dynamic sidecars compute activation ranges per batch, so their output depends on the batch they run at: the
 # gate runs them at the deployment batch, 1 (one request at a time) unless the entry says otherwise.
 DEFAULT_DEPLOY_BATCH = {"dynamic": 1}

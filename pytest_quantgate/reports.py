@@ -169,10 +169,6 @@ def _order(outcomes: Iterable[Outcome]) -> list[Outcome]:
     return sorted(outcomes, key=lambda o: (o.entry_id, o.ep))
 
 
-def _reason(outcome: Outcome) -> str:
-    return f"cached: {outcome.result.reason}" if outcome.cached and outcome.result is not None else outcome.message
-
-
 def summary_lines(outcomes: Iterable[Outcome]) -> list[str]:
     """Return the summary table: one row per item, sorted by id then EP."""
     outcomes = _order(outcomes)

@@ -55,7 +55,7 @@ QAT_RECIPES: Mapping[str, QatRecipeSpec] = MappingProxyType({
         f"QATConfig(IntxWeightOnlyConfig(torch.int4, PerGroup({INT4_GROUP})), step='prepare') -> ORT MatMulNBits "
         f"(block {INT4_GROUP}, symmetric)"),
 })
-DEFAULT_RECIPE = "int8-x86"
+
 
 
 def resolve(name: str, route: str) -> QatRecipeSpec:
