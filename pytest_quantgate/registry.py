@@ -647,15 +647,23 @@ def _indent(text: str, key_start: int) -> str | None:
     return indent if line_start >= 0 and not indent.strip() else None
 
 
-def _encoded(value: Any, indent: str | None) -> str:
+def _encoded(value: Any, indent: str | None, step: str = "  ") -> str:
     """Return a field's JSON value: objects over several lines under an indented key, else on one line."""
     if not isinstance(value, Mapping) or indent is None:
         return json.dumps(value, sort_keys=True)
-    step = "  " if "\t" not in indent else "\t"
     return json.dumps(value, sort_keys=True, indent=step).replace("\n", "\n" + indent)
 
 
-def _value_edits(text: str, start: int, end: int, value: Any, indent: str | None) -> list[tuple[int, int, str]]:
+def _indent_step(text: str) -> str:
+    """Return the file's own indentation step (the first indented line's leading whitespace), else two spaces."""
+    import re
+
+    found = re.search(r"\n([ \t]+)\S", text)
+    return found.group(1) if found else "  "
+
+
+def _value_edits(text: str, start: int, end: int, value: Any, indent: str | None,
+                 step: str) -> list[tuple[int, int, str]]:
     """Return the edits that turn the JSON value at text[start:end] into ``value``, keeping what is unchanged.
 
     An object replacing an object is edited member by member (recursively), so a build record re-pinned after
@@ -665,18 +673,18 @@ def _value_edits(text: str, start: int, end: int, value: Any, indent: str | None
     if old == value:
         return []
     if not (isinstance(value, Mapping) and isinstance(old, dict)) or set(old) - set(value) or not old:
-        return [(start, end, _encoded(value, indent))]
+        return [(start, end, _encoded(value, indent, step))]
     members, _ = _members(text, start, json.JSONDecoder())
     edits: list[tuple[int, int, str]] = []
     for key, new in value.items():
         if key in members:
             key_start, value_start, value_end = members[key]
-            edits.extend(_value_edits(text, value_start, value_end, new, _indent(text, key_start)))
+            edits.extend(_value_edits(text, value_start, value_end, new, _indent(text, key_start), step))
             continue
         last_key, _, last_end = max(members.values(), key=lambda m: m[2])
         inner = _indent(text, last_key)
         sep = f",\n{inner}" if inner is not None else ", "
-        edits.append((last_end, last_end, f"{sep}{json.dumps(key)}: {_encoded(new, inner)}"))
+        edits.append((last_end, last_end, f"{sep}{json.dumps(key)}: {_encoded(new, inner, step)}"))
     return edits
 
 
@@ -694,6 +702,7 @@ def pin_text(text: str, updates: Mapping[str, Mapping[str, Any]], path: Path) ->
         raise RegistryError(f"{path}: cannot locate the entries to pin: {exc}") from None
     edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied from the back
     pending = {k: dict(v) for k, v in updates.items()}
+    step = _indent_step(text)
     for _, members in objects:
         if "id" not in members:
             continue
@@ -704,7 +713,7 @@ def pin_text(text: str, updates: Mapping[str, Mapping[str, Any]], path: Path) ->
         for key, value in pending.pop(entry_id).items():
             if key in members:
                 key_start, value_start, value_end = members[key]
-                edits.extend(_value_edits(text, value_start, value_end, value, _indent(text, key_start)))
+                edits.extend(_value_edits(text, value_start, value_end, value, _indent(text, key_start), step))
                 continue
             if "onnx" not in members:
                 raise RegistryError(f"{path}: entry {entry_id!r}: cannot find where to insert {key!r}")
@@ -716,7 +725,7 @@ def pin_text(text: str, updates: Mapping[str, Mapping[str, Any]], path: Path) ->
             indent = text[line_start + 1 : key_start] if line_start >= 0 else ""
             multiline = line_start >= 0 and not indent.strip()
             sep = f",\n{indent}" if multiline else ", "
-            encoded = _encoded(value, indent if multiline else None)
+            encoded = _encoded(value, indent if multiline else None, step)
             edits.append((anchor_end, anchor_end, f"{sep}{json.dumps(key)}: {encoded}"))
     if pending:
         raise RegistryError(f"{path}: no entry with id {', '.join(repr(k) for k in pending)}")
