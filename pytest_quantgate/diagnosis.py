@@ -10,13 +10,17 @@ that group's tensors is run on the feeds one feed at a time, the SQNR sums are a
 and the arrays are dropped before the next group. Groups are sized from the tensors' byte sizes (ONNX shape inference
 with the feeds' shapes) against ``memory_bytes``.
 
+Weights are not read here: ``qgraph`` reads the int8 graph (any form, weights in initializers, Constant nodes or
+external data), dequantises every weight in float64 and pairs it with its fp32 origin by name, else by value (ORT's
+fusions such as ``ConvBnFusion_*`` folded the same way), as it does for the lineage check; each weight's SQNR is
+ranked with the activations.
+
 * QDQ sidecars (static PTQ, QAT): every activation before its QuantizeLinear and after its DequantizeLinear, and the
-  fp32 model's tensor of the same name; every weight dequantised from its DequantizeLinear in float64 and matched to its
-  fp32 initializer by name, else by shape and value (initializers renamed by ORT's fusions, e.g. ``ConvBnFusion_*``).
-* Dynamic sidecars (MatMulInteger/ConvInteger with DynamicQuantizeLinear): weights are dequantised from
-  ``<w>_quantized``/``<w>_scale``/``<w>_zero_point``; activations are quantised at run time, per batch, so their local
-  error is simulated from the DynamicQuantizeLinear formula and there is no calibrated range to fix.
-* Anything else (QOperator graphs): per-output comparison, plus the weights that can be matched.
+  fp32 model's tensor of the same name.
+* Dynamic sidecars (MatMulInteger/ConvInteger with DynamicQuantizeLinear): activations are quantised at run time, per
+  batch, so their local error is simulated from the DynamicQuantizeLinear formula and there is no calibrated range
+  to fix.
+* Anything else (QOperator graphs): per-output comparison, plus the weights.
 
 Temporary folders are named ``quantgate-diagnose-<pid>-*`` and hold a locked ``owner.lock`` while their owner lives;
 each diagnosis first removes the folders whose owner is gone (a killed run), whatever their age. ORT sessions log at
@@ -34,19 +38,16 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .qgraph import Graph, Pairing, base_name, dynamic_qdq, int8_format, measure, pair_weights
 from .records import Diagnosis, TensorError
 from .reports import format_db
-
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
-QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QAttention"})
 
 # a weight with more than this share of elements off by over one int8 step was not just rounded
 CHANGED_SHARE = 0.01
@@ -56,10 +57,7 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 # ORT's Python binding copies each output out of its own buffer, so a group's arrays exist twice during a run
 RUN_COPIES = 2
 CHUNK = 1 << 18  # elements turned into float64 at a time by the SQNR sums (2 MiB per float64 chunk)
-# an unnamed int8 weight is taken for an fp32 one when their cosine similarity reaches this (int8 rounding gives
-# > 0.99; unrelated trained weights of one shape sit near 0)
-MATCH_COSINE = 0.9
-MATCH_SAMPLE = 4096
+# a tensor smaller than this (a bias, a tiny matrix) is compared only when paired with its fp32 origin by name
 MATCH_MIN_SIZE = 16
 
 
@@ -266,17 +264,6 @@ def _captured_logs() -> Iterator[_LogCatcher]:
 # models: loaded once, saved with external weights, and re-cut per group of outputs
 
 
-def _graph_format(model: Any) -> str:
-    ops = {n.op_type for n in model.graph.node}
-    if ops & QOPERATOR_OPS:
-        return "qoperator"
-    if ops & DYNAMIC_OPS:
-        return "dynamic"
-    if ops & QDQ_OPS:
-        return "qdq"
-    return "unknown"
-
-
 def _externalise(src: Path, dst: Path) -> Any:
     """Save ``src`` as ``dst`` with its large initializers in one file beside it; return the weightless ModelProto.
 
@@ -292,37 +279,13 @@ def _externalise(src: Path, dst: Path) -> Any:
     return onnx.load(str(dst), load_external_data=False)
 
 
-class _Graph:
-    """Producer/consumer look-ups of one graph, and its initializers (loaded on demand from ``base``)."""
+class _Graph(Graph):
+    """One graph as ``qgraph`` models it (constants loaded on demand from ``base``), plus its activations."""
 
     def __init__(self, model: Any, base: Path) -> None:
-        self.model = model
-        self.base = base
-        self.producer: dict[str, Any] = {}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in model.graph.node:
-            for name in node.output:
-                self.producer[name] = node
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        super().__init__(model, base)
         self.inputs = [i.name for i in model.graph.input]
-        self.initializers = {i.name: i for i in model.graph.initializer}
-        # weights to match int8 ones against: initializers, and Constant nodes' tensors (Paddle and some other
-        # exporters hold every weight in a Constant node and no initializer at all, e.g. PP-OCRv4)
-        self.weights = dict(self.initializers)
-        for node in model.graph.node:
-            if node.op_type == "Constant" and len(node.output) == 1 and node.output[0] not in self.weights:
-                value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
-                if value is not None:
-                    self.weights[node.output[0]] = value
         self.tensors = set(self.producer) | set(self.inputs)
-
-    def array(self, name: str) -> np.ndarray:
-        """Return weight ``name`` as an array (read from the external weights file when stored there)."""
-        from onnx import numpy_helper
-
-        values: np.ndarray = np.asarray(numpy_helper.to_array(self.weights[name], base_dir=str(self.base)))
-        return values
 
     def keep_float(self, tensor: str) -> tuple[str, ...]:
         """Return the node names that quantise ``tensor`` (producer and consumers): excluding all keeps it float."""
@@ -545,7 +508,7 @@ def _fused_relu_floor(q_node: Any, qgraph: _Graph) -> float | None:
     if len(q_node.input) < 3 or q_node.input[2] not in qgraph.initializers:
         return None
     zp = qgraph.array(q_node.input[2])
-    if zp.dtype.kind in "iu" and zp.size and np.all(zp == np.iinfo(zp.dtype).min):
+    if zp is not None and zp.dtype.kind in "iu" and zp.size and np.all(zp == np.iinfo(zp.dtype).min):
         return 0.0
     return None
 
@@ -602,7 +565,7 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
                         local[p.pre].add(pre, post, p.floor)
                         tested[p.pre] = post
                     else:
-                        local[p.pre].add(pre, _dynamic_qdq(pre))
+                        local[p.pre].add(pre, dynamic_qdq(pre, np.float32)[0])
                         tested[p.pre] = pre
                     del pre
                 del qv
@@ -626,22 +589,6 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
     return out
 
 
-def _dynamic_qdq(x: np.ndarray) -> np.ndarray:
-    """Quantise and dequantise like ONNX DynamicQuantizeLinear (uint8, range always holding 0), in float32."""
-    x = np.asarray(x, dtype=np.float32)
-    lo, hi = min(0.0, float(x.min())) if x.size else 0.0, max(0.0, float(x.max())) if x.size else 0.0
-    scale = np.float32((hi - lo) / 255.0)
-    if scale == 0:
-        return x.copy()
-    zp = np.float32(np.clip(np.rint(-lo / scale), 0, 255))
-    out = np.empty_like(x)
-    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
-    for start in range(0, flat_in.size, CHUNK):
-        q = np.clip(np.rint(flat_in[start:start + CHUNK] / scale) + zp, 0, 255)
-        flat_out[start:start + CHUNK] = (q - zp) * scale
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # weights
 
@@ -650,225 +597,82 @@ def _dynamic_qdq(x: np.ndarray) -> np.ndarray:
 class _Weight:
     error: TensorError
     lsb_excess: float | None  # share of elements off by more than one quantisation step (rounding gives 0)
-    how: str = "name"  # "name" | "value" (matched by shape and value: renamed by a fusion) | "scaled" (per channel)
+    how: str = "name"  # how qgraph paired it with its fp32 origin: name or value, + an op folded into it
 
 
 @dataclass(frozen=True)
-class _Quantised:
-    """One int8 weight: its stored name, the tensor its consumers read, and how to dequantise it."""
+class _Weights:
+    """The int8 weights compared with their fp32 origin, the notes on the others, and whether one is per tensor."""
 
-    name: str  # the quantised initializer
-    base: str  # the name without ``_quantized``
-    scale: str
-    zero_point: str | None
-    axis: int | None  # None: infer from the scale's size (dynamic/QOperator naming)
-    consumers: tuple[str, ...]
+    compared: tuple[_Weight, ...]
+    notes: tuple[str, ...]
+    per_tensor: bool  # a QDQ weight matrix with one scale for the whole tensor
 
 
-def _qdq_weight_list(qgraph: _Graph) -> list[_Quantised]:
-    found = []
-    for node in qgraph.model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in qgraph.initializers:
-            continue
-        if node.input[1] not in qgraph.initializers:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        zp = node.input[2] if len(node.input) > 2 and node.input[2] in qgraph.initializers else None
-        consumers = tuple(c.name for c in qgraph.consumers.get(node.output[0], []) if c.name)
-        base = _strip(node.input[0], "_quantized") or node.output[0]
-        found.append(_Quantised(node.input[0], base, node.input[1], zp, axis, consumers))
-    return found
+# how qgraph names the op it folded into an fp32 weight -> how the notes say it
+_FOLDED = {"+BatchNormalization": "BatchNorm", "+Mul": "Mul"}
 
 
-def _named_weight_list(qgraph: _Graph) -> list[_Quantised]:
-    """Return ``<w>_quantized`` initializers with ``<w>_scale`` (dynamic and QOperator naming)."""
-    found = []
-    for name in qgraph.initializers:
-        base = _strip(name, "_quantized")
-        if base is None or base + "_scale" not in qgraph.initializers:
-            continue
-        zp = base + "_zero_point" if base + "_zero_point" in qgraph.initializers else None
-        ops = {n.op_type for n in qgraph.consumers.get(name, [])}
-        axis = -1 if ops & {"MatMulInteger", "QLinearMatMul", "MatMul"} else None
-        consumers = tuple(n.name for n in qgraph.consumers.get(name, []) if n.name)
-        found.append(_Quantised(name, base, base + "_scale", zp, axis, consumers))
-    return found
+def _compare_weights(fgraph: _Graph, qgraph: _Graph) -> _Weights:
+    """Judge each quantised weight as ``qgraph`` pairs it with its fp32 origin: its SQNR, or why it is not compared.
 
-
-def _dequantise(item: _Quantised, qgraph: _Graph) -> tuple[np.ndarray, np.ndarray] | None:
-    """Return (dequantised float64 values, the quantisation step broadcast to their shape), or None."""
-    q = qgraph.array(item.name).astype(np.float64)
-    scale = qgraph.array(item.scale).astype(np.float64)
-    zp = qgraph.array(item.zero_point).astype(np.float64) if item.zero_point else np.zeros_like(scale)
-    if scale.size == 1:
-        step = np.broadcast_to(float(scale.reshape(())), q.shape)
-        # asarray: a 0-d weight (a quantised scalar operand) would otherwise come back as a numpy scalar
-        return np.asarray((q - zp.reshape(())) * float(scale.reshape(()))), step
-    if q.ndim == 0:
-        return None
-    axis = (item.axis if item.axis is not None else 0) % q.ndim
-    if q.shape[axis] != scale.size:
-        axes = [a for a, d in enumerate(q.shape) if d == scale.size]
-        if not axes:
-            return None
-        axis = axes[0]
-    shape = [1] * q.ndim
-    shape[axis] = scale.size
-    return (q - zp.reshape(shape)) * scale.reshape(shape), np.broadcast_to(scale.reshape(shape), q.shape)
-
-
-def _compare_weights(items: Sequence[_Quantised], fgraph: _Graph, qgraph: _Graph) -> tuple[list[_Weight], list[str]]:
-    """Dequantise each int8 weight, match it to its fp32 origin (by name, else by value) and measure its SQNR."""
-    out: list[_Weight] = []
-    notes: list[str] = []
-    pending: dict[str, tuple[_Quantised, np.ndarray, np.ndarray]] = {}
-    used: set[str] = set()
-    for item in items:
-        found = _dequantise(item, qgraph)
-        if found is None:
-            continue
-        deq, step = found
-        ref = _by_name(item, deq.shape, fgraph)
-        if ref is None:
-            pending[item.name] = (item, deq, step)
-            continue
-        origin, values = ref
-        used.add(origin)
-        out.append(_weight(origin, values, deq, step, item, fgraph, "name"))
-    if pending:
-        shapes = {k: v[1].shape for k, v in pending.items()}
-        matches = _match_weights(shapes, lambda k: pending[k][1], fgraph, exclude=used)
-        for key, (origin, reference, how) in matches.items():
-            item, deq, step = pending.pop(key)
-            out.append(_weight(origin, reference, deq, step, item, fgraph, how))
-        if matches:
-            shown = ", ".join(f"{k!r}→{v[0]!r}" for k, v in list(matches.items())[:3])
-            scaled = sum(v[2] == "scaled" for v in matches.values())
-            notes.append(f"{len(matches)} int8 weight(s) renamed by ORT's fusions were matched to their fp32 origin by "
-                         f"shape and value ({shown}{' ...' if len(matches) > 3 else ''})"
-                         + (f"; {scaled} up to a per-channel scale (a folded BatchNorm)" if scaled else ""))
-        if pending:
-            names = ", ".join(repr(k) for k in list(pending)[:3])
-            notes.append(f"{len(pending)} int8 weight(s) matched no fp32 initializer by name or value ({names}"
-                         f"{' ...' if len(pending) > 3 else ''}): not compared")
-    return out, notes
-
-
-def _by_name(item: _Quantised, shape: tuple[int, ...], fgraph: _Graph) -> tuple[str, np.ndarray] | None:
-    for name in (item.base, item.name):
-        if name in fgraph.weights and _float_init(fgraph.weights[name]):
-            values = fgraph.array(name).astype(np.float64)
-            if values.shape == shape:
-                return name, values
-            if values.ndim == 2 and values.T.shape == shape:
-                return name, values.T
-    return None
-
-
-def _float_init(init: Any) -> bool:
-    from onnx import TensorProto
-
-    return bool(init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16))
-
-
-def _match_weights(shapes: Mapping[str, tuple[int, ...]], values: Any, fgraph: _Graph, exclude: Iterable[str] = ()
-                   ) -> dict[str, tuple[str, np.ndarray, str]]:
-    """Match dequantised weights whose names say nothing to fp32 initializers by shape and value.
-
-    ``values(key)`` returns the dequantised float64 array of ``shapes[key]``. A candidate is an fp32 float initializer
-    of ≥ 2 dimensions and ≥ 16 values with the same shape (or, for a matrix, the transposed shape); similarity is the
-    cosine of the two arrays, first on an evenly spaced sample, then on the full arrays for the best candidate; when
-    that is too low and each output channel has ≥ 8 values, the cosine after a per-channel least-squares scale (a
-    BatchNorm folded into a Conv by ORT's ConvBnFusion). Pairs are assigned greedily, best first, one fp32
-    initializer per int8 weight. Returns {key: (fp32 name, the reference laid out like the int8 weight, "value" |
-    "scaled")}.
+    A vector (bias, BatchNorm parameter) or a matrix of fewer than ``MATCH_MIN_SIZE`` values is compared only when
+    paired by its own name: short and often all positive, such tensors look alike, so a value match is a guess, and
+    the fp32 origin of one a fusion folded is a parameter of the folded node, a node the int8 graph no longer has.
     """
-    taken = set(exclude)
-    by_shape: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
-    for name, init in fgraph.weights.items():
-        dims = tuple(int(d) for d in init.dims)
-        # vectors (biases, BatchNorm parameters) are left out: short and often all positive, they look alike
-        if name in taken or not _float_init(init) or len(dims) < 2 or int(np.prod(dims)) < MATCH_MIN_SIZE:
+    compared: list[_Weight] = []
+    renamed: list[Pairing] = []
+    skipped: list[str] = []
+    unmatched: list[str] = []
+    per_tensor = False
+    for p in pair_weights(qgraph, fgraph):
+        t = p.tensor
+        if t.kind == "float":
             continue
-        by_shape.setdefault(dims, []).append((name, False))
-        if len(dims) == 2:
-            by_shape.setdefault(dims[::-1], []).append((name, True))
-    scored: list[tuple[float, str, str, bool, str]] = []
-    for key, shape in shapes.items():
-        candidates = by_shape.get(tuple(shape), [])
-        if not candidates or int(np.prod(shape)) < 2:
+        if p.fp32_name is None:
+            unmatched.append(t.name)
             continue
-        deq = values(key)
-        for name, transposed in candidates:
-            ref = _aligned(fgraph, name, transposed)
-            plain = _cosine(ref, deq)
-            if plain >= MATCH_COSINE:
-                scored.append((plain, key, name, transposed, "value"))
-                continue
-            per_channel = _scaled_cosine(ref, deq)
-            if per_channel is not None and per_channel >= MATCH_COSINE:
-                scored.append((per_channel, key, name, transposed, "scaled"))
-    found: dict[str, tuple[str, np.ndarray, str]] = {}
-    for _score, key, name, transposed, how in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):
-        if key in found or name in taken:
+        plain = p.how.startswith("name") and "+" not in p.how
+        if not plain and (t.values.ndim < 2 or t.values.size < MATCH_MIN_SIZE):
+            skipped.append(t.name)
             continue
-        taken.add(name)
-        ref, deq = _aligned(fgraph, name, transposed), values(key)
-        if how == "value" and _scaled_cosine(ref, deq) is not None:
-            # a plain match may still carry a folded per-channel scale: fitting one gain per channel of ≥ 8 values
-            # removes at most 1/8 of pure rounding noise, so halving the residual means the scale is real
-            scaled = _channel_scaled(ref, deq)
-            if float(np.sum((deq - scaled) ** 2)) < 0.5 * float(np.sum((deq - ref) ** 2)):
-                ref, how = scaled, "scaled"
-        elif how == "scaled":
-            ref = _channel_scaled(ref, deq)
-        found[key] = (name, ref, how)
-    return found
+        if not plain:
+            renamed.append(p)
+        per_tensor = per_tensor or (t.kind == "qdq" and t.granularity == "tensor" and t.values.ndim > 1)
+        compared.append(_weight(p, fgraph))
+    notes: list[str] = []
+    if renamed:
+        shown = ", ".join(f"{p.tensor.name!r}→{p.fp32_name!r}" for p in renamed[:3])
+        by_value = sum(p.how.startswith("value") for p in renamed)
+        way = ("by shape and value" if by_value == len(renamed) else "by name" if by_value == 0
+               else "by name or by shape and value")
+        folds = [label for p in renamed for label in _FOLDED if label in p.how]
+        ops = " or ".join(_FOLDED[label] for label in sorted(set(folds)))
+        notes.append(f"{len(renamed)} int8 weight(s) renamed by ORT's fusions were matched to their fp32 origin {way} "
+                     f"({shown}{' ...' if len(renamed) > 3 else ''})"
+                     + (f"; {len(folds)} with the per-channel scale (a folded {ops}) applied to the fp32 weight as "
+                        f"ORT folds it" if folds else ""))
+    if skipped:
+        names = ", ".join(repr(k) for k in skipped[:3])
+        notes.append(f"{len(skipped)} small int8 tensor(s) (biases, BatchNorm parameters) paired with an fp32 tensor "
+                     f"only by value or through a folded op ({names}{' ...' if len(skipped) > 3 else ''}): "
+                     f"not compared")
+    if unmatched:
+        names = ", ".join(repr(k) for k in unmatched[:3])
+        notes.append(f"{len(unmatched)} int8 weight(s) matched no fp32 initializer by name or value ({names}"
+                     f"{' ...' if len(unmatched) > 3 else ''}): not compared")
+    return _Weights(tuple(compared), tuple(notes), per_tensor)
 
 
-def _aligned(fgraph: _Graph, name: str, transposed: bool) -> np.ndarray:
-    values = fgraph.array(name).astype(np.float64)
-    return values.T if transposed else values
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    if fa.size > MATCH_SAMPLE:  # a cheap look first: unrelated weights fail on the sample already
-        idx = np.linspace(0, fa.size - 1, MATCH_SAMPLE).astype(np.int64)
-        if _cos(fa[idx], fb[idx]) < MATCH_COSINE * 0.9:
-            return 0.0
-    return _cos(fa, fb)
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(np.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else 0.0
-
-
-def _scaled_cosine(ref: np.ndarray, deq: np.ndarray) -> float | None:
-    if ref.ndim < 2 or ref.size // ref.shape[0] < 8:
-        return None
-    return _cos(_channel_scaled(ref, deq).reshape(-1), deq.reshape(-1))
-
-
-def _channel_scaled(ref: np.ndarray, deq: np.ndarray) -> np.ndarray:
-    """Return ``ref`` with each output channel (axis 0) scaled by its least-squares fit to ``deq``."""
-    r, d = ref.reshape(ref.shape[0], -1), deq.reshape(deq.shape[0], -1)
-    norms = np.einsum("ij,ij->i", r, r)
-    gains = np.divide(np.einsum("ij,ij->i", r, d), norms, out=np.zeros_like(norms), where=norms > 0)
-    scaled: np.ndarray = (r * gains[:, None]).reshape(ref.shape)
-    return scaled
-
-
-def _weight(origin: str, ref: np.ndarray, deq: np.ndarray, step: np.ndarray, item: _Quantised, fgraph: _Graph,
-            how: str) -> _Weight:
-    consumers = [c.name for c in fgraph.consumers.get(origin, []) if c.name] or list(item.consumers)
-    diff = np.abs(ref - deq)
-    excess = float(np.mean(diff > step * 1.01)) if diff.size else 0.0
-    shown = origin if how == "name" else f"{origin} ({item.name})"
-    error = TensorError("weight", shown, consumers[0] if consumers else None, sqnr_db(ref, deq), None,
+def _weight(p: Pairing, fgraph: _Graph) -> _Weight:
+    match = measure(p)
+    origin = str(p.fp32_name)
+    consumers = [c.name for c in fgraph.consumers.get(origin, []) if c.name] or list(p.tensor.consumers)
+    # the int8 name is shown too when it does not say where the weight came from (a fusion's or an exporter's)
+    shown = origin if base_name(p.tensor.name) == origin else f"{origin} ({p.tensor.name})"
+    error = TensorError("weight", shown, consumers[0] if consumers else None, match.sqnr_db, None,
                         tuple(dict.fromkeys(consumers)))
-    return _Weight(error, excess, how)
+    return _Weight(error, match.off_step, p.how)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -975,7 +779,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     except Exception as exc:  # unreadable models: nothing else can run
         return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), notes=(
             f"could not load the models: {type(exc).__name__}: {exc}",))
-    fmt = _graph_format(qgraph.model)
+    fmt = int8_format(qgraph.model)
     if not feeds:
         notes.append("no feeds given: activations and outputs were not compared")
 
@@ -998,16 +802,12 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     if ffeeds:
         outputs = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact)) or []
     if fmt in ("qdq", "dynamic", "qoperator"):
-        items = _qdq_weight_list(qgraph) if fmt == "qdq" else _named_weight_list(qgraph)
-        found_w = attempt("weights", lambda: _compare_weights(items, fgraph, qgraph))
+        found_w: _Weights | None = attempt("weights", lambda: _compare_weights(fgraph, qgraph))
         if found_w is not None:
-            weights += found_w[0]
-            notes += found_w[1]
-    if fmt == "qdq":
-        per_tensor_weights = any(
-            item.base in fgraph.weights and len(fgraph.weights[item.base].dims) > 1
-            and len(qgraph.initializers[item.scale].dims) == 0 for item in _qdq_weight_list(qgraph))
-    elif fmt == "dynamic":
+            weights += found_w.compared
+            notes += found_w.notes
+            per_tensor_weights = fmt == "qdq" and found_w.per_tensor
+    if fmt == "dynamic":
         per_tensor_weights = True
     if fmt in ("qdq", "dynamic") and ffeeds:
         found_a = attempt("activations", lambda: _activations(fmt, fgraph, qgraph, ffeeds, qfeeds, tmp, budget))

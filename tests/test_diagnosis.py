@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pytest_quantgate import diagnosis
+from pytest_quantgate import diagnosis, qgraph
 from pytest_quantgate.diagnosis import Diagnosis, diagnose, feeds_from_fixture, sqnr_db
 from pytest_quantgate.reports import diagnosis_lines
 
@@ -381,14 +381,16 @@ def test_transposed_and_unrelated_weights(tmp_path: Path) -> None:
     other = rng.normal(size=(24, 40))
     model = helper_model({"w": w, "other": other})
     onnx.save(model, str(tmp_path / "m.onnx"))
-    graph = diagnosis._Graph(onnx.load(str(tmp_path / "m.onnx")), tmp_path)
+    graph = qgraph.Graph(onnx.load(str(tmp_path / "m.onnx")), tmp_path)
     step = np.abs(w).max() / 127
     deq = np.round(w.T / step) * step
     noise = rng.normal(size=(40, 24))
-    found = diagnosis._match_weights({"a": deq.shape, "b": noise.shape}, {"a": deq, "b": noise}.__getitem__, graph)
+    tensors = [qgraph.QTensor(k, v, None, "qdq") for k, v in {"a": deq, "b": noise}.items()]
+    found = {p.tensor.name: (p.fp32_name, p.reference, p.how) for p in qgraph.pair(tensors, qgraph.read_fp32(graph))
+             if p.fp32_name is not None}
     assert set(found) == {"a"}
     name, ref, how = found["a"]
-    assert (name, how) == ("w", "value") and np.array_equal(ref, w.astype(np.float32).T)
+    assert (name, how) == ("w", "value-transposed") and np.array_equal(ref, w.astype(np.float32).T)
 
 
 def helper_model(arrays: dict[str, np.ndarray]) -> onnx.ModelProto:

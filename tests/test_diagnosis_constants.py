@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pytest_quantgate import diagnosis
+from pytest_quantgate import diagnosis, qgraph
 from pytest_quantgate.diagnosis import diagnose, feeds_from_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,9 @@ def test_a_scalar_weight_dequantises_to_an_array(tmp_path: Path) -> None:
         initializer=[numpy_helper.from_array(np.array(7, np.int8), "q"),
                      numpy_helper.from_array(np.array(0.5, np.float32), "q_scale"),
                      numpy_helper.from_array(np.array(1, np.int8), "q_zero_point")])
-    qgraph = diagnosis._Graph(helper.make_model(graph), tmp_path)
-    item = diagnosis._qdq_weight_list(qgraph)[0]
-    found = diagnosis._dequantise(item, qgraph)
-    assert found is not None
+    tensor = qgraph.read_int8(qgraph.Graph(helper.make_model(graph), tmp_path))[0]
+    found = (tensor.values, tensor.step)
+    assert found[1] is not None
     values, step = found
     assert step.shape == ()
     assert isinstance(values, np.ndarray) and values.shape == () and float(values) == 3.0
