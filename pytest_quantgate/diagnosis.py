@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 import shutil
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .qgraph import Graph, Pairing, base_name, dynamic_qdq, int8_format, measure, pair_weights
+from .qgraph import CHUNK, Graph, Pairing, SqnrSums, base_name, dynamic_qdq, int8_format, measure, pair_weights
 from .records import Diagnosis, TensorError
 from .reports import format_db
 
@@ -56,70 +55,8 @@ LOCK_NAME = "owner.lock"
 DEFAULT_MEMORY_BYTES = 1 << 30
 # ORT's Python binding copies each output out of its own buffer, so a group's arrays exist twice during a run
 RUN_COPIES = 2
-CHUNK = 1 << 18  # elements turned into float64 at a time by the SQNR sums (2 MiB per float64 chunk)
 # a tensor smaller than this (a bias, a tiny matrix) is compared only when paired with its fp32 origin by name
 MATCH_MIN_SIZE = 16
-
-
-def sqnr_db(reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]) -> float:
-    """Return 20·log10(‖ref‖/‖ref − test‖) in dB, in float64 (inf when identical, -inf for non-finite test)."""
-    refs = [reference] if isinstance(reference, np.ndarray) else list(reference)
-    tests = [test] if isinstance(test, np.ndarray) else list(test)
-    ref_size, test_size = sum(np.size(r) for r in refs), sum(np.size(t) for t in tests)
-    if ref_size != test_size:
-        raise ValueError(f"cannot compare {ref_size} values with {test_size}")
-    acc = _Sums()
-    if len(refs) == len(tests) and all(np.size(r) == np.size(t) for r, t in zip(refs, tests)):
-        for r, t in zip(refs, tests):
-            acc.add(np.asarray(r), np.asarray(t))
-    else:
-        acc.add(_flat(refs), _flat(tests))
-    return acc.db()
-
-
-def _flat(values: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(v).ravel() for v in values]) if len(values) else np.zeros(0)
-
-
-class _Sums:
-    """Running ‖ref‖² and ‖ref − test‖² in float64, fed chunk by chunk so no float64 copy of a whole tensor exists."""
-
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
-        self.finite = True
-        self.mismatch = False
-
-    def add(self, ref: np.ndarray, test: np.ndarray, floor: float | None = None) -> None:
-        r, t = ref.reshape(-1), test.reshape(-1)
-        if r.size != t.size:
-            self.mismatch = True
-            return
-        # einsum, not np.dot: BLAS's dot starts threads on long vectors, and beside ORT's threads on 2 cores these
-        # sums took 0.14-0.52 s per diagnosis instead of 0.02 s (measured with OPENBLAS_NUM_THREADS=1)
-        for start in range(0, r.size, CHUNK):
-            a = r[start:start + CHUNK].astype(np.float64)
-            if floor is not None:
-                np.maximum(a, floor, out=a)
-            b = t[start:start + CHUNK].astype(np.float64)
-            b -= a
-            noise = float(np.einsum("i,i->", b, b))
-            if not math.isfinite(noise) and not np.isfinite(t[start:start + CHUNK]).all():
-                self.finite = False
-                continue
-            self.signal += float(np.einsum("i,i->", a, a))
-            self.noise += noise
-
-    def db(self) -> float:
-        if not self.finite:
-            return float("-inf")
-        if math.isnan(self.noise) or math.isnan(self.signal):
-            return float("nan")
-        if self.noise == 0.0:
-            return float("inf")
-        if self.signal == 0.0:
-            return float("-inf")
-        return 10.0 * math.log10(self.signal / self.noise)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,8 +485,8 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
     """Run each group's cut models feed by feed and fold the SQNR sums; no group's arrays outlive its feed."""
     out: list[TensorError] = []
     for index, group in enumerate(plan.groups):
-        local = {p.pre: _Sums() for p in group}
-        cross = {p.pre: _Sums() for p in group}
+        local = {p.pre: SqnrSums() for p in group}
+        cross = {p.pre: SqnrSums() for p in group}
         q_names = [n for p in group for n in (p.pre, p.post) if n is not None]
         f_names = [p.twin for p in group if p.twin is not None]
         q_runs = _run_cut(qgraph, q_names, qfeeds, tmp, f"int8.g{index}")
@@ -683,7 +620,7 @@ def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
              qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool) -> list[TensorError]:
     ref_s, test_s = _session(fp32, True, exact), _session(int8, True, exact)
     names = [o.name for o in ref_s.get_outputs()]
-    sums = [_Sums() for _ in names]
+    sums = [SqnrSums() for _ in names]
     for ffeed, qfeed in zip(ffeeds, qfeeds):
         ref = ref_s.run(names, dict(ffeed))
         test = test_s.run(names, dict(qfeed))

@@ -20,7 +20,8 @@ import pytest
 from onnx import numpy_helper
 
 from pytest_quantgate import diagnosis, qgraph
-from pytest_quantgate.diagnosis import Diagnosis, diagnose, feeds_from_fixture, sqnr_db
+from pytest_quantgate.diagnosis import Diagnosis, diagnose, feeds_from_fixture
+from pytest_quantgate.qgraph import sqnr_db
 from pytest_quantgate.reports import diagnosis_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +219,8 @@ def test_activations_compared_within_the_memory_bound(chain: tuple[Path, Path, P
     # run and the allocator's slack come on top (peak RSS measured with VmHWM grew 37-63 MiB at this 48 MiB bound
     # on an AVX-512 Xeon, 66-90 MiB on an AVX2 AMD EPYC with the other xdist worker busy); collecting every
     # activation instead holds over 400 MiB, so twice the bound still tells the two apart
-    assert grown < 2 * bound, f"peak RSS grew by {grown / MiB:.0f} MiB over plain inference, bound {bound / MiB:.0f} MiB"
+    assert grown < 2 * bound, \
+        f"peak RSS grew by {grown / MiB:.0f} MiB over plain inference, bound {bound / MiB:.0f} MiB"
     # the same diagnosis in one group grows far past it: the measurement can fail
     whole_grown, whole = _diagnose_in_child(chain, 1 << 36, tmp_path)
     assert whole_grown > 3 * bound, f"{whole_grown / MiB:.0f} MiB"
@@ -317,7 +319,8 @@ def test_folder_of_a_killed_diagnosis_is_swept_by_the_next(residual: tuple[Path,
 def test_sweep_without_a_lock_file_goes_by_the_pid(tmp_path: Path) -> None:
     mine = tmp_path / f"{diagnosis.TEMP_PREFIX}{os.getpid()}-abc"
     mine.mkdir()
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
     dead = tmp_path / f"{diagnosis.TEMP_PREFIX}{int(child.stdout)}-def"
     (dead / "sub").mkdir(parents=True)
     other = tmp_path / f"{diagnosis.TEMP_PREFIX}abc"  # no owner in the name: never guessed at
