@@ -687,41 +687,12 @@ def _registry_relative(path: Path, registry: Registry, settings: Settings) -> st
                       f"{settings.fixtures_dir}; copy it there and rerun")
 
 
-def set_object_field(text: str, entry_id: str, key: str, value: Mapping[str, Any], path: Path) -> str:
-    """Return the registry text with ``key`` of one entry set to the object ``value``, formatting kept elsewhere."""
-    import re
-
-    from .registry import entry_spans
-
-    encoded = json.dumps(dict(value), sort_keys=True)
-    for start, end in entry_spans(text):
-        body = text[start:end]
-        try:
-            if json.loads(body).get("id") != entry_id:
-                continue
-        except (json.JSONDecodeError, AttributeError):
-            continue
-        found = re.search(r'"' + re.escape(key) + r'"\s*:\s*', body)
-        if found is not None and body[found.end():found.end() + 1] == "{":
-            # json's own scanner finds where the object ends, as registry.entry_spans does for entries
-            stop = json.JSONDecoder().raw_decode(body, found.end())[1]
-            body = body[: found.end()] + encoded + body[stop:]
-        else:
-            anchor = re.search(r'"quant_mode"\s*:\s*"[^"]*"', body) or re.search(r'"onnx"\s*:\s*"[^"]*"', body)
-            if anchor is None:
-                raise AdviseError(f"{path}: entry {entry_id!r}: cannot find where to insert {key!r}")
-            line_start = body.rfind("\n", 0, anchor.start())
-            indent = body[line_start + 1: anchor.start()] if line_start >= 0 else ""
-            sep = f",\n{indent}" if line_start >= 0 and not indent.strip() else ", "
-            body = f'{body[: anchor.end()]}{sep}"{key}": {encoded}{body[anchor.end():]}'
-        return text[:start] + body + text[end:]
-    raise AdviseError(f"{path}: no entry with id {entry_id!r}")
-
-
 def registry_change(advice: Advice, registry: Registry, settings: Settings) -> tuple[dict[str, Any], str]:
     """Return the fields the chosen candidate sets and the new registry text (validated, nothing written)."""
     from .errors import RegistryError
     from .fileio import sha256_file
+    from .producers.build import pinned_build
+    from .producers.provenance import embedded_provenance
     from .registry import parse_registry, pin_text
 
     if advice.chosen is None:
@@ -736,25 +707,28 @@ def registry_change(advice: Advice, registry: Registry, settings: Settings) -> t
     if r.candidate.mode == "static":
         assert advice.calibration is not None
         strings["quant_calibration_set"] = _registry_relative(Path(advice.calibration), registry, settings)
-    changed = {k: v for k, v in strings.items() if entry.source.get(k) != v}
+    changed: dict[str, Any] = {k: v for k, v in strings.items() if entry.source.get(k) != v}
+    changed["quant_options"] = dict(r.candidate.options)
+    # the chosen sidecar's build, as `quantgate pin` records it: a later rebuild is explained against it
+    build = pinned_build(embedded_provenance(advice.sidecar)[1] if advice.sidecar is not None else None)
+    if build is not None or "int8_build" in entry.source:
+        changed["int8_build"] = build
     text = registry.path.read_text(encoding="utf-8")
     try:
-        new = pin_text(text, {entry.id: changed}, registry.path) if changed else text
-        new = set_object_field(new, entry.id, "quant_options", r.candidate.options, registry.path)
+        new = pin_text(text, {entry.id: changed}, registry.path)
     except RegistryError as exc:
         raise AdviseError(str(exc)) from None
     expected = json.loads(text)
     for raw in expected["models"]:
         if isinstance(raw, dict) and raw.get("id") == entry.id:
             raw.update(changed)
-            raw["quant_options"] = dict(r.candidate.options)
     if json.loads(new) != expected:
         raise AdviseError(f"{registry.path}: the edit would change more than entry {entry.id!r}; edit it by hand")
     parsed = parse_registry(json.loads(new), registry.path)
     problems = [p.message for p in parsed.problems if p.label == entry.id]
     if problems:
         raise AdviseError("; ".join(problems))
-    return {**changed, "quant_options": dict(r.candidate.options)}, new
+    return changed, new
 
 
 def write_choice(advice: Advice, registry: Registry, settings: Settings) -> dict[str, Any]:

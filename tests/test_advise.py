@@ -227,6 +227,8 @@ def test_mlp_choice_is_written_and_passes_measure_with_the_same_numbers(
     assert written["quant_mode"] == chosen["mode"]
     assert written["quant_options"] == chosen["options"]
     assert written["int8_sha256"] == sha256_file(tmp_path / "mlp.int8.onnx") == chosen["int8_sha256"]
+    # the build is recorded as `quantgate pin` records it, so a later rebuild is explained against it
+    assert written["int8_build"]["reproducible"] == "bytes" and written["int8_build"]["producer"]
     row = measured_drop(capsys, registry, "mlp")
     assert row["verdict"] == "PASS"
     assert abs(row["result"]["drop"] - chosen["drop"]) <= 1e-9, (chosen["stage"], chosen["options"])

@@ -36,7 +36,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_quantgate.fileio import atomic_path, atomic_write_text, sweep_partials
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
@@ -301,25 +301,15 @@ def read_provenance(int8_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     the legacy file's name). A format-1 ``m.int8.json`` counts only when its ``int8_sha256`` matches the
     sidecar: one left from an earlier build describes another file.
     """
-    import onnx
-
     int8_path = Path(int8_path)
     try:
         data = int8_path.read_bytes()
-        model = onnx.ModelProto()
-        model.ParseFromString(data)
-    except Exception:
+    except OSError:
         return None
+    status, embedded = embedded_provenance(data)
+    if status != "absent":
+        return embedded
     digest = hashlib.sha256(data).hexdigest()
-    for prop in model.metadata_props:
-        if prop.key == PROVENANCE_KEY:
-            try:
-                record = json.loads(prop.value)
-            except ValueError:
-                return None
-            if isinstance(record, dict):
-                return {**record, "int8_sha256": digest, "provenance_source": "metadata_props"}
-            return None
     legacy = provenance_path_for(int8_path)
     try:
         record = json.loads(legacy.read_text("utf-8"))
@@ -328,3 +318,25 @@ def read_provenance(int8_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     if isinstance(record, dict) and record.get("int8_sha256") == digest:
         return {**record, "provenance_source": legacy.name}
     return None
+
+
+def embedded_provenance(data: bytes) -> tuple[Literal["found", "absent", "broken"], dict[str, Any] | None]:
+    """Return whether a model's bytes hold a provenance record, and the record (with ``int8_sha256``)."""
+    import onnx
+
+    try:
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except Exception:
+        return "broken", None
+    for prop in model.metadata_props:
+        if prop.key == PROVENANCE_KEY:
+            try:
+                record = json.loads(prop.value)
+            except ValueError:
+                return "broken", None
+            if isinstance(record, dict):
+                return "found", {**record, "int8_sha256": hashlib.sha256(data).hexdigest(),
+                                 "provenance_source": "metadata_props"}
+            return "broken", None
+    return "absent", None
