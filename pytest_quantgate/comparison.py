@@ -385,6 +385,21 @@ class Breach:
     reason: str
 
 
+def with_breaches(result: GateResult, breaches: Sequence[Breach], **fields: Any) -> GateResult:
+    """Return ``result`` after later checks (lineage, speed, a rebuild's review): the one place a verdict turns.
+
+    A passing result takes the first breach as its verdict and reason, the rest join ``also``; a failing one
+    keeps its leading reason and gains them all in ``also``.
+    """
+    if not breaches:
+        return replace(result, **fields) if fields else result
+    if result.passed:
+        first, *rest = breaches
+        return replace(result, verdict=FAIL, kind=first.kind, reason=first.reason,
+                       also=(*result.also, *(b.reason for b in rest)), **fields)
+    return replace(result, also=(*result.also, *(b.reason for b in breaches)), **fields)
+
+
 # --- the checks: each looks at one thing and returns the breaches it finds --------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from .comparison import Collector, CompareOptions, GateResult, plan_outputs
+from .comparison import Breach, Collector, CompareOptions, GateResult, plan_outputs, with_breaches
 from .errors import FixtureError, HashMismatchError, InsufficientSamplesError, ModelFileError
 from .fileio import sha256_file
 from .providers import SessionSpec, open_session
@@ -280,9 +280,7 @@ def with_lineage(result: GateResult, p: Prepared) -> GateResult:
     if report.ok:
         return replace(result, lineage=lineage)
     reason = f"lineage: {p.int8_path.name} is not derived from {p.fp32_path.name}: " + "; ".join(report.reasons)
-    if not result.passed:
-        return replace(result, also=(*result.also, reason), lineage=lineage)
-    return replace(result, verdict="FAIL", kind="lineage", reason=reason, lineage=lineage)
+    return with_breaches(result, [Breach("lineage", reason)], lineage=lineage)
 
 
 def with_diagnosis(result: GateResult, p: Prepared, collector: Collector, settings: Settings) -> GateResult:
@@ -325,9 +323,7 @@ def check_speed(result: GateResult, entry: Entry) -> GateResult:
         return result
     reason = (f"int8 speedup x{timing.speedup:.2f} (fp32 {timing.fp32_ms:.3f} ms vs int8 "
               f"{timing.int8_ms:.3f} ms per sample) is below quant_min_speedup x{minimum:g}")
-    if result.passed:
-        return replace(result, verdict="FAIL", kind="speed", reason=reason)
-    return replace(result, also=(*result.also, reason))
+    return with_breaches(result, [Breach("speed", reason)])
 
 
 def provenance(p: Prepared, settings: Settings) -> Provenance:
@@ -522,8 +518,7 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
             notes[-1] = regenerated
             reason = (f"the rebuilt {built.path.name} differs from its pin and needs review: {why}; review it, then "
                       f"re-pin with {repin}")
-            result = (replace(result, verdict="FAIL", kind="rebuild", reason=reason) if result.passed
-                      else replace(result, also=(*result.also, reason)))
+            result = with_breaches(result, [Breach("rebuild", reason)])
         else:
             regenerated = f"{regenerated}; used without review: {why} (re-pin with {repin} to record this build)"
             notes[-1] = regenerated
