@@ -141,3 +141,4 @@ def test_pin_records_the_build_and_clears_a_stale_one(project: GateProject, caps
     assert "m: int8_build removed (the sidecar records no build)" in capsys.readouterr().out
     assert json.loads(registry.read_text())["models"][0]["int8_build"] is None
     assert project.run("--quantgate-regen", "never").ret == 0
+

@@ -372,3 +372,11 @@ def pytest_runtest_logreport(report):
     items = {i["id"]: i for i in json.loads((project.root / "r.json").read_text())["items"]}
     assert items["good"]["verdict"] == "PASS" and items["other"]["verdict"] == "ERROR"
     assert "Outcome.status: 'bogus' is not one of" in items["other"]["reason"]
+
+
+def test_a_later_check_turns_a_passing_verdict_once(project: GateProject) -> None:
+    """quant_min_speedup fails a healthy sidecar through the same path as lineage and a rebuild's review."""
+    project.write([project.add_sidecar("slow", quant_min_speedup=1000.0)])
+    result = project.run("-v")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*slow*int8 speedup x* is below quant_min_speedup x1000*"])
