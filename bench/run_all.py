@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_collect
 import bench_gate
+import bench_memory
 import bench_realsize
 import bench_startup
 import bench_xdist
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument("--no-realsize", action="store_true", help="skip the real-size models (about a minute)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip memory against the sample count (bench_memory: a few minutes)")
     args = parser.parse_args(argv)
     q = args.quick
     results = [
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not args.no_realsize:
         results += bench_realsize.run(quick=q)
+    if not args.no_memory:
+        results += bench_memory.run(quick=q)
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2))

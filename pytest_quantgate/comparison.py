@@ -33,7 +33,10 @@ The interval
     A paired percentile bootstrap over samples: each replicate draws sample indices with replacement (seeded
     from ``--quantgate-seed`` and the entry id, so the interval is the same on every run, worker and
     collection order) and recomputes the drop for fp32, int8 and target on the *same* indices, from
-    per-sample sufficient statistics. It is shown with every verdict and in the summary.
+    per-sample sufficient statistics. It is shown with every verdict and in the summary. Past
+    ``streaming.MAX_UNITS`` samples (fewer for outputs with many channels) the statistics are kept per hashed
+    block of samples instead, and a replicate draws blocks: the same variance, memory that does not grow with the
+    fixture (see :mod:`.streaming`).
 
 The decision rule
     ``point`` (default): FAIL when the drop on the full fixture exceeds the budget. ``conservative``
@@ -76,7 +79,20 @@ from .errors import FixtureError
 from .metrics import Interval, MomentTerm, PairMetrics, bootstrap_drop, samples_needed
 from .records import Diagnosis, LineageRecord, PlotData, Provenance, Timing, dump, load
 from .soak import Fixture, TensorSpec
-from .streaming import MAD, SA, SAA, SB, SBB, LabelAccumulator, N, PairAccumulator, describe_sums, pair_moments
+from .streaming import (
+    MAD,
+    SA,
+    SAA,
+    SB,
+    SBB,
+    LabelAccumulator,
+    N,
+    PairAccumulator,
+    Units,
+    WorstSamples,
+    describe_sums,
+    pair_moments,
+)
 
 if TYPE_CHECKING:
     from .registry import Entry
@@ -235,8 +251,9 @@ def _channel_axis(entry: Entry) -> int | None:
 
 
 # The default channel axis (1) splits an output only up to this many channels: each channel keeps 13 float64 sums
-# per sample, so an anchor-major detector head ([N, 25 200, 85]) split along axis 1 would keep a third of its
-# output's size per sample. Such heads want quant_channel_axis: 2 (the class axis); an explicit axis is honoured.
+# per unit (a sample, or a block past the cap), so an anchor-major detector head ([N, 25 200, 85]) split along
+# axis 1 would keep a third of its output's size per unit, and its blocks would be few (streaming.STATE_BYTES).
+# Such heads want quant_channel_axis: 2 (the class axis); an explicit axis is honoured.
 MAX_DEFAULT_CHANNELS = 1024
 
 
@@ -272,20 +289,49 @@ def _channels_view(array: np.ndarray, axis: int | None) -> np.ndarray:
 
 
 class Collector:
-    """Fold chunks of (fp32, int8) outputs of one entry into streaming statistics, then decide."""
+    """Fold chunks of (fp32, int8) outputs of one entry into streaming statistics, then decide.
 
-    def __init__(self, entry: Entry, plans: Sequence[OutputPlan], samples: int, seed: int, where: str = "") -> None:
+    Every accumulator shares one :class:`~.streaming.Units` (samples, or past ``max_units`` hashed blocks), chosen
+    at the first chunk from the channels of every output, so the paired bootstrap resamples the same units.
+    """
+
+    def __init__(self, entry: Entry, plans: Sequence[OutputPlan], samples: int, seed: int, where: str = "",
+                 max_units: int | None = None) -> None:
         self.entry = entry
         self.where = where  # the fixture, named in messages about its target
         self.plans = tuple(plans)
         self.samples = samples
         self.seed = _seed_for(seed, entry.id)
+        self.max_units = max_units  # None: streaming.MAX_UNITS
+        self.units: Units | None = None
         self.values: dict[str, PairAccumulator] = {}
         self.raw: dict[str, PairAccumulator] = {}  # residual entries: the outputs before subtraction
         self.labels: dict[str, LabelAccumulator] = {}
+        self.worst = WorstSamples()  # past the cap: the worst samples of each output, for the diagnosis
         self.target_range = [np.inf, -np.inf]
         self.filled = 0
         self.notes: dict[str, str] = {}  # per output: why the default channel view was not used
+
+    @property
+    def unit_count(self) -> int:
+        """Return the rows the bootstrap resamples: the samples, or the blocks past the cap."""
+        return self.units.count if self.units is not None else self.samples
+
+    def state_bytes(self) -> int:
+        """Return the bytes every accumulator holds: what must not grow with the sample count."""
+        pairs = sum(acc.nbytes() for acc in [*self.values.values(), *self.raw.values()])
+        return pairs + sum(lab.nbytes() for lab in self.labels.values()) + self.worst.nbytes()
+
+    def _plan_units(self, fp32: Mapping[str, np.ndarray]) -> Units:
+        """Return the units for this fixture: the channels of every value output share the memory bound."""
+        width = 0
+        for plan in self.plans:
+            a = fp32.get(plan.spec.name)
+            if plan.labels or a is None:
+                continue
+            channels = _channels_view(a, self._axis(plan, a.shape)).shape[1] if a.ndim else 1
+            width += channels * (2 if plan.residual is not None else 1)
+        return Units.plan(self.samples, self.seed, width, self.max_units)
 
     def _axis(self, plan: OutputPlan, shape: tuple[int, ...]) -> int | None:
         """Return the channel axis this output is viewed along (None: judged whole)."""
@@ -303,7 +349,8 @@ class Collector:
 
     def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool) -> PairAccumulator:
         if name not in store:
-            store[name] = PairAccumulator(self.samples, channels, with_target=target, seed=self.seed)
+            store[name] = PairAccumulator(self.samples, channels, with_target=target, seed=self.seed,
+                                          units=self.units)
         acc = store[name]
         if acc.channels != channels:
             raise FixtureError(f"output {name!r} changed its channel count between runs ({acc.channels} -> {channels})")
@@ -312,6 +359,9 @@ class Collector:
     def add(self, start: int, inputs: Mapping[str, np.ndarray], target: np.ndarray | None,
             fp32: Mapping[str, np.ndarray], int8: Mapping[str, np.ndarray]) -> None:
         """Fold samples ``start ..`` in: outputs and inputs carry the samples on axis 0."""
+        if self.units is None:
+            self.units = self._plan_units(fp32)
+        scores: dict[str, np.ndarray] = {}  # each sample's disagreement per output, for the worst samples
         for plan in self.plans:
             name = plan.spec.name
             a, b = fp32[name], int8[name]
@@ -319,14 +369,16 @@ class Collector:
             if a.shape != b.shape:
                 raise FixtureError(f"output {name!r}: the int8 output has shape {b.shape}, fp32 has {a.shape}")
             if plan.labels:
-                self.labels.setdefault(name, LabelAccumulator(self.samples)).add(start, a, b)
+                scores[name] = self.labels.setdefault(name, LabelAccumulator(self.samples, self.units)).add(
+                    start, a, b)
                 continue
             if plan.argmax_axis is not None:
                 axis = plan.argmax_axis
                 if not 0 < axis < a.ndim:
                     raise FixtureError(f"entry {self.entry.id!r} field 'quant_argmax_axis': output {name!r} has "
                                        f"shape {a.shape} (samples first); axis {axis} is not one of its class axes")
-                self.labels.setdefault(f"{name}:argmax", LabelAccumulator(self.samples)).add(
+                scores[f"{name}:argmax"] = self.labels.setdefault(
+                    f"{name}:argmax", LabelAccumulator(self.samples, self.units)).add(
                     start, np.argmax(a, axis=axis), np.argmax(b, axis=axis))
             t = None
             if plan.target and target is not None:
@@ -350,12 +402,22 @@ class Collector:
                     start, _channels_view(a, axis_used), _channels_view(b, axis_used))
             va, vb = _channels_view(a, axis_used), _channels_view(b, axis_used)
             vt = None if t is None else _channels_view(t, axis_used)
-            self._acc(self.values, name, va.shape[1], vt is not None).add(start, va, vb, vt, base)
+            scores[name] = self._acc(self.values, name, va.shape[1], vt is not None).add(start, va, vb, vt, base)
             del count
-        self.filled = max(self.filled, start + next(iter(fp32.values())).shape[0])
+        rows = next(iter(fp32.values())).shape[0]
+        if self.units.blocked and scores:
+            self.worst.add(np.arange(start, start + rows), np.stack([scores[k] for k in sorted(scores)], axis=1))
+        self.filled = max(self.filled, start + rows)
 
     def worst_samples(self, count: int) -> list[int]:
-        """Return the samples where int8 departs most from fp32 (relative to each output's spread)."""
+        """Return the samples where int8 departs most from fp32 (relative to each output's spread).
+
+        Past the unit cap they are ranked among each output's WORST_KEPT worst samples (exact for one output).
+        """
+        if self.units is not None and self.units.blocked:
+            keys = sorted([*self.values, *self.labels])
+            weights = np.array([1.0 / self.values[k].variance() if k in self.values else 1.0 for k in keys])
+            return self.worst.top(weights, count, self.samples)
         score = np.zeros(self.samples)
         for acc in self.values.values():
             score += acc.disagreement()
@@ -557,7 +619,7 @@ def label_reports(c: Collector, options: CompareOptions) -> tuple[dict[str, Labe
     breaches: list[Breach] = []
     for key, lab in sorted(c.labels.items()):
         rate = float(lab.rate())
-        interval = bootstrap_drop([_label_term(lab)], c.samples, options.bootstrap, c.seed, options.confidence)
+        interval = bootstrap_drop([_label_term(lab)], c.unit_count, options.bootstrap, c.seed, options.confidence)
         what = "labels" if not key.endswith(":argmax") else f"argmax(axis={entry.argmax_axis})"
         reports[key] = LabelReport(what, rate, budget, interval)
         if over_budget(rate, interval, budget, options.decision):
@@ -644,7 +706,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
                           outputs=tuple(reports))
 
     worst = max(value_reports, key=lambda r: r.drop)
-    interval = bootstrap_drop(terms, samples, options.bootstrap, c.seed, options.confidence)
+    interval = bootstrap_drop(terms, c.unit_count, options.bootstrap, c.seed, options.confidence)
     needed = samples_needed(samples, interval, worst.drop, budget.value) if interval else None
     warnings: list[str] = [c.notes[name] for name in sorted(c.notes)]
     if needed is not None and interval is not None:

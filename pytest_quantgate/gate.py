@@ -124,6 +124,7 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
     int8_sha = check_hash(int8_path, entry.int8_sha256 if int8_pinned else None, "int8_sha256", entry, registry)
     fixture = load_fixture(find_fixture(registry.soak_candidates(entry, settings.fixtures_dir)),
                            settings.max_fixture_bytes)
+    check_sample_ceiling(fixture, fixture.samples, settings.max_samples)  # read off the headers: nothing has run
     spec = SessionSpec(ep, settings.ep_options)
     fp32 = open_session(fp32_path, spec, threads=settings.threads)
     int8 = open_session(int8_path, spec, threads=settings.threads)
@@ -138,6 +139,16 @@ def prepare(registry: Registry, entry: Entry, ep: str, settings: Settings, *, in
             f"a smaller fixture cannot bound the drop, add samples"
         )
     return Prepared(entry, ep, fp32_path, int8_path, fp32_sha, int8_sha, fixture, plan, inputs, outputs, fp32, int8)
+
+
+def check_sample_ceiling(fixture: Fixture, samples: int, ceiling: int) -> None:
+    """Refuse a fixture with more samples than ``--quantgate-max-samples`` (0: no ceiling), before anything runs."""
+    if ceiling and samples > ceiling:
+        raise FixtureError(
+            f"{fixture.path}: {samples} samples, over the ceiling of {ceiling} (--quantgate-max-samples, ini "
+            f"quantgate_max_samples, `quantgate measure --max-samples`; 0 lifts it): the gate's memory stays bounded "
+            f"whatever the count, but every sample runs through both models; gate a subset written with numpy.savez"
+        )
 
 
 # outputs of one chunk (per model) are kept under this many bytes, and chunks under CHUNK_ROWS samples: ORT's
@@ -224,18 +235,26 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
     first = batch or 1
     rows_next = [first]
     start = 0
-    for block, target in p.fixture.chunks(lambda: rows_next[0]):
-        _check_finite(block, start, p.fixture.path)
-        fp32_out, int8_out = _run_chunk(p, block, batch, clock)
-        collector.add(start, block, target, fp32_out, int8_out)
-        count = int(next(iter(block.values())).shape[0])
-        if start == 0:
-            per_sample = sum(v.nbytes for v in fp32_out.values()) / max(count, 1)
-            rows = max(1, min(settings.batch_size, CHUNK_ROWS, int(CHUNK_BYTES // max(per_sample, 1.0))))
-            if batch:
-                rows = max(batch, rows // batch * batch)
-            rows_next[0] = rows
-        start += count
+    try:
+        for block, target in p.fixture.chunks(lambda: rows_next[0]):
+            _check_finite(block, start, p.fixture.path)
+            fp32_out, int8_out = _run_chunk(p, block, batch, clock)
+            collector.add(start, block, target, fp32_out, int8_out)
+            count = int(next(iter(block.values())).shape[0])
+            if start == 0:
+                per_sample = sum(v.nbytes for v in fp32_out.values()) / max(count, 1)
+                rows = max(1, min(settings.batch_size, CHUNK_ROWS, int(CHUNK_BYTES // max(per_sample, 1.0))))
+                if batch:
+                    rows = max(batch, rows // batch * batch)
+                rows_next[0] = rows
+            start += count
+    except MemoryError:
+        # the statistics are bounded (streaming.Units), so what is left is a chunk or a model too large for the
+        # limit: an ERROR that names the fixture and how far it got, not an "unexpected MemoryError"
+        raise FixtureError(
+            f"{p.fixture.path}: out of memory after {start} of {p.plan.samples} samples through {p.fp32_path.name} "
+            f"and {p.int8_path.name} on {p.ep}; a smaller --quantgate-batch-size or a higher memory limit may help"
+        ) from None
     clock.samples = start
     options = CompareOptions(
         bootstrap=settings.bootstrap,

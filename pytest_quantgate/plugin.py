@@ -14,6 +14,7 @@ from .settings import (
     EP_CHOICES,
     INT8_PRECISION_HELP,
     INT8_PRECISIONS,
+    MAX_SAMPLES_HELP,
     OPENVINO_PRECISIONS,
     REGEN_CHOICES,
     confidence_level,
@@ -72,6 +73,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     both("--quantgate-max-fixture-gib", "refuse soak fixtures whose arrays declare more than this many GiB "
          f"(default {DEFAULT_MAX_FIXTURE_GIB:g}); headers are checked before anything is allocated",
          metavar="GIB", default=None)
+    both("--quantgate-max-samples", MAX_SAMPLES_HELP, type=non_negative_int, metavar="N", default=None)
     both("--quantgate-cuda-device", "CUDA device id (default 0)", type=non_negative_int, metavar="N", default=None)
     both("--quantgate-openvino-device", "OpenVINO device_type: CPU, GPU, NPU, ... (default CPU)",
          metavar="DEVICE", default=None)

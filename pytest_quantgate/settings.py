@@ -34,6 +34,14 @@ DEFAULT_BOOTSTRAP = 1000
 DEFAULT_SEED = 0
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MAX_FIXTURE_GIB = 64.0
+# a fixture with more samples is an ERROR before anything runs (0: no ceiling): an error, not a truncation, so a
+# verdict always covers the whole pinned fixture. The gate's memory does not grow with the sample count
+# (streaming.Units), its time does: ~30 µs per sample for an 8-feature MLP's dynamic sidecar at batch 1 (10^6
+# samples in 30 s, measured), so the default admits minutes, and a deflated archive of 10^8 tiny samples (the issue's
+# 4.8 MB zip declaring 4 GiB) is refused at once
+DEFAULT_MAX_SAMPLES = 10_000_000
+MAX_SAMPLES_HELP = (f"refuse soak fixtures with more than N samples, an ERROR before anything runs (default "
+                    f"{DEFAULT_MAX_SAMPLES:_}; 0 = no ceiling); memory stays bounded whatever the count, time does not")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Settings:
     cache: bool = False
     diagnose: str = "auto"  # auto: failed items only; off; always: passing items too
     max_fixture_bytes: int = int(DEFAULT_MAX_FIXTURE_GIB * (1 << 30))
+    max_samples: int = DEFAULT_MAX_SAMPLES  # 0: no ceiling
     threads: int | None = None  # ORT intra-op threads; set under xdist so workers do not oversubscribe cores
     ep_options: EpOptions = EpOptions()
 
@@ -250,6 +259,7 @@ def resolve(config: pytest.Config) -> Settings:
         cache=_flag(config, "quantgate_cache", "quantgate_cache"),
         diagnose=_choice(config, "quantgate_diagnose", "quantgate_diagnose", DIAGNOSE_CHOICES, "auto"),
         max_fixture_bytes=_gib(config),
+        max_samples=_int(config, "quantgate_max_samples", "quantgate_max_samples", DEFAULT_MAX_SAMPLES, 0),
         threads=_worker_threads(config),
         ep_options=EpOptions(
             cuda_device_id=_int(config, "quantgate_cuda_device", "quantgate_cuda_device", 0, 0),
@@ -291,6 +301,8 @@ def add_gate_args(parser: argparse.ArgumentParser) -> None:
                         help="diagnose failing entries (auto), never (off), or passing ones too (always)")
     parser.add_argument("--max-fixture-gib", type=float, default=DEFAULT_MAX_FIXTURE_GIB, metavar="GIB",
                         help="refuse fixtures whose arrays declare more than this (default %(default)s)")
+    parser.add_argument("--max-samples", type=non_negative_int, default=DEFAULT_MAX_SAMPLES, metavar="N",
+                        help=MAX_SAMPLES_HELP)
     parser.add_argument("--json", dest="json_out", type=writable_file, default=None, metavar="PATH",
                         help="also write every outcome as JSON")
 
@@ -314,6 +326,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         allow_recipes=bool(getattr(ns, "allow_recipes", False)),
         diagnose=ns.diagnose,
         max_fixture_bytes=int(ns.max_fixture_gib * (1 << 30)),
+        max_samples=getattr(ns, "max_samples", DEFAULT_MAX_SAMPLES),
         ep_options=EpOptions(ns.cuda_device, ns.openvino_device.upper(), ns.openvino_precision,
                              getattr(ns, "int8_precision", "exact")),
     )

@@ -21,6 +21,9 @@ from .npz import (
 )
 
 TARGET_KEY = "target"
+# Fixture.take reads blocks of at most this many samples and bytes
+TAKE_ROWS = 4096
+TAKE_BYTES = 4 << 20
 
 # ONNX tensor element types the gate can feed, as ORT spells them.
 ORT_DTYPES: dict[str, np.dtype] = {
@@ -105,7 +108,10 @@ class Fixture:
         wanted = sorted(set(int(i) for i in indices))
         picked: dict[str, list[np.ndarray]] = {name: [] for name in self.inputs}
         start = 0
-        for block, _ in self.chunks(32):  # small blocks: only the picked samples are kept
+        # blocks of ~4 MiB: only the picked samples are kept, and tiny samples do not cost a Python step each
+        row_bytes = sum(int(np.prod(self.info(name).shape[1:])) * self.info(name).dtype.itemsize
+                        for name in self.inputs)
+        for block, _ in self.chunks(max(32, min(TAKE_ROWS, TAKE_BYTES // max(row_bytes, 1)))):
             stop = start + next(iter(block.values())).shape[0]
             local = [i - start for i in wanted if start <= i < stop]
             if local:
