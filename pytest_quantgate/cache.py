@@ -41,7 +41,7 @@ def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | 
         "ep_options": asdict(settings.ep_options),
         "onnxruntime": providers.ort_distribution(),
         "stats": [settings.bootstrap, settings.seed, settings.confidence, settings.decision, settings.batch_size,
-                  settings.strict],
+                  settings.strict, settings.max_samples],
         "quantgate": __version__,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
