@@ -466,14 +466,21 @@ def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, ru
 
 def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str,
              cache: CacheStore | None) -> Outcome:
-    from .errors import EpUnavailableError, InputError
+    from .errors import EpUnavailableError, InputError, WriteError
 
     regenerated: str | None = None
     notes: list[str] = []
     try:
         from . import regen
 
-        built = regen.ensure_sidecar(registry, entry, settings, run_id)
+        try:
+            built = regen.ensure_sidecar(registry, entry, settings, run_id)
+        except WriteError as exc:
+            # the error names the file; the entry and the regen policy say why it was being written
+            kept = registry.int8_path(entry).is_file()
+            raise WriteError(f"{registry.path}: entry {entry.id!r}: cannot rebuild the sidecar (regen "
+                             f"{settings.regen!r}): {exc}" + ("; regen 'never' gates the sidecar on disk as it is"
+                                                             if kept else "")) from None
         if built is not None:
             regenerated = built.note(registry, entry)
             if not built.matches_pin:
@@ -511,7 +518,10 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
                        f"{registry.path}: entry {entry.id!r}: {result.warnings[-1]} (--quantgate-strict)", result,
                        regenerated=regenerated, notes=tuple(notes))
     if key is not None and cache is not None and result.passed:
-        cache.set(key, result)
+        try:
+            cache.set(key, result)
+        except (WriteError, OSError) as exc:  # the verdict stands; only the shortcut for the next run is lost
+            notes.append(f"the passing result was not cached: {exc}")
     return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,
                    regenerated=regenerated, notes=tuple(notes))
 

@@ -276,7 +276,8 @@ def write_json(path: Any, outcomes: Sequence[Outcome], settings: Any) -> None:
     """Write the JSON report atomically."""
     from .fileio import atomic_write_text
 
-    atomic_write_text(path, json.dumps(report_document(outcomes, settings), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(report_document(outcomes, settings), indent=2, allow_nan=False) + "\n",
+                      "JSON report")
 
 
 def markdown_lines(outcomes: Sequence[Outcome]) -> list[str]:
@@ -305,11 +306,17 @@ def append_github_summary(outcomes: Sequence[Outcome]) -> None:
     """Append the markdown summary to ``$GITHUB_STEP_SUMMARY`` when GitHub Actions sets it."""
     import os
 
+    from .errors import WriteError
+
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if not target or not outcomes:
         return
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(markdown_lines(outcomes)) + "\n")
+    try:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(markdown_lines(outcomes)) + "\n")
+    except OSError as exc:  # appended, not replaced: it may hold a part of the table
+        raise WriteError(f"{target}: cannot append the summary to $GITHUB_STEP_SUMMARY: "
+                         f"{exc.strerror or exc}; the step summary may be incomplete") from None
 
 
 # --- the command line's report (quantgate measure and pre-commit) ------------------------------------------
@@ -345,10 +352,15 @@ def report_outcomes(outcomes: Sequence[Outcome], registry_path: str, json_out: P
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
     out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
     if json_out is not None:
+        from .errors import WriteError
         from .fileio import atomic_write_text
 
-        atomic_write_text(json_out, json.dumps([o.to_json() for o in _order(outcomes)], indent=2, allow_nan=False)
-                          + "\n")
+        try:
+            atomic_write_text(json_out, json.dumps([o.to_json() for o in _order(outcomes)], indent=2,
+                                                   allow_nan=False) + "\n", "JSON report")
+        except WriteError as exc:  # the report above stands; the missing file makes the run an error
+            err(f"quantgate: error: {exc}")
+            return EXIT_ERROR
     if counts["error"]:
         return EXIT_ERROR
     return EXIT_FAIL if counts["fail"] else EXIT_PASS

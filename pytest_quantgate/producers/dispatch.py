@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryError
+from ..errors import InputError, RegistryError
 from ..registry import Entry, Registry
 from .base import ProducerError, ProducerResult
 
@@ -76,7 +76,7 @@ def produce(
         config = _config(QatConfig, options, entry, registry)
         try:
             return quantize_qat(fp32, int8, config, recipe=recipe, progress=progress, guard=guard)
-        except (ProducerError, RegistryError):
+        except (ProducerError, InputError):  # a write failure too: it names the sidecar, not the recipe
             raise
         except (Exception, SystemExit) as exc:  # the recipe is user code: whatever it raises is reported
             raise ProducerError(f"{registry.path}: entry {entry.id!r}: QAT recipe {recipe} raised "
