@@ -107,7 +107,7 @@ def pytest_configure(config: pytest.Config) -> None:
         for option, path in (("--quantgate-report", settings.report), ("--quantgate-html", settings.html)):
             if path is not None:
                 try:
-                    check_writable(path, option)
+                    check_writable(path, option, create_folders=True)  # the writer makes missing folders
                 except InputError as exc:
                     raise pytest.UsageError(f"quantgate: {exc}") from None
     _ensure_registry_collected(config, settings.registry)
