@@ -301,12 +301,17 @@ class Collector:
             f"{len(shape) - 1} for an [N, anchors, 4 + classes] head) to judge each channel"))
         return None
 
-    def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool) -> PairAccumulator:
+    def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool,
+             axis: int | None) -> PairAccumulator:
         if name not in store:
             store[name] = PairAccumulator(self.samples, channels, with_target=target, seed=self.seed)
         acc = store[name]
         if acc.channels != channels:
-            raise FixtureError(f"output {name!r} changed its channel count between runs ({acc.channels} -> {channels})")
+            # an output whose shape follows the input's values: its channels are not the same ones sample to sample
+            raise FixtureError(
+                f"{self.where}: entry {self.entry.id!r}: output {name!r} has {channels} channel(s) along axis {axis} "
+                f"here and {acc.channels} before: its shape depends on the input, so it cannot be judged channel by "
+                f"channel; set quant_channel_axis to an axis of fixed size, or to null to judge the output whole")
         return acc
 
     def add(self, start: int, inputs: Mapping[str, np.ndarray], target: np.ndarray | None,
@@ -346,11 +351,11 @@ class Collector:
                         f"input {base.shape[1:]} to have the same number of values"
                     )
                 base = _channels_view(base.reshape(a.shape), axis_used)
-                self._acc(self.raw, name, _channels_view(a, axis_used).shape[1], False).add(
+                self._acc(self.raw, name, _channels_view(a, axis_used).shape[1], False, axis_used).add(
                     start, _channels_view(a, axis_used), _channels_view(b, axis_used))
             va, vb = _channels_view(a, axis_used), _channels_view(b, axis_used)
             vt = None if t is None else _channels_view(t, axis_used)
-            self._acc(self.values, name, va.shape[1], vt is not None).add(start, va, vb, vt, base)
+            self._acc(self.values, name, va.shape[1], vt is not None, axis_used).add(start, va, vb, vt, base)
             del count
         self.filled = max(self.filled, start + next(iter(fp32.values())).shape[0])
 

@@ -61,6 +61,37 @@ def mlp_model(weights: dict[str, np.ndarray], input_name: str = "features", outp
     return model
 
 
+def ragged_model(keep_from_input: bool, column: bool = False) -> onnx.ModelProto:
+    """Return x[N, 8] -> some values of x @ W, flattened: y[K] (or y[K, 1] with ``column``).
+
+    ``keep_from_input``: which values are kept is decided by the input (x > 0), so int8 keeps the same ones;
+    otherwise by the product itself (x @ W > 0), which int8 moves across zero now and then.
+    """
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=(8, 8)).astype(np.float32)
+    mask_of = "xv" if keep_from_input else "hv"
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+        helper.make_node("Reshape", ["h", "flat"], ["hv"]),
+        helper.make_node("Reshape", ["x", "flat"], ["xv"]),
+        helper.make_node("Greater", [mask_of, "zero"], ["keep"]),
+        helper.make_node("Compress", ["hv", "keep"], ["kept" if column else "y"]),
+    ]
+    if column:
+        nodes.append(helper.make_node("Unsqueeze", ["kept", "last"], ["y"]))
+    out_shape: list[Any] = ["K", 1] if column else ["K"]
+    graph = helper.make_graph(
+        nodes, "ragged", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+                     numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                     numpy_helper.from_array(np.array([1], np.int64), "last")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def quantize_dynamic_file(fp32: Path, int8: Path) -> None:
     """Write a real ORT dynamic-int8 sidecar."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
