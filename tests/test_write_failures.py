@@ -29,7 +29,6 @@ from pytest_quantgate.cli import main
 from pytest_quantgate.errors import WriteError
 from pytest_quantgate.fileio import atomic_write_bytes, sha256_file
 
-REPO = Path(__file__).resolve().parents[1]
 Refuse = Callable[..., None]
 
 
@@ -349,7 +348,7 @@ def test_ptq_dynamic_registry_entry_when_the_kernel_refuses(project: GateProject
     before = {k: v for k, v in _snapshot(project.model).items()}
     report, code = _refused(kind, project.model, [sys.executable, "-m", "pytest_quantgate.cli", "ptq-dynamic",
                                                   str(registry), "--id", "m", "--fixtures", str(project.fixtures)],
-                            REPO)
+                            project.root)
     out = report["stdout"] + report["stderr"]
     assert report["returncode"] == 2, out
     if code == "EFBIG":  # the size limit stops the producer's working copy in the temp folder first
@@ -379,7 +378,7 @@ def test_pin_into_a_read_only_folder(project: GateProject) -> None:
     registry = project.write([{**project.add_sidecar("m"), "int8_sha256": "ab" * 32}])
     before = _snapshot(project.model)
     report, code = _refused("readonly", project.model,
-                            [sys.executable, "-m", "pytest_quantgate.cli", "pin", str(registry)], REPO)
+                            [sys.executable, "-m", "pytest_quantgate.cli", "pin", str(registry)], project.root)
     out = report["stdout"] + report["stderr"]
     assert report["returncode"] == 2, out
     _clean_one_line(out, f"quantgate: error: {registry}: cannot write the registry: ", f"({code})",
