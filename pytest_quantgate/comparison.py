@@ -14,10 +14,10 @@ What is compared
     outputs (a feature or logit vector per sample) are not split: one value per sample and channel is too
     little to correlate. A channel whose fp32 values are constant is skipped; an int8 channel that is
     constant where fp32 varies counts as a drop of 1.
-    Labels: integer and boolean outputs (class ids from ArgMax, masks) are compared by agreement, never by
-    PLCC: the flip rate (share of elements that differ) must stay within ``quant_budget_label_flip``
-    (default 0.01), with its own paired bootstrap interval. ``quant_argmax_axis`` adds the same top-1
-    agreement check on float outputs (logits, per-pixel class scores) along that axis.
+    Labels: integer, boolean and string outputs (class ids from ArgMax, masks, class names) are compared by
+    agreement, never by PLCC: the flip rate (share of elements that differ) must stay within
+    ``quant_budget_label_flip`` (default 0.01), with its own paired bootstrap interval. ``quant_argmax_axis``
+    adds the same top-1 agreement check on float outputs (logits, per-pixel class scores) along that axis.
     With ``quant_compare: residual`` the named input
     (the filter's own input) is subtracted from the outputs and the target first, so a residual filter's
     near-identity output does not inflate the correlation.
@@ -197,6 +197,8 @@ class OutputPlan:
 
 
 def _is_label_type(spec: TensorSpec) -> bool:
+    if spec.type == "tensor(string)":  # class names: only agreement means anything
+        return True
     return spec.type.startswith("tensor(") and any(
         t in spec.type for t in ("int8)", "int16)", "int32)", "int64)", "bool)")) and "uint8" not in spec.type
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .comparison import GateResult
+from .comparison import GateResult, LabelReport
 from .records import Diagnosis, dump
 
 if TYPE_CHECKING:
@@ -69,6 +69,9 @@ def metrics_table(result: GateResult) -> list[str]:
     """Return a fixed-width table of every output's metrics."""
     lines: list[str] = []
     for rep in result.outputs:
+        if rep.labels is not None and rep.vs_fp32.n == 0:  # an integer output: judged by agreement, no PLCC
+            lines.append(f"  output {rep.name!r} ({_agreement(rep.labels)})")
+            continue
         cols = [("int8 vs fp32", rep.vs_fp32)]
         if rep.fp32_vs_target is not None and rep.int8_vs_target is not None:
             cols = [("fp32 vs target", rep.fp32_vs_target), ("int8 vs target", rep.int8_vs_target), *cols]
@@ -79,7 +82,17 @@ def metrics_table(result: GateResult) -> list[str]:
                             ("mean |err|", "mae"), ("max |err|", "max_abs"), ("slope", "slope"),
                             ("intercept", "intercept")):
             lines.append("    " + label.ljust(12) + "".join(_f(getattr(m, attr)).rjust(16) for _, m in cols))
+        if rep.labels is not None:
+            lines.append(f"    {_agreement(rep.labels)}")
     return lines
+
+
+def _agreement(labels: LabelReport) -> str:
+    """Return e.g. ``labels: int8 differs from fp32 on 2.10% of elements, budget 0.01, 95% CI [...]``."""
+    ci = labels.interval
+    bounds = f", {ci.level:.0%} CI [{_f(ci.low)}, {_f(ci.high)}]" if ci is not None else ""
+    return (f"{labels.what}: int8 differs from fp32 on {labels.flip_rate:.2%} of elements, budget "
+            f"{labels.budget:g}{bounds}")
 
 
 def failure_text(result: GateResult, registry: str) -> str:
