@@ -195,8 +195,8 @@ def _run_chunk(p: Prepared, block: Mapping[str, np.ndarray], batch: int | None, 
     else:
         spans = [(i, i + 1) for i in range(count)]
         feeds = [{k: v[i] for k, v in block.items()} for i in range(count)]
-    # runs whose outputs have the same shapes beyond axis 0 are joined once, at the end: [first, stop, fp32, int8]
-    groups: list[tuple[int, int, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]] = []
+    # consecutive runs whose outputs have the same shapes beyond axis 0, joined once at the end: (rows, fp32, int8)
+    groups: list[tuple[slice, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]] = []
     for (lo, hi), feed in zip(spans, feeds):
         got: list[dict[str, np.ndarray]] = []
         for session, label, attr in ((p.fp32, str(p.fp32_path), "fp32"), (p.int8, str(p.int8_path), "int8")):
@@ -212,12 +212,14 @@ def _run_chunk(p: Prepared, block: Mapping[str, np.ndarray], batch: int | None, 
         clock.runs += 1
         fp32_out, int8_out = got
         _check_pairable(p, fp32_out, int8_out, start + lo, start + hi)
-        if groups and all(groups[-1][2][0][n].shape[1:] == v.shape[1:] for n, v in fp32_out.items()):
-            first, _, fp32_runs, int8_runs = groups[-1]
-            groups[-1] = (first, hi, [*fp32_runs, fp32_out], [*int8_runs, int8_out])
+        if groups and all(groups[-1][1][0][n].shape[1:] == v.shape[1:] for n, v in fp32_out.items()):
+            rows, fp32_runs, int8_runs = groups[-1]
+            groups[-1] = (slice(rows.start, hi), fp32_runs, int8_runs)
+            fp32_runs.append(fp32_out)
+            int8_runs.append(int8_out)
         else:
-            groups.append((lo, hi, [fp32_out], [int8_out]))
-    return [_Part(slice(lo, hi), _joined(fp32_runs), _joined(int8_runs)) for lo, hi, fp32_runs, int8_runs in groups]
+            groups.append((slice(lo, hi), [fp32_out], [int8_out]))
+    return [_Part(rows, _joined(fp32_runs), _joined(int8_runs)) for rows, fp32_runs, int8_runs in groups]
 
 
 def _joined(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
