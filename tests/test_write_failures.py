@@ -208,6 +208,35 @@ def test_a_write_failure_inside_qat_is_not_blamed_on_the_recipe(project: GatePro
         dispatch.produce(registry, registry.entry("m"), project.fixtures, allow_recipes=True)
 
 
+@pytest.mark.parametrize(("where", "expected"), [
+    ("temp", "{tmp}/quantgate-qat-x/int8.onnx: cannot write the producer's working copy: No space left on device "
+             "(ENOSPC); the file system holding {tmp}/quantgate-qat-x is full: free space there; working copies go to "
+             "the temp folder: set TMPDIR to a folder with space to move them; the sidecar was not touched"),
+    ("elsewhere", "entry 'm': QAT recipe {recipe} raised OSError: [Errno 28] No space left on device: '/data/x'"),
+])
+def test_a_full_temp_folder_under_qat_names_tmpdir_and_a_recipe_failure_stays_the_recipes(
+        project: GateProject, monkeypatch: pytest.MonkeyPatch, where: str, expected: str) -> None:
+    import tempfile
+
+    from pytest_quantgate.producers import dispatch, qat
+    from pytest_quantgate.producers.base import ProducerError
+    from pytest_quantgate.registry import load_registry
+
+    (project.model / "recipe.py").write_text("")
+    registry = load_registry(project.write([project.add_sidecar("m", mode="qat", qat_recipe="recipe.py")]))
+    tmp = tempfile.gettempdir()
+    path = f"{tmp}/quantgate-qat-x/int8.onnx" if where == "temp" else "/data/x"
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(qat, "quantize_qat", full)
+    with pytest.raises((WriteError, ProducerError)) as info:
+        dispatch.produce(registry, registry.entry("m"), project.fixtures, allow_recipes=True)
+    assert expected.format(tmp=tmp, recipe=project.model / "recipe.py") in str(info.value)
+    assert isinstance(info.value, WriteError) == (where == "temp")
+
+
 def test_measure_json_on_a_full_disk_keeps_the_report_and_exits_2(project: GateProject, refuse: Refuse,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     registry = project.write([project.add_sidecar("m")])
