@@ -210,7 +210,9 @@ def scratch_write_error(exc: BaseException, fallback: Path) -> WriteError | None
     ``fallback``) and says how to move the working copies.
     """
     seen: BaseException | None = exc
-    while seen is not None:
+    visited: set[int] = set()  # a chain can loop back on itself
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
             where = Path(seen.filename) if isinstance(seen.filename, str) else fallback
             return write_error(where, seen, "producer's working copy", hint=(
