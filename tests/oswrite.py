@@ -6,6 +6,7 @@ while the failure is still in place (a tmpfs is gone once its mount namespace en
 
 ``readonly-mount``  FOLDER bind-mounted read-only onto itself: writes fail with EROFS.
 ``full-mount``      FOLDER's files copied onto a tmpfs of their own size and the rest filled: ENOSPC.
+``nearfull-mount:N`` the same with N bytes left free: small writes (tempfile's probe) succeed, larger ones fail.
 ``readonly-chmod``  FOLDER chmod 555 (for root: the child runs without CAP_DAC_OVERRIDE): EACCES.
 ``full-fsize``      the child's RLIMIT_FSIZE at 1 KiB, so every larger write fails: EFBIG.
 
@@ -42,13 +43,16 @@ def _namespaces_work() -> bool:
 
 
 def command(kind: str, folder: Path, argv: list[str]) -> tuple[list[str], str]:
-    """Return the command line that runs ``argv`` with ``folder`` unwritable (kind: readonly or full), and its errno.
+    """Return the command line that runs ``argv`` with ``folder`` unwritable, and the errno name it will see.
+
+    ``kind``: ``readonly``, ``full``, or ``nearfull:N`` (N bytes left free).
 
     Real mounts where the machine allows them (EROFS, ENOSPC), else permissions and a file-size limit (EACCES,
     EFBIG): each is a real refusal by the kernel, not a patched function.
     """
     if _namespaces_work():
-        mode, code = (f"{kind}-mount", "EROFS" if kind == "readonly" else "ENOSPC")
+        name, _, free = kind.partition(":")
+        mode, code = f"{name}-mount" + (f":{free}" if free else ""), "EROFS" if kind == "readonly" else "ENOSPC"
         return ["unshare", "--mount", sys.executable, str(DRIVER), mode, str(folder), "--", *argv], code
     mode, code = ("readonly-chmod", "EACCES") if kind == "readonly" else ("full-fsize", "EFBIG")
     return [sys.executable, str(DRIVER), mode, str(folder), "--", *argv], code
@@ -95,7 +99,7 @@ def main(argv: list[str]) -> int:
     if mode == "readonly-mount":
         _mount("--bind", str(folder), str(folder))
         _mount("-o", "remount,bind,ro", str(folder))
-    elif mode == "full-mount":
+    elif mode == "full-mount" or mode.startswith("nearfull-mount:"):
         staging = Path(tempfile.mkdtemp())
         shutil.copytree(folder, staging, dirs_exist_ok=True)
         size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) + (256 << 10)
@@ -103,6 +107,9 @@ def main(argv: list[str]) -> int:
         shutil.copytree(staging, folder, dirs_exist_ok=True)
         shutil.rmtree(staging)
         _fill(folder)
+        if mode.startswith("nearfull-mount:"):  # room for tempfile's 4-byte probe, not for a model
+            filler = folder / "filler"
+            os.truncate(filler, max(0, filler.stat().st_size - int(mode.split(":")[1])))
     elif mode == "readonly-chmod":
         before = folder.stat().st_mode & 0o7777
         folder.chmod(0o555)

@@ -11,6 +11,7 @@ mount namespace where the machine allows it, else chmod 555 and RLIMIT_FSIZE).
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import re
@@ -18,7 +19,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import oswrite
 import pytest
@@ -77,6 +79,16 @@ def refuse(monkeypatch: pytest.MonkeyPatch) -> Iterator[Refuse]:
         monkeypatch.setattr(os, "fsync", fsync)
 
     yield install
+
+
+@pytest.fixture
+def files(tmp_path: Path, digits_assets: Path) -> GateProject:
+    """The gate project's files in a plain temp folder, for tests that run the command line in-process.
+
+    pytester (behind ``project``) drops, when its test ends, every module first imported during the test;
+    onnxruntime's quantisation tooling and its native dependencies do not survive being imported twice.
+    """
+    return GateProject(cast(pytest.Pytester, SimpleNamespace(path=tmp_path)), digits_assets)
 
 
 def _named(*names: str) -> Callable[[Path], bool]:
@@ -149,63 +161,66 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
-def test_pin_on_a_full_disk(project: GateProject, refuse: Refuse, capsys: pytest.CaptureFixture[str]) -> None:
-    entry = project.add_sidecar("m")
-    registry = project.write([{**entry, "int8_sha256": "ab" * 32}])
-    before = _snapshot(project.model)
+def test_pin_on_a_full_disk(files: GateProject, refuse: Refuse, capsys: pytest.CaptureFixture[str]) -> None:
+    entry = files.add_sidecar("m")
+    registry = files.write([{**entry, "int8_sha256": "ab" * 32}])
+    before = _snapshot(files.model)
     refuse(errno.ENOSPC, _named("registry.json"), at="flush")
     code, out = _cli(capsys, "pin", str(registry))
     assert code == 2
     _clean_one_line(out, "quantgate: error: ", f"{registry}: cannot write the registry: No space left on device "
                                               "(ENOSPC)", "the existing file is unchanged")
-    assert _snapshot(project.model) == before
+    assert _snapshot(files.model) == before
 
 
 @pytest.mark.parametrize("command", ["ptq-dynamic", "ptq-static"])
-def test_producers_from_the_registry_into_a_read_only_folder(project: GateProject, refuse: Refuse, command: str,
+def test_producers_from_the_registry_into_a_read_only_folder(files: GateProject, refuse: Refuse, command: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
 
     extra: dict[str, Any] = {}
     if command == "ptq-static":
-        with np.load(project.fixtures / "digits.npz") as data:
-            np.savez(project.fixtures / "m.calib.npz", features=data["features"][:64])
+        with np.load(files.fixtures / "digits.npz") as data:
+            np.savez(files.fixtures / "m.calib.npz", features=data["features"][:64])
         extra = {"mode": "static", "quant_calibration_set": "m.calib.npz"}
-    registry = project.write([project.add_sidecar("m", **extra)])
-    before = _snapshot(project.model)
+    registry = files.write([files.add_sidecar("m", **extra)])
+    before = _snapshot(files.model)
     refuse(errno.EROFS, _named("m.int8.onnx"))
-    code, out = _cli(capsys, command, str(registry), "--id", "m", "--fixtures", str(project.fixtures))
+    code, out = _cli(capsys, command, str(registry), "--id", "m", "--fixtures", str(files.fixtures))
     assert code == 2, out
-    _clean_one_line(out, f"quantgate: error: {registry}: entry 'm': {project.model / 'm.int8.onnx'}: cannot write "
+    _clean_one_line(out, f"quantgate: error: {registry}: entry 'm': {files.model / 'm.int8.onnx'}: cannot write "
                          f"the int8 sidecar: Read-only file system (EROFS)", "the existing file is unchanged")
-    assert _snapshot(project.model) == before
+    assert _snapshot(files.model) == before
 
 
-def test_a_producer_on_a_file_when_the_disk_fills(project: GateProject, refuse: Refuse,
+def test_a_producer_on_a_file_when_the_disk_fills(files: GateProject, refuse: Refuse,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    out_path = project.root / "out" / "m.int8.onnx"
+    out_path = files.root / "out" / "m.int8.onnx"
     refuse(errno.ENOSPC, _named("m.int8.onnx"), at="flush")
-    code, out = _cli(capsys, "ptq-dynamic", str(project.model / "digits.onnx"), "-o", str(out_path))
+    code, out = _cli(capsys, "ptq-dynamic", str(files.model / "digits.onnx"), "-o", str(out_path))
     assert code == 2
     _clean_one_line(out, f"{out_path}: cannot write the int8 sidecar: No space left on device (ENOSPC)",
                     "needs about", "nothing was written")
     assert list(out_path.parent.iterdir()) == []
 
 
-def test_a_write_failure_inside_qat_is_not_blamed_on_the_recipe(project: GateProject,
+def test_a_write_failure_inside_qat_is_not_blamed_on_the_recipe(files: GateProject,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_quantgate.producers import dispatch, qat
+    from pytest_quantgate.producers import dispatch
+
+    # the module produce() imports now: an in-process pytester run may have dropped an earlier copy of it
+    qat = importlib.import_module("pytest_quantgate.producers.qat")
     from pytest_quantgate.registry import load_registry
 
-    (project.model / "recipe.py").write_text("")
-    registry = load_registry(project.write([project.add_sidecar("m", mode="qat", qat_recipe="recipe.py")]))
+    (files.model / "recipe.py").write_text("")
+    registry = load_registry(files.write([files.add_sidecar("m", mode="qat", qat_recipe="recipe.py")]))
 
     def full(*args: Any, **kwargs: Any) -> Any:
-        raise fileio.write_error(project.model / "m.int8.onnx", OSError(errno.ENOSPC, "No space left on device"))
+        raise fileio.write_error(files.model / "m.int8.onnx", OSError(errno.ENOSPC, "No space left on device"))
 
     monkeypatch.setattr(qat, "quantize_qat", full)
     with pytest.raises(WriteError, match=r"m\.int8\.onnx: cannot write the file: No space left on device"):
-        dispatch.produce(registry, registry.entry("m"), project.fixtures, allow_recipes=True)
+        dispatch.produce(registry, registry.entry("m"), files.fixtures, allow_recipes=True)
 
 
 @pytest.mark.parametrize(("where", "expected"), [
@@ -215,15 +230,18 @@ def test_a_write_failure_inside_qat_is_not_blamed_on_the_recipe(project: GatePro
     ("elsewhere", "entry 'm': QAT recipe {recipe} raised OSError: [Errno 28] No space left on device: '/data/x'"),
 ])
 def test_a_full_temp_folder_under_qat_names_tmpdir_and_a_recipe_failure_stays_the_recipes(
-        project: GateProject, monkeypatch: pytest.MonkeyPatch, where: str, expected: str) -> None:
+        files: GateProject, monkeypatch: pytest.MonkeyPatch, where: str, expected: str) -> None:
     import tempfile
 
-    from pytest_quantgate.producers import dispatch, qat
+    from pytest_quantgate.producers import dispatch
+
+    # the module produce() imports now: an in-process pytester run may have dropped an earlier copy of it
+    qat = importlib.import_module("pytest_quantgate.producers.qat")
     from pytest_quantgate.producers.base import ProducerError
     from pytest_quantgate.registry import load_registry
 
-    (project.model / "recipe.py").write_text("")
-    registry = load_registry(project.write([project.add_sidecar("m", mode="qat", qat_recipe="recipe.py")]))
+    (files.model / "recipe.py").write_text("")
+    registry = load_registry(files.write([files.add_sidecar("m", mode="qat", qat_recipe="recipe.py")]))
     tmp = tempfile.gettempdir()
     path = f"{tmp}/quantgate-qat-x/int8.onnx" if where == "temp" else "/data/x"
 
@@ -232,31 +250,31 @@ def test_a_full_temp_folder_under_qat_names_tmpdir_and_a_recipe_failure_stays_th
 
     monkeypatch.setattr(qat, "quantize_qat", full)
     with pytest.raises((WriteError, ProducerError)) as info:
-        dispatch.produce(registry, registry.entry("m"), project.fixtures, allow_recipes=True)
-    assert expected.format(tmp=tmp, recipe=project.model / "recipe.py") in str(info.value)
+        dispatch.produce(registry, registry.entry("m"), files.fixtures, allow_recipes=True)
+    assert expected.format(tmp=tmp, recipe=files.model / "recipe.py") in str(info.value)
     assert isinstance(info.value, WriteError) == (where == "temp")
 
 
-def test_measure_json_on_a_full_disk_keeps_the_report_and_exits_2(project: GateProject, refuse: Refuse,
+def test_measure_json_on_a_full_disk_keeps_the_report_and_exits_2(files: GateProject, refuse: Refuse,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    registry = project.write([project.add_sidecar("m")])
-    report = project.root / "measure.json"
+    registry = files.write([files.add_sidecar("m")])
+    report = files.root / "measure.json"
     report.write_text("old")
     refuse(errno.ENOSPC, _named("measure.json"))
-    code, out = _cli(capsys, "measure", str(registry), "--fixtures", str(project.fixtures), "--ep", "cpu",
+    code, out = _cli(capsys, "measure", str(registry), "--fixtures", str(files.fixtures), "--ep", "cpu",
                      "--bootstrap", "100", "--json", str(report))
     assert code == 2
     assert "1 passed, 0 failed, 0 errors, 0 skipped" in out  # the verdicts were printed before the write
     _clean_one_line(out, f"quantgate: error: {report}: cannot write the JSON report: No space left on device")
-    assert report.read_text() == "old" and _partials(project.root) == []
+    assert report.read_text() == "old" and _partials(files.root) == []
 
 
-def test_measure_cache_that_cannot_be_written_keeps_the_verdict(project: GateProject, refuse: Refuse,
+def test_measure_cache_that_cannot_be_written_keeps_the_verdict(files: GateProject, refuse: Refuse,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    registry = project.write([project.add_sidecar("m")])
-    cache = project.root / "cache"
+    registry = files.write([files.add_sidecar("m")])
+    cache = files.root / "cache"
     refuse(errno.EROFS, lambda target: target.parent == cache)
-    code, out = _cli(capsys, "measure", str(registry), "--fixtures", str(project.fixtures), "--ep", "cpu",
+    code, out = _cli(capsys, "measure", str(registry), "--fixtures", str(files.fixtures), "--ep", "cpu",
                      "--bootstrap", "100", "--cache", "--cache-dir", str(cache))
     assert code == 0, out
     _clean_one_line(out, "quantgate: m [cpu]: the passing result was not cached: ", "cannot write the cache entry: "
@@ -264,29 +282,29 @@ def test_measure_cache_that_cannot_be_written_keeps_the_verdict(project: GatePro
 
 
 def test_advise_write_that_fails_changes_neither_the_sidecar_nor_the_registry(
-        project: GateProject, refuse: Refuse, capsys: pytest.CaptureFixture[str]) -> None:
-    registry = project.write([project.add_sidecar("m")])
-    before = _snapshot(project.model)
+        files: GateProject, refuse: Refuse, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = files.write([files.add_sidecar("m")])
+    before = _snapshot(files.model)
     refuse(errno.ENOSPC, _named("m.int8.onnx"))  # the registry's partial is written first, then this one fails
     code, out = _cli(capsys, "advise", str(registry), "--id", "m", "--ep", "cpu", "--bootstrap", "100",
-                     "--fixtures", str(project.fixtures), "--stages", "dynamic", "--write")
+                     "--fixtures", str(files.fixtures), "--stages", "dynamic", "--write")
     assert code == 2, out
     _clean_one_line(out, "quantgate advise: error: ", "m.int8.onnx: cannot write the int8 sidecar: No space left "
                          "on device (ENOSPC)")
-    assert _snapshot(project.model) == before  # no partial, no scratch folder, the registry as it was
+    assert _snapshot(files.model) == before  # no partial, no scratch folder, the registry as it was
 
 
-def test_advise_in_a_read_only_registry_folder(project: GateProject, monkeypatch: pytest.MonkeyPatch,
+def test_advise_in_a_read_only_registry_folder(files: GateProject, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     import tempfile
 
-    registry = project.write([project.add_sidecar("m")])
+    registry = files.write([files.add_sidecar("m")])
 
     def mkdtemp(*args: Any, **kwargs: Any) -> str:
-        raise OSError(errno.EROFS, "Read-only file system", str(project.model / ".quantgate-advise-m-x1y2"))
+        raise OSError(errno.EROFS, "Read-only file system", str(files.model / ".quantgate-advise-m-x1y2"))
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-    code, out = _cli(capsys, "advise", str(registry), "--id", "m", "--ep", "cpu", "--fixtures", str(project.fixtures),
+    code, out = _cli(capsys, "advise", str(registry), "--id", "m", "--ep", "cpu", "--fixtures", str(files.fixtures),
                      "--stages", "dynamic")
     assert code == 2
     _clean_one_line(out, "quantgate advise: error: ", "cannot write the scratch folder for the candidates: "
@@ -372,29 +390,29 @@ def _refused(kind: str, folder: Path, argv: list[str], cwd: Path) -> tuple[dict[
 
 
 @pytest.mark.parametrize("kind", ["readonly", "full"])
-def test_ptq_dynamic_registry_entry_when_the_kernel_refuses(project: GateProject, kind: str) -> None:
-    registry = project.write([project.add_sidecar("m")])
-    before = {k: v for k, v in _snapshot(project.model).items()}
-    report, code = _refused(kind, project.model, [sys.executable, "-m", "pytest_quantgate.cli", "ptq-dynamic",
-                                                  str(registry), "--id", "m", "--fixtures", str(project.fixtures)],
-                            project.root)
+def test_ptq_dynamic_registry_entry_when_the_kernel_refuses(files: GateProject, kind: str) -> None:
+    registry = files.write([files.add_sidecar("m")])
+    before = {k: v for k, v in _snapshot(files.model).items()}
+    report, code = _refused(kind, files.model, [sys.executable, "-m", "pytest_quantgate.cli", "ptq-dynamic",
+                                                  str(registry), "--id", "m", "--fixtures", str(files.fixtures)],
+                            files.root)
     out = report["stdout"] + report["stderr"]
     assert report["returncode"] == 2, out
     if code == "EFBIG":  # the size limit stops the producer's working copy in the temp folder first
         _clean_one_line(out, f"quantgate: error: {registry}: entry 'm': ", "(EFBIG)")
     else:
-        _clean_one_line(out, f"quantgate: error: {registry}: entry 'm': {project.model / 'm.int8.onnx'}: cannot "
+        _clean_one_line(out, f"quantgate: error: {registry}: entry 'm': {files.model / 'm.int8.onnx'}: cannot "
                              f"write the int8 sidecar: ", f"({code})", "the existing file is unchanged")
     assert report["files"] == before  # the sidecar's bytes, the registry, and no partial left
 
 
 @pytest.mark.parametrize("kind", ["readonly", "full"])
-def test_pytest_regen_when_the_kernel_refuses(project: GateProject, kind: str) -> None:
-    project.write([project.add_sidecar("m")])
-    before = _snapshot(project.model)
-    report, code = _refused(kind, project.model, [sys.executable, "-m", "pytest", "--quantgate", "-p",
+def test_pytest_regen_when_the_kernel_refuses(files: GateProject, kind: str) -> None:
+    files.write([files.add_sidecar("m")])
+    before = _snapshot(files.model)
+    report, code = _refused(kind, files.model, [sys.executable, "-m", "pytest", "--quantgate", "-p",
                                                   "no:cacheprovider", "--quantgate-ep", "cpu", "--quantgate-regen",
-                                                  "all", "--quantgate-bootstrap", "100"], project.root)
+                                                  "all", "--quantgate-bootstrap", "100"], files.root)
     out = report["stdout"] + report["stderr"]
     assert report["returncode"] == 1, out
     assert "1 error" in out and "passed" not in out.splitlines()[-1]
@@ -403,11 +421,39 @@ def test_pytest_regen_when_the_kernel_refuses(project: GateProject, kind: str) -
     assert report["files"] == before
 
 
-def test_pin_into_a_read_only_folder(project: GateProject) -> None:
-    registry = project.write([{**project.add_sidecar("m"), "int8_sha256": "ab" * 32}])
-    before = _snapshot(project.model)
-    report, code = _refused("readonly", project.model,
-                            [sys.executable, "-m", "pytest_quantgate.cli", "pin", str(registry)], project.root)
+@pytest.mark.parametrize("free", [4096, 16384], ids=["no-room-for-the-working-copy", "no-room-for-ort-copies"])
+def test_a_nearly_full_temp_folder_names_tmpdir(files: GateProject, free: int) -> None:
+    """A temp folder that passes tempfile's 4-byte probe but has no room for the model's working copies.
+
+    With 4 KiB free our own working copy fails (a WriteError naming it); with 16 KiB it fits, and onnx, writing
+    its shape-inferred copy from C++ without reporting the short write, makes onnxruntime fail on a truncated
+    model: the error then says the temp folder is the likely cause.
+    """
+    registry = files.write([files.add_sidecar("m")])
+    scratch = files.root / "scratch"
+    scratch.mkdir()
+    before = _snapshot(files.model)
+    report, code = _refused(f"nearfull:{free}", scratch, ["env", f"TMPDIR={scratch}", sys.executable, "-m",
+                                                          "pytest_quantgate.cli", "ptq-dynamic", str(registry), "--id",
+                                                          "m"], files.root)
+    out = report["stdout"] + report["stderr"]
+    assert report["returncode"] == 2, out
+    if free == 4096 or code == "EFBIG":  # without mounts, the size limit stops the first working copy
+        _clean_one_line(out, f"quantgate: error: {registry}: entry 'm': ", "cannot write the producer's working "
+                        "copy: ", f"({code})", "set TMPDIR to a folder with space to move them; the sidecar was not "
+                        "touched")
+    else:
+        _clean_one_line(out, f"quantgate: error: {files.model / 'm.onnx'}: stage ", f"The temp folder {scratch} has "
+                        "", "bytes free, less than the quantiser's copies of this model need", "which is the likely "
+                        "cause: free space there or set TMPDIR to a folder with space, and retry.")
+    assert _snapshot(files.model) == before
+
+
+def test_pin_into_a_read_only_folder(files: GateProject) -> None:
+    registry = files.write([{**files.add_sidecar("m"), "int8_sha256": "ab" * 32}])
+    before = _snapshot(files.model)
+    report, code = _refused("readonly", files.model,
+                            [sys.executable, "-m", "pytest_quantgate.cli", "pin", str(registry)], files.root)
     out = report["stdout"] + report["stderr"]
     assert report["returncode"] == 2, out
     _clean_one_line(out, f"quantgate: error: {registry}: cannot write the registry: ", f"({code})",

@@ -322,10 +322,34 @@ def ort_failure(fp32_path: Path, stage: str, exc: BaseException) -> ProducerErro
             last = ort_frames[-1]
             where += f" (onnxruntime {Path(last.filename).name}:{last.lineno} {last.name}())"
     return ProducerError(
-        f"{fp32_path}: stage '{stage}': onnxruntime crashed{where}: {one_line(exc)}. "
-        "This model cannot be quantised with these options; try excluding the node or op type named in the "
+        f"{fp32_path}: stage '{stage}': onnxruntime crashed{where}: {one_line(exc)}. " + _temp_space_note(fp32_path)
+        + "This model cannot be quantised with these options; try excluding the node or op type named in the "
         "error (nodes_to_exclude / op_types_to_exclude), per_channel=False, or another quant_format."
     )
+
+
+# the quantiser keeps a few copies of the model in the temp folder (ours, its shape-inferred and augmented ones)
+TEMP_COPIES = 4
+
+
+def _temp_space_note(fp32_path: Path) -> str:
+    """Return a sentence saying the temp folder is too full for the quantiser's copies of the model, or ''.
+
+    onnx writes some of them from C++ and does not report a short write: the next step then reads a truncated
+    model and fails with an unrelated error (measured: "Failed to find proper ai.onnx domain" with 16 KiB free).
+    """
+    import shutil
+
+    folder = tempfile.gettempdir()
+    try:
+        free, need = shutil.disk_usage(folder).free, TEMP_COPIES * fp32_path.stat().st_size
+    except OSError:
+        return ""
+    if free >= need:
+        return ""
+    return (f"The temp folder {folder} has {free} bytes free, less than the quantiser's copies of this model need "
+            f"(about {need}), which is the likely cause: free space there or set TMPDIR to a folder with space, "
+            f"and retry. Otherwise: ")
 
 
 def check_ort_loads(fp32_path: Path, model_path: Path, stage: str, feed: dict[str, Any] | None = None) -> None:
