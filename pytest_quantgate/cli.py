@@ -396,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:  # a file that cannot be written (or read) anywhere below: one line, never a traceback
         _err(f"quantgate: error: {exc}")
         return EXIT_ERROR
+    except OSError as exc:  # the OS refused something no helper names (no usable temp folder at all): still one line
+        _err(f"quantgate: error: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
