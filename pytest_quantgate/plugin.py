@@ -104,7 +104,10 @@ def pytest_configure(config: pytest.Config) -> None:
         from .errors import InputError
         from .fileio import check_writable
 
-        for option, path in (("--quantgate-report", settings.report), ("--quantgate-html", settings.html)):
+        # pytest's own --junitxml writer raises at the end of the run when it cannot write: check it first too
+        junit = getattr(config.option, "xmlpath", None)
+        for option, path in (("--quantgate-report", settings.report), ("--quantgate-html", settings.html),
+                             ("--junitxml", Path(junit) if junit else None)):
             if path is not None:
                 try:
                     check_writable(path, option, create_folders=True)  # the writer makes missing folders

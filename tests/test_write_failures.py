@@ -359,11 +359,13 @@ def test_a_report_the_disk_has_no_room_for_is_an_error_line_not_an_internal_erro
     assert html.is_file() and not report.exists()  # the other report was still written
 
 
-def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(project: GateProject) -> None:
+@pytest.mark.parametrize("option", ["--quantgate-report", "--quantgate-html", "--junitxml"])
+def test_a_report_folder_that_cannot_be_written_is_refused_before_the_run(project: GateProject, option: str) -> None:
+    """Checked when pytest starts, pytest's own --junitxml too (its writer raises a traceback at the end)."""
     project.write([project.add_sidecar("m")])
-    result = project.run("--quantgate-report", "/proc/quantgate-r.json")
+    result = project.run(f"{option}=/proc/quantgate-r.out")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*quantgate: --quantgate-report /proc/quantgate-r.json: cannot write in /proc*"])
+    result.stderr.fnmatch_lines([f"*quantgate: {option} /proc/quantgate-r.out: cannot write in /proc*"])
 
 
 def test_a_step_summary_that_cannot_be_appended_to(project: GateProject, monkeypatch: pytest.MonkeyPatch) -> None:
