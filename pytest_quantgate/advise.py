@@ -332,7 +332,7 @@ class _Run:
 
     def try_candidate(self, candidate: Candidate, calibration: Path | None) -> CandidateResult:
         """Build and gate one candidate; a producer failure is an error row, never an exception."""
-        from .errors import InputError
+        from .errors import InputError, WriteError
         from .producers.base import ProducerError
 
         index = len(self.results) + 1
@@ -342,6 +342,8 @@ class _Run:
             # ORT's calibrators print progress with print(): keep stdout for the table
             with contextlib.redirect_stdout(io.StringIO()):
                 build_candidate(candidate, self.fp32, out, calibration, self.recipe)
+        except WriteError:  # a full disk or read-only folder fails every candidate alike: stop, say why
+            raise
         except (ProducerError, InputError, ValueError, TypeError) as exc:
             result = CandidateResult(candidate, "error", f"build failed: {_first_line(exc)}")
         except Exception as exc:
@@ -411,7 +413,14 @@ def advise(registry: Registry, entry: Entry, settings: Settings, options: Advise
             warnings.append(f"calibration set {calibration} holds {count} sample(s), fewer than the "
                             f"{MIN_CALIBRATION_SAMPLES}+ representative samples static ranges need")
     facts = graph_facts(fp32)
-    scratch = Path(tempfile.mkdtemp(prefix=f".quantgate-advise-{entry.id}-", dir=registry.folder))
+    try:
+        # beside the registry, not in the temp dir: candidates are gated as sidecars of this registry's folder
+        scratch = Path(tempfile.mkdtemp(prefix=f".quantgate-advise-{entry.id}-", dir=registry.folder))
+    except OSError as exc:
+        from .fileio import write_error
+
+        raise write_error(registry.folder / f".quantgate-advise-{entry.id}-*", exc,
+                          "scratch folder for the candidates") from None
     try:
         run = _Run(registry, entry, settings, options, scratch, say)
         candidates, skipped = ptq_candidates(facts, options.stages, calibration is not None)
@@ -732,18 +741,27 @@ def registry_change(advice: Advice, registry: Registry, settings: Settings) -> t
 
 
 def write_choice(advice: Advice, registry: Registry, settings: Settings) -> dict[str, Any]:
-    """Write the chosen sidecar (and its provenance) and the registry change, each atomically; return the fields."""
-    from .fileio import atomic_write_bytes, atomic_write_text
+    """Write the chosen sidecar (and its provenance) and the registry change together; return the fields.
+
+    Every file is written in full to its partial before any is renamed into place, so a write that fails (a
+    full disk, a read-only folder) leaves the sidecar and the registry as they were, never one without the other.
+    """
+    from .fileio import atomic_path
     from .producers.provenance import provenance_path_for
 
     fields, text = registry_change(advice, registry, settings)  # validated before anything is written
     assert advice.sidecar is not None
     entry = registry.entry(advice.entry_id)
     int8 = registry.int8_path(entry)
-    atomic_write_bytes(int8, advice.sidecar)
+    files = [(registry.path, text.encode("utf-8"), "registry"), (int8, advice.sidecar, "int8 sidecar")]
     if advice.provenance is not None:
-        atomic_write_bytes(provenance_path_for(int8), advice.provenance)
-    atomic_write_text(registry.path, text)
+        files.append((provenance_path_for(int8), advice.provenance, "provenance record"))
+    with contextlib.ExitStack() as stack:
+        # contexts close in reverse: the sidecar lands before the registry that pins it
+        for path, data, what in files:
+            tmp = stack.enter_context(atomic_path(path, what=what, size=len(data)))
+            with open(tmp, "r+b") as handle:
+                handle.write(data)
     return fields
 
 
@@ -826,9 +844,10 @@ def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Ca
             out("")
         if ns.json_out is not None:
             data: Any = [a.to_dict() for a in advices]
-            atomic_write_text(ns.json_out, json.dumps(data if ns.all_failing else data[0], indent=2) + "\n")
+            atomic_write_text(ns.json_out, json.dumps(data if ns.all_failing else data[0], indent=2) + "\n",
+                              "JSON advice")
         if ns.pr_body is not None:
-            atomic_write_text(ns.pr_body, "\n\n".join(bodies))
+            atomic_write_text(ns.pr_body, "\n\n".join(bodies), "PR body")
     except (AdviseError, InputError) as exc:
         err(f"quantgate advise: error: {exc}")
         return EXIT_ERROR

@@ -83,7 +83,7 @@ class FolderCache:
         """Remember a passing result atomically."""
         from .fileio import atomic_write_text
 
-        atomic_write_text(self.folder / f"{digest}.json", json.dumps(_slim(result)))
+        atomic_write_text(self.folder / f"{digest}.json", json.dumps(_slim(result)), "cache entry")
 
 
 def _slim(result: GateResult) -> dict[str, Any]:

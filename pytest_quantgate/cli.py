@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, WriteError
 from .fileio import creatable_file
 from .reports import EXIT_ERROR, EXIT_NOTHING, EXIT_PASS, report_outcomes
 from .reports import err as _err
@@ -101,6 +101,9 @@ def cmd_measure(ns: argparse.Namespace) -> int:
             quiet = f"; {outcome.log[0]}" if outcome.log else ""
             _err(f"quantgate: {entry.id} [{ep}] {outcome.status.upper()} in {time.perf_counter() - started:.1f} s"
                  f"{quiet}")
+            for note in outcome.notes:  # the rebuilt sidecar's note is in the summary already
+                if note != outcome.regenerated:
+                    _err(f"quantgate: {entry.id} [{ep}]: {note}")
             outcomes.append(outcome)
     return report_outcomes(outcomes, str(registry.path), ns.json_out)
 
@@ -198,7 +201,7 @@ def cmd_pin(ns: argparse.Namespace) -> int:
             if not updates:
                 _out(f"{ns.registry}: every selected hash is already pinned")
                 return EXIT_PASS
-            atomic_write_text(target, pin_text(text, updates, target))
+            atomic_write_text(target, pin_text(text, updates, target), "registry")
     except Timeout:
         _err(f"quantgate: error: {ns.registry}: another process has held the pin lock {lock_path_for(target)} "
              f"for {PIN_LOCK_TIMEOUT_S:g} s")
@@ -306,6 +309,8 @@ def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
                 result = produce(registry, entry, ns.fixtures.resolve(),
                                  allow_recipes=getattr(ns, "allow_recipes", False), progress=_out, overrides=overrides,
                                  assess=assessor(registry, entry, ns.fixtures.resolve()))
+        except WriteError as exc:  # the file names the sidecar; the entry says which one of the registry
+            raise WriteError(f"{registry.path}: entry {entry.id!r}: {exc}") from None
         finally:
             _print_logs(captured)
         _out(f"{entry.id}: wrote {result.int8_path}")
@@ -424,7 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OnnxRuntimeError as exc:
             _err(f"quantgate: error: {exc}")
             return EXIT_ERROR
-    return int(ns.func(ns))
+    try:
+        return int(ns.func(ns))
+    except InputError as exc:  # a file that cannot be written (or read) anywhere below: one line, never a traceback
+        _err(f"quantgate: error: {exc}")
+        return EXIT_ERROR
+    except OSError as exc:  # the OS refused something no helper names (no usable temp folder at all): still one line
+        _err(f"quantgate: error: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ What is compared
     outputs (a feature or logit vector per sample) are not split: one value per sample and channel is too
     little to correlate. A channel whose fp32 values are constant is skipped; an int8 channel that is
     constant where fp32 varies counts as a drop of 1.
-    Labels: integer and boolean outputs (class ids from ArgMax, masks) are compared by agreement, never by
-    PLCC: the flip rate (share of elements that differ) must stay within ``quant_budget_label_flip``
-    (default 0.01), with its own paired bootstrap interval. ``quant_argmax_axis`` adds the same top-1
-    agreement check on float outputs (logits, per-pixel class scores) along that axis.
+    Labels: integer, boolean and string outputs (class ids from ArgMax, masks, class names) are compared by
+    agreement, never by PLCC: the flip rate (share of elements that differ) must stay within
+    ``quant_budget_label_flip`` (default 0.01), with its own paired bootstrap interval. ``quant_argmax_axis``
+    adds the same top-1 agreement check on float outputs (logits, per-pixel class scores) along that axis.
     With ``quant_compare: residual`` the named input
     (the filter's own input) is subtracted from the outputs and the target first, so a residual filter's
     near-identity output does not inflate the correlation.
@@ -213,6 +213,8 @@ class OutputPlan:
 
 
 def _is_label_type(spec: TensorSpec) -> bool:
+    if spec.type == "tensor(string)":  # class names: only agreement means anything
+        return True
     return spec.type.startswith("tensor(") and any(
         t in spec.type for t in ("int8)", "int16)", "int32)", "int64)", "bool)")) and "uint8" not in spec.type
 
@@ -347,13 +349,18 @@ class Collector:
             f"{len(shape) - 1} for an [N, anchors, 4 + classes] head) to judge each channel"))
         return None
 
-    def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool) -> PairAccumulator:
+    def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool,
+             axis: int | None) -> PairAccumulator:
         if name not in store:
             store[name] = PairAccumulator(self.samples, channels, with_target=target, seed=self.seed,
                                           units=self.units)
         acc = store[name]
         if acc.channels != channels:
-            raise FixtureError(f"output {name!r} changed its channel count between runs ({acc.channels} -> {channels})")
+            # an output whose shape follows the input's values: its channels are not the same ones sample to sample
+            raise FixtureError(
+                f"{self.where}: entry {self.entry.id!r}: output {name!r} has {channels} channel(s) along axis {axis} "
+                f"here and {acc.channels} before: its shape depends on the input, so it cannot be judged channel by "
+                f"channel; set quant_channel_axis to an axis of fixed size, or to null to judge the output whole")
         return acc
 
     def add(self, start: int, inputs: Mapping[str, np.ndarray], target: np.ndarray | None,
@@ -398,11 +405,12 @@ class Collector:
                         f"input {base.shape[1:]} to have the same number of values"
                     )
                 base = _channels_view(base.reshape(a.shape), axis_used)
-                self._acc(self.raw, name, _channels_view(a, axis_used).shape[1], False).add(
+                self._acc(self.raw, name, _channels_view(a, axis_used).shape[1], False, axis_used).add(
                     start, _channels_view(a, axis_used), _channels_view(b, axis_used))
             va, vb = _channels_view(a, axis_used), _channels_view(b, axis_used)
             vt = None if t is None else _channels_view(t, axis_used)
-            scores[name] = self._acc(self.values, name, va.shape[1], vt is not None).add(start, va, vb, vt, base)
+            scores[name] = self._acc(self.values, name, va.shape[1], vt is not None, axis_used).add(
+                start, va, vb, vt, base)
             del count
         rows = next(iter(fp32.values())).shape[0]
         if self.units.blocked and scores:

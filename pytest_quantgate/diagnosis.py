@@ -617,17 +617,43 @@ def _weight(p: Pairing, fgraph: _Graph) -> _Weight:
 
 
 def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
-             qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool) -> list[TensorError]:
+             qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool) -> tuple[list[TensorError], list[str]]:
+    """Return the SQNR of every output the gate compares, and a note for each one left out.
+
+    A sequence of maps (skl2onnx's ZipMap probabilities) is compared as the gate compares it, a (samples, keys)
+    array in key order; other non-tensor outputs and string tensors have no SQNR and are named in the notes.
+    """
+    from .sessions import as_array
+    from .soak import TensorSpec
+
     ref_s, test_s = _session(fp32, True, exact), _session(int8, True, exact)
-    names = [o.name for o in ref_s.get_outputs()]
-    sums = [SqnrSums() for _ in names]
+    specs = [TensorSpec(o.name, o.type, ()) for o in ref_s.get_outputs()]
+    notes: list[str] = []
+    kept: list[TensorSpec] = []
+    for spec in specs:
+        if spec.type.startswith("seq(map(") or (spec.type.startswith("tensor(") and spec.type != "tensor(string)"):
+            kept.append(spec)
+        else:
+            notes.append(f"output {spec.name!r} ({spec.type}) not compared: the diagnosis compares numeric tensors "
+                         f"and sequences of maps")
+    names = [spec.name for spec in kept]
+    sums = {name: SqnrSums() for name in names}
     for ffeed, qfeed in zip(ffeeds, qfeeds):
         ref = ref_s.run(names, dict(ffeed))
         test = test_s.run(names, dict(qfeed))
-        for acc, r, t in zip(sums, ref, test):
-            acc.add(np.asarray(r), np.asarray(t))
+        for spec, r, t in zip(kept, ref, test):
+            if spec.name not in sums:
+                continue
+            try:
+                a, b = as_array(r, spec, str(fp32)), as_array(t, spec, str(int8))
+            except Exception as exc:  # maps of one run with different keys: this output is left out, said why
+                notes.append(f"output {spec.name!r} ({spec.type}) not compared: {exc}")
+                del sums[spec.name]
+                continue
+            sums[spec.name].add(a, b)
         del ref, test
-    return [TensorError("output", n, None, None, None if s.mismatch else s.db()) for n, s in zip(names, sums)]
+    found = [TensorError("output", n, None, None, None if s.mismatch else s.db()) for n, s in sums.items()]
+    return found, notes
 
 
 def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorError], weights_per_tensor: bool) -> str:
@@ -737,7 +763,10 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
         except ValueError as exc:
             notes.append(f"outputs and activations not analysed: {exc}")
     if ffeeds:
-        outputs = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact)) or []
+        found_o = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact))
+        if found_o is not None:
+            outputs = found_o[0]
+            notes += found_o[1]
     if fmt in ("qdq", "dynamic", "qoperator"):
         found_w: _Weights | None = attempt("weights", lambda: _compare_weights(fgraph, qgraph))
         if found_w is not None:

@@ -40,3 +40,11 @@ class EpUnavailableError(InputError):
 
 class InsufficientSamplesError(InputError):
     """The fixture is too small to resolve the budget (raised only in strict mode)."""
+
+
+class WriteError(InputError):
+    """A file cannot be written (read-only folder, full disk, no permission, size limit); nothing was changed.
+
+    Raised by the write helpers in :mod:`.fileio`, naming the file meant to be written (never its hidden
+    partial), what the OS said and what to do; the file that was there before is left as it was.
+    """

@@ -6,8 +6,10 @@ more than a stated cap.
 
 Writing: :func:`atomic_path` writes a hidden ``.<name>.<random><suffix>.partial`` beside the target and renames
 it onto the target only when complete, so the target is always either the old file or the new one, never a torn
-one. A writer killed with SIGKILL cannot remove its partial, so every partial carries proof of life instead: its
-writer holds an exclusive ``flock`` on it from creation until the rename. :func:`sweep_partials` deletes the
+one. Any OS failure on the way (a read-only folder, a full disk, a size limit) removes the partial and raises
+:class:`~.errors.WriteError` naming the target, not the partial, with the reason and what to do.
+A writer killed with SIGKILL cannot remove its partial, so every partial carries proof of life instead: its writer
+holds an exclusive ``flock`` on it from creation until the rename. :func:`sweep_partials` deletes the
 partials whose lock it can take -- their writer is dead, however recently it died -- and leaves live writers'
 partials alone. No age rule is involved. Locks are per open file description, so the check also holds
 between threads and between two opens in one process.
@@ -27,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, WriteError
 
 _CHUNK = 1 << 20
 PARTIAL_SUFFIX = ".partial"
@@ -217,7 +219,8 @@ def _new_locked_partial(target: Path, suffix: str) -> tuple[int, Path]:
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], suffix: str = "", *, what: str = "file",
+                size: int | None = None) -> Iterator[Path]:
     """Yield a locked partial file beside ``target``; rename it onto ``target`` only when the body succeeds.
 
     The partial lives in the target's folder, so the final ``os.replace`` is a same-filesystem rename (atomic
@@ -227,11 +230,16 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     Write into the yielded path in place (``open(path, "wb")``, ``shutil.copyfile``): replacing it with another
     file would drop the lock. The name keeps ``suffix`` (e.g. ``.onnx``) for writers that dispatch on it.
     A symlinked ``target`` is replaced by a plain file; resolve it first to write through the link.
+    An ``OSError`` of the folder, the partial or the body becomes a :class:`WriteError` naming ``target`` as
+    ``what`` (``size``, when known, is quoted to a full disk).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_partials(target.parent)  # every writer clears what dead writers left in the folder it writes to
-    fd, tmp = _new_locked_partial(target, suffix)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partials(target.parent)  # every writer clears what dead writers left in the folder it writes to
+        fd, tmp = _new_locked_partial(target, suffix)
+    except OSError as exc:
+        raise write_error(target, exc, what, size) from None
     try:
         yield tmp
         os.fsync(fd)
@@ -243,11 +251,67 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         os.fchmod(fd, mode)
         os.replace(tmp, target)
         _fsync_folder(target.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(target, exc, what, size) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)  # the lock goes with the last descriptor, after the rename
+
+
+# what the OS said, as the errno's name and what to do about it; {folder} is the folder written to
+_REMEDIES: dict[int, str] = {
+    errno.EROFS: "{folder} is on a read-only file system: remount it read-write or write the {what} elsewhere",
+    errno.EACCES: "no permission to write in {folder}: make it writable for this user or write the {what} elsewhere",
+    errno.EPERM: "the operation is not permitted in {folder}: make it writable for this user or write the {what} "
+                 "elsewhere",
+    errno.ENOSPC: "the file system holding {folder} is full: free space there{need}",
+    errno.EDQUOT: "the disk quota for {folder} is used up: free space or raise the quota{need}",
+    errno.EFBIG: "the {what} is larger than this process may write (ulimit -f) or the file system allows{need}",
+    errno.ENOTDIR: "a path component of {folder} is a file, not a folder",
+    errno.EIO: "the device holding {folder} reported an I/O error: check it",
+}
+
+
+def write_error(target: str | os.PathLike[str], exc: OSError, what: str = "file", size: int | None = None, *,
+                hint: str | None = None) -> WriteError:
+    """Return the WriteError for ``exc``, met while writing ``target``: the file, the reason, what to do.
+
+    The message names ``target`` itself, never the hidden partial or the folder probe the OS named, and ends
+    with the state of ``target`` (unchanged, or not written), or with ``hint`` where that says more.
+    """
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    code = exc.errno if isinstance(exc.errno, int) else 0
+    name = errno.errorcode.get(code)
+    reason = (exc.strerror or os.strerror(code)) if code else (str(exc) or type(exc).__name__)
+    if name:
+        reason += f" ({name})"
+    need = f" (the {what} needs about {_bytes(size)})" if size else ""
+    remedy = _REMEDIES.get(code, "").format(folder=folder, what=what, need=need)
+    state = hint or ("the existing file is unchanged" if _exists(target) else "nothing was written")
+    return WriteError(f"{target}: cannot write the {what}: {reason}" + (f"; {remedy}" if remedy else "")
+                      + f"; {state}")
+
+
+def _bytes(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a folder that cannot be searched: say nothing was written, the safer claim to check
+        return False
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -318,12 +382,12 @@ def _remove_if_unlocked(path: Path) -> bool:
         os.close(fd)
 
 
-def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically."""
-    with atomic_path(target) as tmp, open(tmp, "r+b") as handle:
+def atomic_write_bytes(target: str | os.PathLike[str], data: bytes, what: str = "file") -> None:
+    """Write ``data`` to ``target`` atomically; raise WriteError naming ``target`` as ``what`` on an OS failure."""
+    with atomic_path(target, what=what, size=len(data)) as tmp, open(tmp, "r+b") as handle:
         handle.write(data)
 
 
-def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``target`` atomically."""
-    atomic_write_bytes(target, text.encode("utf-8"))
+def atomic_write_text(target: str | os.PathLike[str], text: str, what: str = "file") -> None:
+    """Write ``text`` (UTF-8) to ``target`` atomically; raise WriteError naming ``target`` as ``what``."""
+    atomic_write_bytes(target, text.encode("utf-8"), what)

@@ -183,39 +183,78 @@ def _check_finite(block: Mapping[str, np.ndarray], start: int, where: Path) -> N
                                f"{start + value.shape[0] - 1}; soak inputs must be finite")
 
 
-def _run_chunk(p: Prepared, block: Mapping[str, np.ndarray], batch: int | None, clock: _Clock
-               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Run both models over one chunk; return their outputs with samples on axis 0."""
+@dataclass(frozen=True)
+class _Part:
+    """Consecutive samples of one chunk whose outputs have the same shapes: folded into the statistics together."""
+
+    rows: slice  # the samples, within the chunk
+    fp32: dict[str, np.ndarray]
+    int8: dict[str, np.ndarray]
+
+
+def _run_chunk(p: Prepared, block: Mapping[str, np.ndarray], batch: int | None, clock: _Clock, start: int
+               ) -> list[_Part]:
+    """Run both models over one chunk; return their outputs (samples on axis 0) in parts of one shape each.
+
+    A model whose output shape depends on the input's values (NonZero, Compress, a detector's kept boxes) gives
+    each run its own shape: such runs cannot be stacked, so each becomes a part of its own. The statistics are
+    per-sample sums, so folding a chunk part by part gives the same verdict as folding it whole.
+    """
     count = int(next(iter(block.values())).shape[0])
     if p.plan.batched:
         step = batch or count
-        feeds = [{k: v[i : i + step] for k, v in block.items()} for i in range(0, count, step)]
+        spans = [(i, min(i + step, count)) for i in range(0, count, step)]
+        feeds = [{k: v[lo:hi] for k, v in block.items()} for lo, hi in spans]
     else:
+        spans = [(i, i + 1) for i in range(count)]
         feeds = [{k: v[i] for k, v in block.items()} for i in range(count)]
-    fp32_parts: dict[str, list[np.ndarray]] = {o.name: [] for o in p.outputs}
-    int8_parts: dict[str, list[np.ndarray]] = {o.name: [] for o in p.outputs}
-    for feed in feeds:
-        size = int(next(iter(feed.values())).shape[0]) if p.plan.batched else 1
-        for session, parts, label, attr in ((p.fp32, fp32_parts, str(p.fp32_path), "fp32"),
-                                            (p.int8, int8_parts, str(p.int8_path), "int8")):
+    # consecutive runs whose outputs have the same shapes beyond axis 0, joined once at the end: (rows, fp32, int8)
+    groups: list[tuple[slice, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]] = []
+    for (lo, hi), feed in zip(spans, feeds):
+        got: list[dict[str, np.ndarray]] = []
+        for session, label, attr in ((p.fp32, str(p.fp32_path), "fp32"), (p.int8, str(p.int8_path), "int8")):
             outs, seconds = run(session, p.outputs, feed, label)
             setattr(clock, attr, getattr(clock, attr) + seconds)
             for name, out in outs.items():
-                if p.plan.batched:
-                    if out.ndim == 0 or out.shape[0] != size:
-                        raise FixtureError(
-                            f"{label}: output {name!r} has shape {out.shape} for a batch of {size}; the model does "
-                            f"not keep the batch axis, so stack one model input per sample (add a leading axis)"
-                        )
-                    parts[name].append(out)
-                else:
-                    parts[name].append(out[None, ...])
+                if p.plan.batched and (out.ndim == 0 or out.shape[0] != hi - lo):
+                    raise FixtureError(
+                        f"{label}: output {name!r} has shape {out.shape} for a batch of {hi - lo}; the model does "
+                        f"not keep the batch axis, so stack one model input per sample (add a leading axis)"
+                    )
+            got.append(outs if p.plan.batched else {name: out[None, ...] for name, out in outs.items()})
         clock.runs += 1
-    return _joined(fp32_parts), _joined(int8_parts)
+        fp32_out, int8_out = got
+        _check_pairable(p, fp32_out, int8_out, start + lo, start + hi)
+        if groups and all(groups[-1][1][0][n].shape[1:] == v.shape[1:] for n, v in fp32_out.items()):
+            rows, fp32_runs, int8_runs = groups[-1]
+            groups[-1] = (slice(rows.start, hi), fp32_runs, int8_runs)
+            fp32_runs.append(fp32_out)
+            int8_runs.append(int8_out)
+        else:
+            groups.append((slice(lo, hi), [fp32_out], [int8_out]))
+    return [_Part(rows, _joined(fp32_runs), _joined(int8_runs)) for rows, fp32_runs, int8_runs in groups]
 
 
-def _joined(parts: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: v[0] if len(v) == 1 else np.concatenate(v, axis=0) for name, v in parts.items()}
+def _joined(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: value if len(runs) == 1 else np.concatenate([r[name] for r in runs], axis=0)
+            for name, value in runs[0].items()}
+
+
+def _check_pairable(p: Prepared, fp32: Mapping[str, np.ndarray], int8: Mapping[str, np.ndarray], lo: int,
+                    hi: int) -> None:
+    """Refuse a run whose int8 output has another shape than fp32's: its values cannot be paired one to one."""
+    for name, a in fp32.items():
+        b = int8[name]
+        if a.shape != b.shape:
+            which = f"sample {lo}" if hi - lo == 1 else f"samples {lo}..{hi - 1}"
+            shapes = (b.shape[1:], a.shape[1:]) if not p.plan.batched else (b.shape, a.shape)
+            raise FixtureError(
+                f"{p.fixture.path}: entry {p.entry.id!r}: output {name!r} has shape {shapes[0]} from the int8 "
+                f"model and {shapes[1]} from fp32 on fixture {which}; its shape depends on the values "
+                f"(NonZero, NMS, a score threshold) and int8 moved one across, so the two cannot be compared value "
+                f"by value: gate the model without that step (e.g. the scores before NMS), whose outputs keep "
+                f"their shape"
+            )
 
 
 def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
@@ -238,11 +277,14 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
     try:
         for block, target in p.fixture.chunks(lambda: rows_next[0]):
             _check_finite(block, start, p.fixture.path)
-            fp32_out, int8_out = _run_chunk(p, block, batch, clock)
-            collector.add(start, block, target, fp32_out, int8_out)
+            parts = _run_chunk(p, block, batch, clock, start)
+            for part in parts:
+                span = part.rows
+                collector.add(start + span.start, {k: v[span] for k, v in block.items()},
+                              None if target is None else target[span], part.fp32, part.int8)
             count = int(next(iter(block.values())).shape[0])
             if start == 0:
-                per_sample = sum(v.nbytes for v in fp32_out.values()) / max(count, 1)
+                per_sample = sum(v.nbytes for part in parts for v in part.fp32.values()) / max(count, 1)
                 rows = max(1, min(settings.batch_size, CHUNK_ROWS, int(CHUNK_BYTES // max(per_sample, 1.0))))
                 if batch:
                     rows = max(batch, rows // batch * batch)
@@ -483,14 +525,21 @@ def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, ru
 
 def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str,
              cache: CacheStore | None) -> Outcome:
-    from .errors import EpUnavailableError, InputError
+    from .errors import EpUnavailableError, InputError, WriteError
 
     regenerated: str | None = None
     notes: list[str] = []
     try:
         from . import regen
 
-        built = regen.ensure_sidecar(registry, entry, settings, run_id)
+        try:
+            built = regen.ensure_sidecar(registry, entry, settings, run_id)
+        except WriteError as exc:
+            # the error names the file; the entry and the regen policy say why it was being written
+            kept = registry.int8_path(entry).is_file()
+            raise WriteError(f"{registry.path}: entry {entry.id!r}: cannot rebuild the sidecar (regen "
+                             f"{settings.regen!r}): {exc}" + ("; regen 'never' gates the sidecar on disk as it is"
+                                                             if kept else "")) from None
         if built is not None:
             regenerated = built.note(registry, entry)
             if not built.matches_pin:
@@ -542,7 +591,10 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
             regenerated = f"{regenerated}; used without review: {why} (re-pin with {repin} to record this build)"
             notes[-1] = regenerated
     if key is not None and cache is not None and result.passed:
-        cache.set(key, result)
+        try:
+            cache.set(key, result)
+        except (WriteError, OSError) as exc:  # the verdict stands; only the shortcut for the next run is lost
+            notes.append(f"the passing result was not cached: {exc}")
     return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,
                    regenerated=regenerated, notes=tuple(notes))
 

@@ -50,7 +50,7 @@ ul{margin:4px 0 8px 18px;padding:0}
 
 def write_html(path: Path, outcomes: Sequence[Outcome], title: str) -> None:
     """Write the report page to ``path`` (atomically, readable as the umask allows); plots need matplotlib."""
-    atomic_write_text(path, render_html(outcomes, title))
+    atomic_write_text(path, render_html(outcomes, title), "HTML report")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,19 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"quantgate: registry {settings.registry} not found (set --quantgate-registry or quantgate_registry)"
         )
+    if getattr(config, "workerinput", None) is None:  # the controller writes the reports: check it can, first
+        from .errors import InputError
+        from .fileio import check_writable
+
+        # pytest's own --junitxml writer raises at the end of the run when it cannot write: check it first too
+        junit = getattr(config.option, "xmlpath", None)
+        for option, path in (("--quantgate-report", settings.report), ("--quantgate-html", settings.html),
+                             ("--junitxml", Path(junit) if junit else None)):
+            if path is not None:
+                try:
+                    check_writable(path, option, create_folders=True)  # the writer makes missing folders
+                except InputError as exc:
+                    raise pytest.UsageError(f"quantgate: {exc}") from None
     _ensure_registry_collected(config, settings.registry)
     config.stash[OUTCOMES_KEY] = {}
     config.pluginmanager.register(QuantGateSession(config), "quantgate-session")
@@ -162,6 +176,7 @@ class QuantGateSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        self.unwritten: list[str] = []  # reports that could not be written, said in the terminal summary
 
     @pytest.hookimpl
     def pytest_collect_file(self, file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -202,34 +217,49 @@ class QuantGateSession:
         if getattr(self.config, "workerinput", None) is not None:
             return
         from . import reports
+        from .errors import WriteError
 
         outcomes = list(self.config.stash.get(OUTCOMES_KEY, {}).values())
         settings = self.config.stash[SETTINGS_KEY]
-        if settings.report is not None:
-            reports.write_json(settings.report, outcomes, settings)
-        if settings.html is not None:
+
+        def html(path: Path) -> None:
             from .html import write_html
 
-            write_html(settings.html, outcomes, title=f"quantgate: {settings.registry}")
-        reports.append_github_summary(outcomes)
+            write_html(path, outcomes, title=f"quantgate: {settings.registry}")
+
+        jobs: list[tuple[Path | None, Callable[[Path], None]]] = [
+            (settings.report, lambda path: reports.write_json(path, outcomes, settings)), (settings.html, html)]
+        for path, write in jobs:
+            try:
+                if path is not None:
+                    write(path)
+            except WriteError as exc:  # one line in the summary, never an INTERNALERROR; the others still write
+                self.unwritten.append(str(exc))
+        try:
+            reports.append_github_summary(outcomes)
+        except WriteError as exc:
+            self.unwritten.append(str(exc))
+        if self.unwritten and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a report CI reads is missing: never green
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
-        """Print one row per gated item, then drops per EP when several ran."""
+        """Print one row per gated item, drops per EP when several ran, and any report that was not written."""
         from .reports import per_ep_lines, summary_lines
 
         outcomes = list(config.stash.get(OUTCOMES_KEY, {}).values())
-        if not outcomes:
-            return
-        terminalreporter.section("quantgate summary")
-        for line in summary_lines(outcomes):
-            terminalreporter.line(line)
-        per_ep = per_ep_lines(outcomes)
-        if per_ep:
-            terminalreporter.section("quantgate drops per execution provider")
-            for line in per_ep:
+        if outcomes:
+            terminalreporter.section("quantgate summary")
+            for line in summary_lines(outcomes):
                 terminalreporter.line(line)
-        settings = config.stash[SETTINGS_KEY]
-        for label, path in (("JSON report", settings.report), ("HTML report", settings.html)):
-            if path is not None:
-                terminalreporter.line(f"quantgate {label}: {path}")
+            per_ep = per_ep_lines(outcomes)
+            if per_ep:
+                terminalreporter.section("quantgate drops per execution provider")
+                for line in per_ep:
+                    terminalreporter.line(line)
+            settings = config.stash[SETTINGS_KEY]
+            for label, path in (("JSON report", settings.report), ("HTML report", settings.html)):
+                if path is not None and not any(message.startswith(f"{path}:") for message in self.unwritten):
+                    terminalreporter.line(f"quantgate {label}: {path}")
+        for message in self.unwritten:
+            terminalreporter.line(f"quantgate ERROR: {message}", red=True)

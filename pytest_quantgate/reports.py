@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .comparison import GateResult
+from .comparison import GateResult, LabelReport
 from .records import Diagnosis, dump
 
 if TYPE_CHECKING:
@@ -74,6 +74,9 @@ def metrics_table(result: GateResult) -> list[str]:
     """Return a fixed-width table of every output's metrics."""
     lines: list[str] = []
     for rep in result.outputs:
+        if rep.labels is not None and rep.vs_fp32.n == 0:  # an integer output: judged by agreement, no PLCC
+            lines.append(f"  output {rep.name!r} ({_agreement(rep.labels)})")
+            continue
         cols = [("int8 vs fp32", rep.vs_fp32)]
         if rep.fp32_vs_target is not None and rep.int8_vs_target is not None:
             cols = [("fp32 vs target", rep.fp32_vs_target), ("int8 vs target", rep.int8_vs_target), *cols]
@@ -84,7 +87,17 @@ def metrics_table(result: GateResult) -> list[str]:
                             ("mean |err|", "mae"), ("max |err|", "max_abs"), ("slope", "slope"),
                             ("intercept", "intercept")):
             lines.append("    " + label.ljust(12) + "".join(_f(getattr(m, attr)).rjust(16) for _, m in cols))
+        if rep.labels is not None:
+            lines.append(f"    {_agreement(rep.labels)}")
     return lines
+
+
+def _agreement(labels: LabelReport) -> str:
+    """Return e.g. ``labels: int8 differs from fp32 on 2.10% of elements, budget 0.01, 95% CI [...]``."""
+    ci = labels.interval
+    bounds = f", {ci.level:.0%} CI [{_f(ci.low)}, {_f(ci.high)}]" if ci is not None else ""
+    return (f"{labels.what}: int8 differs from fp32 on {labels.flip_rate:.2%} of elements, budget "
+            f"{labels.budget:g}{bounds}")
 
 
 def failure_text(result: GateResult, registry: str) -> str:
@@ -277,7 +290,8 @@ def write_json(path: Any, outcomes: Sequence[Outcome], settings: Any) -> None:
     """Write the JSON report atomically."""
     from .fileio import atomic_write_text
 
-    atomic_write_text(path, json.dumps(report_document(outcomes, settings), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(report_document(outcomes, settings), indent=2, allow_nan=False) + "\n",
+                      "JSON report")
 
 
 def markdown_lines(outcomes: Sequence[Outcome]) -> list[str]:
@@ -306,11 +320,17 @@ def append_github_summary(outcomes: Sequence[Outcome]) -> None:
     """Append the markdown summary to ``$GITHUB_STEP_SUMMARY`` when GitHub Actions sets it."""
     import os
 
+    from .errors import WriteError
+
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if not target or not outcomes:
         return
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(markdown_lines(outcomes)) + "\n")
+    try:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(markdown_lines(outcomes)) + "\n")
+    except OSError as exc:  # appended, not replaced: it may hold a part of the table
+        raise WriteError(f"{target}: cannot append the summary to $GITHUB_STEP_SUMMARY: "
+                         f"{exc.strerror or exc}; the step summary may be incomplete") from None
 
 
 # --- the command line's report (quantgate measure and pre-commit) ------------------------------------------
@@ -346,10 +366,15 @@ def report_outcomes(outcomes: Sequence[Outcome], registry_path: str, json_out: P
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
     out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
     if json_out is not None:
+        from .errors import WriteError
         from .fileio import atomic_write_text
 
-        atomic_write_text(json_out, json.dumps([o.to_json() for o in _order(outcomes)], indent=2, allow_nan=False)
-                          + "\n")
+        try:
+            atomic_write_text(json_out, json.dumps([o.to_json() for o in _order(outcomes)], indent=2,
+                                                   allow_nan=False) + "\n", "JSON report")
+        except WriteError as exc:  # the report above stands; the missing file makes the run an error
+            err(f"quantgate: error: {exc}")
+            return EXIT_ERROR
     if counts["error"]:
         return EXIT_ERROR
     return EXIT_FAIL if counts["fail"] else EXIT_PASS

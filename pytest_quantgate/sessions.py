@@ -54,7 +54,8 @@ def check_signatures(fp32: ort.InferenceSession, int8: ort.InferenceSession, fp3
 
 
 def as_array(value: Any, spec: TensorSpec, label: str) -> np.ndarray:
-    """Return one output as an array: tensors as they are, a sequence of maps as (samples, keys) in key order."""
+    """Return one output as an array: tensors as they are (strings as str), a sequence of maps as (samples, keys)
+    in key order."""
     if spec.type.startswith("seq(map("):
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise FixtureError(f"{label}: output {spec.name!r} ({spec.type}) did not return a list of maps")
@@ -64,6 +65,8 @@ def as_array(value: Any, spec: TensorSpec, label: str) -> np.ndarray:
         if any(sorted(v) != keys for v in value):
             raise FixtureError(f"{label}: output {spec.name!r}: the maps of one run have different keys")
         return np.asarray([[float(v[k]) for k in keys] for v in value], dtype=np.float64)
+    if spec.type == "tensor(string)":  # class names (skl2onnx's label for string classes): compared by equality
+        return np.asarray(value, dtype=np.str_)
     array = np.asarray(value)
     if array.dtype == object:
         raise FixtureError(f"{label}: output {spec.name!r} ({spec.type}) is not a numeric tensor")

@@ -61,6 +61,74 @@ def mlp_model(weights: dict[str, np.ndarray], input_name: str = "features", outp
     return model
 
 
+def ragged_model(keep_from_input: bool, column: bool = False) -> onnx.ModelProto:
+    """Return x[N, 8] -> some values of x @ W, flattened: y[K] (or y[K, 1] with ``column``).
+
+    ``keep_from_input``: which values are kept is decided by the input (x > 0), so int8 keeps the same ones;
+    otherwise by the product itself (x @ W > 0), which int8 moves across zero now and then.
+    """
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=(8, 8)).astype(np.float32)
+    mask_of = "xv" if keep_from_input else "hv"
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+        helper.make_node("Reshape", ["h", "flat"], ["hv"]),
+        helper.make_node("Reshape", ["x", "flat"], ["xv"]),
+        helper.make_node("Greater", [mask_of, "zero"], ["keep"]),
+        helper.make_node("Compress", ["hv", "keep"], ["kept" if column else "y"]),
+    ]
+    if column:
+        nodes.append(helper.make_node("Unsqueeze", ["kept", "last"], ["y"]))
+    out_shape: list[Any] = ["K", 1] if column else ["K"]
+    graph = helper.make_graph(
+        nodes, "ragged", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+                     numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                     numpy_helper.from_array(np.array([1], np.int64), "last")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def zipmap_classifier(string_labels: bool = False, ridge: float = 1.0) -> onnx.ModelProto:
+    """Return a digits classifier laid out as skl2onnx writes one: ``label`` and ZipMap ``output_probability``.
+
+    Gemm (a ridge fit on one-hot targets) -> Softmax -> ArgMax ``label`` (int64, or the class name through a
+    Gather with ``string_labels``) and ``output_probability``, a seq(map(int64|string, float)) from ai.onnx.ml's
+    ZipMap.
+    """
+    train_x, train_y, _, _ = digits_split()
+    design = np.hstack([train_x, np.ones((len(train_x), 1), np.float32)])
+    targets = np.eye(10)[train_y.astype(int)] * 8.0
+    coef = np.linalg.solve(design.T @ design + ridge * np.eye(design.shape[1]), design.T @ targets)
+    names = [f"digit_{i}" for i in range(10)]
+    nodes = [
+        helper.make_node("Gemm", ["features", "w", "b"], ["logits"], name="fc"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"),
+        helper.make_node("ArgMax", ["probabilities"], ["index" if string_labels else "label"], axis=1, keepdims=0),
+        helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                         **({"classlabels_strings": names} if string_labels
+                            else {"classlabels_int64s": list(range(10))})),
+    ]
+    inits = [numpy_helper.from_array(coef[:-1].astype(np.float32), "w"),
+             numpy_helper.from_array(coef[-1].astype(np.float32), "b")]
+    if string_labels:
+        nodes.append(helper.make_node("Gather", ["classes", "index"], ["label"], axis=0))
+        inits.append(numpy_helper.from_array(np.array(names, dtype=object), "classes"))
+    key = TensorProto.STRING if string_labels else TensorProto.INT64
+    probability = helper.make_value_info("output_probability", helper.make_sequence_type_proto(
+        helper.make_map_type_proto(key, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
+    graph = helper.make_graph(
+        nodes, "classifier", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("label", key, ["N"]), probability], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def quantize_dynamic_file(fp32: Path, int8: Path) -> None:
     """Write a real ORT dynamic-int8 sidecar."""
     from onnxruntime.quantization import QuantType, quantize_dynamic

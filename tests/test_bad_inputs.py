@@ -179,6 +179,14 @@ def plain_npy(project: GateProject) -> list[Any]:
     return [entry]
 
 
+def int8_changes_a_ragged_shape(project: GateProject) -> list[Any]:
+    """A stacked fixture (the layout the gate advises) for an output whose length int8 changes on some sample."""
+    onnx.save(modelkit.ragged_model(keep_from_input=False), project.model / "broken.onnx")
+    modelkit.quantize_dynamic_file(project.model / "broken.onnx", project.model / "broken.int8.onnx")
+    _fixture(project, "broken.npz", x=np.random.default_rng(5).normal(size=(120, 1, 8)).astype(np.float32))
+    return [modelkit.pin({"id": "broken", "onnx": "broken.onnx", "quant_mode": "dynamic"}, project.model)]
+
+
 def relative_without_target(project: GateProject) -> list[Any]:
     entry = project.add_sidecar("broken", fixture="digits_notarget.npz", quant_budget_relative=0.99)
     return [entry]
@@ -295,6 +303,9 @@ CASES = [
          ("*fixtures/broken.npz: the soak fixture path exists but is not a regular file (a directory)*",)),
     Case("FIFO where the fixture should be (unreadable)", not_a_file("broken.npz", "fifo"),
          ("*fixtures/broken.npz: the soak fixture path exists but is not a regular file (a FIFO)*",)),
+    Case("int8 changes an output shape that depends on the values", int8_changes_a_ragged_shape,
+         ("*broken.npz: entry 'broken': output 'y' has shape (*,) from the int8 model and (*,) from fp32 on fixture "
+          "sample *; its shape depends on the values*gate the model without that step*",)),
     Case("relative budget without a target", relative_without_target,
          ("*entry 'broken' field 'quant_budget_relative': the soak fixture */broken.npz has no 'target' array*",)),
 ]

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryError
+from ..errors import InputError, RegistryError
 from ..registry import Entry, Registry
 from .base import Assess, ProducerError, ProducerResult
 
@@ -82,9 +82,24 @@ def produce(
         config = _config(QatConfig, options, entry, registry)
         try:
             return quantize_qat(fp32, int8, config, recipe=recipe, progress=progress, guard=guard, assess=assess)
-        except (ProducerError, RegistryError):
+        except (ProducerError, InputError):  # a write failure too: it names the sidecar, not the recipe
             raise
         except (Exception, SystemExit) as exc:  # the recipe is user code: whatever it raises is reported
+            refused = _temp_write_refused(exc)
+            if refused is not None:  # the temp folder is full or read-only: not the recipe's doing
+                raise refused from exc
             raise ProducerError(f"{registry.path}: entry {entry.id!r}: QAT recipe {recipe} raised "
                                 f"{type(exc).__name__}: {exc}") from exc
     raise ProducerError(f"{registry.path}: entry {entry.id!r}: quant_mode {entry.mode!r} has no producer")
+
+
+def _temp_write_refused(exc: BaseException) -> InputError | None:
+    """Return the WriteError for an OS refusal to write in the temp folder (QAT's working files), else None."""
+    import tempfile
+
+    from .ptq_common import scratch_write_error
+
+    found = scratch_write_error(exc, Path(tempfile.gettempdir()))
+    if found is None or not str(found).startswith(str(Path(tempfile.gettempdir()))):
+        return None  # a file the recipe itself writes elsewhere: the recipe's error, reported as such
+    return found

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_quantgate.fileio import atomic_path, atomic_write_text, sweep_partials
+from pytest_quantgate.fileio import atomic_path, atomic_write_text, sweep_partials, write_error
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
 
 if TYPE_CHECKING:
@@ -181,7 +181,11 @@ def scratch_dir(label: str = "producer") -> Iterator[Path]:
     base = Path(tempfile.gettempdir())
     _sweep_dead_scratch_dirs(base)
     safe_label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[:40]
-    path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-{_host_tag()}-{safe_label}-", dir=base))
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-{_host_tag()}-{safe_label}-", dir=base))
+    except OSError as exc:
+        raise write_error(base / f"{_SCRATCH_PREFIX}*", exc, "producer's working folder",
+                          hint="set TMPDIR to a writable folder with space; the sidecar was not touched") from None
     try:
         yield path
     finally:
@@ -274,7 +278,7 @@ def publish_sidecar(
         raise ProducerError(f"{int8_path}: cannot store the provenance in the model: {type(exc).__name__}: {exc}") \
             from exc
     sweep_partials(int8_path.parent)
-    with atomic_path(int8_path, suffix=".onnx") as tmp, open(tmp, "r+b") as handle:
+    with atomic_path(int8_path, suffix=".onnx", what="int8 sidecar", size=len(data)) as tmp, open(tmp, "r+b") as handle:
         handle.write(data)
     digest = hashlib.sha256(data).hexdigest()
     _remove_legacy_record(int8_path, guard)

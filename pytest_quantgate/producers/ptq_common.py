@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -16,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_quantgate.fileio import sha256_file, sweep_partials
+from pytest_quantgate.errors import WriteError
+from pytest_quantgate.fileio import sha256_file, sweep_partials, write_error
 from pytest_quantgate.ort import import_onnxruntime
 from pytest_quantgate.producers.base import ProducerError
 from pytest_quantgate.producers.provenance import check_target, shaping_versions
@@ -191,7 +194,32 @@ def save_model(fp32_path: Path, model: onnx.ModelProto, target: Path) -> None:
         onnx.save_model(model, str(target), save_as_external_data=large,
                         location=f"{target.name}.data" if large else None)
     except Exception as exc:
-        raise ProducerError(f"{fp32_path}: cannot write a working copy of the model: {one_line(exc)}") from exc
+        raise scratch_write_error(exc, target) or ProducerError(
+            f"{fp32_path}: cannot write a working copy of the model: {one_line(exc)}") from exc
+
+
+# what the OS says when it refuses a write for want of space, permission or a writable file system
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+def scratch_write_error(exc: BaseException, fallback: Path) -> WriteError | None:
+    """Return a WriteError when ``exc`` (or an exception behind it) is the OS refusing a working-copy write.
+
+    Producers write their working copies in the temp folder (``scratch_dir``), so a full or read-only temp
+    folder fails there, before the sidecar's folder is touched: the message names the file the OS named (else
+    ``fallback``) and says how to move the working copies.
+    """
+    seen: BaseException | None = exc
+    visited: set[int] = set()  # a chain can loop back on itself
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            where = Path(seen.filename) if isinstance(seen.filename, str) else fallback
+            return write_error(where, seen, "producer's working copy", hint=(
+                "working copies go to the temp folder: set TMPDIR to a folder with space to move them; the "
+                "sidecar was not touched"))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def check_node_names(fp32_path: Path, model: onnx.ModelProto, option: str, names: Sequence[str]) -> None:
@@ -275,12 +303,16 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def ort_failure(fp32_path: Path, stage: str, exc: BaseException) -> ProducerError:
+def ort_failure(fp32_path: Path, stage: str, exc: BaseException) -> ProducerError | WriteError:
     """Turn an exception raised inside onnxruntime.quantization into a ProducerError naming model and stage.
 
     The innermost function on the traceback (e.g. ``_adjust_weight_quant_params_for_bias_tensors``) and the
-    innermost onnxruntime frame are named too, which is what a bug report upstream needs.
+    innermost onnxruntime frame are named too, which is what a bug report upstream needs. The OS refusing a
+    write of the quantiser's working files (a full temp folder) is a WriteError instead: no option fixes it.
     """
+    refused = scratch_write_error(exc, Path(tempfile.gettempdir()))
+    if refused is not None:
+        return refused
     where = ""
     frames = traceback.extract_tb(exc.__traceback__)
     if frames:
@@ -290,10 +322,34 @@ def ort_failure(fp32_path: Path, stage: str, exc: BaseException) -> ProducerErro
             last = ort_frames[-1]
             where += f" (onnxruntime {Path(last.filename).name}:{last.lineno} {last.name}())"
     return ProducerError(
-        f"{fp32_path}: stage '{stage}': onnxruntime crashed{where}: {one_line(exc)}. "
-        "This model cannot be quantised with these options; try excluding the node or op type named in the "
+        f"{fp32_path}: stage '{stage}': onnxruntime crashed{where}: {one_line(exc)}. " + _temp_space_note(fp32_path)
+        + "This model cannot be quantised with these options; try excluding the node or op type named in the "
         "error (nodes_to_exclude / op_types_to_exclude), per_channel=False, or another quant_format."
     )
+
+
+# the quantiser keeps a few copies of the model in the temp folder (ours, its shape-inferred and augmented ones)
+TEMP_COPIES = 4
+
+
+def _temp_space_note(fp32_path: Path) -> str:
+    """Return a sentence saying the temp folder is too full for the quantiser's copies of the model, or ''.
+
+    onnx writes some of them from C++ and does not report a short write: the next step then reads a truncated
+    model and fails with an unrelated error (measured: "Failed to find proper ai.onnx domain" with 16 KiB free).
+    """
+    import shutil
+
+    folder = tempfile.gettempdir()
+    try:
+        free, need = shutil.disk_usage(folder).free, TEMP_COPIES * fp32_path.stat().st_size
+    except OSError:
+        return ""
+    if free >= need:
+        return ""
+    return (f"The temp folder {folder} has {free} bytes free, less than the quantiser's copies of this model need "
+            f"(about {need}), which is the likely cause: free space there or set TMPDIR to a folder with space, "
+            f"and retry. Otherwise: ")
 
 
 def check_ort_loads(fp32_path: Path, model_path: Path, stage: str, feed: dict[str, Any] | None = None) -> None:
