@@ -138,8 +138,9 @@ class Reservoir:
         self.seed = seed
         self.index = np.zeros(0, dtype=np.int64)
         self.priority = np.zeros(0, dtype=np.uint64)
-        self.values: np.ndarray | None = None  # (kept, k, 3)
-        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.values: np.ndarray | None = None  # (kept, k, 3), padded to the widest sample
+        self.width = np.zeros(0, dtype=np.int64)  # triples of each kept sample (outputs may vary in size)
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.waiting = 0
         self.bound: np.uint64 | None = None  # a sample of this priority or above can no longer get in
 
@@ -154,36 +155,44 @@ class Reservoir:
         """Offer samples ``index`` with their triples (n, k, 3)."""
         if index.size == 0:
             return
-        self.pending.append((index.astype(np.int64), priority, values))
+        width = np.full(index.size, values.shape[1], dtype=np.int64)
+        self.pending.append((index.astype(np.int64), priority, values, width))
         self.waiting += index.size
         if self.waiting > max(self.capacity, 1024):  # amortised: a compaction per capacity of admitted samples
             self._compact()
 
     def _compact(self) -> None:
-        parts = [(self.index, self.priority, self.values)] if self.values is not None else []
+        parts = [(self.index, self.priority, self.values, self.width)] if self.values is not None else []
         parts += self.pending
         self.pending, self.waiting = [], 0
         if not parts:
             return
         index = np.concatenate([p[0] for p in parts])
         priority = np.concatenate([p[1] for p in parts])
-        values = np.concatenate([p[2] for p in parts], axis=0)
+        width = np.concatenate([p[3] for p in parts])
+        # a value-dependent output shape gives samples of other sizes: pad to the widest, remember each width
+        widest = max(p[2].shape[1] for p in parts)
+        values = np.concatenate([p[2] if p[2].shape[1] == widest
+                                 else np.pad(p[2], ((0, 0), (0, widest - p[2].shape[1]), (0, 0))) for p in parts],
+                                axis=0)
         if index.size > self.capacity:
             keep = np.argpartition(priority, self.capacity - 1)[: self.capacity]
-            index, priority, values = index[keep], priority[keep], values[keep]
+            index, priority, values, width = index[keep], priority[keep], values[keep], width[keep]
             self.bound = priority.max()
-        self.index, self.priority, self.values = index, priority, values
+        self.index, self.priority, self.values, self.width = index, priority, values, width
 
     def triples(self) -> np.ndarray:
         """Return the kept triples (k, 3) in sample order."""
         self._compact()
         if self.values is None or self.values.size == 0:
             return np.zeros((0, 3))
-        return np.asarray(self.values[np.argsort(self.index, kind="stable")].reshape(-1, 3))
+        order = np.argsort(self.index, kind="stable")
+        valid = np.arange(self.values.shape[1])[None, :] < self.width[order][:, None]
+        return np.asarray(self.values[order][valid].reshape(-1, 3))
 
     def nbytes(self) -> int:
         """Return the bytes held: kept and pending samples."""
-        held = [self.index, self.priority] + ([self.values] if self.values is not None else [])
+        held = [self.index, self.priority, self.width] + ([self.values] if self.values is not None else [])
         return sum(int(a.nbytes) for a in held) + sum(int(a.nbytes) for part in self.pending for a in part)
 
     def merged(self, other: Reservoir) -> Reservoir:
@@ -192,7 +201,7 @@ class Reservoir:
         for side in (self, other):
             side._compact()
             if side.values is not None:
-                out.pending.append((side.index, side.priority, side.values))
+                out.pending.append((side.index, side.priority, side.values, side.width))
         out._compact()
         return out
 

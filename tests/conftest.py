@@ -20,6 +20,11 @@ import pytest_quantgate.cli  # noqa: F401
 import pytest_quantgate.gate  # noqa: F401
 import pytest_quantgate.items  # noqa: F401
 
+# the same for onnxruntime's quantisation tooling, which the PTQ producers import lazily: regeneration inside a
+# pytester run would be its first import. (torch cannot be re-imported at all once pytester dropped it: "bad call
+# flags", duplicate torchao op registrations; so tests that train run pytest in a subprocess.)
+import onnxruntime.quantization  # noqa: F401
+
 pytest_plugins = ["pytester"]
 
 

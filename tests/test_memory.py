@@ -63,7 +63,7 @@ def test_the_state_does_not_grow_from_ten_thousand_to_ten_million_samples() -> N
     assert sizes[10**4][0] == 10**4 * (streaming.FIELDS * 8 + 16)  # below the cap: one row per sample
     # past the cap: the same rows at 10^5, 10^6 and 10^7 samples, and the reservoir holds at most cap samples
     assert sizes[10**5][0] == sizes[10**6][0] == sizes[10**7][0] == cap * (streaming.FIELDS * 8 + 16)
-    reservoir = cap * (8 + 8 + 3 * 8)  # index, priority, one triple per kept sample
+    reservoir = cap * (8 + 8 + 8 + 3 * 8)  # index, priority, width, one triple per kept sample
     bound = sizes[10**5][0] + cap + 3 * 8 + 2 * reservoir  # + seen flags, NaN counts, a pending reservoir batch
     assert all(state <= bound for _, state, _ in sizes.values()), sizes
     # the traced peak is the chunk's temporaries plus the state: the same at 10^6 and 10^7 samples

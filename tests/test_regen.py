@@ -134,8 +134,9 @@ def test_deleted_bundled_sidecars_are_rebuilt_to_their_pins(pytester: pytest.Pyt
     _bundled_copy(pytester.path)
     for sidecar in (pytester.path / "model").glob("*.int8.onnx"):
         sidecar.unlink()
-    result = pytester.runpytest("--quantgate", "-p", "no:cacheprovider", "--quantgate-regen", "missing",
-                                "--quantgate-allow-recipes", "--quantgate-bootstrap", "200", *workers)
+    # in a subprocess: QAT imports torch, which pytester would drop after an in-process run (see conftest)
+    result = pytester.runpytest_subprocess("--quantgate", "-p", "no:cacheprovider", "--quantgate-regen", "missing",
+                                           "--quantgate-allow-recipes", "--quantgate-bootstrap", "200", *workers)
     result.assert_outcomes(passed=3)
     # PTQ builds are byte-reproducible on every CPU and kernel setting (.ci/run reruns this under other ones)
     result.stdout.fnmatch_lines_random([

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import modelkit
 import oswrite
 import pytest
 from conftest import GateProject
@@ -30,6 +31,7 @@ from pytest_quantgate import fileio
 from pytest_quantgate.cli import main
 from pytest_quantgate.errors import WriteError
 from pytest_quantgate.fileio import atomic_write_bytes, sha256_file
+from pytest_quantgate.producers.ptq_dynamic import DynamicConfig, quantize_dynamic
 
 Refuse = Callable[..., None]
 
@@ -316,7 +318,11 @@ def test_advise_in_a_read_only_registry_folder(files: GateProject, monkeypatch: 
 
 def test_regen_into_a_read_only_folder_is_an_error_item_and_the_other_entry_passes(project: GateProject,
                                                                                    refuse: Refuse) -> None:
-    entries = [project.add_sidecar("locked"), project.add_sidecar("healthy")]
+    project.add_sidecar("healthy")
+    # the healthy entry's sidecar as its producer builds it, pinned with its build: rebuilt, it matches its pin
+    quantize_dynamic(project.model / "healthy.onnx", project.model / "healthy.int8.onnx", DynamicConfig())
+    healthy = modelkit.pin({"id": "healthy", "onnx": "healthy.onnx", "quant_mode": "dynamic"}, project.model)
+    entries = [project.add_sidecar("locked"), healthy]
     project.write(entries)
     before = sha256_file(project.model / "locked.int8.onnx")
     refuse(errno.EROFS, _named("locked.int8.onnx"))

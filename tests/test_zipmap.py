@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import onnx
 import pytest
 from conftest import GateProject, rounded_weights
 
-import modelkit
-from pytest_quantgate.diagnosis import diagnose, sqnr_db
+from pytest_quantgate.diagnosis import diagnose
+from pytest_quantgate.qgraph import sqnr_db
 
 
 def _write_classifier(folder: Path, name: str, string_labels: bool) -> tuple[Path, Path]:
