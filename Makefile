@@ -27,10 +27,12 @@ setup-dev: $(VENV)/.dev-installed
 gate: setup-gate
 	$(BIN)/python -m pytest --quantgate -v -p no:cacheprovider $(PYTEST_ARGS)
 
-# lint first: ruff and mypy --strict over the package (config in pyproject.toml), then the suite
+# lint first: ruff and mypy --strict over the package (config in pyproject.toml), then the docs site (mkdocs.yml:
+# strict, so a broken link or anchor fails), then the suite
 test: setup-dev
 	$(BIN)/python -m ruff check pytest_quantgate
 	$(BIN)/python -m mypy pytest_quantgate
+	$(BIN)/python -m mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/python -m pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup-dev
