@@ -30,7 +30,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
 
-    from .comparison import GateResult
+    from .records import GateResult
 
 STAGES = ("dynamic", "static", "exclusions", "int4", "qat", "qad")
 MIN_CALIBRATION_SAMPLES = 100  # the QAT literature's "100+ representative batches"

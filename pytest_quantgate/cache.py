@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from .comparison import GateResult
 from .fileio import sha256_file
-from .records import RecordError
+from .records import GateResult, RecordError
 from .registry import Entry, Registry
 from .settings import Settings
 

@@ -64,7 +64,8 @@ def _selected(registry: Any, ids: Sequence[str] | None) -> list[Any]:
 def cmd_measure(ns: argparse.Namespace) -> int:
     """Gate every selected entry on every EP; print reports and the summary table."""
     from . import providers
-    from .gate import Outcome, run_one
+    from .gate import run_one
+    from .records import Outcome
 
     settings = settings_from_args(ns)
     try:
@@ -290,9 +291,9 @@ def _print_logs(captured: Any) -> None:
 
 
 def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
+    from .gate import assessor
     from .logcapture import capture_logs
     from .producers.dispatch import produce
-    from .regen import assessor
     from .registry import load_registry
 
     registry = load_registry(getattr(ns, "source", None) or ns.registry)

@@ -70,14 +70,23 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import FixtureError
-from .metrics import Interval, MomentTerm, PairMetrics, bootstrap_drop, samples_needed
-from .records import Diagnosis, LineageRecord, PlotData, Provenance, Timing, dump, load
+from .metrics import MomentTerm, bootstrap_drop, samples_needed
+from .records import (
+    FAIL,
+    PASS,
+    GateResult,
+    Interval,
+    Kind,
+    LabelReport,
+    OutputReport,
+    PairMetrics,
+)
 from .soak import Fixture, TensorSpec
 from .streaming import (
     MAD,
@@ -97,93 +106,7 @@ from .streaming import (
 if TYPE_CHECKING:
     from .registry import Entry
 
-PASS: Final = "PASS"
-FAIL: Final = "FAIL"
-# the verdict of a measured result; an item that could not be measured is an Outcome with status error or skip
-Verdict = Literal["PASS", "FAIL"]
-# why a result failed (or "pass"): one per budget check, so reports, remedies and tests can dispatch on it
-Kind = Literal["pass", "drop", "relative", "nonfinite", "constant", "affine", "mae", "max_abs", "speed", "labels",
-               "lineage", "rebuild"]
 DEFAULT_LABEL_FLIP = 0.01
-
-
-@dataclass(frozen=True)
-class LabelReport:
-    """Agreement of an integer output (or of argmax along an axis): flip rate against its budget."""
-
-    what: str  # "labels" or "argmax(axis=k)"
-    flip_rate: float
-    budget: float
-    interval: Interval | None = None
-
-
-@dataclass(frozen=True)
-class OutputReport:
-    """Metrics of one output: int8 vs fp32, and fp32/int8 vs target where the output has one."""
-
-    name: str
-    drop: float
-    vs_fp32: PairMetrics
-    fp32_vs_target: PairMetrics | None = None
-    int8_vs_target: PairMetrics | None = None
-    channels: int = 1
-    channel_axis: int | None = None
-    worst_channel: int | None = None
-    worst_channel_drop: float | None = None
-    labels: LabelReport | None = None
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """The verdict of one entry on one EP, with every number needed to explain it."""
-
-    entry_id: str = field(metadata={"json": "id"})
-    ep: str
-    mode: str
-    samples: int
-    budget: float
-    verdict: Verdict
-    reason: str
-    kind: Kind
-    drop: float | None = None
-    interval: Interval | None = None
-    outputs: tuple[OutputReport, ...] = ()
-    compare: str = "output"
-    decision: str = "point"
-    needed_samples: int | None = None
-    warnings: tuple[str, ...] = ()
-    also: tuple[str, ...] = ()  # further budget breaches after the first
-    fp32_probe: tuple[float, ...] = ()  # a few fp32 output values, to compare the fp32 baseline across EPs
-    timing: Timing | None = None
-    provenance: Provenance | None = None
-    lineage: LineageRecord | None = None
-    diagnosis: Diagnosis | None = None
-    plot: PlotData | None = None
-
-    @property
-    def passed(self) -> bool:
-        """Return True when the sidecar passed."""
-        return self.verdict == PASS
-
-    @property
-    def headroom(self) -> float | None:
-        """Return budget / drop (how many times the drop fits in the budget); inf when drop <= 0."""
-        if self.drop is None:
-            return None
-        return float("inf") if self.drop <= 0 else self.budget / self.drop
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the JSON form (:func:`records.dump`, plus the derived headroom for readers of the report)."""
-        data: dict[str, Any] = dump(self)
-        data["headroom"] = dump(self.headroom)
-        if self.timing is not None:
-            data["timing"]["size_ratio"] = self.timing.size_ratio
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> GateResult:
-        """Rebuild the result from :meth:`to_json`'s form; raise RecordError naming a field that does not fit."""
-        return load(cls, data)
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,19 @@ from typing import Any
 
 import numpy as np
 
-from .qgraph import CHUNK, Graph, Pairing, SqnrSums, base_name, dynamic_qdq, int8_format, measure, pair_weights
+from .qgraph import (
+    CHUNK,
+    Graph,
+    Pairing,
+    SqnrSums,
+    base_name,
+    dynamic_qdq,
+    format_db,
+    int8_format,
+    measure,
+    pair_weights,
+)
 from .records import Diagnosis, TensorError
-from .reports import format_db
 
 # a weight with more than this share of elements off by over one int8 step was not just rounded
 CHANGED_SHARE = 0.01

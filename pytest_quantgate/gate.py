@@ -9,17 +9,17 @@ translate its :class:`Outcome`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .comparison import Breach, Collector, CompareOptions, GateResult, plan_outputs, with_breaches
+from .comparison import Breach, Collector, CompareOptions, plan_outputs, with_breaches
 from .errors import FixtureError, HashMismatchError, InsufficientSamplesError, ModelFileError
 from .fileio import sha256_file
 from .providers import SessionSpec, open_session
-from .records import FileRef, LineageRecord, PlotData, Provenance, RecordError, Timing, dump, load
+from .records import FileRef, GateResult, LineageRecord, Outcome, PlotData, Provenance, Timing
 from .registry import DEFAULT_MIN_SAMPLES, Entry, Registry
 from .sessions import check_signatures, run, signature
 from .settings import Settings
@@ -27,6 +27,8 @@ from .soak import FeedPlan, Fixture, TensorSpec, find_fixture, load_fixture, pla
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from .producers.base import Assess
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,35 @@ def with_diagnosis(result: GateResult, p: Prepared, collector: Collector, settin
     return replace(result, diagnosis=replace(found, samples=tuple(int(i) for i in picked)))
 
 
+def assessor(registry: Registry, entry: Entry, fixtures_dir: Path) -> Assess:
+    """Return the callback that gates a training producer's build before it is published.
+
+    It always measures the same way -- CPU EP, exact int8 kernels, one thread, the default bootstrap and seed
+    -- whatever the run's own options, so the number recorded in the sidecar depends on the build alone and
+    two builds' numbers compare.
+    """
+
+    def assess(candidate: Path) -> dict[str, Any]:
+        settings = Settings(enabled=True, registry=registry.path, fixtures_dir=fixtures_dir, eps=("cpu",),
+                            regen="never", diagnose="off", threads=1)
+        try:
+            prepared = prepare(registry, entry, "cpu", settings, int8_pinned=False, int8_path=candidate)
+            result = evaluate(prepared, settings)
+        except Exception as exc:  # the build stays usable; its record says why it has no drop
+            message = (str(exc).strip().splitlines() or [""])[0].replace(str(candidate.parent), "")
+            return {"error": f"{type(exc).__name__}: {message}"[:300]}
+        gate: dict[str, Any] = {"ep": "cpu", "int8_precision": settings.ep_options.int8_precision,
+                                "verdict": str(result.verdict), "budget": result.budget, "samples": result.samples,
+                                "fixture": prepared.fixture.path.name, "fixture_sha256": prepared.fixture.sha256,
+                                "bootstrap": settings.bootstrap, "seed": settings.seed,
+                                "confidence": settings.confidence, "drop": result.drop}
+        if result.interval is not None:
+            gate["drop_interval"] = [result.interval.low, result.interval.high]
+        return gate
+
+    return assess
+
+
 def speed_and_size(p: Prepared, clock: _Clock, batch: int | None) -> Timing:
     """Return on-disk bytes and the latency per sample of both models, from the gate's own runs.
 
@@ -449,55 +480,6 @@ def plot_points(output: str, fp32: np.ndarray, int8: np.ndarray, target: np.ndar
                     tuple(float(v) for v in edges), tuple(int(v) for v in counts), clipped)
 
 
-# what happened to an item: measured (pass, fail), not measurable (error: bad input), or not run here (skip)
-Status = Literal["pass", "fail", "error", "skip"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one (entry, EP): pass, fail, error or skip, with the result when one was measured.
-
-    A cached outcome (``cached=True``) carries the result of the earlier passing run it stands for.
-    """
-
-    entry_id: str = field(metadata={"json": "id"})
-    ep: str
-    mode: str
-    status: Status
-    message: str = field(metadata={"json": "reason"})  # why: the result's reason, or what went wrong
-    result: GateResult | None = None
-    regenerated: str | None = None
-    cached: bool = False
-    notes: tuple[str, ...] = ()  # warnings for the user (a rebuilt sidecar that differs from its pin)
-    traceback: str | None = None  # an unexpected exception's traceback (JSON report, or -v)
-    log: tuple[str, ...] = ()  # the summary of what ORT and its tooling logged meanwhile
-
-    @property
-    def verdict(self) -> str:
-        """Return the verdict shown for the item: PASS, FAIL, ERROR or SKIP."""
-        return self.status.upper()
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the JSON form: the JSON report's items and the attribute xdist carries to the controller."""
-        data: dict[str, Any] = dump(replace(self, result=None))
-        data["verdict"] = self.verdict
-        data["result"] = self.result.to_json() if self.result is not None else None
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Outcome:
-        """Rebuild an outcome from :meth:`to_json`'s form; raise RecordError naming a field that does not fit."""
-        return load(cls, data)
-
-
-def read_report(data: Any) -> list[Outcome]:
-    """Return the outcomes of a JSON report (:func:`report_document`'s form, or measure's list of items)."""
-    items = data.get("items") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        raise RecordError("report: expected a list of items or an object with 'items'")
-    return [Outcome.from_json(item) for item in items]
-
-
 class CacheStore(Protocol):
     """Where passing rows are remembered between runs (pytest's cache, or a folder for the CLI)."""
 
@@ -533,7 +515,8 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
         from . import regen
 
         try:
-            built = regen.ensure_sidecar(registry, entry, settings, run_id)
+            built = regen.ensure_sidecar(registry, entry, settings, run_id,
+                                     assess=assessor(registry, entry, settings.fixtures_dir))
         except WriteError as exc:
             # the error names the file; the entry and the regen policy say why it was being written
             kept = registry.int8_path(entry).is_file()

@@ -22,8 +22,7 @@ from .fileio import atomic_write_text
 from .records import Diagnosis, PlotData
 
 if TYPE_CHECKING:
-    from .comparison import OutputReport
-    from .gate import Outcome
+    from .records import Outcome, OutputReport
 
 MISSING_PLOTS = "Plots need matplotlib: pip install pytest-quantgate[html]"
 

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from .comparison import GateResult
 from .errors import InputError, QuantGateError
-from .gate import Outcome
+from .records import GateResult, Outcome
 from .registry import Entry, EntryProblem, Registry, load_registry
 from .reports import failure_text
 from .settings import Settings

@@ -10,6 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .records import Interval, PairMetrics
+
 
 class DegenerateOutputError(ValueError):
     """An output is NaN/inf or constant, so a correlation is meaningless; always a failure."""
@@ -28,22 +30,6 @@ def check_finite_and_varying(values: np.ndarray, label: str) -> None:
         raise DegenerateOutputError("nonfinite", f"{label} has {nan} NaN and {inf} inf value(s) of {values.size}")
     if values.size < 2 or float(np.ptp(values)) == 0.0:
         raise DegenerateOutputError("constant", f"{label} is constant ({values.flat[0]!r} everywhere)")
-
-
-@dataclass(frozen=True)
-class PairMetrics:
-    """How closely ``y`` follows ``x`` (both flattened, float64)."""
-
-    n: int
-    plcc: float
-    srocc: float
-    krcc: float
-    rmse: float
-    mae: float
-    max_abs: float
-    slope: float
-    intercept: float
-    offset_rel: float  # |intercept + (slope - 1)·mean(x)| / std(x): the affine error at the mean, in std units
 
 
 RANK_LIMIT = 20_000
@@ -203,16 +189,6 @@ class MomentTerm:
         if self.ref_t is not None and self.implied:
             return np.asarray(np.maximum(target_drop, implied_drop))
         return np.asarray(target_drop)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A two-sided bootstrap percentile interval of the drop."""
-
-    low: float
-    high: float
-    level: float
-    replicates: int
 
 
 BOOTSTRAP_VALUES = 4_000_000

@@ -201,8 +201,7 @@ class QuantGateSession:
         """Gather each item's outcome (on the controller when xdist runs workers)."""
         data = getattr(report, "quantgate_outcome", None)
         if data is not None:
-            from .gate import Outcome
-            from .records import RecordError
+            from .records import Outcome, RecordError
 
             try:
                 outcome = Outcome.from_json(data)

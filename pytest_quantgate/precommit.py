@@ -111,7 +111,7 @@ def run(ns: argparse.Namespace) -> int:
             why.insert(0, f"{_shown(registry_path)} (entry changed)")
         if why:
             picked.append((entry, why))
-    from .gate import Outcome
+    from .records import Outcome
 
     problems = [Outcome(p.label, "-", "-", "error", p.message) for p in registry.problems] if registry_changed else []
     if not picked and not problems:

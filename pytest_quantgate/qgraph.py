@@ -757,3 +757,12 @@ def measure(p: Pairing) -> WeightMatch:
 def match_weights(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> tuple[WeightMatch, ...]:
     """Match every weight-like tensor of the int8 graph, dequantised to float64, with its fp32 origin and measure it."""
     return tuple(measure(p) for p in pair_weights(Graph(int8), Graph(fp32)))
+
+
+def format_db(value: float | None) -> str:
+    """Return an SQNR in dB as the reports show it (one decimal, inf, -inf or -)."""
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.1f}"

@@ -18,8 +18,8 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -142,6 +142,173 @@ class Diagnosis:
         """Return the JSON form (infinities become the strings "inf"/"-inf")."""
         data: dict[str, Any] = dump(self)
         return data
+
+
+
+# --- the verdict: metrics, results and outcomes (every layer reads them, so they live here) -------------------
+
+
+@dataclass(frozen=True)
+class PairMetrics:
+    """How closely ``y`` follows ``x`` (both flattened, float64)."""
+
+    n: int
+    plcc: float
+    srocc: float
+    krcc: float
+    rmse: float
+    mae: float
+    max_abs: float
+    slope: float
+    intercept: float
+    offset_rel: float  # |intercept + (slope - 1)·mean(x)| / std(x): the affine error at the mean, in std units
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided bootstrap percentile interval of the drop."""
+
+    low: float
+    high: float
+    level: float
+    replicates: int
+
+
+PASS: Final = "PASS"
+FAIL: Final = "FAIL"
+# the verdict of a measured result; an item that could not be measured is an Outcome with status error or skip
+Verdict = Literal["PASS", "FAIL"]
+# why a result failed (or "pass"): one per budget check, so reports, remedies and tests can dispatch on it
+Kind = Literal["pass", "drop", "relative", "nonfinite", "constant", "affine", "mae", "max_abs", "speed", "labels",
+               "lineage", "rebuild"]
+
+
+@dataclass(frozen=True)
+class LabelReport:
+    """Agreement of an integer output (or of argmax along an axis): flip rate against its budget."""
+
+    what: str  # "labels" or "argmax(axis=k)"
+    flip_rate: float
+    budget: float
+    interval: Interval | None = None
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    """Metrics of one output: int8 vs fp32, and fp32/int8 vs target where the output has one."""
+
+    name: str
+    drop: float
+    vs_fp32: PairMetrics
+    fp32_vs_target: PairMetrics | None = None
+    int8_vs_target: PairMetrics | None = None
+    channels: int = 1
+    channel_axis: int | None = None
+    worst_channel: int | None = None
+    worst_channel_drop: float | None = None
+    labels: LabelReport | None = None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The verdict of one entry on one EP, with every number needed to explain it."""
+
+    entry_id: str = field(metadata={"json": "id"})
+    ep: str
+    mode: str
+    samples: int
+    budget: float
+    verdict: Verdict
+    reason: str
+    kind: Kind
+    drop: float | None = None
+    interval: Interval | None = None
+    outputs: tuple[OutputReport, ...] = ()
+    compare: str = "output"
+    decision: str = "point"
+    needed_samples: int | None = None
+    warnings: tuple[str, ...] = ()
+    also: tuple[str, ...] = ()  # further budget breaches after the first
+    fp32_probe: tuple[float, ...] = ()  # a few fp32 output values, to compare the fp32 baseline across EPs
+    timing: Timing | None = None
+    provenance: Provenance | None = None
+    lineage: LineageRecord | None = None
+    diagnosis: Diagnosis | None = None
+    plot: PlotData | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Return True when the sidecar passed."""
+        return self.verdict == PASS
+
+    @property
+    def headroom(self) -> float | None:
+        """Return budget / drop (how many times the drop fits in the budget); inf when drop <= 0."""
+        if self.drop is None:
+            return None
+        return float("inf") if self.drop <= 0 else self.budget / self.drop
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form (:func:`records.dump`, plus the derived headroom for readers of the report)."""
+        data: dict[str, Any] = dump(self)
+        data["headroom"] = dump(self.headroom)
+        if self.timing is not None:
+            data["timing"]["size_ratio"] = self.timing.size_ratio
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GateResult:
+        """Rebuild the result from :meth:`to_json`'s form; raise RecordError naming a field that does not fit."""
+        return load(cls, data)
+
+
+# what happened to an item: measured (pass, fail), not measurable (error: bad input), or not run here (skip)
+Status = Literal["pass", "fail", "error", "skip"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one (entry, EP): pass, fail, error or skip, with the result when one was measured.
+
+    A cached outcome (``cached=True``) carries the result of the earlier passing run it stands for.
+    """
+
+    entry_id: str = field(metadata={"json": "id"})
+    ep: str
+    mode: str
+    status: Status
+    message: str = field(metadata={"json": "reason"})  # why: the result's reason, or what went wrong
+    result: GateResult | None = None
+    regenerated: str | None = None
+    cached: bool = False
+    notes: tuple[str, ...] = ()  # warnings for the user (a rebuilt sidecar that differs from its pin)
+    traceback: str | None = None  # an unexpected exception's traceback (JSON report, or -v)
+    log: tuple[str, ...] = ()  # the summary of what ORT and its tooling logged meanwhile
+
+    @property
+    def verdict(self) -> str:
+        """Return the verdict shown for the item: PASS, FAIL, ERROR or SKIP."""
+        return self.status.upper()
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form: the JSON report's items and the attribute xdist carries to the controller."""
+        data: dict[str, Any] = dump(replace(self, result=None))
+        data["verdict"] = self.verdict
+        data["result"] = self.result.to_json() if self.result is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Outcome:
+        """Rebuild an outcome from :meth:`to_json`'s form; raise RecordError naming a field that does not fit."""
+        return load(cls, data)
+
+
+def read_report(data: Any) -> list[Outcome]:
+    """Return the outcomes of a JSON report (:func:`report_document`'s form, or measure's list of items)."""
+    items = data.get("items") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise RecordError("report: expected a list of items or an object with 'items'")
+    return [Outcome.from_json(item) for item in items]
 
 
 # --- the one JSON round trip --------------------------------------------------------------------------------------

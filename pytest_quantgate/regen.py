@@ -65,37 +65,6 @@ def pinned_build_of(entry: Entry) -> Mapping[str, Any] | None:
     return value if isinstance(value, Mapping) else None
 
 
-def assessor(registry: Registry, entry: Entry, fixtures_dir: Path) -> Assess:
-    """Return the callback that gates a training producer's build before it is published.
-
-    It always measures the same way -- CPU EP, exact int8 kernels, one thread, the default bootstrap and seed
-    -- whatever the run's own options, so the number recorded in the sidecar depends on the build alone and
-    two builds' numbers compare.
-    """
-
-    def assess(candidate: Path) -> dict[str, Any]:
-        from .gate import evaluate, prepare
-
-        settings = Settings(enabled=True, registry=registry.path, fixtures_dir=fixtures_dir, eps=("cpu",),
-                            regen="never", diagnose="off", threads=1)
-        try:
-            prepared = prepare(registry, entry, "cpu", settings, int8_pinned=False, int8_path=candidate)
-            result = evaluate(prepared, settings)
-        except Exception as exc:  # the build stays usable; its record says why it has no drop
-            message = (str(exc).strip().splitlines() or [""])[0].replace(str(candidate.parent), "")
-            return {"error": f"{type(exc).__name__}: {message}"[:300]}
-        gate: dict[str, Any] = {"ep": "cpu", "int8_precision": settings.ep_options.int8_precision,
-                                "verdict": str(result.verdict), "budget": result.budget, "samples": result.samples,
-                                "fixture": prepared.fixture.path.name, "fixture_sha256": prepared.fixture.sha256,
-                                "bootstrap": settings.bootstrap, "seed": settings.seed,
-                                "confidence": settings.confidence, "drop": result.drop}
-        if result.interval is not None:
-            gate["drop_interval"] = [result.interval.low, result.interval.high]
-        return gate
-
-    return assess
-
-
 def _lock_path(sidecar: Path) -> Path:
     return lock_path_for(sidecar)
 
@@ -128,7 +97,8 @@ def _stamp(sidecar: Path, sha256: str, run_id: str) -> None:
     atomic_write_text(_marker_path(sidecar), json.dumps({"gate_run_id": run_id, "sha256": sha256}) + "\n")
 
 
-def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id: str) -> Regenerated | None:
+def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id: str,
+                   assess: Assess | None = None) -> Regenerated | None:
     """Build the entry's sidecar when the regen policy asks for it; return what was built, if anything.
 
     A file lock makes one worker build while the others wait; the build lands by atomic rename, so nobody
@@ -159,7 +129,7 @@ def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id:
 
         try:
             result = produce(registry, entry, settings.fixtures_dir, allow_recipes=settings.allow_recipes,
-                             assess=assessor(registry, entry, settings.fixtures_dir))
+                             assess=assess)
         except ProducerError as exc:
             raise ModelFileError(f"{registry.path}: entry {entry.id!r}: rebuilding {sidecar.name} failed: "
                                  f"{exc}") from None

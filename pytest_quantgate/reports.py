@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .comparison import GateResult, LabelReport
-from .records import Diagnosis, dump
+from .qgraph import format_db
+from .records import Diagnosis, GateResult, LabelReport, dump
 
 if TYPE_CHECKING:
-    from .gate import Outcome
+    from .records import Outcome
 
 REMEDIES = {
     "drop": [
@@ -122,15 +122,6 @@ def failure_text(result: GateResult, registry: str) -> str:
         text = remedy.format(producer=PRODUCER.get(result.mode, "ptq-static"), registry=registry, id=result.entry_id)
         lines.append(f"  - {text}")
     return "\n".join(lines)
-
-
-def format_db(value: float | None) -> str:
-    """Return an SQNR in dB as the reports show it (one decimal, inf, -inf or -)."""
-    if value is None:
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.1f}"
 
 
 def _clip(text: str, width: int = 48) -> str:

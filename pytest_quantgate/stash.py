@@ -9,7 +9,7 @@ import pytest
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .gate import Outcome
+    from .records import Outcome
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 RUN_ID_KEY = pytest.StashKey[str]()

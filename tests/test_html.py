@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_quantgate.comparison import GateResult, OutputReport
-from pytest_quantgate.gate import Outcome
+from pytest_quantgate.records import GateResult, OutputReport
+from pytest_quantgate.records import Outcome
 from pytest_quantgate.gate import plot_points as plot_data
 from pytest_quantgate.html import MISSING_PLOTS, render_html, write_html
-from pytest_quantgate.metrics import Interval, PairMetrics
+from pytest_quantgate.records import Interval, PairMetrics
 from pytest_quantgate.records import Diagnosis, PlotData, TensorError, Timing
 
 METRICS = PairMetrics(n=200, plcc=0.999, srocc=0.998, krcc=0.97, rmse=0.01, mae=0.008, max_abs=0.05, slope=1.001,

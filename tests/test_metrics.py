@@ -7,15 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pytest_quantgate.metrics import (
-    DegenerateOutputError,
-    DropTerm,
-    Interval,
-    bootstrap_drop,
-    check_finite_and_varying,
-    pair_metrics,
-    samples_needed,
-)
+from pytest_quantgate.metrics import DegenerateOutputError, DropTerm, bootstrap_drop, check_finite_and_varying, pair_metrics, samples_needed
+from pytest_quantgate.records import Interval
 
 X = np.array([1.0, 2.0, 3.0, 4.0])
 Y = np.array([2.0, 4.0, 5.0, 4.0])

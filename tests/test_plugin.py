@@ -11,7 +11,7 @@ import pytest
 from conftest import GateProject, affine, append_to_output, rounded_weights
 
 from pytest_quantgate.fileio import sha256_file
-from pytest_quantgate.gate import read_report
+from pytest_quantgate.records import read_report
 
 
 def healthy(project: GateProject) -> list[dict]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pytest_quantgate.reports import EP_FP32_TOLERANCE, per_ep_lines, summary_lines
-from pytest_quantgate.comparison import GateResult
-from pytest_quantgate.gate import Outcome
-from pytest_quantgate.metrics import Interval
+from pytest_quantgate.records import GateResult
+from pytest_quantgate.records import Outcome
+from pytest_quantgate.records import Interval
 
 
 def row(entry_id: str, ep: str, drop: float | None, verdict: str, probe: list[float] | None = None) -> Outcome:

@@ -14,7 +14,8 @@ import pytest
 from conftest import GateProject, rounded_weights
 
 from pytest_quantgate import comparison
-from pytest_quantgate.comparison import CompareOptions, GateResult, compare
+from pytest_quantgate.comparison import CompareOptions, compare
+from pytest_quantgate.records import GateResult
 from pytest_quantgate.errors import FixtureError
 from pytest_quantgate.metrics import DropTerm, bootstrap_drop, samples_needed
 from pytest_quantgate.registry import parse_registry

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy import stats
 
 from pytest_quantgate.errors import FixtureError
-from pytest_quantgate.gate import Outcome, read_report
+from pytest_quantgate.records import Outcome, read_report
 from pytest_quantgate.streaming import MAD, PairAccumulator, describe_sums
 
 # --- the sums agree with scipy on float64, however the data is chunked ------------------------------------------
