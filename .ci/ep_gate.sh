@@ -78,7 +78,7 @@ echo "$ort_dists" | grep -qi "^$dist==" || fail "expected $dist, found $ort_dist
 if "$vpy" -m pip list --disable-pip-version-check --format=freeze 2>/dev/null | grep -qiE '^torch=='; then
   fail "torch was installed into the EP virtualenv"
 fi
-"$vpy" -c "from pytest_quantgate.ort import check_onnxruntime; check_onnxruntime(); import onnxruntime as o, pytest_quantgate.providers as p; print('   providers:', o.get_available_providers()); print('   gate EPs (auto):', p.available())" >&2
+"$vpy" -c "from pytest_quantgate.engine.ort import check_onnxruntime; check_onnxruntime(); import onnxruntime as o, pytest_quantgate.engine.providers as p; print('   providers:', o.get_available_providers()); print('   gate EPs (auto):', p.available())" >&2
 done_step "environment check"
 
 gate() {  # gate <junit.xml> <extra pytest args...>; prints pytest's output, returns its exit code
@@ -134,7 +134,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pytest_quantgate.errors import EpUnavailableError
-from pytest_quantgate.providers import SessionSpec, open_session
+from pytest_quantgate.engine.providers import SessionSpec, open_session
 from pytest_quantgate.settings import EpOptions
 
 work = Path(sys.argv[1])

@@ -35,7 +35,7 @@ PER_SAMPLE = 10**9  # a cap past any sample count: every sample keeps its own ro
 
 
 def _entry() -> Any:
-    from pytest_quantgate.registry import parse_registry
+    from pytest_quantgate.io.registry import parse_registry
 
     raw = {"id": "bench", "onnx": "b.onnx", "quant_mode": "dynamic", "sha256": "0" * 64, "int8_sha256": "1" * 64}
     return parse_registry({"schema_version": 1, "models": [raw]}, Path("registry.json")).entries[0]
@@ -43,8 +43,8 @@ def _entry() -> Any:
 
 def _state(samples: int, cap: int | None) -> tuple[float, float, int, int]:
     """Return (wall s, traced peak MiB, state bytes, units) of a Collector fed ``samples`` one-float samples."""
-    from pytest_quantgate.comparison import Collector, CompareOptions, plan_outputs
-    from pytest_quantgate.soak import Fixture, TensorSpec
+    from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
+    from pytest_quantgate.io.soak import Fixture, TensorSpec
 
     chunk = 1 << 16
     rng = np.random.default_rng(0)
@@ -117,7 +117,7 @@ def _gate(registry: Path, cap: int | None) -> tuple[float, float, dict[str, Any]
     """Return (wall s, VmHWM MiB, result) of ``quantgate measure`` in a child (``cap``: streaming.MAX_UNITS)."""
     out = registry.parent / "out.json"
     patch = f"from pytest_quantgate import streaming; streaming.MAX_UNITS = {cap}; " if cap else ""
-    code = (f"import sys; {patch}from pytest_quantgate.cli import main; "
+    code = (f"import sys; {patch}from pytest_quantgate.frontends.cli import main; "
             f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(registry.parent / 'fixtures')!r}, "
             f"'--ep', 'cpu', '--max-samples', '0', '--json', {str(out)!r}]); "
             f"print('VmHWM', next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]); "
@@ -156,9 +156,9 @@ def run_realsize(samples: int = 400, seeds: int = 6, blocks: int = 128) -> list[
 
     import bench_realsize
 
-    from pytest_quantgate.comparison import Collector, CompareOptions, plan_outputs
-    from pytest_quantgate.gate import _Clock, _run_chunk, prepare, run_batch
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
+    from pytest_quantgate.runner.gate import _Clock, _run_chunk, prepare, run_batch
+    from pytest_quantgate.io.registry import load_registry
     from pytest_quantgate.settings import Settings
 
     results = []

@@ -172,7 +172,7 @@ def run(quick: bool = False, reps: int = 3) -> list[Result]:
             rss: dict[int, float] = {}
             for samples in (100, 400):
                 fixture, registry = _project(root, name, builder, samples, size, exclude)
-                gate_cmd = [PYTHON, "-m", "pytest_quantgate.cli", "measure", str(registry), "--fixtures",
+                gate_cmd = [PYTHON, "-m", "pytest_quantgate.frontends.cli", "measure", str(registry), "--fixtures",
                             str(root / "fixtures"), "--ep", "cpu", "--json", str(root / "out.json")]
                 loop_cmd = [PYTHON, "-c", LOOP, str(root / f"{name}.onnx"), str(root / f"{name}.int8.onnx"),
                             str(fixture)]

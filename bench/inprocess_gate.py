@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pytest_quantgate import gate
-from pytest_quantgate.registry import load_registry
+from pytest_quantgate.runner import gate
+from pytest_quantgate.io.registry import load_registry
 from pytest_quantgate.settings import Settings
 
 

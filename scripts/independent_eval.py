@@ -5,13 +5,13 @@ Usage::
     python -m scripts.independent_eval REGISTRY --id ID [--fixtures DIR] [--batch N] [--json PATH]
 
 It shares no code with ``pytest_quantgate``: it reads the registry JSON itself (paths relative to the registry
-folder first, then the fixtures folder, as the README documents), ``np.load``s the soak fixture whole, runs fp32
+folder first, then the fixtures folder, as docs/registry.md documents), ``np.load``s the soak fixture whole, runs fp32
 and int8 with plain onnxruntime at the batch the gate uses (the model's fixed batch, else ``quant_deploy_batch``,
 else 1 for ``dynamic`` sidecars, else ``--batch``), keeps every output whole, and evaluates the whole arrays in
 float64 with the two-pass formulas and ``scipy.stats.pearsonr``, never with streamed one-pass sums as the gate
 does. It costs O(output elements) of memory: a reference for fixtures that fit in RAM, not a gate.
 
-The rules are the README's ("The verdict"), re-implemented from the text:
+The rules are docs/verdicts.md's, re-implemented from the text:
 
 * float outputs: drop = 1 − PLCC(fp32, int8) over every element; with a fixture ``target`` on that output, the
   larger of PLCC(fp32, t) − PLCC(int8, t) and PLCC(fp32, t)·(1 − PLCC(fp32, int8)). Outputs of rank ≥ 3 are also
@@ -57,7 +57,7 @@ class Paths:
 
 
 def entry_paths(registry: Path, fixtures: Path, entry: dict[str, Any]) -> Paths:
-    """Resolve the fp32 model, the sidecar and the soak fixture as the README says."""
+    """Resolve the fp32 model, the sidecar and the soak fixture as docs/registry.md says."""
     base = registry.parent
     fp32 = base / entry["onnx"]
     int8 = base / entry["int8_onnx"] if "int8_onnx" in entry else fp32.with_name(fp32.stem + ".int8.onnx")

@@ -1,7 +1,7 @@
 """Build healthy and broken sidecars of the bundled models and measure what ``check_lineage`` sees on each.
 
 Run from the repository root: ``python -m scripts.lineage_measure [--quick] [--qat]``. The numbers it prints are the
-ones ``pytest_quantgate.lineage.THRESHOLDS`` and the README's "Lineage" section quote.
+ones ``pytest_quantgate.analysis.lineage.THRESHOLDS`` and docs/verdicts.md's "Lineage" section quote.
 
 Cases, per bundled gated model (fp32 ``m.onnx``, healthy sidecar ``m.int8.onnx``):
 
@@ -115,7 +115,7 @@ def quantise(model_id: str, fp32: Path, out: Path, **options: Any) -> Path:
 
 
 def _row(label: str, fp32: Path, int8: Path, mode: str) -> dict[str, Any]:
-    from pytest_quantgate.lineage import check_lineage
+    from pytest_quantgate.analysis.lineage import check_lineage
 
     t0 = time.perf_counter()
     rep = check_lineage(fp32, int8, mode)

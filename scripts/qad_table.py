@@ -75,7 +75,7 @@ def _slug(label: str) -> str:
 
 def measure(builts: list[qt.Built], work: Path) -> dict[str, dict[str, Any]]:
     """Gate every sidecar as a qat entry; return the gate's JSON rows by entry id."""
-    from pytest_quantgate import cli
+    from pytest_quantgate.frontends import cli
 
     models = [qt._entry(work, b, f"{b.model}.{_slug(label)}", "qat", b.fp32, b.files[label], qt.BUDGETS["qat"])
               for b in builts for label, _ in VARIANTS if label in b.files]

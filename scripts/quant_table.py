@@ -249,7 +249,7 @@ def build(plan: ModelPlan, entry: dict[str, Any], work: Path) -> Built:
     if entry.get("quant_calibration_set"):
         calib = work / Path(entry["quant_calibration_set"]).name
         from pytest_quantgate.producers.dispatch import calibration_set
-        from pytest_quantgate.registry import load_registry
+        from pytest_quantgate.io.registry import load_registry
 
         registry = load_registry(REGISTRY)  # the gate's own lookup: registry folder, then fixtures folder
         shutil.copyfile(calibration_set(registry, registry.entry(plan.id), FIXTURES), calib)
@@ -342,7 +342,7 @@ _COMPARISONS = (
 
 def measure(builts: list[Built], work: Path) -> dict[str, dict[str, Any]]:
     """Gate every comparison through ``quantgate measure``; return the JSON rows by entry id."""
-    from pytest_quantgate import cli
+    from pytest_quantgate.frontends import cli
 
     models = []
     for b in builts:

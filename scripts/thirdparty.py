@@ -172,7 +172,7 @@ def make_inputs(model: Model, names: tuple[str, ...], n: int, seed: int) -> np.n
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "pytest_quantgate.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
+    return subprocess.run([PYTHON, "-m", "pytest_quantgate.frontends.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, check=False)
 
 
@@ -262,7 +262,7 @@ def trial(registry: Path, fixtures: Path, entry_id: str, args: argparse.Namespac
                         env=ENV)
     with tempfile.TemporaryDirectory(prefix="qg-thirdparty-") as tmp:
         out = Path(tmp) / "gate.json"
-        gate = run_measured([PYTHON, "-m", "pytest_quantgate.cli", "measure", str(registry), "--fixtures",
+        gate = run_measured([PYTHON, "-m", "pytest_quantgate.frontends.cli", "measure", str(registry), "--fixtures",
                              str(fixtures), "--ep", "cpu", "--id", entry_id, "--batch-size", str(args.batch),
                              "--json", str(out), "--diagnose", args.diagnose], ROOT, memcap=args.memcap,
                             timeout=args.timeout, env=ENV)

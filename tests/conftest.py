@@ -16,9 +16,9 @@ import modelkit
 
 # pytester's in-process runs drop modules first imported inside a run; importing the whole plugin here keeps one
 # copy of every class (an exception class imported twice would not match its own ``except`` clause)
-import pytest_quantgate.cli  # noqa: F401
-import pytest_quantgate.gate  # noqa: F401
-import pytest_quantgate.items  # noqa: F401
+import pytest_quantgate.frontends.cli  # noqa: F401
+import pytest_quantgate.runner.gate  # noqa: F401
+import pytest_quantgate.frontends.items  # noqa: F401
 
 # the same for onnxruntime's quantisation tooling, which the PTQ producers import lazily: regeneration inside a
 # pytester run would be its first import. (torch cannot be re-imported at all once pytester dropped it: "bad call

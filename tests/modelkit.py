@@ -140,7 +140,7 @@ def cpu_session(path: Path | str) -> Any:
     """Return a CPU session with the gate's int8 kernels (exact int8 sums on x86 CPUs without VNNI too)."""
     import onnxruntime as ort
 
-    from pytest_quantgate.providers import X64_PRECISION
+    from pytest_quantgate.engine.providers import X64_PRECISION
 
     options = ort.SessionOptions()
     for key, value in X64_PRECISION.items():

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pytest_quantgate.cli import main
+from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.fileio import sha256_file
 
 BOOT = "200"
@@ -258,7 +258,7 @@ def test_outlier_fails_dynamic_and_static_and_passes_with_fp32_exclusions(
     assert row["result"]["drop"] <= 0.002
     # the registry names what rebuilds it: the static producer with those options gives the same bytes
     from pytest_quantgate.producers.dispatch import produce
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
 
     loaded = load_registry(registry)
     import dataclasses
@@ -385,7 +385,7 @@ def test_qad_candidate_passes_measure_and_its_options_rebuild_it(
     import dataclasses
 
     from pytest_quantgate.producers.dispatch import produce
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
 
     loaded = load_registry(registry)
     entry = dataclasses.replace(loaded.entry("conv"), int8_onnx="rebuilt.int8.onnx")
@@ -508,7 +508,7 @@ def test_a_candidate_of_another_mode_is_gated_with_that_modes_defaults(tmp_path:
     repeats on the written registry whenever the latency ranking picked a batch-sensitive candidate (int4's
     MatMulNBits): the flaky equality in the test above.
     """
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
 
     registry = tmp_path / "registry.json"
     pins = {"sha256": "0" * 64, "int8_sha256": "1" * 64}

@@ -353,9 +353,10 @@ def test_corpus_is_large_enough() -> None:
 
 def test_external_data_outside_the_folder_is_refused_before_onnxruntime_opens_it(
         project: GateProject, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_quantgate import gate, providers
+    from pytest_quantgate.runner import gate
+    from pytest_quantgate.engine import providers
     from pytest_quantgate.errors import ModelFileError
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
     from pytest_quantgate.settings import Settings
 
     entries = external_data_outside(project)
@@ -372,7 +373,7 @@ def test_external_data_outside_the_folder_is_refused_before_onnxruntime_opens_it
 
 def test_a_pickle_in_an_npz_is_refused_and_never_unpickled(tmp_path: Path) -> None:
     from pytest_quantgate.errors import FixtureError
-    from pytest_quantgate.soak import load_fixture
+    from pytest_quantgate.io.soak import load_fixture
 
     Pickled.marker = str(tmp_path / "UNPICKLED")
     np.savez(tmp_path / "a.npz", x=np.zeros((3, 2), np.float32))
@@ -405,7 +406,7 @@ def test_a_pickle_in_an_npz_is_refused_and_never_unpickled(tmp_path: Path) -> No
 ])
 def test_measure_exit_code(project: GateProject, mix: tuple[str, ...], code: int,
                            capsys: pytest.CaptureFixture[str]) -> None:
-    from pytest_quantgate import cli
+    from pytest_quantgate.frontends import cli
 
     entries: list[Any] = []
     for i, kind in enumerate(mix):
@@ -432,7 +433,7 @@ def test_measure_exit_code(project: GateProject, mix: tuple[str, ...], code: int
 
 def test_an_entry_missing_two_required_keys_is_described_once(tmp_path: Path) -> None:
     """jsonschema reports one error per missing key, each naming both: the message says it once."""
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
 
     (tmp_path / "registry.json").write_text(json.dumps(
         {"schema_version": 1, "models": [{"id": "d", "onnx": "d.onnx", "quant_mode": "dynamic"}]}))

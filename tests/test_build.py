@@ -124,7 +124,7 @@ def test_pin_records_the_build_and_clears_a_stale_one(project: GateProject, caps
     """`quantgate pin` copies the sidecar's build into int8_build, and sets it to null for a file without one."""
     import shutil
 
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
     from pytest_quantgate.producers.ptq_dynamic import DynamicConfig, quantize_dynamic
 
     entry = project.add_sidecar("m")

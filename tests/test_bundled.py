@@ -161,7 +161,7 @@ def test_gate_int8_kernels_compute_what_every_cpu_computes(entry_id: str) -> Non
     """
     import onnxruntime as ort
 
-    from pytest_quantgate.providers import SessionSpec
+    from pytest_quantgate.engine.providers import SessionSpec
     from pytest_quantgate.settings import EpOptions
 
     entry = next(e for e in _entries() if e["id"] == entry_id)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import modelkit
-from pytest_quantgate.cli import main
+from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.fileio import sha256_file
 from pytest_quantgate.producers.provenance import read_provenance
 

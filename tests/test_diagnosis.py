@@ -19,10 +19,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pytest_quantgate import diagnosis, qgraph
-from pytest_quantgate.diagnosis import Diagnosis, diagnose, feeds_from_fixture
-from pytest_quantgate.qgraph import sqnr_db
-from pytest_quantgate.reports import diagnosis_lines
+from pytest_quantgate.analysis import diagnosis, qgraph
+from pytest_quantgate.analysis.diagnosis import Diagnosis, diagnose, feeds_from_fixture
+from pytest_quantgate.analysis.qgraph import sqnr_db
+from pytest_quantgate.reporting.reports import diagnosis_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "model"
@@ -173,7 +173,7 @@ from pathlib import Path
 import numpy as np
 import onnx  # imported before the baseline: the diagnosis reads graphs with it, a fixed cost that is not data
 import onnxruntime as ort
-from pytest_quantgate.diagnosis import diagnose
+from pytest_quantgate.analysis.diagnosis import diagnose
 
 fp32, int8, npz, bound = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 images = np.load(npz)["image"]
@@ -272,7 +272,7 @@ KILLED_CHILD = """
 import sys, time
 from pathlib import Path
 import numpy as np
-from pytest_quantgate import diagnosis
+from pytest_quantgate.analysis import diagnosis
 
 def stall(plan, fgraph, qgraph, ffeeds, qfeeds, tmp):
     Path(sys.argv[3]).write_text(str(tmp))

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pytest_quantgate import qgraph
-from pytest_quantgate.diagnosis import diagnose, feeds_from_fixture
+from pytest_quantgate.analysis import qgraph
+from pytest_quantgate.analysis.diagnosis import diagnose, feeds_from_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 

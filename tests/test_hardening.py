@@ -13,7 +13,7 @@ import pytest
 
 from pytest_quantgate.errors import RegistryError
 from pytest_quantgate.fileio import DEFAULT_READ_CAP, check_regular, read_bounded
-from pytest_quantgate.registry import (
+from pytest_quantgate.io.registry import (
     ID_MAX_LENGTH,
     MAX_JSON_DEPTH,
     REGISTRY_MAX_BYTES,
@@ -36,7 +36,7 @@ def _write(folder: Path, text: str) -> Path:
 
 
 def _quantgate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pytest_quantgate.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pytest_quantgate.frontends.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -251,7 +251,7 @@ def test_a_symlink_loop_in_a_path_field_is_a_registry_error(tmp_path: Path) -> N
 @pytest.mark.parametrize("command", ["measure", "ptq-dynamic"])
 def test_unwritable_output_paths_fail_before_the_work_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                   value: str, expected: str, command: str) -> None:
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
 
     (tmp_path / "afile").write_text("x")
     repo = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_unwritable_output_paths_fail_before_the_work_with_exit_2(tmp_path: Path
 
 def test_a_report_needs_an_existing_folder_a_sidecar_gets_its_folders_made(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
 
     repo = Path(__file__).resolve().parents[1]
     missing = tmp_path / "missing" / "r.json"

@@ -11,8 +11,8 @@ import pytest
 
 from pytest_quantgate.records import GateResult, OutputReport
 from pytest_quantgate.records import Outcome
-from pytest_quantgate.gate import plot_points as plot_data
-from pytest_quantgate.html import MISSING_PLOTS, render_html, write_html
+from pytest_quantgate.runner.gate import plot_points as plot_data
+from pytest_quantgate.reporting.html import MISSING_PLOTS, render_html, write_html
 from pytest_quantgate.records import Interval, PairMetrics
 from pytest_quantgate.records import Diagnosis, PlotData, TensorError, Timing
 

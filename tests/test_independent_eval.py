@@ -1,4 +1,4 @@
-"""scripts/independent_eval.py: the float64 cross-check agrees with scipy and follows the README's rules."""
+"""scripts/independent_eval.py: the float64 cross-check agrees with scipy and follows the rules in docs/verdicts.md."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_channels_that_barely_vary_are_not_judged_and_collapsed_ones_count_one()
 
 def test_gate_and_independent_evaluation_agree(project: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "gate.json"
-    proc = subprocess.run([sys.executable, "-m", "pytest_quantgate.cli", "measure", str(project["registry"]),
+    proc = subprocess.run([sys.executable, "-m", "pytest_quantgate.frontends.cli", "measure", str(project["registry"]),
                            "--fixtures", str(project["root"]), "--ep", "cpu", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "CI": "true"})
     assert proc.returncode == 1, proc.stderr  # 'broken' fails

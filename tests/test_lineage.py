@@ -1,4 +1,4 @@
-"""Lineage: an int8 sidecar must be derived from its fp32 model (pytest_quantgate.lineage).
+"""Lineage: an int8 sidecar must be derived from its fp32 model (pytest_quantgate.analysis.lineage).
 
 Healthy sidecars are the bundled ones and fresh ones made here by the project's producers (ORT quantisation of real
 trained models); broken ones are real too: the bundled model fine-tuned with torch on fresh training rows (the stale
@@ -20,7 +20,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from pytest_quantgate.errors import ModelFileError
-from pytest_quantgate.lineage import (
+from pytest_quantgate.analysis.lineage import (
     THRESHOLDS,
     LineageReport,
     check_lineage,
@@ -37,7 +37,7 @@ MODES = cases.MODES
 MODEL_IDS = sorted(MODES)
 # Adam steps at the training LR that make the "older fp32". PTQ sidecars are refused from 1 step on; QAT moves the
 # weights itself (up to 2.1 steps RMS measured), so its stale case needs a larger move: 25 steps measured 4.1-5.4
-# steps RMS against the 4.0 limit, 60 steps clears it with a margin (the README gives the full curve).
+# steps RMS against the 4.0 limit, 60 steps clears it with a margin (docs/verdicts.md gives the full curve).
 STALE_STEPS = {"dynamic": 25, "static": 25, "qat": 60}
 
 
@@ -364,7 +364,7 @@ def test_weights_damaged_after_quantisation_are_refused(built: Built, tmp_path: 
 
 
 def test_threshold_override() -> None:
-    from pytest_quantgate.lineage import LineageThresholds
+    from pytest_quantgate.analysis.lineage import LineageThresholds
 
     strict = LineageThresholds(different_corr=0.9, max_off_grid=None, max_step_rms=0.3)
     report = check_lineage(fp32_of("nr_cnn_v1"), int8_of("nr_cnn_v1"), "qat", thresholds=strict)

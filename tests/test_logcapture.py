@@ -1,4 +1,4 @@
-"""pytest_quantgate.logcapture: ORT's native log lines and the quantisation tooling's log records are caught for a
+"""pytest_quantgate.engine.logcapture: ORT's native log lines and the quantisation tooling's log records are caught for a
 block and summarised once (counts per level, distinct messages with repeat counts), never printed."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pytest_quantgate.logcapture import (
+from pytest_quantgate.engine.logcapture import (
     ORT_ERROR,
     ORT_WARNING,
     LogMessage,
@@ -21,7 +21,7 @@ from pytest_quantgate.logcapture import (
     session_options,
     set_ort_log_severity,
 )
-from pytest_quantgate.ort import import_onnxruntime
+from pytest_quantgate.engine.ort import import_onnxruntime
 
 UNUSED = "Removing initializer 'unused'. It is not used by any node and should be removed from the model."
 PREPROCESS = "Please consider to run pre-processing before quantization."
@@ -174,7 +174,7 @@ def test_safe_under_xdist_and_without_pytest_capture(pytester: pytest.Pytester, 
     pytester.makepyfile(f"""
         import onnxruntime as ort
         import pytest
-        from pytest_quantgate.logcapture import capture_logs
+        from pytest_quantgate.engine.logcapture import capture_logs
 
         @pytest.mark.parametrize("i", range(4))
         def test_open(i):
@@ -189,7 +189,7 @@ def test_safe_under_xdist_and_without_pytest_capture(pytester: pytest.Pytester, 
 
 def test_cli_producer_prints_one_summary_instead_of_the_raw_lines(tmp_path: Path,
                                                                   capfd: pytest.CaptureFixture[str]) -> None:
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
 
     model = _conv_model(tmp_path / "conv.onnx")
     calibration = tmp_path / "conv.calib.npz"

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pytest_quantgate import streaming
-from pytest_quantgate.comparison import Collector, CompareOptions, plan_outputs
-from pytest_quantgate.registry import parse_registry
-from pytest_quantgate.soak import Fixture, TensorSpec
-from pytest_quantgate.streaming import MAD, SAD, SDD, LabelAccumulator, N, PairAccumulator, Units
+from pytest_quantgate.engine import streaming
+from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
+from pytest_quantgate.io.registry import parse_registry
+from pytest_quantgate.io.soak import Fixture, TensorSpec
+from pytest_quantgate.engine.streaming import MAD, SAD, SDD, LabelAccumulator, N, PairAccumulator, Units
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,8 +218,8 @@ def test_the_blocked_interval_agrees_with_the_per_sample_bootstrap_on_synthetic_
 def test_the_blocked_interval_agrees_with_the_per_sample_bootstrap_on_the_bundled_models(
         entry_id: str, cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bundled fixtures (320-1200 samples) gated per sample, and with the cap lowered to 128-256 blocks."""
-    from pytest_quantgate.gate import measure, prepare
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.runner.gate import measure, prepare
+    from pytest_quantgate.io.registry import load_registry
     from pytest_quantgate.settings import Settings
 
     registry = load_registry(REPO / "model" / "registry.json")
@@ -309,7 +309,7 @@ def test_two_million_tiny_samples_are_gated_under_a_memory_cap(tmp_path: Path) -
     registry = _tiny_project(tmp_path, samples)
     assert (tmp_path / "fixtures" / "tiny.npz").stat().st_size < 24 << 20  # 64 MB of float32 samples
     out = tmp_path / "o.json"
-    code = (f"import sys; from pytest_quantgate.cli import main; "
+    code = (f"import sys; from pytest_quantgate.frontends.cli import main; "
             f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(tmp_path / 'fixtures')!r}, '--ep', 'cpu', "
             f"'--diagnose', 'always', '--json', {str(out)!r}]); "
             f"hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]; "
@@ -332,7 +332,7 @@ def test_two_million_tiny_samples_are_gated_under_a_memory_cap(tmp_path: Path) -
 
 def test_a_fixture_over_the_sample_ceiling_is_an_error_naming_it(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
 
     registry = _tiny_project(tmp_path, 1000)
     fixtures = str(tmp_path / "fixtures")
@@ -364,9 +364,9 @@ def test_the_pytest_option_and_its_ini_twin_set_the_ceiling(project: Any) -> Non
 
 def test_running_out_of_memory_is_an_error_naming_the_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the issue saw as "unexpected MemoryError" naming no file, should memory still run out (a chunk)."""
-    from pytest_quantgate import comparison
-    from pytest_quantgate.gate import run_one
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.engine import comparison
+    from pytest_quantgate.runner.gate import run_one
+    from pytest_quantgate.io.registry import load_registry
     from pytest_quantgate.settings import Settings
 
     registry_path = _tiny_project(tmp_path, 500)
@@ -388,7 +388,7 @@ def test_running_out_of_memory_is_an_error_naming_the_fixture(tmp_path: Path, mo
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
 def test_taking_a_few_samples_of_many_tiny_ones_reads_large_blocks(tmp_path: Path, save: Any) -> None:
-    from pytest_quantgate.soak import load_fixture
+    from pytest_quantgate.io.soak import load_fixture
 
     x = np.arange(200_000 * 3, dtype=np.float32).reshape(200_000, 3)
     save(tmp_path / "f.npz", x=x)
@@ -403,7 +403,7 @@ def test_the_issues_archive_of_tiny_samples_is_refused_at_once(tmp_path: Path,
 
     from numpy.lib import format as npy
 
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
 
     registry = _tiny_project(tmp_path, 100)
     shape = (10_000_001, 8)

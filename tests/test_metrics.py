@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pytest_quantgate.metrics import DegenerateOutputError, DropTerm, bootstrap_drop, check_finite_and_varying, pair_metrics, samples_needed
+from pytest_quantgate.engine.metrics import DegenerateOutputError, DropTerm, bootstrap_drop, check_finite_and_varying, pair_metrics, samples_needed
 from pytest_quantgate.records import Interval
 
 X = np.array([1.0, 2.0, 3.0, 4.0])
@@ -97,7 +97,7 @@ def test_bootstrap_of_a_term_with_many_channels_is_bounded_in_memory() -> None:
     """25 200 channels (a YOLOv5-style head judged per anchor): replicates are batched by channels too."""
     import tracemalloc
 
-    from pytest_quantgate.metrics import BOOTSTRAP_VALUES, MomentTerm, bootstrap_drop
+    from pytest_quantgate.engine.metrics import BOOTSTRAP_VALUES, MomentTerm, bootstrap_drop
 
     rng = np.random.default_rng(0)
     samples, channels = 100, 25_200

@@ -435,9 +435,9 @@ class Corpus:
 
     def gate(self, entry: dict[str, Any], note: str = "") -> Cell:
         """Run the gate on one entry as ``quantgate measure`` does (prepare, evaluate); return its Cell."""
-        from pytest_quantgate import gate
+        from pytest_quantgate.runner import gate
         from pytest_quantgate.errors import InputError
-        from pytest_quantgate.registry import parse_registry
+        from pytest_quantgate.io.registry import parse_registry
         from pytest_quantgate.settings import Settings
 
         path = self.model_dir / f"registry-{entry['id']}.json"
@@ -506,13 +506,13 @@ def test_healthy_sidecar_passes_on_30_resampled_fixtures_without_a_flip(corpus: 
     """The bundled sidecar passes on its fixture and on 30 bootstrap resamples of it (seeds 0..29), each run
     through both models again (dynamic quantisation picks activation scales per batch, so outputs of a
     resampled fixture are not a resample of the outputs)."""
-    from pytest_quantgate import gate
+    from pytest_quantgate.runner import gate
 
     entry = corpus.entry(entry_id, "healthy", None)
     full = corpus.gate(entry)
     assert full.status == "pass", full
     registry_path = corpus.model_dir / f"registry-{entry['id']}.json"
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
     from pytest_quantgate.settings import Settings
 
     registry = load_registry(registry_path)

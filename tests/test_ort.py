@@ -1,4 +1,4 @@
-"""pytest_quantgate.ort: the one door to onnxruntime names the extras when no wheel, or two wheels, are installed.
+"""pytest_quantgate.engine.ort: the one door to onnxruntime names the extras when no wheel, or two wheels, are installed.
 
 The whole-package version of these checks (a wheel installed without any onnxruntime, then with the [cpu] extra)
 is in tests/test_packaging.py.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_quantgate.errors import InputError
-from pytest_quantgate.ort import (
+from pytest_quantgate.engine.ort import (
     EXTRAS,
     OnnxRuntimeError,
     check_onnxruntime,
@@ -61,7 +61,7 @@ def _run_isolated(code: str, site: Path | None) -> subprocess.CompletedProcess[s
 
 
 CHECK = (
-    "from pytest_quantgate.ort import OnnxRuntimeError, import_onnxruntime\n"
+    "from pytest_quantgate.engine.ort import OnnxRuntimeError, import_onnxruntime\n"
     "try:\n"
     "    import_onnxruntime()\n"
     "except OnnxRuntimeError as exc:\n"

@@ -95,8 +95,8 @@ def test_wheel_and_sdist_carry_schema_and_marker_and_pass_twine(dist: Path) -> N
         schema = json.loads(zf.read(PACKAGE_DATA[0]))
     assert set(PACKAGE_DATA) <= names
     assert schema["$schema"].startswith("https://json-schema.org/draft/2020-12")
-    assert "quantgate = pytest_quantgate.plugin" in entry_points  # pytest11: the plugin loads on install
-    assert "quantgate = pytest_quantgate.cli:main" in entry_points
+    assert "quantgate = pytest_quantgate.frontends.plugin" in entry_points  # pytest11: the plugin loads on install
+    assert "quantgate = pytest_quantgate.frontends.cli:main" in entry_points
     with tarfile.open(sdist) as tf:
         members = {m.name.split("/", 1)[1] for m in tf.getmembers() if "/" in m.name}
     assert set(PACKAGE_DATA) <= members

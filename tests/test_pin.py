@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantgate.cli import main
+from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.errors import RegistryError
 from pytest_quantgate.fileio import sha256_file
-from pytest_quantgate.registry import pin_text
+from pytest_quantgate.io.registry import pin_text
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO = "0" * 64
@@ -42,7 +42,7 @@ def _pinned(path: Path) -> dict[str, str]:
 def test_concurrent_pins_all_land(tmp_path: Path, round_: int) -> None:
     count = 8
     registry = _project(tmp_path / "p", count)
-    procs = [subprocess.Popen([sys.executable, "-m", "pytest_quantgate.cli", "pin", str(registry), "--id", f"m{i}"],
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest_quantgate.frontends.cli", "pin", str(registry), "--id", f"m{i}"],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(count)]
     for proc in procs:
@@ -105,7 +105,7 @@ _KILLED_PIN = textwrap.dedent("""
         print("WRITING", flush=True)
         time.sleep(120)
     os.fsync = hang
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
     main(["pin", sys.argv[1]])
 """)
 

@@ -280,7 +280,7 @@ def test_multi_input_multi_output_and_stacked_samples(project: GateProject) -> N
 
 
 def test_plugin_module_has_no_heavy_imports() -> None:
-    code = ("import sys, pytest_quantgate.plugin; "
+    code = ("import sys, pytest_quantgate.frontends.plugin; "
             "print(sorted(m for m in ('onnxruntime','torch','onnx','scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.replace("'", '"')) == []

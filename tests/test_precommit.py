@@ -35,7 +35,7 @@ def _hook_config() -> str:
     # pre-commit refuses additional_dependencies for a hook that builds no environment
     assert hook.pop("additional_dependencies")
     hook.update(
-        entry=f"{sys.executable} -m pytest_quantgate.cli pre-commit",
+        entry=f"{sys.executable} -m pytest_quantgate.frontends.cli pre-commit",
         args=["--bootstrap", "200", "--ep", "cpu"],
         language="system",
         verbose=True,

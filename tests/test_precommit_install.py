@@ -1,7 +1,7 @@
 """The quantgate hook as another repository gets it: pre-commit clones this repository and builds the hook itself.
 
 ``tests/test_precommit.py`` runs the manifest's hook as a local ``language: system`` hook with this interpreter. Here
-a user's ``.pre-commit-config.yaml`` names the hook exactly as the README shows (``repo``, ``rev``, ``id``, and no
+a user's ``.pre-commit-config.yaml`` names the hook exactly as docs/ci.md shows (``repo``, ``rev``, ``id``, and no
 ``additional_dependencies``), so the real pre-commit clones a commit of this working tree, builds the hook's
 virtualenv with ``pip install . <the manifest's additional_dependencies>`` and runs ``quantgate pre-commit`` from that
 virtualenv on every ``git commit``. The scenarios share one build (one ``PRE_COMMIT_HOME`` per test run).
@@ -59,7 +59,7 @@ class HookSource:
     store: Path
 
     def config(self, **hook: Any) -> str:
-        """Return a user's .pre-commit-config.yaml naming the quantgate hook as the README shows, plus ``hook``."""
+        """Return a user's .pre-commit-config.yaml naming the quantgate hook as docs/ci.md shows, plus ``hook``."""
         return str(yaml.safe_dump({"repos": [{"repo": str(self.path), "rev": self.rev,
                                               "hooks": [{"id": "quantgate", **hook}]}]}))
 
@@ -143,7 +143,7 @@ def source(tmp_path_factory: pytest.TempPathFactory, digits_assets: Path) -> Hoo
             shutil.rmtree(path, ignore_errors=True)
             rev_file.write_text(_snapshot(path))
         found = HookSource(path, rev_file.read_text(), shared / "quantgate-pre-commit-home")
-        # the README's configuration: no additional_dependencies, so the manifest's default decides the wheel
+        # docs/ci.md's configuration: no additional_dependencies, so the manifest's default decides the wheel
         scratch = _user_repo(tmp_path_factory.mktemp("install"), digits_assets, found, found.config())
         seconds = _install_hooks(scratch)
     print(f"pre-commit built (or found) the hook environment in {seconds:.1f} s")
@@ -179,7 +179,7 @@ def test_unpinned_sidecar_is_refused_until_pinned(source: HookSource, tmp_path: 
     assert "quantgate ERROR: digits_b [cpu]" in out and REPIN in out and "--id digits_b`" in out, out
     assert "- exit code: 2" in out, out  # bad input, as `quantgate measure` reports it
 
-    pinned = subprocess.run([sys.executable, "-m", "pytest_quantgate.cli", "pin", "--id", "digits_b"], cwd=repo.root,
+    pinned = subprocess.run([sys.executable, "-m", "pytest_quantgate.frontends.cli", "pin", "--id", "digits_b"], cwd=repo.root,
                             capture_output=True, text=True, check=False)
     assert pinned.returncode == 0, pinned.stdout + pinned.stderr
     result, seconds = repo.commit("the new sidecar, pinned")

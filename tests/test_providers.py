@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 
 from conftest import GateProject
-from pytest_quantgate import providers
-from pytest_quantgate.cli import main
+from pytest_quantgate.engine import providers
+from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.errors import EpUnavailableError
-from pytest_quantgate.providers import SessionSpec, open_session, placements
+from pytest_quantgate.engine.providers import SessionSpec, open_session, placements
 from pytest_quantgate.settings import EpOptions
 
 CPU_ONLY = "openvino" not in providers.available() and "cuda" not in providers.available()
@@ -128,7 +128,7 @@ def test_plugin_passes_the_ep_options_through(project: GateProject) -> None:
     project.pytester.makeconftest(
         "import pytest\n"
         "def pytest_collection_finish(session):\n"
-        "    from pytest_quantgate.stash import SETTINGS_KEY\n"
+        "    from pytest_quantgate.frontends.stash import SETTINGS_KEY\n"
         "    print('EPOPTIONS', session.config.stash[SETTINGS_KEY].ep_options)\n"
     )
     result = project.run("--quantgate-ep", "cpu", "--quantgate-openvino-device", "npu",

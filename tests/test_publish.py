@@ -14,7 +14,7 @@ import onnx
 import pytest
 from conftest import GateProject
 
-from pytest_quantgate.cli import main
+from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.errors import RegistryError
 from pytest_quantgate.fileio import sha256_file
 from pytest_quantgate.producers.base import ProducerError
@@ -26,7 +26,7 @@ from pytest_quantgate.producers.provenance import (
     read_provenance,
 )
 from pytest_quantgate.producers.ptq_dynamic import DynamicConfig, quantize_dynamic
-from pytest_quantgate.registry import load_registry
+from pytest_quantgate.io.registry import load_registry
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

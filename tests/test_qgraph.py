@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pytest_quantgate import lineage, qgraph
+from pytest_quantgate.analysis import lineage, qgraph
 
 RNG = np.random.default_rng(20)
 
@@ -385,7 +385,7 @@ def test_match_weights_is_the_one_model_lineage_judges(built: Built) -> None:
 
 
 def test_lineage_and_diagnosis_name_the_same_origin(tmp_path: Path) -> None:
-    from pytest_quantgate.diagnosis import diagnose
+    from pytest_quantgate.analysis.diagnosis import diagnose
 
     fp32 = convkit.conv_bn(tmp_path / "cbn.onnx")
     calibration = np.random.default_rng(3).uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)

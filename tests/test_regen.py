@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import GateProject
 
-from pytest_quantgate.cli import main
+from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.producers.provenance import read_provenance
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pytest_quantgate.errors import RegistryError
-from pytest_quantgate.registry import load_registry, parse_json_text, parse_registry, pin_text
+from pytest_quantgate.io.registry import load_registry, parse_json_text, parse_registry, pin_text
 
 SHA = "a" * 64
 

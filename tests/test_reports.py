@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_quantgate.reports import EP_FP32_TOLERANCE, per_ep_lines, summary_lines
+from pytest_quantgate.reporting.reports import EP_FP32_TOLERANCE, per_ep_lines, summary_lines
 from pytest_quantgate.records import GateResult
 from pytest_quantgate.records import Outcome
 from pytest_quantgate.records import Interval

@@ -13,13 +13,13 @@ import onnx
 import pytest
 from conftest import GateProject, rounded_weights
 
-from pytest_quantgate import comparison
-from pytest_quantgate.comparison import CompareOptions, compare
+from pytest_quantgate.engine import comparison
+from pytest_quantgate.engine.comparison import CompareOptions, compare
 from pytest_quantgate.records import GateResult
 from pytest_quantgate.errors import FixtureError
-from pytest_quantgate.metrics import DropTerm, bootstrap_drop, samples_needed
-from pytest_quantgate.registry import parse_registry
-from pytest_quantgate.soak import Fixture, TensorSpec
+from pytest_quantgate.engine.metrics import DropTerm, bootstrap_drop, samples_needed
+from pytest_quantgate.io.registry import parse_registry
+from pytest_quantgate.io.soak import Fixture, TensorSpec
 
 INPUTS = (TensorSpec("x", "tensor(float)", ("N", 1)),)
 OUTPUTS = (TensorSpec("y", "tensor(float)", ("N", 1)),)
@@ -178,7 +178,7 @@ def test_relative_budget_schema_bounds(value: Any) -> None:
 
 
 def test_relative_budget_is_described_in_the_schema() -> None:
-    from pytest_quantgate.registry import load_schema
+    from pytest_quantgate.io.registry import load_schema
 
     spec = load_schema()["$defs"]["entry"]["properties"]["quant_budget_relative"]
     assert spec["exclusiveMinimum"] == 0 and spec["maximum"] == 1
@@ -199,8 +199,8 @@ def _tiny(project: GateProject, samples: int) -> None:
 def _straddling_budget(project: GateProject) -> tuple[float, Any]:
     """Measure the tiny entry as pytest will (same seed stream, 200 replicates); return a budget between the
     point drop and the upper bound, and the result."""
-    from pytest_quantgate import gate
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.runner import gate
+    from pytest_quantgate.io.registry import load_registry
     from pytest_quantgate.settings import Settings
 
     path = project.model / "registry.json"
@@ -283,7 +283,7 @@ def test_conservative_rule_fails_what_the_point_rule_passes(tiny: tuple[GateProj
 
 def test_strict_cli_measure_exits_2_for_an_unresolved_fixture(tiny: tuple[GateProject, float, Any],
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from pytest_quantgate import cli
+    from pytest_quantgate.frontends import cli
 
     project, _, _ = tiny
     args = ["measure", str(project.model / "registry.json"), "--fixtures", str(project.fixtures), "--ep", "cpu",

@@ -17,7 +17,7 @@ from scipy import stats
 
 from pytest_quantgate.errors import FixtureError
 from pytest_quantgate.records import Outcome, read_report
-from pytest_quantgate.streaming import MAD, PairAccumulator, describe_sums
+from pytest_quantgate.engine.streaming import MAD, PairAccumulator, describe_sums
 
 # --- the sums agree with scipy on float64, however the data is chunked ------------------------------------------
 
@@ -98,7 +98,7 @@ def _npz_fixture(tmp_path: Path, compressed: bool) -> tuple[Path, np.ndarray]:
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_fixture_chunks_stream_every_sample_in_order(tmp_path: Path, compressed: bool) -> None:
-    from pytest_quantgate.soak import load_fixture
+    from pytest_quantgate.io.soak import load_fixture
 
     path, x = _npz_fixture(tmp_path, compressed)
     fixture = load_fixture(path)
@@ -109,7 +109,7 @@ def test_fixture_chunks_stream_every_sample_in_order(tmp_path: Path, compressed:
 
 
 def test_a_folder_of_shards_is_one_fixture(tmp_path: Path) -> None:
-    from pytest_quantgate.soak import find_fixture, load_fixture
+    from pytest_quantgate.io.soak import find_fixture, load_fixture
 
     folder = tmp_path / "big"
     folder.mkdir()
@@ -128,7 +128,7 @@ def test_a_folder_of_shards_is_one_fixture(tmp_path: Path) -> None:
 def test_a_header_that_lies_about_its_size_is_refused_before_allocating(tmp_path: Path) -> None:
     from numpy.lib import format as npy
 
-    from pytest_quantgate.soak import load_fixture
+    from pytest_quantgate.io.soak import load_fixture
 
     path = tmp_path / "lie.npz"
     with zipfile.ZipFile(path, "w") as archive, archive.open("x.npy", "w") as handle:
@@ -139,7 +139,7 @@ def test_a_header_that_lies_about_its_size_is_refused_before_allocating(tmp_path
 
 
 def test_a_zip_bomb_is_refused_by_the_cap_before_inflating(tmp_path: Path) -> None:
-    from pytest_quantgate.soak import load_fixture
+    from pytest_quantgate.io.soak import load_fixture
 
     path = tmp_path / "bomb.npz"
     np.savez_compressed(path, x=np.zeros((4096, 4096), np.float32))  # 64 MiB of zeros in ~65 KB
@@ -168,7 +168,7 @@ def _registry(tmp_path: Path, entries: list[dict[str, Any]]) -> Path:
 
 def _measure(registry: Path, fixtures: Path, *args: str) -> tuple[int, dict[str, Outcome]]:
     """Run ``quantgate measure`` and read its JSON back into typed outcomes (the round trip under test)."""
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
 
     out = registry.parent / "out.json"
     code = main(["measure", str(registry), "--fixtures", str(fixtures), "--ep", "cpu", "--bootstrap", "200",
@@ -386,7 +386,7 @@ def test_large_outputs_stream_in_bounded_memory(tmp_path: Path) -> None:
              "quant_accuracy_budget_plcc": 0.05,
              "sha256": sha256_file(tmp_path / "img.onnx"), "int8_sha256": sha256_file(tmp_path / "img.int8.onnx")}
     registry = _registry(tmp_path, [entry])
-    code = (f"import sys; from pytest_quantgate.cli import main; "
+    code = (f"import sys; from pytest_quantgate.frontends.cli import main; "
             f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(tmp_path / 'fixtures')!r}, '--ep', 'cpu', "
             f"'--json', {str(tmp_path / 'o.json')!r}]); "
             # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child started from a large pytest worker would
@@ -408,7 +408,7 @@ def test_large_outputs_stream_in_bounded_memory(tmp_path: Path) -> None:
 def test_the_json_report_round_trips_through_the_typed_records(tmp_path: Path) -> None:
     """Every item of measure's JSON (strict JSON: no NaN/Infinity) loads as the typed Outcome it came from."""
     repo = Path(__file__).resolve().parents[1]
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.frontends.cli import main
 
     out = tmp_path / "report.json"
     assert main(["measure", str(repo / "model" / "registry.json"), "--fixtures", str(repo / "fixtures"), "--ep", "cpu",
@@ -491,8 +491,8 @@ def test_an_unexpected_exception_is_that_entrys_error_and_the_others_still_run(p
 def test_measure_keeps_every_entry_when_one_raises_anything(project: Any, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Fault injection: an arbitrary exception (and a recipe's sys.exit) inside one entry's run."""
-    from pytest_quantgate import gate
-    from pytest_quantgate.cli import main
+    from pytest_quantgate.runner import gate
+    from pytest_quantgate.frontends.cli import main
 
     real = gate.measure
 
@@ -520,9 +520,9 @@ def test_measure_keeps_every_entry_when_one_raises_anything(project: Any, monkey
 @pytest.mark.parametrize(("spread", "verdict"), [(1e-6, "PASS"), (0.1, "FAIL")])
 def test_a_channel_below_one_8bit_step_of_its_magnitude_is_not_judged(spread: float, verdict: str) -> None:
     """A saturated score (0.999 ± 1e-6) that int8 keeps constant is not a collapse; a real score (± 0.1) is."""
-    from pytest_quantgate.comparison import CompareOptions, compare
-    from pytest_quantgate.registry import parse_registry
-    from pytest_quantgate.soak import Fixture, TensorSpec
+    from pytest_quantgate.engine.comparison import CompareOptions, compare
+    from pytest_quantgate.io.registry import parse_registry
+    from pytest_quantgate.io.soak import Fixture, TensorSpec
 
     entry = parse_registry({"schema_version": 1, "models": [
         {"id": "d", "onnx": "d.onnx", "quant_mode": "dynamic", "sha256": "0" * 64, "int8_sha256": "1" * 64}]},
@@ -579,7 +579,7 @@ def _anchor_major(path: Path, noise: float) -> Path:
 
 def test_an_anchor_major_head_is_judged_whole_by_default_and_per_channel_when_asked(tmp_path: Path) -> None:
     """Past MAX_DEFAULT_CHANNELS the default axis is not split (its per-sample sums would grow with the output)."""
-    from pytest_quantgate.comparison import MAX_DEFAULT_CHANNELS
+    from pytest_quantgate.engine.comparison import MAX_DEFAULT_CHANNELS
     from pytest_quantgate.fileio import sha256_file
 
     assert 1100 > MAX_DEFAULT_CHANNELS

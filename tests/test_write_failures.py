@@ -28,7 +28,7 @@ import pytest
 from conftest import GateProject
 
 from pytest_quantgate import fileio
-from pytest_quantgate.cli import main
+from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.errors import WriteError
 from pytest_quantgate.fileio import atomic_write_bytes, sha256_file
 from pytest_quantgate.producers.ptq_dynamic import DynamicConfig, quantize_dynamic
@@ -212,7 +212,7 @@ def test_a_write_failure_inside_qat_is_not_blamed_on_the_recipe(files: GateProje
 
     # the module produce() imports now: an in-process pytester run may have dropped an earlier copy of it
     qat = importlib.import_module("pytest_quantgate.producers.qat")
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
 
     (files.model / "recipe.py").write_text("")
     registry = load_registry(files.write([files.add_sidecar("m", mode="qat", qat_recipe="recipe.py")]))
@@ -240,7 +240,7 @@ def test_a_full_temp_folder_under_qat_names_tmpdir_and_a_recipe_failure_stays_th
     # the module produce() imports now: an in-process pytester run may have dropped an earlier copy of it
     qat = importlib.import_module("pytest_quantgate.producers.qat")
     from pytest_quantgate.producers.base import ProducerError
-    from pytest_quantgate.registry import load_registry
+    from pytest_quantgate.io.registry import load_registry
 
     (files.model / "recipe.py").write_text("")
     registry = load_registry(files.write([files.add_sidecar("m", mode="qat", qat_recipe="recipe.py")]))
@@ -401,7 +401,7 @@ def _refused(kind: str, folder: Path, argv: list[str], cwd: Path) -> tuple[dict[
 def test_ptq_dynamic_registry_entry_when_the_kernel_refuses(files: GateProject, kind: str) -> None:
     registry = files.write([files.add_sidecar("m")])
     before = {k: v for k, v in _snapshot(files.model).items()}
-    report, code = _refused(kind, files.model, [sys.executable, "-m", "pytest_quantgate.cli", "ptq-dynamic",
+    report, code = _refused(kind, files.model, [sys.executable, "-m", "pytest_quantgate.frontends.cli", "ptq-dynamic",
                                                   str(registry), "--id", "m", "--fixtures", str(files.fixtures)],
                             files.root)
     out = report["stdout"] + report["stderr"]
@@ -442,7 +442,7 @@ def test_a_nearly_full_temp_folder_names_tmpdir(files: GateProject, free: int) -
     scratch.mkdir()
     before = _snapshot(files.model)
     report, code = _refused(f"nearfull:{free}", scratch, ["env", f"TMPDIR={scratch}", sys.executable, "-m",
-                                                          "pytest_quantgate.cli", "ptq-dynamic", str(registry), "--id",
+                                                          "pytest_quantgate.frontends.cli", "ptq-dynamic", str(registry), "--id",
                                                           "m"], files.root)
     out = report["stdout"] + report["stderr"]
     assert report["returncode"] == 2, out
@@ -461,7 +461,7 @@ def test_pin_into_a_read_only_folder(files: GateProject) -> None:
     registry = files.write([{**files.add_sidecar("m"), "int8_sha256": "ab" * 32}])
     before = _snapshot(files.model)
     report, code = _refused("readonly", files.model,
-                            [sys.executable, "-m", "pytest_quantgate.cli", "pin", str(registry)], files.root)
+                            [sys.executable, "-m", "pytest_quantgate.frontends.cli", "pin", str(registry)], files.root)
     out = report["stdout"] + report["stderr"]
     assert report["returncode"] == 2, out
     _clean_one_line(out, f"quantgate: error: {registry}: cannot write the registry: ", f"({code})",

@@ -18,8 +18,8 @@ import onnx
 import pytest
 from conftest import GateProject, rounded_weights
 
-from pytest_quantgate.diagnosis import diagnose
-from pytest_quantgate.qgraph import sqnr_db
+from pytest_quantgate.analysis.diagnosis import diagnose
+from pytest_quantgate.analysis.qgraph import sqnr_db
 
 
 def _write_classifier(folder: Path, name: str, string_labels: bool) -> tuple[Path, Path]:

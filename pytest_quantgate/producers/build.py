@@ -13,7 +13,7 @@ Two kinds of producer:
 ``quantgate pin`` copies the pinned sidecar's :func:`pinned_build` into the registry entry (``int8_build``), so
 a later rebuild -- after the sidecar itself is gone -- can be compared with what was reviewed.
 :func:`explain` says in one line why a rebuild differs from its pin; :func:`usable_without_review` applies
-the rule the README documents ("Regeneration").
+the rule docs/regeneration.md documents.
 """
 
 from __future__ import annotations

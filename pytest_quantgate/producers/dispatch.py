@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, RegistryError
-from ..registry import Entry, Registry
+from ..io.registry import Entry, Registry
 from .base import Assess, ProducerError, ProducerResult
 
 

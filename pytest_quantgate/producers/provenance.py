@@ -42,7 +42,7 @@ from pytest_quantgate.fileio import atomic_path, atomic_write_text, sweep_partia
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
 
 if TYPE_CHECKING:
-    from pytest_quantgate.registry import WriteGuard
+    from pytest_quantgate.io.registry import WriteGuard
 
 # 2: the record lives in the model's metadata_props; 1: in m.int8.json beside it
 PROVENANCE_FORMAT = 2

@@ -18,16 +18,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pytest_quantgate.engine.ort import import_onnxruntime
 from pytest_quantgate.errors import WriteError
 from pytest_quantgate.fileio import sha256_file, sweep_partials, write_error
-from pytest_quantgate.ort import import_onnxruntime
 from pytest_quantgate.producers.base import ProducerError
 from pytest_quantgate.producers.provenance import check_target, shaping_versions
 
 if TYPE_CHECKING:
     import onnx
 
-    from pytest_quantgate.registry import WriteGuard
+    from pytest_quantgate.io.registry import WriteGuard
 
 WeightType = Literal["int8", "uint8"]
 WEIGHT_TYPES = ("int8", "uint8")

@@ -41,7 +41,7 @@ from pytest_quantgate.producers.ptq_common import (
 )
 
 if TYPE_CHECKING:
-    from pytest_quantgate.registry import WriteGuard
+    from pytest_quantgate.io.registry import WriteGuard
 
 __all__ = ["DEFAULT_TARGET_OPSET", "DynamicConfig", "add_arguments", "config_from_args", "quantize_dynamic"]
 

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from pytest_quantgate.registry import WriteGuard
+    from pytest_quantgate.io.registry import WriteGuard
 
 _log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pytest_quantgate.engine.ort import import_onnxruntime
 from pytest_quantgate.fileio import sha256_file, sweep_partials
-from pytest_quantgate.ort import import_onnxruntime
 from pytest_quantgate.producers.base import Assess, ProducerError, ProducerResult, QatRecipe
 from pytest_quantgate.producers.build import build_block
 from pytest_quantgate.producers.provenance import (
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-    from pytest_quantgate.registry import WriteGuard
+    from pytest_quantgate.io.registry import WriteGuard
 
 __all__ = [
     "QatConfig",

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import InputError, WriteError
-from .fileio import creatable_file
-from .reports import EXIT_ERROR, EXIT_NOTHING, EXIT_PASS, report_outcomes
-from .reports import err as _err
-from .reports import out as _out
-from .settings import (
+from .. import __version__
+from ..errors import InputError, WriteError
+from ..fileio import creatable_file
+from ..reporting.reports import EXIT_ERROR, EXIT_NOTHING, EXIT_PASS, report_outcomes
+from ..reporting.reports import err as _err
+from ..reporting.reports import out as _out
+from ..settings import (
     DEFAULT_FIXTURES,
     DEFAULT_REGISTRY,
     add_gate_args,
@@ -40,13 +40,13 @@ def _add_registry_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(ns: argparse.Namespace) -> Any:
-    from .registry import load_registry
+    from ..io.registry import load_registry
 
     return load_registry(ns.registry)
 
 
 def _selected(registry: Any, ids: Sequence[str] | None) -> list[Any]:
-    from .errors import RegistryError
+    from ..errors import RegistryError
 
     entries = list(registry.entries)
     if not ids:
@@ -63,9 +63,9 @@ def _selected(registry: Any, ids: Sequence[str] | None) -> list[Any]:
 
 def cmd_measure(ns: argparse.Namespace) -> int:
     """Gate every selected entry on every EP; print reports and the summary table."""
-    from . import providers
-    from .gate import run_one
-    from .records import Outcome
+    from ..engine import providers
+    from ..records import Outcome
+    from ..runner.gate import run_one
 
     settings = settings_from_args(ns)
     try:
@@ -88,7 +88,7 @@ def cmd_measure(ns: argparse.Namespace) -> int:
 
     cache = None
     if ns.cache:
-        from .cache import FolderCache  # it imports pytest (~0.1 s): only when asked for
+        from ..runner.cache import FolderCache  # it imports pytest (~0.1 s): only when asked for
 
         cache = FolderCache(ns.cache_dir.resolve())
     run_id = uuid.uuid4().hex
@@ -114,7 +114,7 @@ def cmd_measure(ns: argparse.Namespace) -> int:
 
 def _check_model(registry: Any, entry: Any, role: str, pinned: str | None, field: str) -> None:
     """Run the gate's checks on one model file of an entry: present, parseable, confined, hash as pinned."""
-    from .gate import check_hash, check_model_file
+    from ..runner.gate import check_hash, check_model_file
 
     path = registry.fp32_path(entry) if role == "fp32" else registry.int8_path(entry)
     check_model_file(path, role, entry, registry)
@@ -123,8 +123,8 @@ def _check_model(registry: Any, entry: Any, role: str, pinned: str | None, field
 
 def cmd_validate(ns: argparse.Namespace) -> int:
     """Check the schema, that every file exists and is readable, and every pinned hash matches; run nothing."""
-    from .producers.dispatch import calibration_set
-    from .soak import find_fixture
+    from ..io.soak import find_fixture
+    from ..producers.dispatch import calibration_set
 
     try:
         registry = _load(ns)
@@ -171,8 +171,8 @@ def cmd_pin(ns: argparse.Namespace) -> int:
 
     from filelock import FileLock, Timeout
 
-    from .fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
-    from .registry import load_registry_text, pin_text
+    from ..fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
+    from ..io.registry import load_registry_text, pin_text
 
     target = Path(os.path.realpath(ns.registry))
     try:
@@ -224,8 +224,8 @@ _ABSENT = object()
 
 def _pinned_build(registry: Any, entry: Any) -> dict[str, Any] | None:
     """Return what the entry's sidecar records of its build, for the registry's ``int8_build`` (None: nothing)."""
-    from .producers.build import pinned_build
-    from .producers.provenance import read_provenance
+    from ..producers.build import pinned_build
+    from ..producers.provenance import read_provenance
 
     sidecar = registry.int8_path(entry)
     if not entry.gated or not sidecar.is_file():
@@ -252,8 +252,8 @@ def _describe_build(build: dict[str, Any] | None) -> str:
 
 def _produce_file(ns: argparse.Namespace, mode: str) -> int:
     """Run one producer on an ONNX file (``MODEL.onnx``) or on a registry entry (``registry.json --id ID``)."""
-    from .logcapture import CapturedLogs, capture_logs
-    from .producers.base import ProducerError
+    from ..engine.logcapture import CapturedLogs, capture_logs
+    from ..producers.base import ProducerError
 
     source = Path(ns.source)
     captured: CapturedLogs | None = None
@@ -261,7 +261,7 @@ def _produce_file(ns: argparse.Namespace, mode: str) -> int:
         if source.suffix == ".json":
             return _produce_registry(ns, mode)
         output = Path(ns.output) if ns.output else source.with_name(source.name.removesuffix(".onnx") + ".int8.onnx")
-        from .producers import ptq_dynamic, ptq_static
+        from ..producers import ptq_dynamic, ptq_static
 
         config: Any
         fn: Any
@@ -291,10 +291,10 @@ def _print_logs(captured: Any) -> None:
 
 
 def _produce_registry(ns: argparse.Namespace, mode: str) -> int:
-    from .gate import assessor
-    from .logcapture import capture_logs
-    from .producers.dispatch import produce
-    from .registry import load_registry
+    from ..engine.logcapture import capture_logs
+    from ..io.registry import load_registry
+    from ..producers.dispatch import produce
+    from ..runner.gate import assessor
 
     registry = load_registry(getattr(ns, "source", None) or ns.registry)
     entries = _selected(registry, ns.ids)
@@ -341,7 +341,7 @@ def cmd_ptq_static(ns: argparse.Namespace) -> int:
 
 def cmd_qat(ns: argparse.Namespace) -> int:
     """QAT (two-step bridge or pt2e) for registry entries with a recipe."""
-    from .producers.base import ProducerError
+    from ..producers.base import ProducerError
 
     try:
         return _produce_registry(ns, "qat")
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry_args(p)
     p.set_defaults(func=cmd_pin)
 
-    from .producers import ptq_dynamic, ptq_static
+    from ..producers import ptq_dynamic, ptq_static
 
     for name, mod, func in (("ptq-dynamic", ptq_dynamic, cmd_ptq_dynamic), ("ptq-static", ptq_static, cmd_ptq_static)):
         p = sub.add_parser(name, help=f"{name.replace('-', ' ')}: write an int8 sidecar "
@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
         return int(exc.code or 0)
     if ns.command not in ("validate", "pin"):  # the two that run no model work without onnxruntime
-        from .ort import OnnxRuntimeError, check_onnxruntime
+        from ..engine.ort import OnnxRuntimeError, check_onnxruntime
 
         try:
             check_onnxruntime()

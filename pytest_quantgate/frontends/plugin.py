@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .settings import (
+from ..settings import (
     DECISION_CHOICES,
     DEFAULT_MAX_FIXTURE_GIB,
     DIAGNOSE_CHOICES,
@@ -92,7 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUN_ID_KEY] = _run_id(config)
     if not settings.enabled:
         return
-    from .ort import OnnxRuntimeError, check_onnxruntime
+    from ..engine.ort import OnnxRuntimeError, check_onnxruntime
 
     try:
         check_onnxruntime()  # finds the wheel without importing it: start-up stays cheap
@@ -103,8 +103,8 @@ def pytest_configure(config: pytest.Config) -> None:
             f"quantgate: registry {settings.registry} not found (set --quantgate-registry or quantgate_registry)"
         )
     if getattr(config, "workerinput", None) is None:  # the controller writes the reports: check it can, first
-        from .errors import InputError
-        from .fileio import check_writable
+        from ..errors import InputError
+        from ..fileio import check_writable
 
         # pytest's own --junitxml writer raises at the end of the run when it cannot write: check it first too
         junit = getattr(config.option, "xmlpath", None)
@@ -201,7 +201,7 @@ class QuantGateSession:
         """Gather each item's outcome (on the controller when xdist runs workers)."""
         data = getattr(report, "quantgate_outcome", None)
         if data is not None:
-            from .records import Outcome, RecordError
+            from ..records import Outcome, RecordError
 
             try:
                 outcome = Outcome.from_json(data)
@@ -215,14 +215,14 @@ class QuantGateSession:
         """Write the JSON, HTML and GitHub step-summary reports (controller only)."""
         if getattr(self.config, "workerinput", None) is not None:
             return
-        from . import reports
-        from .errors import WriteError
+        from ..errors import WriteError
+        from ..reporting import reports
 
         outcomes = list(self.config.stash.get(OUTCOMES_KEY, {}).values())
         settings = self.config.stash[SETTINGS_KEY]
 
         def html(path: Path) -> None:
-            from .html import write_html
+            from ..reporting.html import write_html
 
             write_html(path, outcomes, title=f"quantgate: {settings.registry}")
 
@@ -244,7 +244,7 @@ class QuantGateSession:
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
         """Print one row per gated item, drops per EP when several ran, and any report that was not written."""
-        from .reports import per_ep_lines, summary_lines
+        from ..reporting.reports import per_ep_lines, summary_lines
 
         outcomes = list(config.stash.get(OUTCOMES_KEY, {}).values())
         if outcomes:

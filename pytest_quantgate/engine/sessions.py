@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FixtureError, SignatureMismatchError
-from .soak import TensorSpec
+from ..errors import FixtureError, SignatureMismatchError
+from ..io.soak import TensorSpec
 
 if TYPE_CHECKING:
     import onnxruntime as ort

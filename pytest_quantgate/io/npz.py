@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import FixtureError
+from ..errors import FixtureError
 
 # A fixture's declared (uncompressed) bytes may not exceed this unless the caller raises it: 64 GiB is far above
 # any fixture we have seen (the largest real-size trials hold ~3 GiB) and far below what a forged header claims.
@@ -308,7 +308,7 @@ def open_fixture_arrays(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[
 
 def digest(path: Path) -> str:
     """Return the sha256 of a fixture: of the file, or of the shard names and hashes of a folder."""
-    from .fileio import sha256_file
+    from ..fileio import sha256_file
 
     if not path.is_dir():
         return sha256_file(path)

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .settings import Settings
+from ..settings import Settings
 
 if TYPE_CHECKING:
-    from .records import Outcome
+    from ..records import Outcome
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 RUN_ID_KEY = pytest.StashKey[str]()

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelFileError
-from .fileio import sha256_file
+from ..errors import ModelFileError
+from ..fileio import sha256_file
 from .qgraph import WeightMatch, match_weights
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class LineageThresholds:
     min_matched: float = 1.0
 
 
-# Measured with scripts/lineage_measure.py (onnxruntime 1.32, torch 2.13; README "Lineage" has the full table).
+# Measured with scripts/lineage_measure.py (onnxruntime 1.32, torch 2.13; the full table: docs/verdicts.md, "Lineage").
 # Per weight (2-D and up), worst over the model's weights:
 #   healthy PTQ (bundled dynamic fusion_mlp_v1 and static residual_filter_v1, plus fresh sidecars: dynamic
 #     per-channel / uint8 / reduce_range, static per-tensor / QOperator / uint8 / no pre-processing, sidecars of
@@ -267,7 +267,7 @@ def _load(path: Path, role: str) -> onnx.ModelProto:
 
 def _provenance(fp32_sha: str, int8_sha: str, int8_path: Path) -> tuple[str, str | None]:
     """Read the producer's provenance of the sidecar: (what it says, a refusal reason or None)."""
-    from .producers.provenance import read_provenance
+    from ..producers.provenance import read_provenance
 
     record = read_provenance(int8_path)
     if record is None:

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from .errors import InputError, QuantGateError
-from .records import GateResult, Outcome
-from .registry import Entry, EntryProblem, Registry, load_registry
-from .reports import failure_text
-from .settings import Settings
+from ..errors import InputError, QuantGateError
+from ..io.registry import Entry, EntryProblem, Registry, load_registry
+from ..records import GateResult, Outcome
+from ..reporting.reports import failure_text
+from ..settings import Settings
 from .stash import RUN_ID_KEY, SETTINGS_KEY
 
 
@@ -40,7 +40,7 @@ class RegistryFile(pytest.File):
             registry = load_registry(self.path)
         except InputError as exc:
             raise self.CollectError(str(exc)) from None
-        from . import providers
+        from ..engine import providers
 
         eps = providers.expand(settings.eps)
         entries = [e for e in registry.entries if e.gated]
@@ -110,8 +110,8 @@ class QuantGateItem(pytest.Item):
 
     def setup(self) -> None:
         """Run the gate (gate.run_one); bad input is an ERROR here, never a failed comparison."""
-        from .cache import PytestCache
-        from .gate import run_one
+        from ..runner.cache import PytestCache
+        from ..runner.gate import run_one
 
         settings = settings_of(self.config)
         cache = PytestCache(self.config) if settings.cache else None

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from .fileio import sha256_file
-from .records import GateResult, RecordError
-from .registry import Entry, Registry
-from .settings import Settings
+from ..fileio import sha256_file
+from ..io.registry import Entry, Registry
+from ..records import GateResult, RecordError
+from ..settings import Settings
 
 CACHE_PREFIX = "quantgate/v2/"  # v2: typed GateResult records (v1 held row dicts)
 
@@ -24,8 +24,9 @@ def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | 
     Covered: fp32, int8 and fixture bytes; the whole registry entry (budgets, compare mode, ...); the EP and
     its options; the installed onnxruntime; the statistics settings; the plugin version.
     """
-    from . import __version__, providers
-    from .soak import find_fixture
+    from .. import __version__
+    from ..engine import providers
+    from ..io.soak import find_fixture
 
     try:
         fixture = find_fixture(registry.soak_candidates(entry, settings.fixtures_dir))
@@ -80,7 +81,7 @@ class FolderCache:
 
     def set(self, digest: str, result: GateResult) -> None:
         """Remember a passing result atomically."""
-        from .fileio import atomic_write_text
+        from ..fileio import atomic_write_text
 
         atomic_write_text(self.folder / f"{digest}.json", json.dumps(_slim(result)), "cache entry")
 

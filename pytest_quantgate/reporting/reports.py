@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .qgraph import format_db
-from .records import Diagnosis, GateResult, LabelReport, dump
+from ..analysis.qgraph import format_db
+from ..records import Diagnosis, GateResult, LabelReport, dump
 
 if TYPE_CHECKING:
-    from .records import Outcome
+    from ..records import Outcome
 
 REMEDIES = {
     "drop": [
@@ -47,7 +47,7 @@ REMEDIES = {
     ],
     "rebuild": [
         "This run rebuilt the sidecar and its bytes differ from int8_sha256 in a way the regeneration rule does not "
-        "accept without review (README, Regeneration). Compare the rebuilt file with the pinned one; if it is "
+        "accept without review (docs/regeneration.md). Compare the rebuilt file with the pinned one; if it is "
         "right, `quantgate pin {registry} --id {id}` records it, else restore the pinned file.",
     ],
     "labels": [
@@ -259,7 +259,7 @@ REPORT_FORMAT = 2  # 2: items are Outcome.to_json() (the result nested under "re
 
 def report_document(outcomes: Sequence[Outcome], settings: Any) -> dict[str, Any]:
     """Return the JSON report: every item (metrics, interval, budget, verdict, provenance) and the settings."""
-    from . import __version__
+    from .. import __version__
 
     items = []
     for o in _order(outcomes):
@@ -279,7 +279,7 @@ def report_document(outcomes: Sequence[Outcome], settings: Any) -> dict[str, Any
 
 def write_json(path: Any, outcomes: Sequence[Outcome], settings: Any) -> None:
     """Write the JSON report atomically."""
-    from .fileio import atomic_write_text
+    from ..fileio import atomic_write_text
 
     atomic_write_text(path, json.dumps(report_document(outcomes, settings), indent=2, allow_nan=False) + "\n",
                       "JSON report")
@@ -311,7 +311,7 @@ def append_github_summary(outcomes: Sequence[Outcome]) -> None:
     """Append the markdown summary to ``$GITHUB_STEP_SUMMARY`` when GitHub Actions sets it."""
     import os
 
-    from .errors import WriteError
+    from ..errors import WriteError
 
     target = os.environ.get("GITHUB_STEP_SUMMARY")
     if not target or not outcomes:
@@ -357,8 +357,8 @@ def report_outcomes(outcomes: Sequence[Outcome], registry_path: str, json_out: P
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
     out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
     if json_out is not None:
-        from .errors import WriteError
-        from .fileio import atomic_write_text
+        from ..errors import WriteError
+        from ..fileio import atomic_write_text
 
         try:
             atomic_write_text(json_out, json.dumps([o.to_json() for o in _order(outcomes)], indent=2,

@@ -579,7 +579,7 @@ def plcc_of(moments: np.ndarray) -> np.ndarray:
 def describe_sums(values: np.ndarray, shift: np.ndarray, x: int, y: int, sample: np.ndarray) -> dict[str, Any]:
     """Return PairMetrics fields of ``y`` against ``x`` from summed fields (F,) and a reservoir (k, 3)."""
     # scipy.stats for the rank statistics (the project's rule: a kept library before our own); importing it costs
-    # ~0.6 s of a fresh process, which the README's speed table counts
+    # ~0.6 s of a fresh process, which the speed table in docs/measurements.md counts
     from scipy import stats
 
     rows = values

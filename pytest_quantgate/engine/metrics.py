@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .records import Interval, PairMetrics
+from ..records import Interval, PairMetrics
 
 
 class DegenerateOutputError(ValueError):

@@ -17,8 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .reports import EXIT_ERROR, EXIT_PASS, err, out, report_outcomes
-from .settings import DEFAULT_FIXTURES, DEFAULT_REGISTRY, add_gate_args, settings_from_args
+from ..reporting.reports import EXIT_ERROR, EXIT_PASS, err, out, report_outcomes
+from ..settings import DEFAULT_FIXTURES, DEFAULT_REGISTRY, add_gate_args, settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def changed_entry_ids(registry_path: Path) -> set[str] | None:
 
 def entry_files(registry: Any, entry: Any, fixtures_dir: Path) -> set[Path]:
     """Return every file an entry's verdict depends on, resolved (missing ones too: a deletion is a change)."""
-    from .errors import InputError
+    from ..errors import InputError
 
     files: set[Path] = set()
     for get in (lambda: [registry.fp32_path(entry)], lambda: [registry.int8_path(entry)],
@@ -86,8 +86,8 @@ def _shown(path: Path) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     """Gate the entries touched by ``ns.filenames``; return measure's exit code (0 when nothing gated changed)."""
-    from .errors import InputError
-    from .registry import load_registry
+    from ..errors import InputError
+    from ..io.registry import load_registry
 
     changed = {Path(f).resolve() for f in ns.filenames}
     registry_path = ns.registry.resolve()
@@ -111,7 +111,7 @@ def run(ns: argparse.Namespace) -> int:
             why.insert(0, f"{_shown(registry_path)} (entry changed)")
         if why:
             picked.append((entry, why))
-    from .records import Outcome
+    from ..records import Outcome
 
     problems = [Outcome(p.label, "-", "-", "error", p.message) for p in registry.problems] if registry_changed else []
     if not picked and not problems:
@@ -119,8 +119,8 @@ def run(ns: argparse.Namespace) -> int:
              f"{registry_path}); nothing to gate")
         return EXIT_PASS
 
-    from . import providers
-    from .gate import run_one
+    from ..engine import providers
+    from ..runner.gate import run_one
 
     # ns.ids and ns.registry as measure's settings expect them
     settings = settings_from_args(argparse.Namespace(**{**vars(ns), "registry": registry_path, "ids": None}))

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelFileError, RegistryError
-from .fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
-from .registry import Entry, Registry
-from .settings import Settings
+from ..errors import ModelFileError, RegistryError
+from ..fileio import atomic_write_text, lock_path_for, sha256_file, sweep_partials
+from ..io.registry import Entry, Registry
+from ..settings import Settings
 
 if TYPE_CHECKING:
-    from .producers.base import Assess
-    from .producers.build import Difference
+    from ..producers.base import Assess
+    from ..producers.build import Difference
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Regenerated:
 
     def difference(self) -> Difference | None:
         """Return why the rebuilt bytes differ from the pinned ones (None when they match)."""
-        from .producers.build import explain
+        from ..producers.build import explain
 
         return None if self.matches_pin else explain(self.pinned_build, self.record)
 
@@ -50,8 +50,8 @@ class Regenerated:
                 f"{difference.text}")
 
     def review(self, gate_passed: bool) -> tuple[bool, str]:
-        """Return whether the rebuild may be used without review (the README's rule) and why, in one clause."""
-        from .producers.build import usable_without_review
+        """Return whether the rebuild may be used without review (docs/regeneration.md) and why, in one clause."""
+        from ..producers.build import usable_without_review
 
         difference = self.difference()
         if difference is None:
@@ -87,7 +87,7 @@ def _reused(sidecar: Path, entry: Entry, run_id: str) -> Regenerated | None:
     """Return the sidecar as 'reused' when an earlier item of this run built it, else None (nothing rebuilt)."""
     if not _built_in_run(sidecar, run_id):
         return None
-    from .producers.provenance import read_provenance
+    from ..producers.provenance import read_provenance
 
     return Regenerated(sidecar, sha256_file(sidecar), entry.int8_sha256, reused=True,
                        record=read_provenance(sidecar), pinned_build=pinned_build_of(entry))
@@ -124,8 +124,8 @@ def ensure_sidecar(registry: Registry, entry: Entry, settings: Settings, run_id:
     with FileLock(str(_lock_path(sidecar))):
         if (settings.regen == "missing" and sidecar.exists()) or _built_in_run(sidecar, run_id):
             return _reused(sidecar, entry, run_id)
-        from .producers.base import ProducerError
-        from .producers.dispatch import produce
+        from ..producers.base import ProducerError
+        from ..producers.dispatch import produce
 
         try:
             result = produce(registry, entry, settings.fixtures_dir, allow_recipes=settings.allow_recipes,

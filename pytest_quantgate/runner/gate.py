@@ -15,20 +15,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .comparison import Breach, Collector, CompareOptions, plan_outputs, with_breaches
-from .errors import FixtureError, HashMismatchError, InsufficientSamplesError, ModelFileError
-from .fileio import sha256_file
-from .providers import SessionSpec, open_session
-from .records import FileRef, GateResult, LineageRecord, Outcome, PlotData, Provenance, Timing
-from .registry import DEFAULT_MIN_SAMPLES, Entry, Registry
-from .sessions import check_signatures, run, signature
-from .settings import Settings
-from .soak import FeedPlan, Fixture, TensorSpec, find_fixture, load_fixture, plan_feeds
+from ..engine.comparison import Breach, Collector, CompareOptions, plan_outputs, with_breaches
+from ..engine.providers import SessionSpec, open_session
+from ..engine.sessions import check_signatures, run, signature
+from ..errors import FixtureError, HashMismatchError, InsufficientSamplesError, ModelFileError
+from ..fileio import sha256_file
+from ..io.registry import DEFAULT_MIN_SAMPLES, Entry, Registry
+from ..io.soak import FeedPlan, Fixture, TensorSpec, find_fixture, load_fixture, plan_feeds
+from ..records import FileRef, GateResult, LineageRecord, Outcome, PlotData, Provenance, Timing
+from ..settings import Settings
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-    from .producers.base import Assess
+    from ..producers.base import Assess
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
 
 def with_kernel_warning(result: GateResult, p: Prepared, settings: Settings) -> GateResult:
     """Warn when the drop was measured with onnxruntime's saturating int8 kernels (fast mode on a CPU without VNNI)."""
-    from . import system
+    from .. import system
 
     if settings.ep_options.int8_precision != "fast" or p.ep == "openvino" or not system.int8_saturates():
         return result
@@ -335,7 +335,7 @@ def with_lineage(result: GateResult, p: Prepared) -> GateResult:
     """
     if not p.entry.lineage or p.entry.mode not in ("dynamic", "static", "qat"):
         return result
-    from .lineage import check_lineage
+    from ..analysis.lineage import check_lineage
 
     report = check_lineage(p.fp32_path, p.int8_path, p.entry.mode, fp32_sha256=p.fp32_sha256,
                            int8_sha256=p.int8_sha256)
@@ -348,7 +348,7 @@ def with_lineage(result: GateResult, p: Prepared) -> GateResult:
 
 def with_diagnosis(result: GateResult, p: Prepared, collector: Collector, settings: Settings) -> GateResult:
     """Attach where the drop comes from (worst tensors by SQNR) on the samples where int8 departs most."""
-    from .diagnosis import diagnose
+    from ..analysis.diagnosis import diagnose
 
     picked = collector.worst_samples(DIAGNOSIS_SAMPLES)
     inputs = p.fixture.take(picked)
@@ -420,7 +420,8 @@ def check_speed(result: GateResult, entry: Entry) -> GateResult:
 
 def provenance(p: Prepared, settings: Settings) -> Provenance:
     """Return what produced this verdict: files and hashes, EP and options, onnxruntime, CPU, time."""
-    from . import __version__, providers, system
+    from .. import __version__, system
+    from ..engine import providers
 
     return Provenance(
         fp32=FileRef(str(p.fp32_path), p.fp32_sha256),
@@ -497,7 +498,7 @@ def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, ru
     What ONNX Runtime and its quantisation tooling log meanwhile (Python records and the C++ core's lines on
     fd 2) is captured and summarised once, in the outcome's ``log``, instead of being printed line by line.
     """
-    from .logcapture import capture_logs
+    from ..engine.logcapture import capture_logs
 
     with capture_logs() as captured:
         outcome = _run_one(registry, entry, ep, settings, run_id=run_id, cache=cache)
@@ -507,7 +508,7 @@ def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, ru
 
 def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str,
              cache: CacheStore | None) -> Outcome:
-    from .errors import EpUnavailableError, InputError, WriteError
+    from ..errors import EpUnavailableError, InputError, WriteError
 
     regenerated: str | None = None
     notes: list[str] = []
@@ -560,7 +561,7 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
                        f"{registry.path}: entry {entry.id!r}: {result.warnings[-1]} (--quantgate-strict)", result,
                        regenerated=regenerated, notes=tuple(notes))
     if built is not None and not built.matches_pin:
-        # the regeneration rule (README "Regeneration"): a rebuild that differs from its pin is used without
+        # the regeneration rule (docs/regeneration.md): a rebuild that differs from its pin is used without
         # review only when the difference is explained and its drop is no worse than the reviewed build's
         usable, why = built.review(result.passed)
         repin = f"`quantgate pin {registry.path} --id {entry.id}`"

@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import MappingProxyType
 from typing import Any
 
-from .errors import RegistryError
-from .fileio import read_bounded
+from ..errors import RegistryError
+from ..fileio import read_bounded
 
 # Budgets used when an entry has no ``quant_accuracy_budget_plcc`` (ADR-0129 for PTQ, ADR-0208 for QAT).
 DEFAULT_BUDGET_PLCC = {"dynamic": 0.01, "static": 0.01, "qat": 0.002}

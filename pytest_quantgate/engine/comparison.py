@@ -26,7 +26,7 @@ The drop
     Without a target: ``1 − PLCC(fp32, int8)``. With a target: the larger of the target drop
     ``PLCC(fp32, t) − PLCC(int8, t)`` and the implied drop ``PLCC(fp32, t) · (1 − PLCC(fp32, int8))``, the
     drop the int8 deviations would cause if they were unrelated to the target, as quantisation error is
-    (see :class:`~pytest_quantgate.metrics.DropTerm`). The implied term stops a sidecar that is a different
+    (see :class:`~pytest_quantgate.engine.metrics.DropTerm`). The implied term stops a sidecar that is a different
     model of similar quality from passing on the target alone. The entry's drop is the worst output's.
 
 The interval
@@ -75,9 +75,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FixtureError
-from .metrics import MomentTerm, bootstrap_drop, samples_needed
-from .records import (
+from ..errors import FixtureError
+from ..io.soak import Fixture, TensorSpec
+from ..records import (
     FAIL,
     PASS,
     GateResult,
@@ -87,7 +87,7 @@ from .records import (
     OutputReport,
     PairMetrics,
 )
-from .soak import Fixture, TensorSpec
+from .metrics import MomentTerm, bootstrap_drop, samples_needed
 from .streaming import (
     MAD,
     SA,
@@ -104,7 +104,7 @@ from .streaming import (
 )
 
 if TYPE_CHECKING:
-    from .registry import Entry
+    from ..io.registry import Entry
 
 DEFAULT_LABEL_FLIP = 0.01
 

@@ -2,7 +2,7 @@
 
 The page has no external resources: CSS is inline and plots are base64 PNGs drawn with matplotlib (the ``html``
 extra). Without matplotlib the page still has every table, and says how to get the plots. It renders the run's
-typed outcomes (:class:`~pytest_quantgate.gate.Outcome`, each with its :class:`GateResult` when one was measured).
+typed outcomes (:class:`~pytest_quantgate.records.Outcome`, each with its :class:`GateResult` when one was measured).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .fileio import atomic_write_text
-from .records import Diagnosis, PlotData
+from ..fileio import atomic_write_text
+from ..records import Diagnosis, PlotData
 
 if TYPE_CHECKING:
-    from .records import Outcome, OutputReport
+    from ..records import Outcome, OutputReport
 
 MISSING_PLOTS = "Plots need matplotlib: pip install pytest-quantgate[html]"
 

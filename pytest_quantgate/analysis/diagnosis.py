@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from ..records import Diagnosis, TensorError
 from .qgraph import (
     CHUNK,
     Graph,
@@ -56,7 +57,6 @@ from .qgraph import (
     measure,
     pair_weights,
 )
-from .records import Diagnosis, TensorError
 
 # a weight with more than this share of elements off by over one int8 step was not just rounded
 CHANGED_SHARE = 0.01
@@ -252,7 +252,7 @@ class _Graph(Graph):
 def _session(path: Path, optimised: bool, exact: bool = True) -> Any:
     import onnxruntime as ort
 
-    from .providers import int8_config
+    from ..engine.providers import int8_config
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers of a cut graph) are not the user's problem
@@ -633,8 +633,8 @@ def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
     A sequence of maps (skl2onnx's ZipMap probabilities) is compared as the gate compares it, a (samples, keys)
     array in key order; other non-tensor outputs and string tensors have no SQNR and are named in the notes.
     """
-    from .sessions import as_array
-    from .soak import TensorSpec
+    from ..engine.sessions import as_array
+    from ..io.soak import TensorSpec
 
     ref_s, test_s = _session(fp32, True, exact), _session(int8, True, exact)
     specs = [TensorSpec(o.name, o.type, ()) for o in ref_s.get_outputs()]

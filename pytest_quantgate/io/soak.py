@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FixtureError
+from ..errors import FixtureError
 from .npz import (
     DEFAULT_MAX_BYTES,
     ArchiveArrays,

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .registry import Entry, Registry
-from .settings import Settings
+from ..io.registry import Entry, Registry
+from ..settings import Settings
 
 if TYPE_CHECKING:
 
-    from .records import GateResult
+    from ..records import GateResult
 
 STAGES = ("dynamic", "static", "exclusions", "int4", "qat", "qad")
 MIN_CALIBRATION_SAMPLES = 100  # the QAT literature's "100+ representative batches"
@@ -166,8 +166,8 @@ def _gate_candidate(registry: Registry, entry: Entry, int8_path: Path, ep: str, 
     ``entry`` must already carry the candidate's ``mode`` and budget; the returned result's candidate is a
     placeholder the caller replaces.
     """
-    from .fileio import sha256_file
-    from .gate import run_one
+    from ..fileio import sha256_file
+    from ..runner.gate import run_one
 
     relative = int8_path.resolve().relative_to(registry.folder.resolve()).as_posix()
     trial = dataclasses.replace(entry, int8_onnx=relative, int8_sha256=None)
@@ -204,7 +204,7 @@ def graph_facts(fp32_path: Path) -> GraphFacts:
     """Count Conv and constant-weight MatMul/Gemm nodes and where the weights are."""
     import onnx
 
-    from .producers.weight_only import constant_weight_matmuls
+    from ..producers.weight_only import constant_weight_matmuls
 
     model = onnx.load(str(fp32_path))
     sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
@@ -283,17 +283,17 @@ def build_candidate(candidate: Candidate, fp32: Path, out: Path, calibration: Pa
                     recipe: Path | None) -> None:
     """Write the candidate's sidecar to ``out`` with the existing producers; raise ProducerError/ValueError."""
     if candidate.mode == "dynamic":
-        from .producers.ptq_dynamic import DynamicConfig, quantize_dynamic
+        from ..producers.ptq_dynamic import DynamicConfig, quantize_dynamic
 
         quantize_dynamic(fp32, out, DynamicConfig(**_tuples(candidate.options)))
     elif candidate.mode == "static":
-        from .producers.ptq_static import StaticConfig, quantize_static
+        from ..producers.ptq_static import StaticConfig, quantize_static
 
         if calibration is None:
             raise ValueError("static candidates need a calibration set")
         quantize_static(fp32, out, StaticConfig(calibration_set=calibration, **_tuples(candidate.options)))
     elif candidate.mode == "qat":
-        from .producers.qat import QatConfig, quantize_qat
+        from ..producers.qat import QatConfig, quantize_qat
 
         if recipe is None:
             raise ValueError("QAT candidates need the entry's qat_recipe")
@@ -332,8 +332,8 @@ class _Run:
 
     def try_candidate(self, candidate: Candidate, calibration: Path | None) -> CandidateResult:
         """Build and gate one candidate; a producer failure is an error row, never an exception."""
-        from .errors import InputError, WriteError
-        from .producers.base import ProducerError
+        from ..errors import InputError, WriteError
+        from ..producers.base import ProducerError
 
         index = len(self.results) + 1
         out = self.scratch / f"{self.entry.id}.c{index:02d}.int8.onnx"
@@ -369,8 +369,8 @@ def _first_line(exc: BaseException) -> str:
 
 def calibration_for(registry: Registry, entry: Entry, settings: Settings, given: Path | None) -> Path | None:
     """Return the calibration set to use: ``--calibration-set``, else the entry's, else None."""
-    from .errors import InputError
-    from .producers.dispatch import calibration_set
+    from ..errors import InputError
+    from ..producers.dispatch import calibration_set
 
     if given is not None:
         if not given.is_file():
@@ -417,7 +417,7 @@ def advise(registry: Registry, entry: Entry, settings: Settings, options: Advise
         # beside the registry, not in the temp dir: candidates are gated as sidecars of this registry's folder
         scratch = Path(tempfile.mkdtemp(prefix=f".quantgate-advise-{entry.id}-", dir=registry.folder))
     except OSError as exc:
-        from .fileio import write_error
+        from ..fileio import write_error
 
         raise write_error(registry.folder / f".quantgate-advise-{entry.id}-*", exc,
                           "scratch folder for the candidates") from None
@@ -437,7 +437,7 @@ def advise(registry: Registry, entry: Entry, settings: Settings, options: Advise
         if advice.chosen is not None:
             path = advice.results[advice.chosen].path
             assert path is not None  # a passing candidate was gated, so it has a file
-            from .producers.provenance import provenance_path_for
+            from ..producers.provenance import provenance_path_for
 
             record = provenance_path_for(path)
             advice = dataclasses.replace(advice, sidecar=path.read_bytes(),
@@ -559,8 +559,8 @@ def exclusion_stage(run: _Run, calibration: Path) -> None:
 
 def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
     """Return fp32 node groups, most harmful first, from activation/weight SQNR on the most-disagreeing samples."""
-    from .diagnosis import diagnose
-    from .gate import measure, prepare
+    from ..analysis.diagnosis import diagnose
+    from ..runner.gate import measure, prepare
 
     settings = dataclasses.replace(run.settings, diagnose="off")
     relative = int8_path.resolve().relative_to(run.registry.folder.resolve()).as_posix()
@@ -698,11 +698,11 @@ def _registry_relative(path: Path, registry: Registry, settings: Settings) -> st
 
 def registry_change(advice: Advice, registry: Registry, settings: Settings) -> tuple[dict[str, Any], str]:
     """Return the fields the chosen candidate sets and the new registry text (validated, nothing written)."""
-    from .errors import RegistryError
-    from .fileio import sha256_file
-    from .producers.build import pinned_build
-    from .producers.provenance import embedded_provenance
-    from .registry import parse_registry, pin_text
+    from ..errors import RegistryError
+    from ..fileio import sha256_file
+    from ..io.registry import parse_registry, pin_text
+    from ..producers.build import pinned_build
+    from ..producers.provenance import embedded_provenance
 
     if advice.chosen is None:
         raise AdviseError(f"{advice.entry_id}: nothing passed, nothing to write")
@@ -746,8 +746,8 @@ def write_choice(advice: Advice, registry: Registry, settings: Settings) -> dict
     Every file is written in full to its partial before any is renamed into place, so a write that fails (a
     full disk, a read-only folder) leaves the sidecar and the registry as they were, never one without the other.
     """
-    from .fileio import atomic_path
-    from .producers.provenance import provenance_path_for
+    from ..fileio import atomic_path
+    from ..producers.provenance import provenance_path_for
 
     fields, text = registry_change(advice, registry, settings)  # validated before anything is written
     assert advice.sidecar is not None
@@ -771,7 +771,7 @@ def write_choice(advice: Advice, registry: Registry, settings: Settings) -> dict
 
 def add_arguments(parser: Any) -> None:
     """Add advise's own options (the registry and gate options come from cli.py)."""
-    from .settings import positive_int
+    from ..settings import positive_int
 
     group = parser.add_argument_group("advise")
     group.add_argument("--all-failing", action="store_true",
@@ -797,9 +797,9 @@ def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Ca
     """Run ``quantgate advise`` from parsed arguments; return 0 found, 1 none passes, 2 bad input."""
     import fnmatch
 
-    from .errors import InputError
-    from .fileio import atomic_write_text
-    from .registry import load_registry
+    from ..errors import InputError
+    from ..fileio import atomic_write_text
+    from ..io.registry import load_registry
 
     eps = list(dict.fromkeys(ns.eps or ["cpu"]))
     if len(eps) != 1 or eps[0] == "auto":
@@ -856,6 +856,6 @@ def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Ca
 
 def failing_entries(registry: Registry, ep: str, settings: Settings) -> list[Entry]:
     """Return the gated entries whose current sidecar fails the gate on ``ep``."""
-    from .gate import run_one
+    from ..runner.gate import run_one
 
     return [e for e in registry.entries if e.gated and run_one(registry, e, ep, settings).status == "fail"]

@@ -15,7 +15,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-from .errors import InputError
+from ..errors import InputError
 
 # distribution -> the extra of pytest-quantgate that installs it (all three ship the module `onnxruntime`)
 EXTRAS = {"onnxruntime": "cpu", "onnxruntime-gpu": "gpu", "onnxruntime-openvino": "openvino"}

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import EpUnavailableError, ModelFileError
+from ..errors import EpUnavailableError, ModelFileError
+from ..settings import EpOptions
 from .ort import EXTRAS, import_onnxruntime
-from .settings import EpOptions
 
 if TYPE_CHECKING:
     import onnxruntime as ort
