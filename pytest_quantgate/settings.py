@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .fileio import writable_file
 
@@ -222,111 +223,217 @@ def _worker_threads(config: pytest.Config) -> int | None:
     return max(1, (os.cpu_count() or 1) // int(workerinput["workercount"]))
 
 
+OptionKind = Literal["flag", "int", "choice", "confidence", "gib", "text", "eps", "list", "path", "optional-path"]
+
+
+def _canonical(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """Return an argparse ``type`` that accepts a choice in any case and gives its canonical spelling."""
+    table = {c.lower(): c for c in choices}
+    return lambda text: table.get(text.strip().lower(), text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One gate option, declared once: its pytest flag and ini twin, its ``quantgate`` flag, its Settings field.
+
+    ``name`` gives ``--quantgate-<name>`` and the ini key ``quantgate_<name>`` (``--quantgate`` itself for the
+    empty name) and, unless ``cli`` is False, ``quantgate measure``/``pre-commit``'s ``--<name>``.
+    """
+
+    name: str
+    field: str  # the Settings field it sets; "ep_options.<f>" for a provider option
+    kind: OptionKind
+    help: str
+    default: Any = None  # a callable is called when the settings are resolved (the regen default reads CI)
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    cli: bool = True
+
+    @property
+    def flag(self) -> str:
+        """Return the pytest flag."""
+        return "--quantgate" + (f"-{self.name}" if self.name else "")
+
+    @property
+    def dest(self) -> str:
+        """Return the pytest dest, which is also the ini key."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def cli_dest(self) -> str:
+        """Return the argparse dest of the ``quantgate`` flag."""
+        return "eps" if self.name == "ep" else self.name.replace("-", "_")
+
+    def fallback(self) -> Any:
+        """Return the default value of the Settings field."""
+        return self.default() if callable(self.default) else self.default
+
+    def argparse_kwargs(self, *, pytest_side: bool) -> dict[str, Any]:
+        """Return ``add_argument``/``addoption`` keywords (pytest's defaults are None: the ini decides then)."""
+        kwargs: dict[str, Any] = {"help": self.help}
+        if self.metavar:
+            kwargs["metavar"] = self.metavar
+        if self.kind == "flag":
+            return {**kwargs, "action": "store_true", "default": False}
+        if self.kind in ("eps", "list"):
+            kwargs.update(action="append", default=None)
+            if self.choices:
+                kwargs.update(choices=self.choices, type=_canonical(self.choices))
+            return kwargs
+        convert: dict[str, Callable[[str], Any]] = {
+            "int": positive_int if self.name == "batch-size" else non_negative_int,
+            "confidence": confidence_level,
+            "gib": float,
+        }
+        if self.kind in convert and not (pytest_side and self.kind == "gib"):
+            kwargs["type"] = convert[self.kind]
+        if self.kind == "choice":
+            kwargs.update(choices=self.choices, type=_canonical(self.choices))
+        cli_default = None if self.name == "regen" else self.fallback()
+        kwargs["default"] = None if pytest_side else cli_default
+        return kwargs
+
+    @property
+    def ini_type(self) -> Any:
+        """Return the type of the ini twin."""
+        return {"flag": "bool", "eps": "linelist", "list": "linelist"}.get(self.kind)
+
+
 def default_regen() -> str:
     """Return ``never`` under CI (a sidecar nobody reviewed must not be gated), else ``missing``."""
     return "never" if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes") else "missing"
 
 
+# every option of a gate run, in the order --help shows them
+OPTIONS: tuple[Option, ...] = (
+    Option("", "enabled", "flag", "run the int8-vs-fp32 gate on the registry's entries", False, cli=False),
+    Option("registry", "registry", "path", "registry JSON (default: model/registry.json under the rootdir)",
+           DEFAULT_REGISTRY, metavar="PATH", cli=False),
+    Option("fixtures", "fixtures_dir", "path", "folder of soak fixtures <id>.npz (default: fixtures/ under the "
+           "rootdir)", DEFAULT_FIXTURES, metavar="DIR", cli=False),
+    Option("select", "select", "list", "gate only entries whose id matches this glob (repeatable)", (),
+           metavar="ID", cli=False),
+    Option("ep", "eps", "eps", f"execution provider, repeatable: {', '.join(EP_CHOICES)} (default: auto = every "
+           "available one)", ("auto",), EP_CHOICES, "EP"),
+    Option("strict-ep", "strict_ep", "flag", "an EP that is asked for but unavailable is an error, not a skip",
+           False),
+    Option("strict", "strict", "flag", "a fixture too small to resolve the budget is an error, not a warning",
+           False),
+    Option("batch-size", "batch_size", "int", f"samples per run where the batch axis is dynamic (default "
+           f"{DEFAULT_BATCH_SIZE})", DEFAULT_BATCH_SIZE, metavar="N"),
+    Option("bootstrap", "bootstrap", "int", f"bootstrap replicates for the drop's interval; 0 disables (default "
+           f"{DEFAULT_BOOTSTRAP})", DEFAULT_BOOTSTRAP, metavar="N"),
+    Option("seed", "seed", "int", f"seed of the bootstrap (default {DEFAULT_SEED})", DEFAULT_SEED, metavar="N"),
+    Option("confidence", "confidence", "confidence", f"confidence level of the interval (default "
+           f"{DEFAULT_CONFIDENCE})", DEFAULT_CONFIDENCE, metavar="LEVEL"),
+    Option("decision", "decision", "choice", f"verdict rule: {' | '.join(DECISION_CHOICES)} (point: drop > budget "
+           "fails; conservative: upper bound > budget fails)", "point", DECISION_CHOICES),
+    Option("regen", "regen", "choice", f"rebuild sidecars: {' | '.join(REGEN_CHOICES)} (default: missing; never "
+           "when CI=true)", default_regen, REGEN_CHOICES),
+    Option("allow-recipes", "allow_recipes", "flag", "let regeneration run the Python qat_recipe files named in the "
+           "registry (they execute with your rights)", False),
+    Option("report", "report", "optional-path", "write every item's metrics, interval, verdict and provenance to "
+           "this JSON file", None, metavar="PATH", cli=False),
+    Option("html", "html", "optional-path", "write a self-contained HTML report with plots (plots need "
+           "matplotlib)", None, metavar="PATH", cli=False),
+    Option("cache", "cache", "flag", "skip items whose inputs are unchanged since they passed (pytest's cache; "
+           "--cache-dir for quantgate)", False),
+    Option("diagnose", "diagnose", "choice", f"where a failing item's drop comes from: {' | '.join(DIAGNOSE_CHOICES)}"
+           " (auto: failed items, on the few samples where int8 departs most; always: passing items too)", "auto",
+           DIAGNOSE_CHOICES),
+    Option("max-fixture-gib", "max_fixture_bytes", "gib", "refuse soak fixtures whose arrays declare more than this "
+           f"many GiB (default {DEFAULT_MAX_FIXTURE_GIB:g}); headers are checked before anything is allocated",
+           DEFAULT_MAX_FIXTURE_GIB, metavar="GIB"),
+    Option("max-samples", "max_samples", "int", MAX_SAMPLES_HELP, DEFAULT_MAX_SAMPLES, metavar="N"),
+    Option("cuda-device", "ep_options.cuda_device_id", "int", "CUDA device id (default 0)", 0, metavar="N"),
+    Option("openvino-device", "ep_options.openvino_device", "text", "OpenVINO device_type: CPU, GPU, NPU, ... "
+           "(default CPU)", "CPU", metavar="DEVICE"),
+    Option("openvino-precision", "ep_options.openvino_precision", "choice", "OpenVINO inference precision: "
+           f"{', '.join(OPENVINO_PRECISIONS)} (default FP32, so the fp32 baseline never runs in f16)", "FP32",
+           OPENVINO_PRECISIONS),
+    Option("int8-precision", "ep_options.int8_precision", "choice", INT8_PRECISION_HELP, "exact", INT8_PRECISIONS),
+)
+
+
+def _from_config(config: pytest.Config, o: Option) -> Any:
+    """Return one option's value from the command line, else the ini file, else its default; validate it."""
+    dest = o.dest
+    if o.kind == "flag":
+        return _flag(config, dest, dest)
+    if o.kind == "int":
+        return _int(config, dest, dest, o.fallback(), 1 if o.name == "batch-size" else 0)
+    if o.kind == "choice":
+        return _choice(config, dest, dest, o.choices, o.fallback())
+    if o.kind == "path":
+        return _path(config, dest, dest, o.fallback())
+    if o.kind == "optional-path":
+        return _optional_path(config, dest, dest)
+    if o.kind == "eps":
+        return _eps(config)
+    if o.kind == "gib":
+        return _gib(config)
+    value, where = _pick(config, dest, dest)
+    if o.kind == "list":
+        return tuple(s for v in (value or []) for s in str(v).replace(",", " ").split())
+    if o.kind == "confidence":
+        if value is None:
+            return o.fallback()
+        try:
+            return confidence_level(str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise _usage(where, value, "a number strictly between 0.5 and 1") from exc
+    return o.fallback() if value is None else value
+
+
+def _from_args(ns: argparse.Namespace, o: Option) -> Any:
+    """Return one option's value from parsed ``add_gate_args`` options, as the Settings field holds it."""
+    value = getattr(ns, o.cli_dest, None)
+    if o.kind == "eps":
+        return tuple(dict.fromkeys(value or ["auto"]))
+    if o.kind == "gib":
+        return int(float(o.fallback() if value is None else value) * (1 << 30))
+    if o.kind == "flag":
+        return bool(value)
+    return o.fallback() if value is None else value
+
+
+def _build(values: dict[str, Any], **fixed: Any) -> Settings:
+    """Return the Settings of field values keyed as in :data:`OPTIONS` (``ep_options.<f>`` for providers)."""
+    top = {k: v for k, v in values.items() if not k.startswith("ep_options.")}
+    ep = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("ep_options.")}
+    ep["openvino_device"] = str(ep.get("openvino_device") or "CPU").strip().upper()
+    return Settings(**top, **fixed, ep_options=EpOptions(**ep))
+
+
 def resolve(config: pytest.Config) -> Settings:
     """Build the settings from the command line, the ini file and the defaults; raise UsageError on bad values."""
-    select_value, _ = _pick(config, "quantgate_select", "quantgate_select")
-    select = tuple(s for v in (select_value or []) for s in str(v).replace(",", " ").split())
-    confidence_value, where = _pick(config, "quantgate_confidence", "quantgate_confidence")
-    confidence = DEFAULT_CONFIDENCE
-    if confidence_value is not None:
-        try:
-            confidence = confidence_level(str(confidence_value))
-        except argparse.ArgumentTypeError as exc:
-            raise _usage(where, confidence_value, "a number strictly between 0.5 and 1") from exc
-    ov_device, _ = _pick(config, "quantgate_openvino_device", "quantgate_openvino_device")
-    return Settings(
-        enabled=_flag(config, "quantgate", "quantgate"),
-        registry=_path(config, "quantgate_registry", "quantgate_registry", DEFAULT_REGISTRY),
-        fixtures_dir=_path(config, "quantgate_fixtures", "quantgate_fixtures", DEFAULT_FIXTURES),
-        select=select,
-        eps=_eps(config),
-        strict_ep=_flag(config, "quantgate_strict_ep", "quantgate_strict_ep"),
-        strict=_flag(config, "quantgate_strict", "quantgate_strict"),
-        batch_size=_int(config, "quantgate_batch_size", "quantgate_batch_size", DEFAULT_BATCH_SIZE, 1),
-        bootstrap=_int(config, "quantgate_bootstrap", "quantgate_bootstrap", DEFAULT_BOOTSTRAP, 0),
-        seed=_int(config, "quantgate_seed", "quantgate_seed", DEFAULT_SEED, 0),
-        confidence=confidence,
-        decision=_choice(config, "quantgate_decision", "quantgate_decision", DECISION_CHOICES, "point"),
-        regen=_choice(config, "quantgate_regen", "quantgate_regen", REGEN_CHOICES, default_regen()),
-        allow_recipes=_flag(config, "quantgate_allow_recipes", "quantgate_allow_recipes"),
-        report=_optional_path(config, "quantgate_report", "quantgate_report"),
-        html=_optional_path(config, "quantgate_html", "quantgate_html"),
-        cache=_flag(config, "quantgate_cache", "quantgate_cache"),
-        diagnose=_choice(config, "quantgate_diagnose", "quantgate_diagnose", DIAGNOSE_CHOICES, "auto"),
-        max_fixture_bytes=_gib(config),
-        max_samples=_int(config, "quantgate_max_samples", "quantgate_max_samples", DEFAULT_MAX_SAMPLES, 0),
-        threads=_worker_threads(config),
-        ep_options=EpOptions(
-            cuda_device_id=_int(config, "quantgate_cuda_device", "quantgate_cuda_device", 0, 0),
-            openvino_device=str(ov_device or "CPU").strip().upper(),
-            openvino_precision=_choice(
-                config, "quantgate_openvino_precision", "quantgate_openvino_precision", OPENVINO_PRECISIONS, "FP32"
-            ),
-            int8_precision=_choice(config, "quantgate_int8_precision", "quantgate_int8_precision", INT8_PRECISIONS,
-                                   "exact"),
-        ),
-    )
+    return _build({o.field: _from_config(config, o) for o in OPTIONS}, threads=_worker_threads(config))
+
+
+def add_pytest_options(parser: pytest.Parser) -> None:
+    """Add every option to pytest, each flag with an ini twin that shares its help text."""
+    group = parser.getgroup("quantgate", "quantised-model regression gate")
+    for o in OPTIONS:
+        group.addoption(o.flag, dest=o.dest, **o.argparse_kwargs(pytest_side=True))
+        parser.addini(o.dest, help=o.help, type=o.ini_type)
 
 
 # --- the command line's gate options (quantgate measure and pre-commit) ---------------------------------
 
 
 def add_gate_args(parser: argparse.ArgumentParser) -> None:
-    """Add the gate options that ``quantgate measure`` and ``quantgate pre-commit`` share."""
-    parser.add_argument("--ep", dest="eps", action="append", choices=EP_CHOICES, default=None,
-                        help="execution provider, repeatable (default: auto = every available one)")
-    parser.add_argument("--strict-ep", action="store_true", help="an unavailable EP is an error, not a skip")
-    parser.add_argument("--strict", action="store_true", help="a fixture too small to resolve the budget is an error")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N")
-    parser.add_argument("--bootstrap", type=non_negative_int, default=DEFAULT_BOOTSTRAP, metavar="N")
-    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N")
-    parser.add_argument("--confidence", type=confidence_level, default=DEFAULT_CONFIDENCE, metavar="LEVEL")
-    parser.add_argument("--decision", choices=DECISION_CHOICES, default="point")
-    parser.add_argument("--cuda-device", type=non_negative_int, default=0, metavar="N")
-    parser.add_argument("--openvino-device", default="CPU", metavar="DEVICE")
-    parser.add_argument("--openvino-precision", choices=OPENVINO_PRECISIONS, default="FP32")
-    parser.add_argument("--int8-precision", choices=INT8_PRECISIONS, default="exact", help=INT8_PRECISION_HELP)
-    parser.add_argument("--regen", choices=REGEN_CHOICES, default=None,
-                        help="rebuild sidecars: missing | all | never (default: missing; never when CI=true)")
-    parser.add_argument("--allow-recipes", action="store_true", help="let regeneration run qat_recipe files")
-    parser.add_argument("--cache", action="store_true", help="skip entries unchanged since they passed")
+    """Add the gate options that ``quantgate measure`` and ``quantgate pre-commit`` share (from :data:`OPTIONS`)."""
+    for o in OPTIONS:
+        if o.cli:
+            parser.add_argument(f"--{o.name}", dest=o.cli_dest, **o.argparse_kwargs(pytest_side=False))
     parser.add_argument("--cache-dir", type=Path, default=Path(".quantgate-cache"), metavar="DIR",
                         help="where --cache keeps passing rows (default: .quantgate-cache)")
-    parser.add_argument("--diagnose", choices=DIAGNOSE_CHOICES, default="auto",
-                        help="diagnose failing entries (auto), never (off), or passing ones too (always)")
-    parser.add_argument("--max-fixture-gib", type=float, default=DEFAULT_MAX_FIXTURE_GIB, metavar="GIB",
-                        help="refuse fixtures whose arrays declare more than this (default %(default)s)")
-    parser.add_argument("--max-samples", type=non_negative_int, default=DEFAULT_MAX_SAMPLES, metavar="N",
-                        help=MAX_SAMPLES_HELP)
     parser.add_argument("--json", dest="json_out", type=writable_file, default=None, metavar="PATH",
                         help="also write every outcome as JSON")
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
     """Build the settings of a CLI gate run from parsed ``add_gate_args`` options."""
-    return Settings(
-        enabled=True,
-        registry=ns.registry.resolve(),
-        fixtures_dir=ns.fixtures.resolve(),
-        select=tuple(ns.ids or ()),
-        eps=tuple(dict.fromkeys(ns.eps or ["auto"])),
-        strict_ep=ns.strict_ep,
-        strict=ns.strict,
-        batch_size=ns.batch_size,
-        bootstrap=ns.bootstrap,
-        seed=ns.seed,
-        confidence=ns.confidence,
-        decision=ns.decision,
-        regen=ns.regen or default_regen(),
-        allow_recipes=bool(getattr(ns, "allow_recipes", False)),
-        diagnose=ns.diagnose,
-        max_fixture_bytes=int(ns.max_fixture_gib * (1 << 30)),
-        max_samples=getattr(ns, "max_samples", DEFAULT_MAX_SAMPLES),
-        ep_options=EpOptions(ns.cuda_device, ns.openvino_device.upper(), ns.openvino_precision,
-                             getattr(ns, "int8_precision", "exact")),
-    )
+    values = {o.field: _from_args(ns, o) for o in OPTIONS if o.cli}
+    return _build(values, enabled=True, registry=ns.registry.resolve(), fixtures_dir=ns.fixtures.resolve(),
+                  select=tuple(ns.ids or ()))

@@ -8,80 +8,13 @@ from typing import Any
 
 import pytest
 
-from ..settings import (
-    DECISION_CHOICES,
-    DEFAULT_MAX_FIXTURE_GIB,
-    DIAGNOSE_CHOICES,
-    EP_CHOICES,
-    INT8_PRECISION_HELP,
-    INT8_PRECISIONS,
-    MAX_SAMPLES_HELP,
-    OPENVINO_PRECISIONS,
-    REGEN_CHOICES,
-    confidence_level,
-    non_negative_int,
-    positive_int,
-    resolve,
-)
+from ..settings import add_pytest_options, resolve
 from .stash import OUTCOMES_KEY, RUN_ID_KEY, SETTINGS_KEY
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add the quantgate options, each flag with an ini twin that shares its help text."""
-    group = parser.getgroup("quantgate", "quantised-model regression gate")
-
-    def both(flag: str, help: str, ini_type: Any = None, **kwargs: Any) -> None:
-        dest = flag.lstrip("-").replace("-", "_")
-        group.addoption(flag, dest=dest, help=help, **kwargs)
-        parser.addini(dest, help=help, type=ini_type)
-
-    both("--quantgate", "run the int8-vs-fp32 gate on the registry's entries", "bool",
-         action="store_true", default=False)
-    both("--quantgate-registry", "registry JSON (default: model/registry.json under the rootdir)",
-         metavar="PATH", default=None)
-    both("--quantgate-fixtures", "folder of soak fixtures <id>.npz (default: fixtures/ under the rootdir)",
-         metavar="DIR", default=None)
-    both("--quantgate-select", "gate only entries whose id matches this glob (repeatable)", "linelist",
-         action="append", metavar="ID", default=None)
-    both("--quantgate-ep", f"execution provider, repeatable: {', '.join(EP_CHOICES)} (default: auto = every "
-         "available one)", "linelist", action="append", choices=EP_CHOICES, metavar="EP", default=None)
-    both("--quantgate-strict-ep", "an EP that is asked for but unavailable is an error, not a skip", "bool",
-         action="store_true", default=False)
-    both("--quantgate-strict", "a fixture too small to resolve the budget is an error, not a warning", "bool",
-         action="store_true", default=False)
-    both("--quantgate-batch-size", "samples per run where the batch axis is dynamic (default 256)",
-         type=positive_int, metavar="N", default=None)
-    both("--quantgate-bootstrap", "bootstrap replicates for the drop's interval; 0 disables (default 1000)",
-         type=non_negative_int, metavar="N", default=None)
-    both("--quantgate-seed", "seed of the bootstrap (default 0)", type=non_negative_int, metavar="N", default=None)
-    both("--quantgate-confidence", "confidence level of the interval (default 0.95)", type=confidence_level,
-         metavar="LEVEL", default=None)
-    both("--quantgate-decision", f"verdict rule: {' | '.join(DECISION_CHOICES)} (point: drop > budget fails; "
-         "conservative: upper bound > budget fails)", choices=DECISION_CHOICES, default=None)
-    both("--quantgate-regen", f"rebuild sidecars: {' | '.join(REGEN_CHOICES)} (default: missing; never when CI=true)",
-         choices=REGEN_CHOICES, default=None)
-    both("--quantgate-allow-recipes", "let regeneration run the Python qat_recipe files named in the registry "
-         "(they execute with your rights)", "bool", action="store_true", default=False)
-    both("--quantgate-report", "write every item's metrics, interval, verdict and provenance to this JSON file",
-         metavar="PATH", default=None)
-    both("--quantgate-html", "write a self-contained HTML report with plots (plots need matplotlib)",
-         metavar="PATH", default=None)
-    both("--quantgate-cache", "skip items whose inputs are unchanged since they passed (pytest's cache)", "bool",
-         action="store_true", default=False)
-    both("--quantgate-diagnose", f"where a failing item's drop comes from: {' | '.join(DIAGNOSE_CHOICES)} (auto: "
-         "failed items, on the few samples where int8 departs most; always: passing items too)",
-         choices=DIAGNOSE_CHOICES, default=None)
-    both("--quantgate-max-fixture-gib", "refuse soak fixtures whose arrays declare more than this many GiB "
-         f"(default {DEFAULT_MAX_FIXTURE_GIB:g}); headers are checked before anything is allocated",
-         metavar="GIB", default=None)
-    both("--quantgate-max-samples", MAX_SAMPLES_HELP, type=non_negative_int, metavar="N", default=None)
-    both("--quantgate-cuda-device", "CUDA device id (default 0)", type=non_negative_int, metavar="N", default=None)
-    both("--quantgate-openvino-device", "OpenVINO device_type: CPU, GPU, NPU, ... (default CPU)",
-         metavar="DEVICE", default=None)
-    both("--quantgate-openvino-precision", f"OpenVINO inference precision: {', '.join(OPENVINO_PRECISIONS)} "
-         "(default FP32, so the fp32 baseline never runs in f16)", type=str.upper, choices=OPENVINO_PRECISIONS,
-         default=None)
-    both("--quantgate-int8-precision", INT8_PRECISION_HELP, type=str.lower, choices=INT8_PRECISIONS, default=None)
+    """Add the quantgate options (settings.OPTIONS), each flag with an ini twin that shares its help text."""
+    add_pytest_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
