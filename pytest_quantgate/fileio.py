@@ -391,3 +391,108 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes, what: str = 
 def atomic_write_text(target: str | os.PathLike[str], text: str, what: str = "file") -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically; raise WriteError naming ``target`` as ``what``."""
     atomic_write_bytes(target, text.encode("utf-8"), what)
+
+
+# --- scratch folders: the one scheme for working files (producers, diagnosis, advise) ------------------------------
+
+OWNER_LOCK = "owner.lock"
+# a folder whose owner has not taken its lock yet is left alone this long (its pid may live in another container)
+SCRATCH_GRACE_S = 60.0
+
+
+def scratch_prefix(label: str, *, hidden: bool = False) -> str:
+    """Return the name prefix of ``label``'s scratch folders: ``quantgate-<label>-`` (``.`` first when hidden)."""
+    safe = "".join(c if c.isalnum() or c in "_." else "_" for c in label)[:40]
+    return f"{'.' if hidden else ''}quantgate-{safe}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    import sys
+
+    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there: trust the lock file alone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_scratch(base: Path, label: str, *, hidden: bool = False) -> list[Path]:
+    """Remove ``label``'s scratch folders under ``base`` whose owner is gone; return them.
+
+    An owner holds a lock on ``owner.lock`` inside its folder while it lives, so a folder whose lock can be taken
+    belongs to a killed run; one without a lock file is removed only when its pid is not running and it is older
+    than SCRATCH_GRACE_S. A name without an owner pid is never touched.
+    """
+    import re
+    import shutil
+    import time
+
+    from filelock import FileLock, Timeout
+
+    prefix = scratch_prefix(label, hidden=hidden)
+    removed: list[Path] = []
+    try:
+        entries = sorted(base.glob(prefix + "*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = re.fullmatch(re.escape(prefix) + r"(\d+)-.*", entry.name)
+        if found is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        lock_path = entry / OWNER_LOCK
+        if lock_path.exists():
+            lock = FileLock(str(lock_path), timeout=0)
+            try:
+                lock.acquire()
+            except (Timeout, OSError):
+                continue  # held: the owner is alive
+            try:
+                shutil.rmtree(entry, ignore_errors=True)
+            finally:
+                lock.release()
+        else:
+            try:
+                young = time.time() - entry.stat().st_mtime < SCRATCH_GRACE_S
+            except OSError:
+                continue
+            if young or _pid_alive(int(found.group(1))):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed
+
+
+@contextmanager
+def scratch_folder(label: str, base: Path | None = None, *, hidden: bool = False, what: str = "working folder",
+                   hint: str | None = None) -> Iterator[tuple[Path, int]]:
+    """Yield (a private folder owned by this process, how many dead owners' folders were swept); remove it after.
+
+    The folder ``<base>/quantgate-<label>-<pid>-<random>`` (base: the temp dir) holds a locked ``owner.lock`` while
+    it is in use, so a run killed with SIGKILL leaves a folder the next :func:`sweep_scratch` of the same label
+    removes. A folder that cannot be made is a WriteError naming it.
+    """
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    root = Path(base) if base is not None else Path(tempfile.gettempdir())
+    prefix = scratch_prefix(label, hidden=hidden)
+    swept = len(sweep_scratch(root, label, hidden=hidden))
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    except OSError as exc:
+        raise write_error(root / f"{prefix}*", exc, what, hint=hint) from None
+    lock = FileLock(str(path / OWNER_LOCK), timeout=0)
+    try:
+        lock.acquire()
+        yield path, swept
+    finally:
+        with contextlib.suppress(Exception):
+            lock.release()
+        shutil.rmtree(path, ignore_errors=True)

@@ -19,6 +19,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from pytest_quantgate import fileio
 from pytest_quantgate.analysis import diagnosis, qgraph
 from pytest_quantgate.analysis.diagnosis import Diagnosis, diagnose, feeds_from_fixture
 from pytest_quantgate.analysis.qgraph import sqnr_db
@@ -243,7 +244,7 @@ def test_temp_folder_removed_on_success_and_on_exceptions(residual: tuple[Path, 
 
     def spy(plan: Any, fgraph: Any, qgraph: Any, ffeeds: Any, qfeeds: Any, tmp: Path) -> Any:
         seen.append(tmp)
-        assert (tmp / diagnosis.LOCK_NAME).exists() and tmp.parent == work
+        assert (tmp / fileio.OWNER_LOCK).exists() and tmp.parent == work
         assert tmp.name.startswith(f"{diagnosis.TEMP_PREFIX}{os.getpid()}-")
         return real(plan, fgraph, qgraph, ffeeds, qfeeds, tmp)
 
@@ -325,6 +326,9 @@ def test_sweep_without_a_lock_file_goes_by_the_pid(tmp_path: Path) -> None:
     (dead / "sub").mkdir(parents=True)
     other = tmp_path / f"{diagnosis.TEMP_PREFIX}abc"  # no owner in the name: never guessed at
     other.mkdir()
+    assert diagnosis.sweep_temp_folders(tmp_path) == []  # too young: its owner may be about to take the lock
+    old = time.time() - 2 * fileio.SCRATCH_GRACE_S
+    os.utime(dead, (old, old))
     assert diagnosis.sweep_temp_folders(tmp_path) == [dead]
     assert mine.exists() and other.exists() and not dead.exists()
 

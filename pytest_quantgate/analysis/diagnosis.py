@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Generator, Iterator, Mapping, Sequence
@@ -44,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import scratch_folder, scratch_prefix, sweep_scratch
 from ..records import Diagnosis, TensorError
 from .qgraph import (
     CHUNK,
@@ -60,8 +59,7 @@ from .qgraph import (
 
 # a weight with more than this share of elements off by over one int8 step was not just rounded
 CHANGED_SHARE = 0.01
-TEMP_PREFIX = "quantgate-diagnose-"
-LOCK_NAME = "owner.lock"
+TEMP_PREFIX = scratch_prefix("diagnose")
 DEFAULT_MEMORY_BYTES = 1 << 30
 # ORT's Python binding copies each output out of its own buffer, so a group's arrays exist twice during a run
 RUN_COPIES = 2
@@ -73,76 +71,16 @@ MATCH_MIN_SIZE = 16
 # temporary folders: one per diagnosis, owned by a pid and a held lock; leftovers of dead owners are swept
 
 
-def _owner_pid(name: str) -> int | None:
-    found = re.fullmatch(re.escape(TEMP_PREFIX) + r"(\d+)-.*", name)
-    return int(found.group(1)) if found else None
-
-
-def _pid_alive(pid: int) -> bool:
-    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there: trust the lock file alone
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_temp_folders(base: Path | None = None) -> list[Path]:
-    """Remove ``quantgate-diagnose-<pid>-*`` folders under ``base`` (default: the temp dir) whose owner is gone.
-
-    The owner holds a lock on ``owner.lock`` inside while it lives; a folder whose lock can be taken, or that has no
-    lock file and whose pid is not running, belongs to a killed run. Returns the removed folders.
-    """
-    from filelock import FileLock, Timeout
-
-    root = Path(base) if base is not None else Path(tempfile.gettempdir())
-    removed: list[Path] = []
-    try:
-        entries = sorted(root.glob(TEMP_PREFIX + "*"))
-    except OSError:
-        return removed
-    for entry in entries:
-        pid = _owner_pid(entry.name)
-        if pid is None or not entry.is_dir():
-            continue  # not ours (or an older layout without an owner): never guess
-        lock_path = entry / LOCK_NAME
-        if lock_path.exists():
-            lock = FileLock(str(lock_path), timeout=0)
-            try:
-                lock.acquire()
-            except (Timeout, OSError):
-                continue  # held: the owner is alive
-            try:
-                shutil.rmtree(entry, ignore_errors=True)
-            finally:
-                lock.release()
-        elif _pid_alive(pid):
-            continue  # created a moment ago, its lock not taken yet
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-        if not entry.exists():
-            removed.append(entry)
-    return removed
+    """Remove ``quantgate-diagnose-<pid>-*`` folders under ``base`` (default: the temp dir) whose owner is gone."""
+    return sweep_scratch(Path(base) if base is not None else Path(tempfile.gettempdir()), "diagnose")
 
 
 @contextlib.contextmanager
 def _workspace(base: Path | None) -> Iterator[tuple[Path, int]]:
     """Yield (a fresh locked temp folder, how many dead owners' folders were swept); always remove the folder."""
-    from filelock import FileLock
-
-    swept = len(sweep_temp_folders(base))
-    path = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=None if base is None else str(base)))
-    lock = FileLock(str(path / LOCK_NAME), timeout=0)
-    try:
-        lock.acquire()
-        yield path, swept
-    finally:
-        with contextlib.suppress(Exception):
-            lock.release()
-        shutil.rmtree(path, ignore_errors=True)
+    with scratch_folder("diagnose", base, what="diagnosis working folder") as found:
+        yield found
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,13 +18,12 @@ import dataclasses
 import io
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..fileio import scratch_folder
 from ..io.registry import Entry, Registry
 from ..settings import Settings
 
@@ -413,38 +412,37 @@ def advise(registry: Registry, entry: Entry, settings: Settings, options: Advise
             warnings.append(f"calibration set {calibration} holds {count} sample(s), fewer than the "
                             f"{MIN_CALIBRATION_SAMPLES}+ representative samples static ranges need")
     facts = graph_facts(fp32)
-    try:
-        # beside the registry, not in the temp dir: candidates are gated as sidecars of this registry's folder
-        scratch = Path(tempfile.mkdtemp(prefix=f".quantgate-advise-{entry.id}-", dir=registry.folder))
-    except OSError as exc:
-        from ..fileio import write_error
+    # beside the registry, not in the temp dir: candidates are gated as sidecars of this registry's folder
+    with scratch_folder("advise", registry.folder, hidden=True, what="scratch folder for the candidates") as (
+            scratch, _):
+        return _advise_in(registry, entry, settings, options, scratch, say, facts, calibration, warnings)
 
-        raise write_error(registry.folder / f".quantgate-advise-{entry.id}-*", exc,
-                          "scratch folder for the candidates") from None
-    try:
-        run = _Run(registry, entry, settings, options, scratch, say)
-        candidates, skipped = ptq_candidates(facts, options.stages, calibration is not None)
-        for candidate in candidates:
-            run.try_candidate(candidate, calibration)
-        for row in skipped:
-            run.add(row)
-        static_ok = any(r.passed and r.candidate.stage == "static" for r in run.results)
-        if "exclusions" in options.stages and calibration is not None and not static_ok:
-            exclusion_stage(run, calibration)
-        if not any(r.passed for r in run.results):
-            _qat_stages(run, facts, calibration, warnings)
-        advice = _decide(run, warnings, calibration)
-        if advice.chosen is not None:
-            path = advice.results[advice.chosen].path
-            assert path is not None  # a passing candidate was gated, so it has a file
-            from ..producers.provenance import provenance_path_for
 
-            record = provenance_path_for(path)
-            advice = dataclasses.replace(advice, sidecar=path.read_bytes(),
-                                         provenance=record.read_bytes() if record.is_file() else None)
-        return advice
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def _advise_in(registry: Registry, entry: Entry, settings: Settings, options: AdviseOptions, scratch: Path,
+               say: Callable[[str], None], facts: GraphFacts, calibration: Path | None,
+               warnings: list[str]) -> Advice:
+    """Try the candidates in ``scratch`` and return the advice (the chosen sidecar's bytes kept in memory)."""
+    run = _Run(registry, entry, settings, options, scratch, say)
+    candidates, skipped = ptq_candidates(facts, options.stages, calibration is not None)
+    for candidate in candidates:
+        run.try_candidate(candidate, calibration)
+    for row in skipped:
+        run.add(row)
+    static_ok = any(r.passed and r.candidate.stage == "static" for r in run.results)
+    if "exclusions" in options.stages and calibration is not None and not static_ok:
+        exclusion_stage(run, calibration)
+    if not any(r.passed for r in run.results):
+        _qat_stages(run, facts, calibration, warnings)
+    advice = _decide(run, warnings, calibration)
+    if advice.chosen is not None:
+        path = advice.results[advice.chosen].path
+        assert path is not None  # a passing candidate was gated, so it has a file
+        from ..producers.provenance import provenance_path_for
+
+        record = provenance_path_for(path)
+        advice = dataclasses.replace(advice, sidecar=path.read_bytes(),
+                                     provenance=record.read_bytes() if record.is_file() else None)
+    return advice
 
 
 def _qat_stages(run: _Run, facts: GraphFacts, calibration: Path | None, warnings: list[str]) -> None:

@@ -29,16 +29,13 @@ import importlib.metadata as metadata
 import json
 import os
 import platform
-import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_quantgate.fileio import atomic_path, atomic_write_text, sweep_partials, write_error
+from pytest_quantgate.fileio import atomic_path, atomic_write_text, scratch_folder, sweep_partials
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
 
 if TYPE_CHECKING:
@@ -59,8 +56,6 @@ _ORT_DISTRIBUTIONS = (
     "ort-nightly",
     "ort-nightly-gpu",
 )
-_SCRATCH_PREFIX = "quantgate-"
-_SCRATCH_RE = re.compile(rf"^{re.escape(_SCRATCH_PREFIX)}(\d+)-([0-9a-f]{{8}})-")
 
 
 def _dist_version(name: str) -> str | None:
@@ -140,56 +135,16 @@ def write_provenance(int8_path: str | os.PathLike[str], record: Mapping[str, Any
     return target
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _host_tag() -> str:
-    """A short tag of this host, so a temp dir shared between containers (other pid namespaces) is left alone."""
-    return hashlib.sha256(platform.node().encode("utf-8", "replace")).hexdigest()[:8]
-
-
-def _sweep_dead_scratch_dirs(base: Path) -> None:
-    host = _host_tag()
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        match = _SCRATCH_RE.match(entry.name)
-        if (match and match.group(2) == host and entry.is_dir() and not entry.is_symlink()
-                and not _pid_alive(int(match.group(1)))):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 @contextmanager
 def scratch_dir(label: str = "producer") -> Iterator[Path]:
-    """Yield a private working folder in the system temp dir and remove it afterwards.
+    """Yield a private working folder in the system temp dir and remove it afterwards (``fileio.scratch_folder``).
 
     Producers do all their intermediate writing here, never in the target folder, so a producer killed with
-    SIGKILL leaves nothing beside the sidecar. Folders left by killed producers (their pid is gone) are
-    removed the next time any producer on the same host starts.
+    SIGKILL leaves nothing beside the sidecar; its folder is swept the next time a producer of that kind starts.
     """
-    base = Path(tempfile.gettempdir())
-    _sweep_dead_scratch_dirs(base)
-    safe_label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[:40]
-    try:
-        path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-{_host_tag()}-{safe_label}-", dir=base))
-    except OSError as exc:
-        raise write_error(base / f"{_SCRATCH_PREFIX}*", exc, "producer's working folder",
-                          hint="set TMPDIR to a writable folder with space; the sidecar was not touched") from None
-    try:
+    with scratch_folder(label, what="producer's working folder",
+                        hint="set TMPDIR to a writable folder with space; the sidecar was not touched") as (path, _):
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_target(int8_path: str | os.PathLike[str], fp32_path: str | os.PathLike[str] | None,
