@@ -23,6 +23,7 @@ from pytest_quantgate import fileio
 from pytest_quantgate.analysis import diagnosis, qgraph
 from pytest_quantgate.analysis.diagnosis import Diagnosis, diagnose, feeds_from_fixture
 from pytest_quantgate.analysis.qgraph import sqnr_db
+from pytest_quantgate.engine.logcapture import capture_logs
 from pytest_quantgate.reporting.reports import diagnosis_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,9 +363,10 @@ def test_renamed_weight_matched_by_value_and_no_log_noise(residual: tuple[Path, 
     from onnxruntime.quantization.qdq_loss_debug import create_weight_matching
 
     handlers = list(logging.getLogger().handlers)
-    with diagnosis._captured_logs() as logs:
+    with capture_logs(level=logging.DEBUG, native=False) as logs:
         create_weight_matching(str(fp32), str(renamed))
-    assert logs.count >= 1 and "not found" in (logs.first or "")
+    caught = logs.summary()
+    assert caught.total >= 1 and "not found" in caught.messages[0].text
     assert logging.getLogger().handlers == handlers
     out, err = capfd.readouterr()
     assert out == "" and err == ""

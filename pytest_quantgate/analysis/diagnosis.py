@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import sys
 import tempfile
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.logcapture import capture_logs
 from ..fileio import scratch_folder, scratch_prefix, sweep_scratch
 from ..records import Diagnosis, TensorError
 from .qgraph import (
@@ -81,68 +81,6 @@ def _workspace(base: Path | None) -> Iterator[tuple[Path, int]]:
     """Yield (a fresh locked temp folder, how many dead owners' folders were swept); always remove the folder."""
     with scratch_folder("diagnose", base, what="diagnosis working folder") as found:
         yield found
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# log noise of onnxruntime/onnx Python tooling: captured and counted, never printed
-
-
-class _LogCatcher(logging.Handler):
-    """Swallow and count records of onnxruntime/onnx code; pass any other record on to where it would have gone."""
-
-    def __init__(self, origins: Sequence[str], forward: bool) -> None:
-        super().__init__(logging.DEBUG)
-        self.origins = tuple(origins)
-        self.forward = forward
-        self.count = 0
-        self.first: str | None = None
-
-    def ours(self, record: logging.LogRecord) -> bool:
-        name = record.name.split(".")[0]
-        return name in ("onnxruntime", "onnx") or record.pathname.startswith(self.origins)
-
-    def keep(self, record: logging.LogRecord) -> bool:
-        """Return False (and count it) for a record of onnxruntime/onnx code; True for any other."""
-        if not self.ours(record):
-            return True
-        self.count += 1
-        if self.first is None:
-            self.first = f"{record.levelname}: {record.getMessage()[:160]}"
-        return False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # installed on the root logger only so that logging.error() finds a handler and does not call basicConfig;
-        # with no handler of the user's, a record goes where logging would have sent it: the last-resort handler
-        last = logging.lastResort
-        if self.keep(record) and self.forward and last is not None and record.levelno >= last.level:
-            last.handle(record)
-
-
-@contextlib.contextmanager
-def _captured_logs() -> Iterator[_LogCatcher]:
-    """Capture Python log records of onnxruntime/onnx tooling for the duration; restore the loggers after."""
-    origins = []
-    for package in ("onnxruntime", "onnx"):
-        module = sys.modules.get(package)
-        if module is not None and getattr(module, "__file__", None):
-            origins.append(str(Path(str(module.__file__)).parent))
-    root = logging.getLogger()
-    catcher = _LogCatcher(origins, forward=not root.handlers)
-    named = [logging.getLogger(n) for n in ("onnxruntime", "onnx")]
-    saved = [(lg, lg.propagate) for lg in named]
-    root.addFilter(catcher.keep)
-    root.addHandler(catcher)
-    for lg in named:
-        lg.addHandler(catcher)
-        lg.propagate = False
-    try:
-        yield catcher
-    finally:
-        root.removeFilter(catcher.keep)
-        root.removeHandler(catcher)
-        for lg, propagate in saved:
-            lg.removeHandler(catcher)
-            lg.propagate = propagate
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -662,7 +600,8 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
     budget = default_memory_bytes() if memory_bytes is None else max(1, int(memory_bytes))
     notes: list[str] = []
     try:
-        with _captured_logs() as logs, _workspace(temp_dir) as (tmp, swept):
+        # onnxruntime/onnx tooling logs (ORT's weight matcher logs ERROR:root for a renamed weight): counted here
+        with capture_logs(level=logging.DEBUG, native=False) as logs, _workspace(temp_dir) as (tmp, swept):
             found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes, exact)
     except Exception as exc:  # the workspace itself failed (no temp folder, unwritable dir)
         return Diagnosis(str(fp32_path), str(int8_path), "unknown", len(feeds),
@@ -670,8 +609,11 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
     extra: list[str] = []
     if swept:
         extra.append(f"removed {swept} temporary folder(s) left by killed diagnoses")
-    if logs.count:
-        extra.append(f"suppressed {logs.count} log line(s) from onnxruntime/onnx (first: {logs.first})")
+    caught = logs.summary()
+    if caught.total:
+        first = caught.messages[0]
+        extra.append(f"suppressed {caught.total} log line(s) from onnxruntime/onnx (first: {first.level}: "
+                     f"{first.text[:160]})")
     return replace(found, notes=(*found.notes, *extra))
 
 

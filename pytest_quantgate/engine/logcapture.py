@@ -23,6 +23,7 @@ ORT's own threshold is set in one place too: :func:`set_ort_log_severity` (proce
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -101,7 +102,8 @@ class CapturedLogs:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.records: list[tuple[str, str, str]] = []
-        self.native = ""
+        self.native = ""  # what native code wrote to fd 2
+        self.printed = ""  # what Python code printed to stdout (with ``stdout=True``)
 
     def summary(self) -> LogSummary:
         """Return counts per level and the first ``limit`` distinct messages with their repeat counts."""
@@ -129,20 +131,26 @@ def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
 
 
 @contextlib.contextmanager
-def capture_logs(*, level: int = logging.WARNING, native: bool = True,
+def capture_logs(*, level: int = logging.WARNING, native: bool = True, records: bool = True, stdout: bool = False,
                  limit: int = DEFAULT_LIMIT) -> Iterator[CapturedLogs]:
-    """Catch Python log records (``level`` and up) and, with ``native``, ORT's fd-2 output for the block."""
+    """Catch Python log records (``level`` and up), with ``native`` ORT's fd-2 output, with ``stdout`` what is printed.
+
+    ``records=False`` leaves Python's logging alone (an enclosing capture keeps collecting them); ``stdout`` is for
+    onnxruntime's Python layer, which prints its "Falling back to CPU" notice rather than logging it.
+    """
     captured = CapturedLogs(limit)
     root = logging.getLogger()
     collector = _Collector(level)
     # a console handler left by an earlier basicConfig() would print every record again: detach it for the block
-    consoles = _console_handlers(root)
+    consoles = _console_handlers(root) if records else []
     for handler in consoles:
         root.removeHandler(handler)
-    # with a handler on the root logger, logging.warning() no longer calls basicConfig(), which would print
-    root.addHandler(collector)
+    if records:  # with a handler on the root logger, logging.warning() no longer calls basicConfig(), which prints
+        root.addHandler(collector)
+    printed = io.StringIO()
     try:
-        with tempfile.TemporaryFile() as sink:
+        with tempfile.TemporaryFile() as sink, (contextlib.redirect_stdout(printed) if stdout
+                                                else contextlib.nullcontext()):
             saved_fd: int | None = None
             if native:
                 _flush_stderr()
@@ -158,10 +166,12 @@ def capture_logs(*, level: int = logging.WARNING, native: bool = True,
                     sink.seek(0)
                     captured.native = sink.read().decode("utf-8", errors="replace")
     finally:
-        root.removeHandler(collector)
+        if records:
+            root.removeHandler(collector)
         for handler in consoles:
             root.addHandler(handler)
         captured.records = collector.records
+        captured.printed = printed.getvalue()
 
 
 def _flush_stderr() -> None:

@@ -36,18 +36,14 @@ failure, the ConvInteger nodes, with the remedy (quantise Conv statically, QDQ).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import re
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EpUnavailableError, ModelFileError
 from ..settings import EpOptions
+from .logcapture import capture_logs
 from .ort import EXTRAS, import_onnxruntime
 
 if TYPE_CHECKING:
@@ -147,30 +143,6 @@ class SessionSpec:
         return ORT_NAMES[self.ep]
 
 
-@contextlib.contextmanager
-def _captured_output() -> Any:
-    """Capture what native code writes to fd 2 (ORT logs there) and what ORT's Python layer prints.
-
-    ORT reports a CUDA library that fails to load, or an OpenVINO device that is missing, only in its log, and its
-    Python wrapper prints "EP Error ... Falling back to ['CPUExecutionProvider'] and retrying" to stdout.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    printed = io.StringIO()
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 2)
-        box: dict[str, str] = {}
-        try:
-            with contextlib.redirect_stdout(printed):
-                yield box
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            box["text"] = sink.read().decode("utf-8", "replace")
-            box["printed"] = printed.getvalue()
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # "2026-11-22 05:49:58.660 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] message"
 _LOG_LINE = re.compile(r"^\S+ \S+ \[(?P<level>[VIWEF]):onnxruntime:[^,\]]*, (?P<where>[^\]]*)\] ?(?P<msg>.*)$")
@@ -261,12 +233,14 @@ def _create(path: Path, providers: list[Any], config: dict[str, str], *, severit
         options.add_session_config_entry(key, value)
     session = None
     error: BaseException | None = None
-    with _captured_output() as out:
+    # ORT reports a CUDA library that fails to load, or a missing OpenVINO device, only in its fd-2 log, and its
+    # Python wrapper prints "EP Error ... Falling back to ['CPUExecutionProvider'] and retrying" to stdout
+    with capture_logs(records=False, native=True, stdout=True) as out:
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             error = exc
-    return session, error, out.get("text", ""), out.get("printed", "")
+    return session, error, out.native, out.printed
 
 
 def _first_line(exc: BaseException) -> str:
