@@ -793,7 +793,6 @@ def add_arguments(parser: Any) -> None:
 
 def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Callable[[str], None]) -> int:
     """Run ``quantgate advise`` from parsed arguments; return 0 found, 1 none passes, 2 bad input."""
-    import fnmatch
 
     from ..errors import InputError
     from ..fileio import atomic_write_text
@@ -821,10 +820,13 @@ def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Ca
                 out(f"{registry.path}: no gated entry fails on {options.ep}; nothing to advise")
                 return EXIT_FOUND
         else:
-            entries = [e for e in registry.entries if any(fnmatch.fnmatchcase(e.id, p) for p in ns.ids)]
-            if not entries:
-                known = ", ".join(e.id for e in registry.entries) or "none"
-                raise AdviseError(f"--id {', '.join(ns.ids)} match no entry of {registry.path} (ids: {known})")
+            from ..errors import RegistryError
+            from ..runner.plan import select
+
+            try:
+                entries = select(registry, ns.ids, "--id")[0]
+            except RegistryError as exc:
+                raise AdviseError(str(exc)) from None
         advices: list[Advice] = []
         bodies: list[str] = []
         for entry in entries:

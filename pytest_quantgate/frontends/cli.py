@@ -7,7 +7,6 @@ nothing to gate (like pytest's "no tests collected").
 from __future__ import annotations
 
 import argparse
-import fnmatch
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,16 +45,10 @@ def _load(ns: argparse.Namespace) -> Any:
 
 
 def _selected(registry: Any, ids: Sequence[str] | None) -> list[Any]:
-    from ..errors import RegistryError
+    """Return the entries ``--id`` selects (fp32 ones too: validate and pin cover them), or raise naming the typo."""
+    from ..runner.plan import select
 
-    entries = list(registry.entries)
-    if not ids:
-        return entries
-    unknown = [p for p in ids if not any(fnmatch.fnmatchcase(e.id, p) for e in entries)]
-    if unknown:
-        known = ", ".join(e.id for e in entries) or "none"
-        raise RegistryError(f"--id {', '.join(unknown)} match no entry of {registry.path} (ids: {known})")
-    return [e for e in entries if any(fnmatch.fnmatchcase(e.id, p) for p in ids)]
+    return select(registry, ids, "--id")[0]
 
 
 # --- measure --------------------------------------------------------------------------------------------
@@ -63,23 +56,17 @@ def _selected(registry: Any, ids: Sequence[str] | None) -> list[Any]:
 
 def cmd_measure(ns: argparse.Namespace) -> int:
     """Gate every selected entry on every EP; print reports and the summary table."""
-    from ..engine import providers
     from ..records import Outcome
-    from ..runner.gate import run_one
+    from ..runner.plan import plan, run
 
     settings = settings_from_args(ns)
     try:
-        registry = _load(ns)
-        entries = [e for e in _selected(registry, ns.ids) if e.gated]
+        the_plan = plan(_load(ns), settings, ns.ids, "--id")
     except InputError as exc:
         _err(f"quantgate: error: {exc}")
         return EXIT_ERROR
-    outcomes: list[Outcome] = []
-    for problem in registry.problems:
-        if not ns.ids or any(fnmatch.fnmatchcase(problem.label, p) for p in ns.ids):
-            outcomes.append(Outcome(problem.label, "-", "-", "error", problem.message))
-    eps = providers.expand(settings.eps)
-    if not entries and not outcomes:
+    registry = the_plan.registry
+    if not the_plan.entries and not the_plan.problems:
         # like pytest's "no tests collected" (exit 5): a gate that gated nothing must not look like a pass
         _err(f"quantgate: {registry.path}: no gated entry selected (fp32 entries are not gated); nothing to measure")
         return EXIT_NOTHING
@@ -91,21 +78,22 @@ def cmd_measure(ns: argparse.Namespace) -> int:
         from ..runner.cache import FolderCache  # it imports pytest (~0.1 s): only when asked for
 
         cache = FolderCache(ns.cache_dir.resolve())
-    run_id = uuid.uuid4().hex
-    total = len(entries) * len(eps)
-    for entry in entries:
-        for ep in eps:
-            # progress on stderr: large fixtures and QAT regeneration take minutes, the report stays on stdout
-            _err(f"quantgate: [{len(outcomes) + 1 - len(registry.problems)}/{total}] {entry.id} [{ep}] ...")
-            started = time.perf_counter()
-            outcome = run_one(registry, entry, ep, settings, run_id=run_id, cache=cache)
-            quiet = f"; {outcome.log[0]}" if outcome.log else ""
-            _err(f"quantgate: {entry.id} [{ep}] {outcome.status.upper()} in {time.perf_counter() - started:.1f} s"
-                 f"{quiet}")
-            for note in outcome.notes:  # the rebuilt sidecar's note is in the summary already
-                if note != outcome.regenerated:
-                    _err(f"quantgate: {entry.id} [{ep}]: {note}")
-            outcomes.append(outcome)
+    started = [0.0]
+
+    def progress(index: int, total: int, entry: Any, ep: str, outcome: Outcome | None) -> None:
+        # on stderr: large fixtures and QAT regeneration take minutes, the report stays on stdout
+        if outcome is None:
+            _err(f"quantgate: [{index}/{total}] {entry.id} [{ep}] ...")
+            started[0] = time.perf_counter()
+            return
+        quiet = f"; {outcome.log[0]}" if outcome.log else ""
+        _err(f"quantgate: {entry.id} [{ep}] {outcome.status.upper()} in {time.perf_counter() - started[0]:.1f} s"
+             f"{quiet}")
+        for note in outcome.notes:  # the rebuilt sidecar's note is in the summary already
+            if note != outcome.regenerated:
+                _err(f"quantgate: {entry.id} [{ep}]: {note}")
+
+    outcomes = run(the_plan, settings, run_id=uuid.uuid4().hex, cache=cache, progress=progress)
     return report_outcomes(outcomes, str(registry.path), ns.json_out)
 
 

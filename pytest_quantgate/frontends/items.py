@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,29 +39,18 @@ class RegistryFile(pytest.File):
             registry = load_registry(self.path)
         except InputError as exc:
             raise self.CollectError(str(exc)) from None
-        from ..engine import providers
+        from ..runner.plan import plan
 
-        eps = providers.expand(settings.eps)
-        entries = [e for e in registry.entries if e.gated]
-        problems = list(registry.problems)
-        if settings.select:
-            unknown = [p for p in settings.select if not any(fnmatch.fnmatchcase(e.id, p) for e in registry.entries)
-                       and not any(fnmatch.fnmatchcase(p2.label, p) for p2 in problems)]
-            if unknown:
-                known = ", ".join(e.id for e in registry.entries) or "none"
-                raise self.CollectError(
-                    f"--quantgate-select / quantgate_select: {', '.join(repr(u) for u in unknown)} match no entry "
-                    f"of {self.path} (ids: {known})"
-                )
-            entries = [e for e in entries if any(fnmatch.fnmatchcase(e.id, p) for p in settings.select)]
-            problems = [p for p in problems if any(fnmatch.fnmatchcase(p.label, p2) for p2 in settings.select)]
+        try:
+            the_plan = plan(registry, settings, settings.select, "--quantgate-select / quantgate_select:")
+        except InputError as exc:
+            raise self.CollectError(str(exc)) from None
         lines = _id_lines(self.path)
         items: list[pytest.Item] = []
-        for entry in entries:
-            for ep in eps:
-                items.append(QuantGateItem.from_parent(self, name=f"{entry.id}[{ep}]", registry=registry,
-                                                       entry=entry, ep=ep, line=lines.get(entry.id, 0)))
-        for problem in problems:
+        for entry, ep in the_plan.pairs:
+            items.append(QuantGateItem.from_parent(self, name=f"{entry.id}[{ep}]", registry=registry,
+                                                   entry=entry, ep=ep, line=lines.get(entry.id, 0)))
+        for problem in the_plan.problems:
             items.append(BrokenEntryItem.from_parent(self, name=problem.label, problem=problem))
         yield from sorted(items, key=lambda item: item.name)
 

@@ -102,7 +102,7 @@ def run(ns: argparse.Namespace) -> int:
         err(f"quantgate: error: {exc}")
         return EXIT_ERROR
     edited = changed_entry_ids(registry_path) if registry_changed else set()
-    picked = []
+    picked: list[tuple[str, list[str]]] = []
     for entry in registry.entries:
         if not entry.gated:
             continue
@@ -110,7 +110,7 @@ def run(ns: argparse.Namespace) -> int:
         if edited is None or entry.id in edited:
             why.insert(0, f"{_shown(registry_path)} (entry changed)")
         if why:
-            picked.append((entry, why))
+            picked.append((entry.id, why))
     from ..records import Outcome
 
     problems = [Outcome(p.label, "-", "-", "error", p.message) for p in registry.problems] if registry_changed else []
@@ -119,16 +119,21 @@ def run(ns: argparse.Namespace) -> int:
              f"{registry_path}); nothing to gate")
         return EXIT_PASS
 
-    from ..engine import providers
-    from ..runner.gate import run_one
+    from ..runner.plan import plan, run
 
     # ns.ids and ns.registry as measure's settings expect them
     settings = settings_from_args(argparse.Namespace(**{**vars(ns), "registry": registry_path, "ids": None}))
-    eps = providers.expand(settings.eps)
-    outcomes = list(problems)
-    for entry, why in picked:
-        out(f"quantgate pre-commit: gating {entry.id} on {', '.join(eps) or 'no EP'} (changed: {', '.join(why)})")
-        for ep in eps:
-            outcomes.append(run_one(registry, entry, ep, settings))
+    reasons = dict(picked)
+    the_plan = plan(registry, settings, keep=lambda e: e.id in reasons, problems=False)
+
+    def progress(index: int, total: int, entry: Any, ep: str, outcome: Outcome | None) -> None:
+        if outcome is None and ep == the_plan.eps[0]:
+            out(f"quantgate pre-commit: gating {entry.id} on {', '.join(the_plan.eps)} (changed: "
+                f"{', '.join(reasons[entry.id])})")
+
+    outcomes = [*problems, *run(the_plan, settings, progress=progress)]
+    if not the_plan.eps:
+        for entry in the_plan.entries:
+            out(f"quantgate pre-commit: gating {entry.id} on no EP (changed: {', '.join(reasons[entry.id])})")
     out()
     return report_outcomes(outcomes, str(registry.path), ns.json_out)
