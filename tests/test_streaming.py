@@ -17,7 +17,7 @@ from scipy import stats
 
 from pytest_quantgate.errors import FixtureError
 from pytest_quantgate.gate import Outcome, read_report
-from pytest_quantgate.streaming import MAD, PairAccumulator, describe_sums
+from pytest_quantgate.streaming import Field, PairAccumulator, describe_sums
 
 # --- the sums agree with scipy on float64, however the data is chunked ------------------------------------------
 
@@ -46,7 +46,7 @@ def test_output_metrics_match_scipy_in_float64_for_any_chunking(chunk: int) -> N
     acc = _accumulate(a, b, t, chunk)
     rows = acc.output_rows()
     totals = rows.sum(axis=0)
-    totals[MAD] = rows[:, MAD].max()
+    totals[Field.MAX_ABS_ERR] = rows[:, Field.MAX_ABS_ERR].max()
     got = describe_sums(totals, acc.output_shift(), 0, 1, acc.reservoir())
     x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     assert got["plcc"] == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-10)
