@@ -108,6 +108,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def positive_gib(text: str) -> float:
+    """Parse a finite number of GiB above 0 (a fixture size cap)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of GiB")
+    return value
+
+
 def confidence_level(text: str) -> float:
     """Parse a confidence level strictly between 0.5 and 1."""
     try:
@@ -283,7 +294,7 @@ class Option:
         convert: dict[str, Callable[[str], Any]] = {
             "int": positive_int if self.name == "batch-size" else non_negative_int,
             "confidence": confidence_level,
-            "gib": float,
+            "gib": positive_gib,
         }
         if self.kind in convert and not (pytest_side and self.kind == "gib"):
             kwargs["type"] = convert[self.kind]

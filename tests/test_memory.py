@@ -24,7 +24,7 @@ from pytest_quantgate.engine import streaming
 from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
 from pytest_quantgate.io.registry import parse_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
-from pytest_quantgate.engine.streaming import MAD, SAD, SDD, LabelAccumulator, N, PairAccumulator, Units
+from pytest_quantgate.engine.streaming import Field, LabelAccumulator, PairAccumulator, Units
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_the_state_does_not_grow_from_ten_thousand_to_ten_million_samples() -> N
     for samples in (10**4, 10**5, 10**6, 10**7):
         acc, labels, peak = _feed(samples)
         sizes[samples] = (acc.stats.nbytes + labels.nbytes(), acc.nbytes() + labels.nbytes(), peak)
-        total = acc.stats[..., N].sum()
+        total = acc.stats[..., Field.COUNT].sum()
         assert total == samples  # every sample counted once, in its own row or in a block
         print(f"{samples:>9} samples: units {acc.units.count}, rows {sizes[samples][0] / 2**20:.2f} MiB, "
               f"state {sizes[samples][1] / 2**20:.2f} MiB, traced peak {peak / 2**20:.1f} MiB")
@@ -107,8 +107,9 @@ def _same_sums(got: PairAccumulator, want: PairAccumulator, what: str) -> None:
     g, w = got.channel_sums(), want.channel_sums()
     for x, y in ((0, 1), (0, 2), (1, 2)):
         np.testing.assert_allclose(g.plcc(x, y), w.plcc(x, y), rtol=0, atol=1e-12, err_msg=what)
-    np.testing.assert_allclose(g.values[:, [N, SAD, SDD]], w.values[:, [N, SAD, SDD]], rtol=1e-12, err_msg=what)
-    assert (g.values[:, MAD] == w.values[:, MAD]).all(), what  # a max is exact
+    summed = [Field.COUNT, Field.SUM_ABS_ERR, Field.SUM_SQ_ERR]
+    np.testing.assert_allclose(g.values[:, summed], w.values[:, summed], rtol=1e-12, err_msg=what)
+    assert (g.values[:, Field.MAX_ABS_ERR] == w.values[:, Field.MAX_ABS_ERR]).all(), what  # a max is exact
 
 
 def test_blocks_hold_the_per_sample_sums_whatever_the_chunking_order_or_split() -> None:
@@ -121,7 +122,7 @@ def test_blocks_hold_the_per_sample_sums_whatever_the_chunking_order_or_split() 
     for name, chunks in cases.items():
         blocked = _accumulate(a, b, t, units, chunks)
         _same_sums(blocked, whole, name)
-        assert blocked.stats.shape[0] == 256 and blocked.stats[..., N].sum() == a.size
+        assert blocked.stats.shape[0] == 256 and blocked.stats[..., Field.COUNT].sum() == a.size
     # two halves accumulated apart, then merged
     first = _accumulate(a, b, t, units, [(0, 1200)])
     second = _accumulate(a, b, t, units, [(1200, samples)])

@@ -17,7 +17,7 @@ from scipy import stats
 
 from pytest_quantgate.errors import FixtureError
 from pytest_quantgate.records import Outcome, read_report
-from pytest_quantgate.engine.streaming import MAD, PairAccumulator, describe_sums
+from pytest_quantgate.engine.streaming import Field, PairAccumulator, describe_sums
 
 # --- the sums agree with scipy on float64, however the data is chunked ------------------------------------------
 
@@ -40,13 +40,34 @@ def _accumulate(a: np.ndarray, b: np.ndarray, t: np.ndarray | None, chunk: int) 
     return acc
 
 
+def test_each_named_field_holds_what_its_name_says() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.normal(5.0, 2.0, (6, 2, 9)).astype(np.float32)
+    b = (a + rng.normal(0, 0.3, a.shape)).astype(np.float32)
+    t = (a + rng.normal(0, 1.0, a.shape)).astype(np.float32)
+    acc = _accumulate(a, b, t, 6)
+    assert acc.shift is not None and len(Field) == 13 and acc.stats.shape == (6, 2, 13)
+    x, y, z = (v.astype(np.float64) - acc.shift[k][None, :, None] for k, v in enumerate((a, b, t)))
+    err = b.astype(np.float64) - a.astype(np.float64)  # errors are taken unshifted
+    expected = {
+        Field.COUNT: np.full((6, 2), 9.0), Field.SUM_A: x.sum(2), Field.SUM_B: y.sum(2), Field.SUM_T: z.sum(2),
+        Field.SUM_AA: (x * x).sum(2), Field.SUM_BB: (y * y).sum(2), Field.SUM_TT: (z * z).sum(2),
+        Field.SUM_AB: (x * y).sum(2), Field.SUM_AT: (x * z).sum(2), Field.SUM_BT: (y * z).sum(2),
+        Field.SUM_ABS_ERR: np.abs(err).sum(2), Field.SUM_SQ_ERR: (err * err).sum(2),
+        Field.MAX_ABS_ERR: np.abs(err).max(2),
+    }
+    assert set(expected) == set(Field)
+    for field, want in expected.items():
+        np.testing.assert_allclose(acc.stats[..., field], want, rtol=1e-9, atol=1e-9, err_msg=field.name)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 60])
 def test_output_metrics_match_scipy_in_float64_for_any_chunking(chunk: int) -> None:
     a, b, t = _data(0)
     acc = _accumulate(a, b, t, chunk)
     rows = acc.output_rows()
     totals = rows.sum(axis=0)
-    totals[MAD] = rows[:, MAD].max()
+    totals[Field.MAX_ABS_ERR] = rows[:, Field.MAX_ABS_ERR].max()
     got = describe_sums(totals, acc.output_shift(), 0, 1, acc.reservoir())
     x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     assert got["plcc"] == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-10)

@@ -89,13 +89,8 @@ from ..records import (
 )
 from .metrics import MomentTerm, bootstrap_drop, samples_needed
 from .streaming import (
-    MAD,
-    SA,
-    SAA,
-    SB,
-    SBB,
+    Field,
     LabelAccumulator,
-    N,
     PairAccumulator,
     Units,
     WorstSamples,
@@ -405,8 +400,8 @@ def _degenerate(name: str, acc: PairAccumulator, what: str) -> Breach | None:
                                    f"samples")
     rows = acc.output_rows()
     totals = rows.sum(axis=0)
-    n = totals[N]
-    for side, s, ss in (("fp32", SA, SAA), ("int8", SB, SBB)):
+    n = totals[Field.COUNT]
+    for side, s, ss in (("fp32", Field.SUM_A, Field.SUM_AA), ("int8", Field.SUM_B, Field.SUM_BB)):
         var = totals[ss] - totals[s] ** 2 / n if n else 0.0
         if n < 2 or var <= 0.0:
             return Breach("constant", f"{side} output {name!r}{what} is constant")
@@ -489,7 +484,7 @@ def _pair_metrics(acc: PairAccumulator, pairs: Sequence[tuple[int, int]]) -> lis
     """Return the metrics of each pair of columns (0 fp32, 1 int8, 2 target) over every sample."""
     rows = acc.output_rows()
     totals = rows.sum(axis=0)
-    totals[MAD] = rows[:, MAD].max()  # the largest |error| is a max over samples, not a sum
+    totals[Field.MAX_ABS_ERR] = rows[:, Field.MAX_ABS_ERR].max()  # the largest |error| is a max, not a sum
     shift, sample = acc.output_shift(), acc.reservoir()
     return [_metrics(totals, shift, x, y, sample) for x, y in pairs]
 
@@ -497,9 +492,10 @@ def _pair_metrics(acc: PairAccumulator, pairs: Sequence[tuple[int, int]]) -> lis
 def _channel_drop(acc: PairAccumulator) -> tuple[MomentTerm, int, float]:
     """Return the per-channel drop term, the worst judged channel and its drop."""
     sums = acc.channel_sums()
-    count = sums.values[:, N]
-    fp32_std = np.sqrt(np.maximum(sums.values[:, SAA] - sums.values[:, SA] ** 2 / count, 0.0) / count)
-    fp32_mean = sums.values[:, SA] / count + acc.shift[0] if acc.shift is not None else 0.0
+    v = sums.values
+    count = v[:, Field.COUNT]
+    fp32_std = np.sqrt(np.maximum(v[:, Field.SUM_AA] - v[:, Field.SUM_A] ** 2 / count, 0.0) / count)
+    fp32_mean = v[:, Field.SUM_A] / count + acc.shift[0] if acc.shift is not None else 0.0
     # a channel whose fp32 values vary by less than one 8-bit step of their own magnitude (a saturated sigmoid,
     # an unused class) carries nothing int8 can keep: it is not judged; a real score channel (0-1 next to 0-320
     # px boxes) varies far more and is

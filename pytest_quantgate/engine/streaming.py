@@ -14,9 +14,10 @@ fixed random partition that depends on the sample's index alone (so any chunking
 same blocks), and the bootstrap resamples blocks. Each block's sums are a sum of iid per-sample sums and the
 random partition keeps the blocks exchangeable, so resampling blocks with replacement reproduces the variance of
 every sum that resampling samples gives: the interval agrees with the per-sample bootstrap within Monte-Carlo
-error, and the state stays ``units × channels × 13`` float64 whatever the sample count. Below the cap the numbers
-are the per-sample ones, bit for bit. The reservoir and the worst samples (for the diagnosis) are bounded the same
-way: past the cap they keep the samples of lowest hash priority and the highest-scoring samples of each output.
+error, and the state stays ``units × channels × 13`` float64 (the sums of :class:`Field`) whatever the sample
+count. Below the cap the numbers are the per-sample ones, bit for bit. The reservoir and the worst samples (for
+the diagnosis) are bounded the same way: past the cap they keep the samples of lowest hash priority and the
+highest-scoring samples of each output.
 
 Mergeable: two accumulators over disjoint samples of one fixture combine by :meth:`PairAccumulator.merge`
 (rows add up, shifts are reconciled exactly), so a fixture can be split across xdist workers or CI shards and
@@ -27,13 +28,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-# per-sample, per-channel fields: counts, shifted sums, shifted products, absolute/squared/max differences
-N, SA, SB, ST, SAA, SBB, STT, SAB, SAT, SBT, SAD, SDD, MAD = range(13)
-FIELDS = 13
+
+class Field(IntEnum):
+    """The columns of a row of sums, one row per (unit, channel): ``a`` fp32, ``b`` int8, ``t`` the target.
+
+    ``a``, ``b`` and ``t`` are each taken minus their channel's shift (``PairAccumulator.shift``), so the one-pass
+    variance and covariance formulas do not cancel; the errors ``b − a`` are taken unshifted (the shifts of ``a``
+    and ``b`` differ, and an error is what the budgets are in).
+    """
+
+    COUNT = 0  # n: elements folded into the row
+    SUM_A = 1  # Σa
+    SUM_B = 2  # Σb
+    SUM_T = 3  # Σt (0 without a target)
+    SUM_AA = 4  # Σa²
+    SUM_BB = 5  # Σb²
+    SUM_TT = 6  # Σt²
+    SUM_AB = 7  # Σab
+    SUM_AT = 8  # Σat
+    SUM_BT = 9  # Σbt
+    SUM_ABS_ERR = 10  # Σ|b − a|: the mean absolute error
+    SUM_SQ_ERR = 11  # Σ(b − a)²: the RMSE and each sample's disagreement
+    MAX_ABS_ERR = 12  # max |b − a|: a maximum, so merging rows takes the max where every other field adds
+
+
+FIELDS = len(Field)
+# the fields of each of a (0), b (1), t (2), the selectors of pair_moments, describe_sums and Sums.plcc
+SUM_OF = (Field.SUM_A, Field.SUM_B, Field.SUM_T)
+SQUARE_OF = (Field.SUM_AA, Field.SUM_BB, Field.SUM_TT)
+PRODUCT_OF = {(0, 1): Field.SUM_AB, (0, 2): Field.SUM_AT, (1, 2): Field.SUM_BT}
 # elements converted to float64 at once: bounds the temporaries (1 MiB each) whatever the output size, and keeps
 # them in cache between the passes over a block
 BLOCK_ELEMENTS = 1 << 17
@@ -100,19 +128,19 @@ class Units:
 
 
 def _scatter(into: np.ndarray, units: np.ndarray, rows: np.ndarray) -> None:
-    """Add per-sample rows (n, C, F) into their blocks of ``into`` (U, C, F); MAD is a max, not a sum."""
+    """Add per-sample rows (n, C, F) into their blocks of ``into`` (U, C, F); MAX_ABS_ERR is a max, not a sum."""
     table = into.reshape(into.shape[0], -1)  # (U, C·F), a view of the state
     assert np.shares_memory(table, into)
     values = rows.reshape(units.size, -1)
-    mad = np.flatnonzero(np.arange(table.shape[1]) % FIELDS == MAD)
+    mad = np.flatnonzero(np.arange(table.shape[1]) % FIELDS == Field.MAX_ABS_ERR)
     if units.size * 8 < table.shape[0]:
-        # the gate's chunks (64 samples): unbuffered adds of whole rows, ~25 µs; then MAD put back and maxed
+        # the gate's chunks (64 samples): unbuffered adds of whole rows, ~25 µs; then MAX_ABS_ERR put back and maxed
         kept = table[units[:, None], mad[None, :]]
         np.add.at(table, units, values)
         table[units[:, None], mad[None, :]] = kept
     else:
         # large chunks: a bincount per column is ~5x faster than ufunc.at (measured on 2^18 samples)
-        for column in np.flatnonzero(np.arange(table.shape[1]) % FIELDS != MAD):
+        for column in np.flatnonzero(np.arange(table.shape[1]) % FIELDS != Field.MAX_ABS_ERR):
             table[:, column] += np.bincount(units, weights=values[:, column], minlength=table.shape[0])
     np.maximum.at(table, (units[:, None], mad[None, :]), values[:, mad])
 
@@ -270,10 +298,10 @@ class Sums:
     def plcc(self, x: int, y: int) -> np.ndarray:
         """Return PLCC between two of a (0), b (1), t (2) for every leading index."""
         v = self.values
-        sx, sy = (SA, SB, ST)[x], (SA, SB, ST)[y]
-        sxx, syy = (SAA, SBB, STT)[x], (SAA, SBB, STT)[y]
-        sxy = {(0, 1): SAB, (0, 2): SAT, (1, 2): SBT}[(x, y)]
-        n = v[..., N]
+        sx, sy = SUM_OF[x], SUM_OF[y]
+        sxx, syy = SQUARE_OF[x], SQUARE_OF[y]
+        sxy = PRODUCT_OF[(x, y)]
+        n = v[..., Field.COUNT]
         cov = v[..., sxy] - v[..., sx] * v[..., sy] / n
         var_x = v[..., sxx] - v[..., sx] ** 2 / n
         var_y = v[..., syy] - v[..., sy] ** 2 / n
@@ -336,7 +364,7 @@ class PairAccumulator:
         # a sample's own rows are a view of the state; past the cap they are folded apart, then added to blocks
         own = self.stats[start : start + count] if blocks is None else np.zeros((count, channels, FIELDS))
         stats = own.reshape(rows, FIELDS)  # rows are (sample, channel)
-        stats[:, N] = m
+        stats[:, Field.COUNT] = m
         self._reservoir(start, a, b, t, base)
         if rows and m:
             # one (sample, channel) row of m elements at a time, in blocks of rows: the float64 copies of a block
@@ -351,11 +379,11 @@ class PairAccumulator:
                 hi = min(rows, lo + per)
                 self._fold(stats[lo:hi], [x[lo:hi] for x in flat], None if lean is None else lean[lo:hi],
                            [x[lo:hi] for x in shifts], buffers[:, : hi - lo])
-        bad_a = ~np.isfinite(own[..., SAA]).all(axis=1)
-        bad_b = ~np.isfinite(own[..., SBB]).all(axis=1)
+        bad_a = ~np.isfinite(own[..., Field.SUM_AA]).all(axis=1)
+        bad_b = ~np.isfinite(own[..., Field.SUM_BB]).all(axis=1)
         self.bad += [int(bad_a.sum()), int(bad_b.sum()), int((bad_a | bad_b).sum())]
         with np.errstate(invalid="ignore", divide="ignore"):
-            score = own[..., SDD].sum(axis=1) / np.maximum(own[..., N].sum(axis=1), 1)
+            score = own[..., Field.SUM_SQ_ERR].sum(axis=1) / np.maximum(own[..., Field.COUNT].sum(axis=1), 1)
         if blocks is None:
             self.seen[start : start + count] = True
         else:
@@ -381,21 +409,21 @@ class PairAccumulator:
             for shift, into in zip(shifts, shifted):
                 into -= shift
         A, B = shifted[0], shifted[1]
-        out[:, SDD] = _dots(D, D)
+        out[:, Field.SUM_SQ_ERR] = _dots(D, D)
         np.abs(D, out=D)
-        out[:, SAD] = D.sum(axis=1)
-        out[:, MAD] = D.max(axis=1)
-        out[:, SA] = A.sum(axis=1)
-        out[:, SB] = B.sum(axis=1)
-        out[:, SAA] = _dots(A, A)
-        out[:, SBB] = _dots(B, B)
-        out[:, SAB] = _dots(A, B)
+        out[:, Field.SUM_ABS_ERR] = D.sum(axis=1)
+        out[:, Field.MAX_ABS_ERR] = D.max(axis=1)
+        out[:, Field.SUM_A] = A.sum(axis=1)
+        out[:, Field.SUM_B] = B.sum(axis=1)
+        out[:, Field.SUM_AA] = _dots(A, A)
+        out[:, Field.SUM_BB] = _dots(B, B)
+        out[:, Field.SUM_AB] = _dots(A, B)
         if len(shifted) == 3:
             T = shifted[2]
-            out[:, ST] = T.sum(axis=1)
-            out[:, STT] = _dots(T, T)
-            out[:, SAT] = _dots(A, T)
-            out[:, SBT] = _dots(B, T)
+            out[:, Field.SUM_T] = T.sum(axis=1)
+            out[:, Field.SUM_TT] = _dots(T, T)
+            out[:, Field.SUM_AT] = _dots(A, T)
+            out[:, Field.SUM_BT] = _dots(B, T)
 
     def _reservoir(self, start: int, a: np.ndarray, b: np.ndarray, t: np.ndarray | None,
                    base: np.ndarray | None) -> None:
@@ -438,7 +466,8 @@ class PairAccumulator:
         # a sample's row is zero in the half that did not see it, and a zero row re-expressed around another
         # shift stays zero: adding the halves places each sample's row (per-sample units) or sums blocks
         merged.stats = self.stats + shift_rows(other.stats, other.shift, self.shift)
-        merged.stats[..., MAD] = np.maximum(self.stats[..., MAD], other.stats[..., MAD])
+        largest = Field.MAX_ABS_ERR
+        merged.stats[..., largest] = np.maximum(self.stats[..., largest], other.stats[..., largest])
         merged.seen = self.seen | other.seen
         merged.picks = self.picks.merged(other.picks)
         merged.bad = self.bad + other.bad
@@ -451,7 +480,7 @@ class PairAccumulator:
         assert self.shift is not None
         if weights is None:
             values = self.stats.sum(axis=0)
-            values[..., MAD] = self.stats[..., MAD].max(axis=0)
+            values[..., Field.MAX_ABS_ERR] = self.stats[..., Field.MAX_ABS_ERR].max(axis=0)
         else:
             from .metrics import weighted_sum
 
@@ -464,7 +493,7 @@ class PairAccumulator:
         target = self.shift.mean(axis=1)
         rows = shift_rows(self.stats, self.shift, target[:, None] * np.ones_like(self.shift))
         out = rows.sum(axis=1)
-        out[:, MAD] = rows[..., MAD].max(axis=1)
+        out[:, Field.MAX_ABS_ERR] = rows[..., Field.MAX_ABS_ERR].max(axis=1)
         return np.asarray(out)
 
     def output_shift(self) -> np.ndarray:
@@ -484,15 +513,15 @@ class PairAccumulator:
     def variance(self) -> float:
         """Return the fp32 output's variance per element (1.0 where it has none): the scale of disagreement."""
         rows = self.output_rows()
-        n = rows[:, N].sum()
-        var = (rows[:, SAA].sum() - rows[:, SA].sum() ** 2 / n) / n if n else 0.0
+        n = rows[:, Field.COUNT].sum()
+        var = (rows[:, Field.SUM_AA].sum() - rows[:, Field.SUM_A].sum() ** 2 / n) / n if n else 0.0
         return float(var) if var > 0 else 1.0
 
     def disagreement(self) -> np.ndarray:
         """Return each unit's mean squared int8-vs-fp32 error relative to the output's variance, (units,)."""
         rows = self.output_rows()
         with np.errstate(invalid="ignore", divide="ignore"):
-            score = rows[:, SDD] / np.maximum(rows[:, N], 1) / self.variance()
+            score = rows[:, Field.SUM_SQ_ERR] / np.maximum(rows[:, Field.COUNT], 1) / self.variance()
         return np.asarray(np.where(np.isfinite(score), score, np.inf))
 
 
@@ -508,27 +537,24 @@ def shift_rows(rows: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray
     d = old - new
     da, db, dt = d[0], d[1], d[2]
     out = rows.copy()
-    n = rows[..., N]
-    sa, sb, st = rows[..., SA], rows[..., SB], rows[..., ST]
-    out[..., SA] = sa + n * da
-    out[..., SB] = sb + n * db
-    out[..., ST] = st + n * dt
-    out[..., SAA] = rows[..., SAA] + 2 * da * sa + n * da * da
-    out[..., SBB] = rows[..., SBB] + 2 * db * sb + n * db * db
-    out[..., STT] = rows[..., STT] + 2 * dt * st + n * dt * dt
-    out[..., SAB] = rows[..., SAB] + db * sa + da * sb + n * da * db
-    out[..., SAT] = rows[..., SAT] + dt * sa + da * st + n * da * dt
-    out[..., SBT] = rows[..., SBT] + dt * sb + db * st + n * db * dt
+    n = rows[..., Field.COUNT]
+    sa, sb, st = rows[..., Field.SUM_A], rows[..., Field.SUM_B], rows[..., Field.SUM_T]
+    out[..., Field.SUM_A] = sa + n * da
+    out[..., Field.SUM_B] = sb + n * db
+    out[..., Field.SUM_T] = st + n * dt
+    out[..., Field.SUM_AA] = rows[..., Field.SUM_AA] + 2 * da * sa + n * da * da
+    out[..., Field.SUM_BB] = rows[..., Field.SUM_BB] + 2 * db * sb + n * db * db
+    out[..., Field.SUM_TT] = rows[..., Field.SUM_TT] + 2 * dt * st + n * dt * dt
+    out[..., Field.SUM_AB] = rows[..., Field.SUM_AB] + db * sa + da * sb + n * da * db
+    out[..., Field.SUM_AT] = rows[..., Field.SUM_AT] + dt * sa + da * st + n * da * dt
+    out[..., Field.SUM_BT] = rows[..., Field.SUM_BT] + dt * sb + db * st + n * db * dt
     return out
 
 
 def pair_moments(rows: np.ndarray, x: int, y: int) -> np.ndarray:
     """Return the (S, ..., 6) moments [n, Σx, Σy, Σx², Σy², Σxy] of two of a (0), b (1), t (2)."""
-    sums = (SA, SB, ST)
-    squares = (SAA, SBB, STT)
-    cross = {(0, 1): SAB, (0, 2): SAT, (1, 2): SBT}[(x, y)]
-    return np.stack([rows[..., N], rows[..., sums[x]], rows[..., sums[y]], rows[..., squares[x]],
-                     rows[..., squares[y]], rows[..., cross]], axis=-1)
+    return np.stack([rows[..., Field.COUNT], rows[..., SUM_OF[x]], rows[..., SUM_OF[y]], rows[..., SQUARE_OF[x]],
+                     rows[..., SQUARE_OF[y]], rows[..., PRODUCT_OF[(x, y)]]], axis=-1)
 
 
 class LabelAccumulator:
@@ -568,14 +594,6 @@ class LabelAccumulator:
             return np.asarray(sums[:, 0] / sums[:, 1])
 
 
-def plcc_of(moments: np.ndarray) -> np.ndarray:
-    """Return PLCC from moments [..., 6] = [n, Σx, Σy, Σx², Σy², Σxy]."""
-    n, sx, sy, sxx, syy, sxy = (moments[..., i] for i in range(6))
-    cov = sxy - sx * sy / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(cov / np.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n)))
-
-
 def describe_sums(values: np.ndarray, shift: np.ndarray, x: int, y: int, sample: np.ndarray) -> dict[str, Any]:
     """Return PairMetrics fields of ``y`` against ``x`` from summed fields (F,) and a reservoir (k, 3)."""
     # scipy.stats for the rank statistics (the project's rule: a kept library before our own); importing it costs
@@ -583,14 +601,11 @@ def describe_sums(values: np.ndarray, shift: np.ndarray, x: int, y: int, sample:
     from scipy import stats
 
     rows = values
-    n = float(rows[N])
-    sums = (SA, SB, ST)
-    squares = (SAA, SBB, STT)
-    cross = {(0, 1): SAB, (0, 2): SAT, (1, 2): SBT}[(x, y)]
-    sx, sy = float(rows[sums[x]]), float(rows[sums[y]])
-    var_x = float(rows[squares[x]]) - sx * sx / n
-    var_y = float(rows[squares[y]]) - sy * sy / n
-    cov = float(rows[cross]) - sx * sy / n
+    n = float(rows[Field.COUNT])
+    sx, sy = float(rows[SUM_OF[x]]), float(rows[SUM_OF[y]])
+    var_x = float(rows[SQUARE_OF[x]]) - sx * sx / n
+    var_y = float(rows[SQUARE_OF[y]]) - sy * sy / n
+    cov = float(rows[PRODUCT_OF[(x, y)]]) - sx * sy / n
     mean_x, mean_y = sx / n + float(shift[x]), sy / n + float(shift[y])
     plcc = cov / math.sqrt(var_x * var_y) if var_x > 0 and var_y > 0 else float("nan")
     slope = cov / var_x if var_x > 0 else float("nan")
@@ -602,9 +617,9 @@ def describe_sums(values: np.ndarray, shift: np.ndarray, x: int, y: int, sample:
         srocc = float(stats.spearmanr(keep[:, 0], keep[:, 1]).statistic)
         krcc = float(stats.kendalltau(keep[:, 0], keep[:, 1]).statistic)
     if (x, y) == (0, 1):
-        rmse = math.sqrt(max(float(rows[SDD]), 0.0) / n)
-        mae = float(rows[SAD]) / n
-        max_abs = float(rows[MAD])
+        rmse = math.sqrt(max(float(rows[Field.SUM_SQ_ERR]), 0.0) / n)
+        mae = float(rows[Field.SUM_ABS_ERR]) / n
+        max_abs = float(rows[Field.MAX_ABS_ERR])
     else:
         # errors against the target are not accumulated (only int8 vs fp32 has budgets on them)
         rmse = mae = max_abs = float("nan")

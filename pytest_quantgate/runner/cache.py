@@ -26,12 +26,13 @@ def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | 
     """
     from .. import __version__
     from ..engine import providers
+    from ..io.npz import digest
     from ..io.soak import find_fixture
 
     try:
         fixture = find_fixture(registry.soak_candidates(entry, settings.fixtures_dir))
         files = [sha256_file(registry.fp32_path(entry)), sha256_file(registry.int8_path(entry)),
-                 sha256_file(fixture)]
+                 digest(fixture)]  # a folder of shards too
     except Exception:  # any input problem: no cache, let the full check report it
         return None
     material = {
@@ -41,7 +42,7 @@ def key(registry: Registry, entry: Entry, ep: str, settings: Settings) -> str | 
         "ep_options": asdict(settings.ep_options),
         "onnxruntime": providers.ort_distribution(),
         "stats": [settings.bootstrap, settings.seed, settings.confidence, settings.decision, settings.batch_size,
-                  settings.strict, settings.max_samples],
+                  settings.strict, settings.max_samples, settings.max_fixture_bytes],
         "quantgate": __version__,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
