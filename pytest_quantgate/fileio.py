@@ -420,8 +420,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_scratch(base: Path, label: str, *, hidden: bool = False) -> list[Path]:
-    """Remove ``label``'s scratch folders under ``base`` whose owner is gone; return them.
+def sweep_scratch(base: Path, label: str | None = None, *, hidden: bool = False) -> list[Path]:
+    """Remove scratch folders under ``base`` (of ``label``, or of every label) whose owner is gone; return them.
 
     An owner holds a lock on ``owner.lock`` inside its folder while it lives, so a folder whose lock can be taken
     belongs to a killed run; one without a lock file is removed only when its pid is not running and it is older
@@ -433,14 +433,15 @@ def sweep_scratch(base: Path, label: str, *, hidden: bool = False) -> list[Path]
 
     from filelock import FileLock, Timeout
 
-    prefix = scratch_prefix(label, hidden=hidden)
+    start = scratch_prefix(label, hidden=hidden) if label is not None else scratch_prefix("", hidden=hidden)[:-1]
+    shape = re.compile(re.escape(start) + (r"(\d+)-.*" if label is not None else r"[A-Za-z0-9_.]+-(\d+)-.*"))
     removed: list[Path] = []
     try:
-        entries = sorted(base.glob(prefix + "*"))
+        entries = sorted(base.glob(start + "*"))
     except OSError:
         return removed
     for entry in entries:
-        found = re.fullmatch(re.escape(prefix) + r"(\d+)-.*", entry.name)
+        found = shape.fullmatch(entry.name)
         if found is None or entry.is_symlink() or not entry.is_dir():
             continue
         lock_path = entry / OWNER_LOCK
@@ -473,8 +474,8 @@ def scratch_folder(label: str, base: Path | None = None, *, hidden: bool = False
     """Yield (a private folder owned by this process, how many dead owners' folders were swept); remove it after.
 
     The folder ``<base>/quantgate-<label>-<pid>-<random>`` (base: the temp dir) holds a locked ``owner.lock`` while
-    it is in use, so a run killed with SIGKILL leaves a folder the next :func:`sweep_scratch` of the same label
-    removes. A folder that cannot be made is a WriteError naming it.
+    it is in use, so a run killed with SIGKILL leaves a folder the next scratch folder made in ``base`` removes.
+    A folder that cannot be made is a WriteError naming it.
     """
     import shutil
     import tempfile
@@ -483,7 +484,7 @@ def scratch_folder(label: str, base: Path | None = None, *, hidden: bool = False
 
     root = Path(base) if base is not None else Path(tempfile.gettempdir())
     prefix = scratch_prefix(label, hidden=hidden)
-    swept = len(sweep_scratch(root, label, hidden=hidden))
+    swept = len(sweep_scratch(root, hidden=hidden))  # every label's: whoever runs next cleans up after a kill
     try:
         path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
     except OSError as exc:

@@ -314,7 +314,7 @@ def test_folder_of_a_killed_diagnosis_is_swept_by_the_next(residual: tuple[Path,
             child.wait()
     assert left.exists()  # a killed run cannot clean up after itself
     diag = diagnose(fp32, int8, _feeds("residual_filter_v1", 1), temp_dir=work)
-    assert any("removed 1 temporary folder(s) left by killed diagnoses" in n for n in diag.notes)
+    assert any("removed 1 temporary folder(s) left by killed runs" in n for n in diag.notes)
     assert list(work.iterdir()) == []
 
 

@@ -594,10 +594,11 @@ def test_killed_producer_leaves_no_partial_and_keeps_old_sidecar(tmp_path: Path,
     assert sorted(p.name for p in models.iterdir()) == listing  # no partial, no temp, nothing new
     assert old_int8.read_bytes() == b"old sidecar" and old_json.read_text() == '{"old": true}'
     leftovers = [p.name for p in scratch.iterdir()]
-    assert any(name.startswith(f"quantgate-{proc.pid}-") for name in leftovers)  # SIGKILL skips all cleanup...
+    # SIGKILL skips all cleanup...
+    assert any(name.startswith(f"quantgate-ptq_{mode}-{proc.pid}-") for name in leftovers), leftovers
 
     # ...and the next producer run sweeps the dead process's scratch folder
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     small = make_mlp(tmp_path / "small.onnx")
     quantize_dynamic(small, tmp_path / "small.int8.onnx", DynamicConfig())
-    assert not any(p.name.startswith(f"quantgate-{proc.pid}-") for p in scratch.iterdir())
+    assert not any(p.name.startswith(f"quantgate-ptq_{mode}-{proc.pid}-") for p in scratch.iterdir())

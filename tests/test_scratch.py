@@ -28,8 +28,8 @@ def test_a_killed_owner_s_folder_is_swept_by_the_next_user_of_its_label(tmp_path
             "    (p / 'work.bin').write_bytes(b'x')\n    os._exit(9)  # no clean-up: as after SIGKILL\n")
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False).returncode == 9
     (left,) = tmp_path.iterdir()
-    assert fileio.sweep_scratch(tmp_path, "advise") == [] and left.exists()  # another label's: not touched
-    with fileio.scratch_folder("diagnose", tmp_path) as (_, swept):
+    assert fileio.sweep_scratch(tmp_path, "advise") == [] and left.exists()  # asked for another label's only
+    with fileio.scratch_folder("qat", tmp_path) as (_, swept):  # whoever comes next cleans up
         assert swept == 1 and not left.exists()
 
 

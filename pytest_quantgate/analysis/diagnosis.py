@@ -608,7 +608,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
                          notes=(*notes, f"no temporary folder: {type(exc).__name__}: {exc}"))
     extra: list[str] = []
     if swept:
-        extra.append(f"removed {swept} temporary folder(s) left by killed diagnoses")
+        extra.append(f"removed {swept} temporary folder(s) left by killed runs")
     caught = logs.summary()
     if caught.total:
         first = caught.messages[0]

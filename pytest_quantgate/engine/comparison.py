@@ -373,6 +373,18 @@ class Breach:
     reason: str
 
 
+def decide(fields: Mapping[str, Any], breaches: Sequence[Breach], passed: str) -> GateResult:
+    """Build the GateResult: the first breach leads a FAIL and the others join ``also``; none is a PASS (``passed``).
+
+    Every check returns typed breaches; this is the one place a measured result gets its verdict (checks that
+    run after it -- lineage, speed, a rebuild's review -- go through :func:`with_breaches`).
+    """
+    if breaches:
+        return GateResult(**fields, verdict=FAIL, kind=breaches[0].kind, reason=breaches[0].reason,
+                          also=tuple(b.reason for b in breaches[1:]))
+    return GateResult(**fields, verdict=PASS, kind="pass", reason=passed)
+
+
 def with_breaches(result: GateResult, breaches: Sequence[Breach], **fields: Any) -> GateResult:
     """Return ``result`` after later checks (lineage, speed, a rebuild's review): the one place a verdict turns.
 
@@ -592,8 +604,8 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     if c.target_range[0] == c.target_range[1]:
         raise FixtureError(f"{c.where}: array 'target' is constant; a correlation against it is undefined")
     degenerate = check_degenerate(c)
-    if degenerate is not None:
-        return GateResult(**base, verdict=FAIL, kind=degenerate.kind, reason=degenerate.reason)
+    if degenerate is not None:  # no metric of a NaN or constant output means anything: it decides alone
+        return decide(base, [degenerate], "")
 
     reports: list[OutputReport] = []
     terms: list[MomentTerm] = []
@@ -625,12 +637,8 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     base["budget"] = budget.value
     value_reports = [r for r in reports if r.labels is None or r.vs_fp32.n > 0]
     if not value_reports:  # only label outputs: the verdict is their agreement
-        if label_breaches:
-            return GateResult(**base, verdict=FAIL, kind=label_breaches[0].kind, reason=label_breaches[0].reason,
-                              outputs=tuple(reports), also=tuple(b.reason for b in label_breaches[1:]))
         rates = ", ".join(f"{k} {v.flip_rate:.2%}" for k, v in labels.items())
-        return GateResult(**base, verdict=PASS, kind="pass", reason=f"label flip rate {rates} within budget",
-                          outputs=tuple(reports))
+        return decide(dict(base, outputs=tuple(reports)), label_breaches, f"label flip rate {rates} within budget")
 
     worst = max(value_reports, key=lambda r: r.drop)
     interval = bootstrap_drop(terms, c.unit_count, options.bootstrap, c.seed, options.confidence)
@@ -657,11 +665,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     breaches += label_breaches
     common = dict(base, drop=worst.drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
                   warnings=tuple(warnings), fp32_probe=probe)
-    if breaches:
-        return GateResult(**common, verdict=FAIL, kind=breaches[0].kind, reason=breaches[0].reason,
-                          also=tuple(b.reason for b in breaches[1:]))
-    return GateResult(**common, verdict=PASS, kind="pass", reason=(
-        f"PLCC drop {worst.drop:.6f} <= budget {budget.value:g}{budget.note}"))
+    return decide(common, breaches, f"PLCC drop {worst.drop:.6f} <= budget {budget.value:g}{budget.note}")
 
 
 def compare(
