@@ -168,10 +168,8 @@ def _gate_candidate(registry: Registry, entry: Entry, int8_path: Path, ep: str, 
     from ..fileio import sha256_file
     from ..runner.gate import run_one
 
-    relative = int8_path.resolve().relative_to(registry.folder.resolve()).as_posix()
-    trial = dataclasses.replace(entry, int8_onnx=relative, int8_sha256=None)
     # candidates are ranked by the verdict alone: diagnosing every failing one would only cost time
-    outcome = run_one(registry, trial, ep, dataclasses.replace(settings, diagnose="off"))
+    outcome = run_one(registry, entry, ep, dataclasses.replace(settings, diagnose="off"), int8_path=int8_path)
     placeholder = Candidate("", entry.mode, {}, "")
     result = outcome.result
     sha = sha256_file(int8_path) if int8_path.is_file() else None
@@ -561,10 +559,9 @@ def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
     from ..runner.gate import measure, prepare
 
     settings = dataclasses.replace(run.settings, diagnose="off")
-    relative = int8_path.resolve().relative_to(run.registry.folder.resolve()).as_posix()
-    trial = dataclasses.replace(run.entry, int8_onnx=relative, int8_sha256=None, mode="static")
-    # the gate's own streaming pass finds the samples where int8 departs most from fp32
-    prepared = prepare(run.registry, trial, "cpu", settings, int8_pinned=False)
+    # the gate's own streaming pass finds the samples where int8 departs most from fp32, on the EP advised for
+    prepared = prepare(run.registry, run.entry.as_mode("static"), run.options.ep, settings, int8_pinned=False,
+                       int8_path=int8_path)
     _, collector = measure(prepared, settings)
     plan = prepared.plan
     count = plan.batch if plan.fixed_batch else DISAGREEING_SAMPLES

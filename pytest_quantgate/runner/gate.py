@@ -492,32 +492,36 @@ class CacheStore(Protocol):
 
 
 def run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str = "",
-            cache: CacheStore | None = None) -> Outcome:
+            cache: CacheStore | None = None, int8_path: Path | None = None) -> Outcome:
     """Gate one entry on one EP; every problem becomes an error or skip outcome, never an exception.
 
     What ONNX Runtime and its quantisation tooling log meanwhile (Python records and the C++ core's lines on
     fd 2) is captured and summarised once, in the outcome's ``log``, instead of being printed line by line.
+    ``int8_path`` gates that file as the entry's sidecar (a candidate of ``quantgate advise``): its fixture,
+    checks and budget, no pin to match, nothing regenerated or cached.
     """
     from ..engine.logcapture import capture_logs
 
     with capture_logs() as captured:
-        outcome = _run_one(registry, entry, ep, settings, run_id=run_id, cache=cache)
+        outcome = _run_one(registry, entry, ep, settings, run_id=run_id, cache=cache, int8_path=int8_path)
     lines = captured.summary().lines()
     return replace(outcome, log=tuple(lines)) if lines else outcome
 
 
 def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, run_id: str,
-             cache: CacheStore | None) -> Outcome:
+             cache: CacheStore | None, int8_path: Path | None = None) -> Outcome:
     from ..errors import EpUnavailableError, InputError, WriteError
 
     regenerated: str | None = None
     notes: list[str] = []
+    if int8_path is not None:  # a candidate file: nothing to rebuild, no pin, no cache
+        settings, cache = replace(settings, regen="never"), None
     try:
         from . import regen
 
         try:
-            built = regen.ensure_sidecar(registry, entry, settings, run_id,
-                                     assess=assessor(registry, entry, settings.fixtures_dir))
+            built = None if int8_path is not None else regen.ensure_sidecar(
+                registry, entry, settings, run_id, assess=assessor(registry, entry, settings.fixtures_dir))
         except WriteError as exc:
             # the error names the file; the entry and the regen policy say why it was being written
             kept = registry.int8_path(entry).is_file()
@@ -537,7 +541,8 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
             if earlier is not None:
                 return Outcome(entry.id, ep, entry.mode, "pass", f"unchanged since a passing run (drop "
                                f"{earlier.drop}); --quantgate-cache", earlier, regenerated=regenerated, cached=True)
-        prepared = prepare(registry, entry, ep, settings, int8_pinned=built is None)
+        prepared = prepare(registry, entry, ep, settings, int8_pinned=built is None and int8_path is None,
+                           int8_path=int8_path)
         result, collector = measure(prepared, settings)
         failed = not result.passed and result.kind != "speed"
         if (failed and settings.diagnose != "off") or settings.diagnose == "always":
