@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import FixtureError
+from ..errors import FixtureError, RegistryError
 from ..io.soak import Fixture, TensorSpec
 from ..records import (
     FAIL,
@@ -128,6 +128,10 @@ class OutputPlan:
     argmax_axis: int | None
     residual: str | None
     target: bool
+    explicit_axis: bool = False  # the axis was declared (entry or quant_outputs): honoured however many channels
+    ignore: bool = False  # quant_outputs ignore: run and reported, never judged
+    budget_plcc: float | None = None  # quant_outputs budget_plcc: this output's own PLCC budget
+    budget_label_flip: float | None = None  # quant_outputs budget_label_flip
 
 
 def _is_label_type(spec: TensorSpec) -> bool:
@@ -158,11 +162,22 @@ def plan_outputs(entry: Entry, fixture: Fixture, inputs: Sequence[TensorSpec],
             f"entry {entry.id!r} field 'quant_budget_relative': the soak fixture {fixture.path} has no "
             f"{'target'!r} array; a relative budget compares int8 and fp32 against the target"
         )
+    names = [o.name for o in outputs]
+    unknown = sorted(set(entry.outputs) - set(names))
+    if unknown:
+        raise RegistryError(f"entry {entry.id!r} field 'quant_outputs': {', '.join(repr(u) for u in unknown)} "
+                            f"{'is not an output' if len(unknown) == 1 else 'are not outputs'} of the model "
+                            f"(outputs: {', '.join(names)})")
     plans = []
     for spec in outputs:
         labels = _is_label_type(spec)
-        plans.append(OutputPlan(spec, labels, None if labels else _channel_axis(entry), entry.argmax_axis,
-                                None if labels else residual, spec.name == target_name))
+        rules = entry.outputs.get(spec.name, {})
+        axis = rules["channel_axis"] if "channel_axis" in rules else _channel_axis(entry)
+        plans.append(OutputPlan(
+            spec, labels, None if labels else axis, rules.get("argmax_axis", entry.argmax_axis),
+            None if labels else residual, spec.name == target_name,
+            explicit_axis="channel_axis" in rules or entry.channel_axis_set, ignore=bool(rules.get("ignore", False)),
+            budget_plcc=rules.get("budget_plcc"), budget_label_flip=rules.get("budget_label_flip")))
     return tuple(plans)
 
 
@@ -256,7 +271,7 @@ class Collector:
     def _axis(self, plan: OutputPlan, shape: tuple[int, ...]) -> int | None:
         """Return the channel axis this output is viewed along (None: judged whole)."""
         axis = plan.channel_axis
-        if axis is None or self.entry.channel_axis_set or len(shape) < 3 or not 0 < axis < len(shape):
+        if axis is None or plan.explicit_axis or len(shape) < 3 or not 0 < axis < len(shape):
             return axis
         if shape[axis] <= MAX_DEFAULT_CHANNELS:
             return axis
@@ -425,7 +440,7 @@ def check_degenerate(c: Collector) -> Breach | None:
     residual input is not constant)."""
     for plan in c.plans:
         name = plan.spec.name
-        if plan.labels:
+        if plan.labels or plan.ignore:
             continue
         if name in c.raw:
             found = _degenerate(name, c.raw[name], "")
@@ -553,15 +568,17 @@ def _label_term(acc: LabelAccumulator) -> Any:
 def label_reports(c: Collector, options: CompareOptions) -> tuple[dict[str, LabelReport], list[Breach]]:
     """Return the agreement of every label output (and argmax view) and the ones over their flip budget."""
     entry = c.entry
-    budget = entry.budget_label_flip if entry.budget_label_flip is not None else DEFAULT_LABEL_FLIP
+    plans = {plan.spec.name: plan for plan in c.plans}
     reports: dict[str, LabelReport] = {}
     breaches: list[Breach] = []
     for key, lab in sorted(c.labels.items()):
+        plan = plans[key.removesuffix(":argmax")]
+        budget = next(b for b in (plan.budget_label_flip, entry.budget_label_flip, DEFAULT_LABEL_FLIP) if b is not None)
         rate = float(lab.rate())
         interval = bootstrap_drop([_label_term(lab)], c.unit_count, options.bootstrap, c.seed, options.confidence)
-        what = "labels" if not key.endswith(":argmax") else f"argmax(axis={entry.argmax_axis})"
+        what = "labels" if not key.endswith(":argmax") else f"argmax(axis={plan.argmax_axis})"
         reports[key] = LabelReport(what, rate, budget, interval)
-        if over_budget(rate, interval, budget, options.decision):
+        if not plan.ignore and over_budget(rate, interval, budget, options.decision):
             breaches.append(Breach("labels", f"output {key.removesuffix(':argmax')!r}: {what} differ on {rate:.2%} "
                                              f"of elements (int8 vs fp32), over quant_budget_label_flip {budget:g}"))
     return reports, breaches
@@ -609,12 +626,19 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
 
     reports: list[OutputReport] = []
     terms: list[MomentTerm] = []
+    terms_of: dict[str, list[MomentTerm]] = {}
+    judged: set[str] = set()  # the outputs a verdict is made of (quant_outputs ignore leaves one reported only)
     breaches: list[Breach] = []  # a residual entry's gross raw gain/offset error leads: it is the diagnosis
     for plan in c.plans:
+        if not plan.ignore:
+            judged.add(plan.spec.name)
         if plan.labels:
             continue
         report, output_terms = output_report(plan, c.values[plan.spec.name])
         reports.append(report)
+        terms_of[plan.spec.name] = output_terms
+        if plan.ignore:
+            continue
         terms += output_terms
         raw = c.raw.get(plan.spec.name)
         if raw is not None:
@@ -635,13 +659,33 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
 
     budget = plcc_budget(entry, reports)
     base["budget"] = budget.value
-    value_reports = [r for r in reports if r.labels is None or r.vs_fp32.n > 0]
+    value_reports = [r for r in reports if (r.labels is None or r.vs_fp32.n > 0) and r.name in judged]
     if not value_reports:  # only label outputs: the verdict is their agreement
         rates = ", ".join(f"{k} {v.flip_rate:.2%}" for k, v in labels.items())
         return decide(dict(base, outputs=tuple(reports)), label_breaches, f"label flip rate {rates} within budget")
 
-    worst = max(value_reports, key=lambda r: r.drop)
-    interval = bootstrap_drop(terms, c.unit_count, options.bootstrap, c.seed, options.confidence)
+    own = {p.spec.name: p.budget_plcc for p in c.plans if p.budget_plcc is not None and p.spec.name in judged}
+    drop_breaches: list[Breach] = []
+    if not own:  # one budget: the worst output's drop, with the interval of the worst over every output
+        worst = max(value_reports, key=lambda r: r.drop)
+        interval = bootstrap_drop(terms, c.unit_count, options.bootstrap, c.seed, options.confidence)
+        found = check_drop(worst, interval, budget, options.decision)
+        drop_breaches += [found] if found is not None else []
+    else:  # quant_outputs budget_plcc: each output against its own budget; the one furthest over it is shown
+        def budget_of(name: str) -> Budget:
+            if name not in own:
+                return budget
+            return Budget(own[name], "drop", f" (quant_outputs {name!r} budget_plcc)")
+
+        judged_by: list[tuple[float, OutputReport, Interval | None, Budget]] = []
+        for rep in value_reports:
+            own_interval = bootstrap_drop(terms_of[rep.name], c.unit_count, options.bootstrap, c.seed,
+                                          options.confidence)
+            found = check_drop(rep, own_interval, budget_of(rep.name), options.decision)
+            drop_breaches += [found] if found is not None else []
+            judged_by.append((rep.drop - budget_of(rep.name).value, rep, own_interval, budget_of(rep.name)))
+        _, worst, interval, budget = max(judged_by, key=lambda j: j[0])
+        base["budget"] = budget.value
     needed = samples_needed(samples, interval, worst.drop, budget.value) if interval else None
     warnings: list[str] = [c.notes[name] for name in sorted(c.notes)]
     if needed is not None and interval is not None:
@@ -654,9 +698,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
 
     # every budget is checked and every breach reported: the PLCC drop, then what PLCC cannot see (gain and
     # offset errors have PLCC 1.0), the absolute errors and the label agreement
-    found = check_drop(worst, interval, budget, options.decision)
-    if found is not None:
-        breaches.append(found)
+    breaches += drop_breaches
     for rep in value_reports:
         found = check_affine(rep.name, rep.vs_fp32, entry.budget_slope)
         if found is not None:

@@ -92,6 +92,9 @@ class Entry:
     qat_recipe: str | None = None
     min_speedup: float | None = None
     quant_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+    # per-output rules (quant_outputs): output name -> {ignore, budget_plcc, channel_axis, argmax_axis,
+    # budget_label_flip}; the entry-level keys are the defaults of every output
+    outputs: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     kind: str | None = None
     description: str | None = None
     int8_onnx_explicit: bool = False  # int8_onnx given, rather than derived from onnx
@@ -402,6 +405,7 @@ def _entry_from(raw: Mapping[str, Any], index: int) -> Entry:
         qat_recipe=raw.get("qat_recipe"),
         min_speedup=raw.get("quant_min_speedup"),
         quant_options=MappingProxyType(dict(raw.get("quant_options", {}))),
+        outputs=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in raw.get("quant_outputs", {}).items()}),
         kind=raw.get("kind"),
         description=raw.get("description"),
         int8_onnx_explicit="int8_onnx" in raw,
