@@ -457,8 +457,8 @@ def check_affine(name: str, m: PairMetrics, budget: float, what: str = "") -> Br
     if abs(m.slope - 1.0) <= budget and m.offset_rel <= budget:
         return None
     return Breach("affine", f"output {name!r}{what}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset "
-                            f"error exceeds quant_budget_slope {budget:g} (|slope−1| {abs(m.slope - 1):.4f}, mean shift "
-                            f"|mean(int8) − mean(fp32)| {m.offset_rel:.4f} std of fp32)")
+                            f"error exceeds quant_budget_slope {budget:g} (|slope−1| {abs(m.slope - 1):.4f}, "
+                            f"mean shift |mean(int8) − mean(fp32)| {m.offset_rel:.4f} std of fp32)")
 
 
 def check_absolute(name: str, m: PairMetrics, entry: Entry) -> list[Breach]:
