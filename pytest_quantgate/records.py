@@ -180,7 +180,7 @@ FAIL: Final = "FAIL"
 Verdict = Literal["PASS", "FAIL"]
 # why a result failed (or "pass"): one per budget check, so reports, remedies and tests can dispatch on it
 Kind = Literal["pass", "drop", "relative", "nonfinite", "constant", "affine", "mae", "max_abs", "speed", "labels",
-               "lineage", "rebuild"]
+               "lineage", "rebuild", "accuracy"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,11 @@ class LabelReport:
     flip_rate: float
     budget: float
     interval: Interval | None = None
+    # against an integer class-id target (argmax views): both models' accuracy and the drop, with its interval
+    fp32_accuracy: float | None = None
+    int8_accuracy: float | None = None
+    accuracy_interval: Interval | None = None
+    budget_accuracy: float | None = None  # quant_outputs budget_accuracy: it then decides instead of the flips
 
 
 @dataclass(frozen=True)

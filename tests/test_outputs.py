@@ -97,3 +97,63 @@ def test_per_output_axes_override_the_entry_keys(tmp_path: Path) -> None:
         bad = parse_registry({"schema_version": 1, "models": [{**raw, "quant_outputs": {"nope": {}}}]},
                              tmp_path / "r.json").entry("m")
         plan_outputs(bad, _Fixture(), [], specs)  # type: ignore[arg-type]
+
+
+def _classifier(project: GateProject, entry_id: str, broken: bool = False, **extra: Any) -> dict[str, Any]:
+    """A digits classifier (logits [N, 10]) with a real dynamic int8 sidecar (or a crude rounded one), class ids."""
+    import modelkit
+    from conftest import rounded_weights
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    fit = LogisticRegression(max_iter=500).fit(x[:1000], y[:1000])
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["features", "w", "b"], ["logits"])], "clf",
+        [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(fit.coef_.T.astype(np.float32), "w"),
+         numpy_helper.from_array(fit.intercept_.astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    fp32 = project.model / f"{entry_id}.onnx"
+    onnx.save(model, fp32)
+    if broken:
+        onnx.save(rounded_weights(model, 2.0), project.model / f"{entry_id}.int8.onnx")
+    else:
+        modelkit.quantize_dynamic_file(fp32, project.model / f"{entry_id}.int8.onnx")
+    np.savez(project.fixtures / f"{entry_id}.npz", features=x[1000:], target=y[1000:].astype(np.int64))
+    return modelkit.pin({"id": entry_id, "onnx": f"{entry_id}.onnx", "quant_mode": "dynamic", "quant_lineage": False,
+                         **extra}, project.model)
+
+
+def test_class_id_targets_are_scored_as_accuracy(project: GateProject, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    project.write([_classifier(project, "no_axis"), _classifier(project, "clf", quant_argmax_axis=1),
+                   _classifier(project, "bad", broken=True, quant_argmax_axis=1, quant_budget_label_flip=1.0,
+                               quant_accuracy_budget_plcc=2.0, quant_budget_slope=1.0,
+                               quant_outputs={"logits": {"budget_accuracy": 0.01}})])
+    report = tmp_path / "r.json"
+    result = project.run("--quantgate-report", str(report), "-v")
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.stdout.fnmatch_lines_random([
+        "*no_axis*array 'target' has 1 value(s) per sample, output 'logits' has 10: store a target of the output's "
+        "shape (scored by PLCC), or integer class ids * set quant_argmax_axis *",
+        "*bad*output 'logits': accuracy against the class-id target drops by * over quant_outputs budget_accuracy "
+        "0.01*",
+    ])
+    items = {i["id"]: i for i in json.loads(report.read_text())["items"]}
+    labels = items["clf"]["result"]["outputs"][0]["labels"]
+    # an independent evaluation: both models over the whole fixture, numpy argmax against the ids
+    data = np.load(project.fixtures / "clf.npz")
+    accuracies = []
+    for name in ("clf.onnx", "clf.int8.onnx"):
+        session = ort.InferenceSession(str(project.model / name), providers=["CPUExecutionProvider"])
+        logits = np.concatenate([session.run(None, {"features": data["features"][i:i + 1]})[0]
+                                 for i in range(len(data["target"]))])
+        accuracies.append(float(np.mean(np.argmax(logits, axis=1) == data["target"])))
+    assert labels["fp32_accuracy"] == pytest.approx(accuracies[0], abs=1e-12)
+    assert labels["int8_accuracy"] == pytest.approx(accuracies[1], abs=1e-12)
+    assert accuracies[0] > 0.9

@@ -89,6 +89,7 @@ from ..records import (
 )
 from .metrics import MomentTerm, bootstrap_drop, samples_needed
 from .streaming import (
+    AccuracyAccumulator,
     Field,
     LabelAccumulator,
     PairAccumulator,
@@ -132,6 +133,7 @@ class OutputPlan:
     ignore: bool = False  # quant_outputs ignore: run and reported, never judged
     budget_plcc: float | None = None  # quant_outputs budget_plcc: this output's own PLCC budget
     budget_label_flip: float | None = None  # quant_outputs budget_label_flip
+    budget_accuracy: float | None = None  # quant_outputs budget_accuracy (class-id targets of an argmax view)
 
 
 def _is_label_type(spec: TensorSpec) -> bool:
@@ -177,7 +179,8 @@ def plan_outputs(entry: Entry, fixture: Fixture, inputs: Sequence[TensorSpec],
             spec, labels, None if labels else axis, rules.get("argmax_axis", entry.argmax_axis),
             None if labels else residual, spec.name == target_name,
             explicit_axis="channel_axis" in rules or entry.channel_axis_set, ignore=bool(rules.get("ignore", False)),
-            budget_plcc=rules.get("budget_plcc"), budget_label_flip=rules.get("budget_label_flip")))
+            budget_plcc=rules.get("budget_plcc"), budget_label_flip=rules.get("budget_label_flip"),
+            budget_accuracy=rules.get("budget_accuracy")))
     return tuple(plans)
 
 
@@ -242,6 +245,7 @@ class Collector:
         self.values: dict[str, PairAccumulator] = {}
         self.raw: dict[str, PairAccumulator] = {}  # residual entries: the outputs before subtraction
         self.labels: dict[str, LabelAccumulator] = {}
+        self.accuracy: dict[str, AccuracyAccumulator] = {}  # argmax views scored against class-id targets
         self.worst = WorstSamples()  # past the cap: the worst samples of each output, for the diagnosis
         self.target_range = [np.inf, -np.inf]
         self.filled = 0
@@ -255,7 +259,8 @@ class Collector:
     def state_bytes(self) -> int:
         """Return the bytes every accumulator holds: what must not grow with the sample count."""
         pairs = sum(acc.nbytes() for acc in [*self.values.values(), *self.raw.values()])
-        return pairs + sum(lab.nbytes() for lab in self.labels.values()) + self.worst.nbytes()
+        return (pairs + sum(lab.nbytes() for lab in self.labels.values()) + self.worst.nbytes()
+                + sum(acc.nbytes() for acc in self.accuracy.values()))
 
     def _plan_units(self, fp32: Mapping[str, np.ndarray]) -> Units:
         """Return the units for this fixture: the channels of every value output share the memory bound."""
@@ -281,6 +286,13 @@ class Collector:
             f"default channel view splits; it is judged whole. Set quant_channel_axis to its class axis (e.g. "
             f"{len(shape) - 1} for an [N, anchors, 4 + classes] head) to judge each channel"))
         return None
+
+    @staticmethod
+    def _class_ids(plan: OutputPlan, a: np.ndarray, target: np.ndarray) -> bool:
+        """Return True when ``target`` holds one integer class id per position of ``a`` without its argmax axis."""
+        axis = plan.argmax_axis
+        return (axis is not None and 0 < axis < a.ndim and np.issubdtype(target.dtype, np.integer)
+                and target.size * a.shape[axis] == a.size)
 
     def _acc(self, store: dict[str, PairAccumulator], name: str, channels: int, target: bool,
              axis: int | None) -> PairAccumulator:
@@ -321,10 +333,20 @@ class Collector:
                     f"{name}:argmax", LabelAccumulator(self.samples, self.units)).add(
                     start, np.argmax(a, axis=axis), np.argmax(b, axis=axis))
             t = None
-            if plan.target and target is not None:
-                if target.size != a.size:
-                    raise FixtureError(f"array 'target' has {target[0].size if target.ndim else 1} values per sample,"
-                                       f" output {name!r} has {a[0].size if a.ndim > 1 else 1}")
+            if plan.target and target is not None and target.size != a.size:
+                if not self._class_ids(plan, a, target):
+                    per = target[0].size if target.ndim else 1
+                    raise FixtureError(
+                        f"array 'target' has {per} value(s) per sample, output {name!r} has "
+                        f"{a[0].size if a.ndim > 1 else 1}: store a target of the output's shape (scored by PLCC), "
+                        f"or integer class ids with one value per position of the output without its class axis "
+                        f"and set quant_argmax_axis (or quant_outputs {name!r} argmax_axis) to that axis (scored as "
+                        f"accuracy)")
+                class_axis = int(plan.argmax_axis or 0)
+                ids = target.reshape(tuple(d for i, d in enumerate(a.shape) if i != class_axis))
+                self.accuracy.setdefault(name, AccuracyAccumulator(self.samples, self.units)).add(
+                    start, np.argmax(a, axis=class_axis), np.argmax(b, axis=class_axis), ids)
+            elif plan.target and target is not None:
                 t = target.reshape(a.shape)
                 self.target_range = [min(self.target_range[0], float(np.min(t))),
                                      max(self.target_range[1], float(np.max(t)))]
@@ -565,6 +587,14 @@ def _label_term(acc: LabelAccumulator) -> Any:
     return _Term()
 
 
+def _accuracy_term(acc: AccuracyAccumulator) -> Any:
+    class _Term:
+        def replicates(self, weights: np.ndarray) -> np.ndarray:
+            return acc.drop(weights)
+
+    return _Term()
+
+
 def label_reports(c: Collector, options: CompareOptions) -> tuple[dict[str, LabelReport], list[Breach]]:
     """Return the agreement of every label output (and argmax view) and the ones over their flip budget."""
     entry = c.entry
@@ -577,7 +607,23 @@ def label_reports(c: Collector, options: CompareOptions) -> tuple[dict[str, Labe
         rate = float(lab.rate())
         interval = bootstrap_drop([_label_term(lab)], c.unit_count, options.bootstrap, c.seed, options.confidence)
         what = "labels" if not key.endswith(":argmax") else f"argmax(axis={plan.argmax_axis})"
-        reports[key] = LabelReport(what, rate, budget, interval)
+        accuracy = c.accuracy.get(plan.spec.name) if key.endswith(":argmax") else None
+        if accuracy is not None:
+            fp32_acc, int8_acc = accuracy.accuracies()
+            acc_interval = bootstrap_drop([_accuracy_term(accuracy)], c.unit_count, options.bootstrap, c.seed,
+                                          options.confidence)
+            reports[key] = LabelReport(what, rate, budget, interval, fp32_acc, int8_acc, acc_interval,
+                                       plan.budget_accuracy)
+            if plan.budget_accuracy is not None:  # it decides; an accuracy drop never exceeds the flip rate
+                drop = fp32_acc - int8_acc
+                if not plan.ignore and over_budget(drop, acc_interval, plan.budget_accuracy, options.decision):
+                    breaches.append(Breach("accuracy", (
+                        f"output {plan.spec.name!r}: accuracy against the class-id target drops by {drop:.4%} "
+                        f"(fp32 {fp32_acc:.4%}, int8 {int8_acc:.4%}), over quant_outputs budget_accuracy "
+                        f"{plan.budget_accuracy:g}")))
+                continue
+        else:
+            reports[key] = LabelReport(what, rate, budget, interval)
         if not plan.ignore and over_budget(rate, interval, budget, options.decision):
             breaches.append(Breach("labels", f"output {key.removesuffix(':argmax')!r}: {what} differ on {rate:.2%} "
                                              f"of elements (int8 vs fp32), over quant_budget_label_flip {budget:g}"))

@@ -594,6 +594,47 @@ class LabelAccumulator:
             return np.asarray(sums[:, 0] / sums[:, 1])
 
 
+class AccuracyAccumulator:
+    """Per-unit counts of class predictions (argmax) that equal an integer target: [fp32 right, int8 right, total]."""
+
+    def __init__(self, samples: int, units: Units | None = None) -> None:
+        self.units = units if units is not None else Units(samples, samples)
+        self.counts = np.zeros((self.units.count, 3), dtype=np.float64)
+
+    def add(self, start: int, pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray) -> None:
+        """Fold samples ``start ..`` in: predicted class ids of both models and the target ids, same shape (n, ...)."""
+        count = pred_a.shape[0]
+        flat_t = target.reshape(count, -1)
+        right = np.stack([(pred_a.reshape(count, -1) == flat_t).sum(axis=1),
+                          (pred_b.reshape(count, -1) == flat_t).sum(axis=1),
+                          np.full(count, flat_t.shape[1])], axis=1).astype(np.float64)
+        blocks = self.units.of(start, count)
+        if blocks is None:
+            self.counts[start : start + count] = right
+        else:
+            _scatter_counts(self.counts, blocks, right)
+
+    def nbytes(self) -> int:
+        """Return the bytes of the state."""
+        return self.counts.nbytes
+
+    def accuracies(self) -> tuple[float, float]:
+        """Return (fp32 accuracy, int8 accuracy) over every counted position."""
+        total = self.counts.sum(axis=0)
+        return (float(total[0] / total[2]), float(total[1] / total[2])) if total[2] else (0.0, 0.0)
+
+    def drop(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """Return fp32 accuracy minus int8 accuracy, or one per weight row (B, units)."""
+        if weights is None:
+            fp32, int8 = self.accuracies()
+            return np.asarray(fp32 - int8)
+        from .metrics import weighted_sum
+
+        sums = weighted_sum(weights, self.counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.asarray((sums[:, 0] - sums[:, 1]) / sums[:, 2])
+
+
 def describe_sums(values: np.ndarray, shift: np.ndarray, x: int, y: int, sample: np.ndarray) -> dict[str, Any]:
     """Return PairMetrics fields of ``y`` against ``x`` from summed fields (F,) and a reservoir (k, 3)."""
     # scipy.stats for the rank statistics (the project's rule: a kept library before our own); importing it costs

@@ -50,6 +50,11 @@ REMEDIES = {
         "accept without review (docs/regeneration.md). Compare the rebuilt file with the pinned one; if it is "
         "right, `quantgate pin {registry} --id {id}` records it, else restore the pinned file.",
     ],
+    "accuracy": [
+        "The int8 sidecar's top-1 accuracy against the class-id target drops by more than quant_outputs "
+        "budget_accuracy. Rebuild it with per-channel weights or keep the last layer in fp32 (nodes_to_exclude), "
+        "or review the budget.",
+    ],
     "labels": [
         "Too many labels (class ids, or argmax of the scores) differ between int8 and fp32. Rebuild the sidecar with "
         "per-channel weights or keep the last layer in fp32 (nodes_to_exclude), or review quant_budget_label_flip.",
@@ -96,8 +101,15 @@ def _agreement(labels: LabelReport) -> str:
     """Return e.g. ``labels: int8 differs from fp32 on 2.10% of elements, budget 0.01, 95% CI [...]``."""
     ci = labels.interval
     bounds = f", {ci.level:.0%} CI [{_f(ci.low)}, {_f(ci.high)}]" if ci is not None else ""
-    return (f"{labels.what}: int8 differs from fp32 on {labels.flip_rate:.2%} of elements, budget "
+    text = (f"{labels.what}: int8 differs from fp32 on {labels.flip_rate:.2%} of elements, budget "
             f"{labels.budget:g}{bounds}")
+    if labels.fp32_accuracy is not None and labels.int8_accuracy is not None:
+        acc = labels.accuracy_interval
+        acc_bounds = f", {acc.level:.0%} CI [{acc.low:.4%}, {acc.high:.4%}]" if acc is not None else ""
+        budget = f", budget {labels.budget_accuracy:g}" if labels.budget_accuracy is not None else ""
+        text += (f"; accuracy vs target: fp32 {labels.fp32_accuracy:.4%}, int8 {labels.int8_accuracy:.4%}, drop "
+                 f"{labels.fp32_accuracy - labels.int8_accuracy:.4%}{acc_bounds}{budget}")
+    return text
 
 
 def failure_text(result: GateResult, registry: str) -> str:
