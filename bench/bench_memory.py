@@ -82,15 +82,19 @@ def run_state(sizes: tuple[int, ...], baseline_up_to: int = 10**6) -> list[Resul
     return results
 
 
-def _tiny(root: Path, samples: int) -> Path:
-    """An 8 → 16 → 1 MLP, its dynamic sidecar, ``samples`` deflated 8-float samples; return the registry."""
+def tiny_project(root: Path, samples: int, deploy_batch: int | None = None) -> Path:
+    """An 8 → 16 → 1 MLP, its dynamic sidecar, ``samples`` deflated 8-float samples; return the registry.
+
+    Also tests/test_memory.py's model: the values lie on a coarse grid, so the archive deflates as the issue's did
+    (4.8 MB for 4 GiB). ``deploy_batch`` sets the entry's quant_deploy_batch (dynamic sidecars run at 1 otherwise).
+    """
     import hashlib
 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     weights = {"w1": rng.normal(0, 0.5, (8, 16)), "b1": rng.normal(0, 0.1, 16), "w2": rng.normal(0, 0.3, (16, 1)),
                "b2": np.zeros(1)}
@@ -106,7 +110,9 @@ def _tiny(root: Path, samples: int) -> Path:
     (root / "fixtures").mkdir()
     np.savez_compressed(root / "fixtures" / "tiny.npz",
                         x=rng.integers(-8, 8, size=(samples, 8)).astype(np.float32) / 4)
-    entry = {"id": "tiny", "onnx": "tiny.onnx", "quant_mode": "dynamic", "quant_accuracy_budget_plcc": 0.05,
+    entry = {"id": "tiny", "onnx": "tiny.onnx", "quant_mode": "dynamic",
+             **({"quant_deploy_batch": deploy_batch} if deploy_batch is not None else {}),
+             "quant_accuracy_budget_plcc": 0.05,
              **{key: hashlib.sha256((root / name).read_bytes()).hexdigest()
                 for key, name in (("sha256", "tiny.onnx"), ("int8_sha256", "tiny.int8.onnx"))}}
     (root / "registry.json").write_text(json.dumps({"schema_version": 1, "models": [entry]}))
@@ -116,7 +122,7 @@ def _tiny(root: Path, samples: int) -> Path:
 def _gate(registry: Path, cap: int | None) -> tuple[float, float, dict[str, Any]]:
     """Return (wall s, VmHWM MiB, result) of ``quantgate measure`` in a child (``cap``: streaming.MAX_UNITS)."""
     out = registry.parent / "out.json"
-    patch = f"from pytest_quantgate import streaming; streaming.MAX_UNITS = {cap}; " if cap else ""
+    patch = f"from pytest_quantgate.engine import streaming; streaming.MAX_UNITS = {cap}; " if cap else ""
     code = (f"import sys; {patch}from pytest_quantgate.frontends.cli import main; "
             f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(registry.parent / 'fixtures')!r}, "
             f"'--ep', 'cpu', '--max-samples', '0', '--json', {str(out)!r}]); "
@@ -134,7 +140,7 @@ def run_gate(sizes: tuple[int, ...], baseline_up_to: int = 10**6) -> list[Result
     results = []
     with tempfile.TemporaryDirectory(prefix="qg-memory-") as tmp:
         for samples in sizes:
-            registry = _tiny(Path(tmp) / f"n{samples}", samples)
+            registry = tiny_project(Path(tmp) / f"n{samples}", samples)
             wall, rss, result = _gate(registry, None)
             base_wall = base_rss = float("nan")
             base: dict[str, Any] = {}

@@ -9,7 +9,6 @@ models. A generated archive of two million tiny samples is gated end to end unde
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import subprocess
 import sys
@@ -271,36 +270,10 @@ def test_the_worst_samples_past_the_cap_are_the_per_sample_ones() -> None:
 
 def _tiny_project(root: Path, samples: int) -> Path:
     """An 8-feature MLP, its dynamic int8 sidecar run at batch 64, and ``samples`` deflated samples."""
-    import onnx
-    from modelkit import quantize_dynamic_file
-    from onnx import TensorProto, helper, numpy_helper
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_memory import tiny_project  # the benchmark measures the same model at 10^5 to 10^7 samples
 
-    rng = np.random.default_rng(0)
-    weights = {"w1": rng.normal(0, 0.5, (8, 16)), "b1": rng.normal(0, 0.1, 16), "w2": rng.normal(0, 0.3, (16, 1)),
-               "b2": np.zeros(1)}
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, root / "tiny.onnx")
-    quantize_dynamic_file(root / "tiny.onnx", root / "tiny.int8.onnx")
-    (root / "fixtures").mkdir()
-    # values on a coarse grid, so the archive deflates as the issue's did (4.8 MB for 4 GiB)
-    x = rng.integers(-8, 8, size=(samples, 8)).astype(np.float32) / 4
-    np.savez_compressed(root / "fixtures" / "tiny.npz", x=x)
-
-    def sha(path: Path) -> str:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-
-    entry = {"id": "tiny", "onnx": "tiny.onnx", "quant_mode": "dynamic", "quant_deploy_batch": 64,
-             "quant_accuracy_budget_plcc": 0.05, "sha256": sha(root / "tiny.onnx"),
-             "int8_sha256": sha(root / "tiny.int8.onnx")}
-    registry = root / "registry.json"
-    registry.write_text(json.dumps({"schema_version": 1, "models": [entry]}))
-    return registry
+    return tiny_project(root, samples, deploy_batch=64)
 
 
 def test_two_million_tiny_samples_are_gated_under_a_memory_cap(tmp_path: Path) -> None:
