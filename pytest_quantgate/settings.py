@@ -259,6 +259,7 @@ class Option:
     choices: tuple[str, ...] = ()
     metavar: str | None = None
     cli: bool = True
+    minimum: int = 0  # the smallest value of an "int" option
 
     @property
     def flag(self) -> str:
@@ -292,7 +293,7 @@ class Option:
                 kwargs.update(choices=self.choices, type=_canonical(self.choices))
             return kwargs
         convert: dict[str, Callable[[str], Any]] = {
-            "int": positive_int if self.name == "batch-size" else non_negative_int,
+            "int": positive_int if self.minimum == 1 else non_negative_int,
             "confidence": confidence_level,
             "gib": positive_gib,
         }
@@ -331,7 +332,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("strict", "strict", "flag", "a fixture too small to resolve the budget is an error, not a warning",
            False),
     Option("batch-size", "batch_size", "int", f"samples per run where the batch axis is dynamic (default "
-           f"{DEFAULT_BATCH_SIZE})", DEFAULT_BATCH_SIZE, metavar="N"),
+           f"{DEFAULT_BATCH_SIZE})", DEFAULT_BATCH_SIZE, metavar="N",
+           minimum=1),
     Option("bootstrap", "bootstrap", "int", f"bootstrap replicates for the drop's interval; 0 disables (default "
            f"{DEFAULT_BOOTSTRAP})", DEFAULT_BOOTSTRAP, metavar="N"),
     Option("seed", "seed", "int", f"seed of the bootstrap (default {DEFAULT_SEED})", DEFAULT_SEED, metavar="N"),
@@ -372,7 +374,7 @@ def _from_config(config: pytest.Config, o: Option) -> Any:
     if o.kind == "flag":
         return _flag(config, dest, dest)
     if o.kind == "int":
-        return _int(config, dest, dest, o.fallback(), 1 if o.name == "batch-size" else 0)
+        return _int(config, dest, dest, o.fallback(), o.minimum)
     if o.kind == "choice":
         return _choice(config, dest, dest, o.choices, o.fallback())
     if o.kind == "path":
