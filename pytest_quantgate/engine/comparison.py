@@ -727,9 +727,10 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
         for rep in value_reports:
             own_interval = bootstrap_drop(terms_of[rep.name], c.unit_count, options.bootstrap, c.seed,
                                           options.confidence)
-            found = check_drop(rep, own_interval, budget_of(rep.name), options.decision)
+            rep_budget = budget_of(rep.name)
+            found = check_drop(rep, own_interval, rep_budget, options.decision)
             drop_breaches += [found] if found is not None else []
-            judged_by.append((rep.drop - budget_of(rep.name).value, rep, own_interval, budget_of(rep.name)))
+            judged_by.append((rep.drop - rep_budget.value, rep, own_interval, rep_budget))
         _, worst, interval, budget = max(judged_by, key=lambda j: j[0])
         base["budget"] = budget.value
     needed = samples_needed(samples, interval, worst.drop, budget.value) if interval else None

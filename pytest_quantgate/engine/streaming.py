@@ -557,6 +557,15 @@ def pair_moments(rows: np.ndarray, x: int, y: int) -> np.ndarray:
                      rows[..., SQUARE_OF[y]], rows[..., PRODUCT_OF[(x, y)]]], axis=-1)
 
 
+def _put_counts(units: Units, counts: np.ndarray, start: int, rows: np.ndarray) -> None:
+    """Store per-sample count rows (n, K) of samples ``start ..``: in their own rows, or added into their blocks."""
+    blocks = units.of(start, rows.shape[0])
+    if blocks is None:
+        counts[start : start + rows.shape[0]] = rows
+    else:
+        _scatter_counts(counts, blocks, rows)
+
+
 class LabelAccumulator:
     """Per-unit counts of elements where int8 and fp32 disagree: labels, or argmax along an axis."""
 
@@ -570,12 +579,7 @@ class LabelAccumulator:
         flat_a = a.reshape(count, -1)
         flat_b = b.reshape(count, -1)
         flips = (flat_a != flat_b).sum(axis=1)
-        blocks = self.units.of(start, count)
-        if blocks is None:
-            self.counts[start : start + count, 0] = flips
-            self.counts[start : start + count, 1] = flat_a.shape[1]
-        else:
-            _scatter_counts(self.counts, blocks, np.stack([flips, np.full(count, flat_a.shape[1])], axis=1))
+        _put_counts(self.units, self.counts, start, np.stack([flips, np.full(count, flat_a.shape[1])], axis=1))
         return np.asarray(flips / max(flat_a.shape[1], 1))
 
     def nbytes(self) -> int:
@@ -608,11 +612,7 @@ class AccuracyAccumulator:
         right = np.stack([(pred_a.reshape(count, -1) == flat_t).sum(axis=1),
                           (pred_b.reshape(count, -1) == flat_t).sum(axis=1),
                           np.full(count, flat_t.shape[1])], axis=1).astype(np.float64)
-        blocks = self.units.of(start, count)
-        if blocks is None:
-            self.counts[start : start + count] = right
-        else:
-            _scatter_counts(self.counts, blocks, right)
+        _put_counts(self.units, self.counts, start, right)
 
     def nbytes(self) -> int:
         """Return the bytes of the state."""

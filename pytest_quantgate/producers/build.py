@@ -26,9 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# producers (the record's ``producer``) whose bytes depend on float kernels
-KERNEL_DEPENDENT = frozenset({"qat"})
-
 # environment variables that change which float kernels torch runs (read, never set)
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                     "MKL_CBWR")
