@@ -180,7 +180,7 @@ FAIL: Final = "FAIL"
 Verdict = Literal["PASS", "FAIL"]
 # why a result failed (or "pass"): one per budget check, so reports, remedies and tests can dispatch on it
 Kind = Literal["pass", "drop", "relative", "nonfinite", "constant", "affine", "mae", "max_abs", "speed", "labels",
-               "lineage", "rebuild", "accuracy"]
+               "lineage", "rebuild", "accuracy", "threshold", "detections", "embedding"]
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,98 @@ class LabelReport:
 
 
 @dataclass(frozen=True)
+class ThresholdChannel:
+    """Decisions ``x >= threshold`` of one channel: how many cross it in either model and how many disagree."""
+
+    channel: int
+    either: int  # elements over the threshold in fp32 or int8
+    disagree: int  # elements over it in exactly one model
+    fp32_over: int
+    int8_over: int
+    interval: Interval | None = None  # of the flip share disagree / either
+
+    @property
+    def flip_share(self) -> float:
+        """Return disagree / either (0.0 when nothing crosses the threshold in either model)."""
+        return self.disagree / self.either if self.either else 0.0
+
+
+@dataclass(frozen=True)
+class ThresholdReport:
+    """A dense score output judged by its decisions (``quant_outputs`` threshold): one row per declared channel."""
+
+    threshold: float
+    budget: float  # budget_threshold_flip
+    channels: tuple[ThresholdChannel, ...]
+    worst_channel: int | None = None  # the channel of the largest flip share among those that cross
+
+
+@dataclass(frozen=True)
+class ClassDetections:
+    """Detections of one class: fp32, int8, and those matched by class and IoU."""
+
+    cls: int
+    fp32: int
+    int8: int
+    matched: int
+    judged: bool = False  # at least min_class_detections fp32 detections: judged on its own
+    missed_interval: Interval | None = None
+
+    @property
+    def missed(self) -> float:
+        """Return the share of fp32 detections int8 misses (0.0 without fp32 detections)."""
+        return 1.0 - self.matched / self.fp32 if self.fp32 else 0.0
+
+
+@dataclass(frozen=True)
+class DetectionReport:
+    """A raw detector head judged by its decoded detections (``quant_outputs`` detections)."""
+
+    fp32: int
+    int8: int
+    matched: int
+    budget_missed: float
+    budget_extra: float
+    missed_interval: Interval | None = None
+    extra_interval: Interval | None = None
+    classes: tuple[ClassDetections, ...] = ()  # every class with a detection in either model
+
+    @property
+    def missed(self) -> float:
+        """Return the share of fp32 detections int8 misses."""
+        return 1.0 - self.matched / self.fp32 if self.fp32 else 0.0
+
+    @property
+    def extra(self) -> float:
+        """Return the share of int8 detections fp32 does not have."""
+        return 1.0 - self.matched / self.int8 if self.int8 else 0.0
+
+
+@dataclass(frozen=True)
+class EmbeddingReport:
+    """An embedding output judged by per-sample cosine similarity and nearest-neighbour agreement."""
+
+    axis: int
+    cosine_distance: float  # mean 1 - cos(fp32, int8) over samples
+    budget_cosine: float
+    neighbours_recall: float | None = None  # recall@k of each kept sample's fp32 neighbours among its int8 ones
+    neighbours_k: int = 10
+    neighbours_samples: int = 0  # samples the neighbour search ran over (a bounded, seeded subset past the cap)
+    budget_neighbours: float | None = None
+    interval: Interval | None = None  # of the mean cosine distance
+
+
+@dataclass(frozen=True)
+class Focus:
+    """What failed, as precisely as the gate knows it: an output, and a channel or class of it."""
+
+    output: str
+    channel_axis: int | None = None
+    channels: tuple[int, ...] = ()  # along channel_axis: a failing channel, or a detector's failing class rows
+    what: str = ""  # e.g. "channel 9 along axis 1", "class 7", "positions where 'attention_mask' is set"
+
+
+@dataclass(frozen=True)
 class OutputReport:
     """Metrics of one output: int8 vs fp32, and fp32/int8 vs target where the output has one."""
 
@@ -212,6 +304,11 @@ class OutputReport:
     worst_channel: int | None = None
     worst_channel_drop: float | None = None
     labels: LabelReport | None = None
+    ignored: bool = False  # quant_outputs ignore: run and reported, never judged
+    mask: str | None = None  # quant_outputs mask: the fixture array whose non-zero positions every statistic counts
+    thresholds: ThresholdReport | None = None
+    detections: DetectionReport | None = None
+    embedding: EmbeddingReport | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +337,7 @@ class GateResult:
     lineage: LineageRecord | None = None
     diagnosis: Diagnosis | None = None
     plot: PlotData | None = None
+    focus: Focus | None = None  # what failed: the output and the channel or classes the FAIL is about
 
     @property
     def passed(self) -> bool:

@@ -71,10 +71,10 @@ def test_an_unknown_output_name_is_an_error_naming_entry_field_and_outputs(proje
 
 
 def test_the_schema_names_an_unsupported_per_output_key(tmp_path: Path) -> None:
-    raw = {"id": "m", "onnx": "m.onnx", "quant_mode": "fp32", "quant_outputs": {"y": {"mask": "attention_mask"}}}
+    raw = {"id": "m", "onnx": "m.onnx", "quant_mode": "fp32", "quant_outputs": {"y": {"mask_positions": "m"}}}
     registry = parse_registry({"schema_version": 1, "models": [raw]}, tmp_path / "registry.json")
     (problem,) = registry.problems
-    assert "quant_outputs" in problem.message and "'mask' was unexpected" in problem.message
+    assert "quant_outputs" in problem.message and "'mask_positions' was unexpected" in problem.message
 
 
 def test_per_output_axes_override_the_entry_keys(tmp_path: Path) -> None:
