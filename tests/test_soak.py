@@ -182,7 +182,7 @@ def test_an_input_without_a_declared_shape_is_batched() -> None:
 MISMATCHES: list[tuple[str, dict[str, np.ndarray], tuple[TensorSpec, ...], np.ndarray | None, str]] = [
     ("missing and extra arrays", {"pixels": _f32(4, 3)}, (_spec("x", "N", 3),), None,
      r"missing array\(s\) for model input\(s\) 'x'; unexpected array\(s\) 'pixels' \(model inputs: 'x': "
-     r"float32\[N,3\]; optional 'target'\)"),
+     r"float32\[N,3\]; optional 'target'; other arrays are never fed, e.g. masks named by quant_outputs\)"),
     ("an input named target", {"x": _f32(4, 3)}, (_spec("x", "N", 3), _spec("target", "N")), None,
      "the model has an input named 'target', which is reserved for ground truth"),
     ("a type the gate cannot feed", {"s": _f32(4, 1)}, (_spec("s", "N", 1, type="tensor(string)"),), None,
@@ -225,3 +225,14 @@ def test_plan_feeds_reads_shapes_off_the_headers(tmp_path: Path, monkeypatch: py
     fixture = load_fixture(tmp_path / "f.npz")
     monkeypatch.setattr(ShardedArray, "load", lambda self: pytest.fail(f"{self.key} loaded"))
     assert plan_feeds(fixture, (_spec("x", "N", 3),), 4) == FeedPlan(6, True, 4)
+
+
+def test_extra_arrays_are_allowed_and_listed_never_fed() -> None:
+    fixture = _fixture(None, x=_f32(6, 3), attention_mask=np.ones((6, 2), np.int64))
+    plan = plan_feeds(fixture, (_spec("x", "N", 3),), 4)
+    assert plan == FeedPlan(6, True, 4, extras=("attention_mask",))
+
+
+def test_an_extra_array_must_have_one_row_per_sample() -> None:
+    with pytest.raises(FixtureError, match=r"arrays disagree on the sample count \(axis 0\): 'x': 6, 'valid': 5"):
+        plan_feeds(_fixture(None, x=_f32(6, 3), valid=np.ones((5, 2), np.int64)), (_spec("x", "N", 3),), 4)

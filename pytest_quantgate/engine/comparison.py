@@ -103,6 +103,9 @@ if TYPE_CHECKING:
     from ..io.registry import Entry
 
 DEFAULT_LABEL_FLIP = 0.01
+DEFAULT_THRESHOLD_FLIP = 0.05
+DEFAULT_COSINE = 0.01
+DEFAULT_NEIGHBOURS = 0.9
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,57 @@ class OutputPlan:
     budget_plcc: float | None = None  # quant_outputs budget_plcc: this output's own PLCC budget
     budget_label_flip: float | None = None  # quant_outputs budget_label_flip
     budget_accuracy: float | None = None  # quant_outputs budget_accuracy (class-id targets of an argmax view)
+    mask: str | None = None  # quant_outputs mask: the fixture array whose non-zero positions count
+    mask_invert: bool = False  # quant_outputs mask_invert: the mask marks padding
+    threshold: float | None = None  # quant_outputs threshold: these channels are judged by their decisions
+    threshold_channels: Any = None  # "4:"-style slice or list; None: every channel
+    budget_threshold_flip: float = DEFAULT_THRESHOLD_FLIP
+    detections: Mapping[str, Any] | None = None  # quant_outputs detections: a raw detector head
+    embedding_axis: int | None = None  # quant_outputs embedding_axis: an embedding along this axis
+    budget_cosine: float = DEFAULT_COSINE
+    budget_neighbours: float = DEFAULT_NEIGHBOURS
+
+    @property
+    def plcc_judged(self) -> bool:
+        """Return whether this output's PLCC can decide (detections and embeddings replace it)."""
+        return not self.labels and self.detections is None and self.embedding_axis is None
+
+
+# which quant_outputs keys make sense for which output: a key outside its set is a usage error naming both
+LABEL_KEYS = frozenset({"ignore", "budget_label_flip", "mask", "mask_invert"})
+NEEDS = {"budget_accuracy": "argmax_axis", "mask_invert": "mask", "threshold_channels": "threshold",
+         "budget_threshold_flip": "threshold", "budget_cosine": "embedding_axis",
+         "budget_neighbours": "embedding_axis"}
+EXCLUSIVE = (("detections", "threshold"), ("detections", "embedding_axis"), ("threshold", "embedding_axis"),
+             ("detections", "argmax_axis"), ("embedding_axis", "argmax_axis"))
+
+
+def _check_rules(entry: Entry, spec: TensorSpec, rules: Mapping[str, Any], labels: bool, arrays: Sequence[str],
+                 argmax: int | None) -> None:
+    """Refuse quant_outputs keys that make no sense for this output, naming the entry, output and choices."""
+    where = f"entry {entry.id!r} field 'quant_outputs' output {spec.name!r}"
+    if labels:
+        wrong = sorted(set(rules) - LABEL_KEYS)
+        if wrong:
+            raise RegistryError(f"{where} ({spec.describe()}, compared as labels): {', '.join(map(repr, wrong))} "
+                                f"apply to float outputs; a label output takes {', '.join(sorted(LABEL_KEYS))}")
+    for key, needed in NEEDS.items():
+        if key in rules and rules.get(needed) is None and not (needed == "argmax_axis" and argmax is not None):
+            raise RegistryError(f"{where}: {key!r} needs {needed!r} (it has no meaning without it)")
+    if "budget_label_flip" in rules and not labels and argmax is None:
+        raise RegistryError(f"{where}: 'budget_label_flip' needs an argmax view ('argmax_axis' or the entry's "
+                            f"quant_argmax_axis): a float output has no labels to flip")
+    for a, b in EXCLUSIVE:
+        if rules.get(a) is not None and (rules.get(b) is not None or (b == "argmax_axis" and "argmax_axis" not in
+                                                                      rules and argmax is not None)):
+            if b == "argmax_axis" and "argmax_axis" not in rules:
+                raise RegistryError(f"{where}: {a!r} replaces the entry's quant_argmax_axis for this output; set "
+                                    f"'argmax_axis': null next to it")
+            raise RegistryError(f"{where}: {a!r} and {b!r} are two ways of judging the output; declare one")
+    mask = rules.get("mask")
+    if mask is not None and mask not in arrays:
+        raise RegistryError(f"{where} key 'mask': {mask!r} is not an array of the soak fixture (arrays: "
+                            f"{', '.join(map(repr, arrays))}); store the mask in the fixture under that name")
 
 
 def _is_label_type(spec: TensorSpec) -> bool:
@@ -171,16 +225,26 @@ def plan_outputs(entry: Entry, fixture: Fixture, inputs: Sequence[TensorSpec],
                             f"{'is not an output' if len(unknown) == 1 else 'are not outputs'} of the model "
                             f"(outputs: {', '.join(names)})")
     plans = []
+    arrays = sorted(str(k) for k in fixture.inputs)
     for spec in outputs:
         labels = _is_label_type(spec)
         rules = entry.outputs.get(spec.name, {})
         axis = rules["channel_axis"] if "channel_axis" in rules else _channel_axis(entry)
+        argmax = None if labels else rules.get("argmax_axis", entry.argmax_axis)
+        _check_rules(entry, spec, rules, labels, arrays, argmax)
+        detections = rules.get("detections")
         plans.append(OutputPlan(
-            spec, labels, None if labels else axis, rules.get("argmax_axis", entry.argmax_axis),
+            spec, labels, None if labels else axis, argmax,
             None if labels else residual, spec.name == target_name,
             explicit_axis="channel_axis" in rules or entry.channel_axis_set, ignore=bool(rules.get("ignore", False)),
             budget_plcc=rules.get("budget_plcc"), budget_label_flip=rules.get("budget_label_flip"),
-            budget_accuracy=rules.get("budget_accuracy")))
+            budget_accuracy=rules.get("budget_accuracy"), mask=rules.get("mask"),
+            mask_invert=bool(rules.get("mask_invert", False)), threshold=rules.get("threshold"),
+            threshold_channels=rules.get("threshold_channels"),
+            budget_threshold_flip=rules.get("budget_threshold_flip", DEFAULT_THRESHOLD_FLIP),
+            detections=None if detections is None else dict(detections),
+            embedding_axis=rules.get("embedding_axis"), budget_cosine=rules.get("budget_cosine", DEFAULT_COSINE),
+            budget_neighbours=rules.get("budget_neighbours", DEFAULT_NEIGHBOURS)))
     return tuple(plans)
 
 
@@ -320,18 +384,27 @@ class Collector:
             count = a.shape[0] if a.ndim else 0
             if a.shape != b.shape:
                 raise FixtureError(f"output {name!r}: the int8 output has shape {b.shape}, fp32 has {a.shape}")
+            keep = self._mask(plan, inputs, a)
             if plan.labels:
                 scores[name] = self.labels.setdefault(name, LabelAccumulator(self.samples, self.units)).add(
-                    start, a, b)
+                    start, a, b, keep)
                 continue
+            label_keep = None
             if plan.argmax_axis is not None:
                 axis = plan.argmax_axis
                 if not 0 < axis < a.ndim:
                     raise FixtureError(f"entry {self.entry.id!r} field 'quant_argmax_axis': output {name!r} has "
                                        f"shape {a.shape} (samples first); axis {axis} is not one of its class axes")
+                if keep is not None:
+                    if axis < self._mask_rank(plan, inputs):
+                        raise FixtureError(
+                            f"{self.where}: entry {self.entry.id!r} field 'quant_outputs' output {name!r}: mask "
+                            f"{plan.mask!r} covers axis {axis}, the argmax (class) axis; a mask marks positions, "
+                            f"so it spans only the axes before the class axis")
+                    label_keep = keep.take(0, axis=axis)
                 scores[f"{name}:argmax"] = self.labels.setdefault(
                     f"{name}:argmax", LabelAccumulator(self.samples, self.units)).add(
-                    start, np.argmax(a, axis=axis), np.argmax(b, axis=axis))
+                    start, np.argmax(a, axis=axis), np.argmax(b, axis=axis), label_keep)
             t = None
             if plan.target and target is not None and target.size != a.size:
                 if not self._class_ids(plan, a, target):
@@ -345,12 +418,13 @@ class Collector:
                 class_axis = int(plan.argmax_axis or 0)
                 ids = target.reshape(tuple(d for i, d in enumerate(a.shape) if i != class_axis))
                 self.accuracy.setdefault(name, AccuracyAccumulator(self.samples, self.units)).add(
-                    start, np.argmax(a, axis=class_axis), np.argmax(b, axis=class_axis), ids)
+                    start, np.argmax(a, axis=class_axis), np.argmax(b, axis=class_axis), ids, label_keep)
             elif plan.target and target is not None:
                 t = target.reshape(a.shape)
                 self.target_range = [min(self.target_range[0], float(np.min(t))),
                                      max(self.target_range[1], float(np.max(t)))]
             axis_used = self._axis(plan, a.shape)
+            view_keep = None if keep is None else _channels_view(keep, axis_used)
             base = None
             if plan.residual is not None:
                 base = np.asarray(inputs[plan.residual])
@@ -361,16 +435,38 @@ class Collector:
                     )
                 base = _channels_view(base.reshape(a.shape), axis_used)
                 self._acc(self.raw, name, _channels_view(a, axis_used).shape[1], False, axis_used).add(
-                    start, _channels_view(a, axis_used), _channels_view(b, axis_used))
+                    start, _channels_view(a, axis_used), _channels_view(b, axis_used), mask=view_keep)
             va, vb = _channels_view(a, axis_used), _channels_view(b, axis_used)
             vt = None if t is None else _channels_view(t, axis_used)
             scores[name] = self._acc(self.values, name, va.shape[1], vt is not None, axis_used).add(
-                start, va, vb, vt, base)
+                start, va, vb, vt, base, view_keep)
             del count
         rows = next(iter(fp32.values())).shape[0]
         if self.units.blocked and scores:
             self.worst.add(np.arange(start, start + rows), np.stack([scores[k] for k in sorted(scores)], axis=1))
         self.filled = max(self.filled, start + rows)
+
+    def _mask_rank(self, plan: OutputPlan, inputs: Mapping[str, np.ndarray]) -> int:
+        return int(np.ndim(inputs[plan.mask])) if plan.mask is not None else 0
+
+    def _mask(self, plan: OutputPlan, inputs: Mapping[str, np.ndarray], a: np.ndarray) -> np.ndarray | None:
+        """Return the positions of ``a`` that count (quant_outputs mask), broadcast to its shape; None: all."""
+        if plan.mask is None:
+            return None
+        name = plan.spec.name
+        if plan.mask not in inputs:
+            raise FixtureError(f"{self.where}: entry {self.entry.id!r} field 'quant_outputs' output {name!r}: the "
+                               f"fixture has no array {plan.mask!r} (the mask)")
+        raw = np.asarray(inputs[plan.mask])
+        if raw.ndim > a.ndim or raw.shape != a.shape[: raw.ndim]:
+            raise FixtureError(
+                f"{self.where}: entry {self.entry.id!r} field 'quant_outputs' output {name!r}: mask {plan.mask!r} "
+                f"has shape {raw.shape[1:]} per sample, the output {a.shape[1:]}; a mask matches the output's "
+                f"leading axes (e.g. [N, T] for [N, T, vocab])")
+        keep = raw != 0
+        if plan.mask_invert:  # PyTorch's key_padding_mask: True marks padding
+            keep = ~keep
+        return np.broadcast_to(keep.reshape(keep.shape + (1,) * (a.ndim - keep.ndim)), a.shape)
 
     def worst_samples(self, count: int) -> list[int]:
         """Return the samples where int8 departs most from fp32 (relative to each output's spread).
@@ -575,7 +671,8 @@ def output_report(plan: OutputPlan, acc: PairAccumulator) -> tuple[OutputReport,
         (vs_fp32,), fp32_t, int8_t = _pair_metrics(acc, [(0, 1)]), None, None
     report = OutputReport(plan.spec.name, drop, vs_fp32, fp32_t, int8_t, channels=acc.channels,
                           channel_axis=plan.channel_axis if acc.channels > 1 else None,
-                          worst_channel=worst_channel, worst_channel_drop=worst_drop)
+                          worst_channel=worst_channel, worst_channel_drop=worst_drop, ignored=plan.ignore,
+                          mask=plan.mask)
     return report, terms
 
 
@@ -698,7 +795,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
         if plan.labels:
             nan = float("nan")
             empty = PairMetrics(0, nan, nan, nan, nan, nan, nan, nan, nan, nan)
-            reports.append(OutputReport(name, 0.0, empty, labels=labels[name]))
+            reports.append(OutputReport(name, 0.0, empty, labels=labels[name], ignored=plan.ignore, mask=plan.mask))
         elif f"{name}:argmax" in labels:
             i = next(i for i, r in enumerate(reports) if r.name == name)
             reports[i] = replace(reports[i], labels=labels[f"{name}:argmax"])

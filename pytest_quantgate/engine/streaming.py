@@ -336,19 +336,25 @@ class PairAccumulator:
         """Return the bytes of the state: rows, flags, reservoir (bounded whatever the sample count)."""
         return self.stats.nbytes + self.seen.nbytes + self.bad.nbytes + self.picks.nbytes()
 
-    def _set_shift(self, a: np.ndarray, b: np.ndarray, t: np.ndarray | None) -> None:
-        # a channel's first-chunk mean: exact for a constant channel (float32 values summed in float64)
+    def _set_shift(self, a: np.ndarray, b: np.ndarray, t: np.ndarray | None, w: np.ndarray | None = None) -> None:
+        # a channel's first-chunk mean (of the counted positions under a mask): exact for a constant channel
         shift = np.zeros((3, self.channels))
-        shift[0] = a.mean(axis=(0, 2), dtype=np.float64)
-        shift[1] = b.mean(axis=(0, 2), dtype=np.float64)
-        if t is not None:
-            shift[2] = t.mean(axis=(0, 2), dtype=np.float64)
+        for row, x in enumerate((a, b, t)):
+            if x is None:
+                continue
+            if w is None:
+                shift[row] = x.mean(axis=(0, 2), dtype=np.float64)
+            else:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    shift[row] = np.where(w, x, 0.0).sum(axis=(0, 2)) / w.sum(axis=(0, 2))
         self.shift = np.where(np.isfinite(shift), shift, 0.0)
 
     def add(self, start: int, a: np.ndarray, b: np.ndarray, t: np.ndarray | None = None,
-            base: np.ndarray | None = None) -> np.ndarray:
+            base: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
         """Fold samples ``start .. start+len(a)`` in; arrays are (n, channels, m); ``base`` is subtracted first.
 
+        ``mask`` (bool, same shape) keeps only the positions where it is True in every sum, the largest error,
+        the NaN/inf check and the reservoir (quant_outputs mask: padding does not count).
         Returns each sample's mean squared int8-vs-fp32 error (inf where NaN/inf): what ranks the worst samples.
         """
         count, channels = a.shape[0], self.channels
@@ -356,7 +362,8 @@ class PairAccumulator:
             first = slice(0, min(count, 8))
             offset = 0.0 if base is None else base[first].astype(np.float64)
             self._set_shift(a[first].astype(np.float64) - offset, b[first].astype(np.float64) - offset,
-                            None if t is None else t[first].astype(np.float64) - offset)
+                            None if t is None else t[first].astype(np.float64) - offset,
+                            None if mask is None else mask[first])
         assert self.shift is not None
         m = a.shape[2]
         rows = count * channels
@@ -364,21 +371,22 @@ class PairAccumulator:
         # a sample's own rows are a view of the state; past the cap they are folded apart, then added to blocks
         own = self.stats[start : start + count] if blocks is None else np.zeros((count, channels, FIELDS))
         stats = own.reshape(rows, FIELDS)  # rows are (sample, channel)
-        stats[:, Field.COUNT] = m
-        self._reservoir(start, a, b, t, base)
+        stats[:, Field.COUNT] = m if mask is None else mask.reshape(rows, m).sum(axis=1)
+        self._reservoir(start, a, b, t, base, mask)
         if rows and m:
             # one (sample, channel) row of m elements at a time, in blocks of rows: the float64 copies of a block
             # stay in cache across the passes below (measured ~2x faster than
             # 8 MiB blocks of whole samples)
             flat = [x.reshape(rows, m) for x in (a, b) + (() if t is None else (t,))]
             lean = None if base is None else base.reshape(rows, m)
+            keep = None if mask is None else mask.reshape(rows, m)
             shifts = [np.tile(self.shift[k], count)[:, None] for k in range(3 if t is not None else 2)]
             per = max(1, min(rows, BLOCK_ELEMENTS // m))
             buffers = np.empty((4 if t is not None else 3, per, m))
             for lo in range(0, rows, per):
                 hi = min(rows, lo + per)
                 self._fold(stats[lo:hi], [x[lo:hi] for x in flat], None if lean is None else lean[lo:hi],
-                           [x[lo:hi] for x in shifts], buffers[:, : hi - lo])
+                           [x[lo:hi] for x in shifts], buffers[:, : hi - lo], None if keep is None else keep[lo:hi])
         bad_a = ~np.isfinite(own[..., Field.SUM_AA]).all(axis=1)
         bad_b = ~np.isfinite(own[..., Field.SUM_BB]).all(axis=1)
         self.bad += [int(bad_a.sum()), int(bad_b.sum()), int((bad_a | bad_b).sum())]
@@ -393,7 +401,7 @@ class PairAccumulator:
 
     @staticmethod
     def _fold(out: np.ndarray, raw: list[np.ndarray], base: np.ndarray | None, shifts: list[np.ndarray],
-              buffers: np.ndarray) -> None:
+              buffers: np.ndarray, keep: np.ndarray | None = None) -> None:
         # every value is converted to float64 once, straight into a buffer, and shifted on the way (the same
         # float64 operations as converting, subtracting the base and then the shift)
         D = buffers[0]
@@ -408,6 +416,12 @@ class PairAccumulator:
             np.subtract(shifted[1], shifted[0], out=D)
             for shift, into in zip(shifts, shifted):
                 into -= shift
+        if keep is not None:
+            # masked-out positions become exact zeros in every buffer (NaN padding included): with 0/1 weights
+            # Σw·x = Σ over kept x, Σw·x·y likewise, and |0| never raises the largest error
+            drop = ~keep
+            for into in (D, *shifted):
+                np.copyto(into, 0.0, where=drop)
         A, B = shifted[0], shifted[1]
         out[:, Field.SUM_SQ_ERR] = _dots(D, D)
         np.abs(D, out=D)
@@ -426,7 +440,7 @@ class PairAccumulator:
             out[:, Field.SUM_BT] = _dots(B, T)
 
     def _reservoir(self, start: int, a: np.ndarray, b: np.ndarray, t: np.ndarray | None,
-                   base: np.ndarray | None) -> None:
+                   base: np.ndarray | None, mask: np.ndarray | None = None) -> None:
         # a stratified sample of each kept sample's elements: k evenly spaced positions behind an offset drawn
         # from (seed, sample index) alone, so the same sample keeps the same positions whatever the chunking
         count = a.shape[0]
@@ -452,6 +466,8 @@ class PairAccumulator:
             triple[..., 2] = t.reshape(count, -1)[rows, pos].astype(np.float64) - offset
         else:
             triple[..., 2] = np.nan
+        if mask is not None:  # a masked-out position is no triple: NaN rows are dropped when read (reservoir())
+            triple[~mask.reshape(count, -1)[rows, pos]] = np.nan
         self.picks.add(index[chosen], priority[chosen], triple)
 
     def merge(self, other: PairAccumulator) -> PairAccumulator:
@@ -503,7 +519,8 @@ class PairAccumulator:
 
     def reservoir(self) -> np.ndarray:
         """Return the kept element triples (k, 3) in sample order (unshifted; column 2 NaN without a target)."""
-        return self.picks.triples()
+        kept = self.picks.triples()
+        return kept[~(np.isnan(kept[:, 0]) & np.isnan(kept[:, 1]))]  # positions a mask left out
 
     def nonfinite(self) -> tuple[bool, bool, int]:
         """Return (fp32 has NaN/inf, int8 has NaN/inf, samples affected), counted as the samples were folded."""
@@ -573,14 +590,22 @@ class LabelAccumulator:
         self.units = units if units is not None else Units(samples, samples)
         self.counts = np.zeros((self.units.count, 2), dtype=np.float64)  # [mismatches, total]
 
-    def add(self, start: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Fold samples ``start .. start+len(a)`` of two label arrays (n, ...) in; return each one's flip share."""
+    def add(self, start: int, a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Fold samples ``start .. start+len(a)`` of two label arrays (n, ...) in; return each one's flip share.
+
+        ``mask`` (bool, same shape) counts only the positions where it is True.
+        """
         count = a.shape[0]
         flat_a = a.reshape(count, -1)
         flat_b = b.reshape(count, -1)
-        flips = (flat_a != flat_b).sum(axis=1)
-        _put_counts(self.units, self.counts, start, np.stack([flips, np.full(count, flat_a.shape[1])], axis=1))
-        return np.asarray(flips / max(flat_a.shape[1], 1))
+        differ = flat_a != flat_b
+        if mask is None:
+            flips, total = differ.sum(axis=1), np.full(count, flat_a.shape[1])
+        else:
+            keep = mask.reshape(count, -1)
+            flips, total = (differ & keep).sum(axis=1), keep.sum(axis=1)
+        _put_counts(self.units, self.counts, start, np.stack([flips, total], axis=1))
+        return np.asarray(flips / np.maximum(total, 1))
 
     def nbytes(self) -> int:
         """Return the bytes of the state."""
@@ -605,13 +630,18 @@ class AccuracyAccumulator:
         self.units = units if units is not None else Units(samples, samples)
         self.counts = np.zeros((self.units.count, 3), dtype=np.float64)
 
-    def add(self, start: int, pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray) -> None:
-        """Fold samples ``start ..`` in: predicted class ids of both models and the target ids, same shape (n, ...)."""
+    def add(self, start: int, pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray,
+            mask: np.ndarray | None = None) -> None:
+        """Fold samples ``start ..`` in: predicted class ids of both models and the target ids, same shape (n, ...).
+
+        ``mask`` (bool, same shape) counts only the positions where it is True (the masked tokens of a masked LM).
+        """
         count = pred_a.shape[0]
         flat_t = target.reshape(count, -1)
-        right = np.stack([(pred_a.reshape(count, -1) == flat_t).sum(axis=1),
-                          (pred_b.reshape(count, -1) == flat_t).sum(axis=1),
-                          np.full(count, flat_t.shape[1])], axis=1).astype(np.float64)
+        keep = np.ones(flat_t.shape, dtype=bool) if mask is None else mask.reshape(count, -1)
+        right = np.stack([((pred_a.reshape(count, -1) == flat_t) & keep).sum(axis=1),
+                          ((pred_b.reshape(count, -1) == flat_t) & keep).sum(axis=1),
+                          keep.sum(axis=1)], axis=1).astype(np.float64)
         _put_counts(self.units, self.counts, start, right)
 
     def nbytes(self) -> int:

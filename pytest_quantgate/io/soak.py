@@ -131,6 +131,8 @@ class FeedPlan:
     batched: bool
     batch: int
     fixed_batch: bool = False  # the model fixes its batch axis: every run must feed exactly ``batch`` samples
+    # arrays of the fixture that are no model input (masks, positions): read with the samples, never fed
+    extras: tuple[str, ...] = ()
 
     def slices(self) -> list[slice]:
         """Return the sample slices, one per session run."""
@@ -182,14 +184,14 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
         raise FixtureError(f"{where}: the model has an input named {TARGET_KEY!r}, which is reserved for ground truth")
     missing = sorted(expected - got)
     extra = sorted(got - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing array(s) for model input(s) {', '.join(repr(m) for m in missing)}")
+    if missing:
+        # extra arrays (masks, positions) are allowed; next to a missing input they are the likely misspelling
+        parts = [f"missing array(s) for model input(s) {', '.join(repr(m) for m in missing)}"]
         if extra:
             parts.append(f"unexpected array(s) {', '.join(repr(e) for e in extra)}")
         names = ", ".join(f"{s.name!r}: {s.describe()}" for s in inputs)
-        raise FixtureError(f"{where}: {'; '.join(parts)} (model inputs: {names}; optional {TARGET_KEY!r})")
+        raise FixtureError(f"{where}: {'; '.join(parts)} (model inputs: {names}; optional {TARGET_KEY!r}; other "
+                           f"arrays are never fed, e.g. masks named by quant_outputs)")
 
     counts: dict[str, int] = {}
     layouts: dict[str, bool] = {}  # True = batched along the model's own axis 0
@@ -230,6 +232,12 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
         counts[spec.name] = int(array.shape[0])
         layouts[spec.name] = batched
 
+    for name in extra:
+        array = fixture.info(name)
+        if array.ndim == 0:
+            raise FixtureError(f"{where}: array {name!r} is a scalar; extra arrays carry one value or map per sample "
+                               f"on axis 0")
+        counts[name] = int(array.shape[0])
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{k!r}: {v}" for k, v in counts.items())
         raise FixtureError(f"{where}: arrays disagree on the sample count (axis 0): {listing}")
@@ -253,5 +261,5 @@ def plan_feeds(fixture: Fixture, inputs: Sequence[TensorSpec], batch_size: int) 
                 f"{where}: the model's batch axis is fixed at {batch}; the fixture's {samples} samples "
                 f"are not a multiple of it"
             )
-        return FeedPlan(samples=samples, batched=True, batch=batch, fixed_batch=True)
-    return FeedPlan(samples=samples, batched=batched, batch=batch_size if batched else 1)
+        return FeedPlan(samples=samples, batched=True, batch=batch, fixed_batch=True, extras=tuple(extra))
+    return FeedPlan(samples=samples, batched=batched, batch=batch_size if batched else 1, extras=tuple(extra))

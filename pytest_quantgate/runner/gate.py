@@ -203,6 +203,7 @@ def _run_chunk(p: Prepared, block: Mapping[str, np.ndarray], batch: int | None, 
     per-sample sums, so folding a chunk part by part gives the same verdict as folding it whole.
     """
     count = int(next(iter(block.values())).shape[0])
+    block = {spec.name: block[spec.name] for spec in p.inputs}  # extra arrays (masks) are never fed
     if p.plan.batched:
         step = batch or count
         spans = [(i, min(i + step, count)) for i in range(0, count, step)]
