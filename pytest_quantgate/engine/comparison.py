@@ -80,6 +80,7 @@ from ..io.soak import Fixture, TensorSpec
 from ..records import (
     FAIL,
     PASS,
+    Focus,
     GateResult,
     Interval,
     Kind,
@@ -468,11 +469,18 @@ class Collector:
             keep = ~keep
         return np.broadcast_to(keep.reshape(keep.shape + (1,) * (a.ndim - keep.ndim)), a.shape)
 
-    def worst_samples(self, count: int) -> list[int]:
+    def worst_samples(self, count: int, focus: Focus | None = None) -> list[int]:
         """Return the samples where int8 departs most from fp32 (relative to each output's spread).
 
+        With a ``focus`` (what a FAIL is about) only that output counts, and of it only the focused channels or
+        classes: the diagnosis then looks where the failing decision broke, not where the box coordinates moved.
         Past the unit cap they are ranked among each output's WORST_KEPT worst samples (exact for one output).
         """
+        if focus is not None and (self.units is None or not self.units.blocked):
+            score = self._focus_scores(focus)
+            if score is not None:
+                order = np.argsort(-score, kind="stable")
+                return [int(i) for i in order[:count]]
         if self.units is not None and self.units.blocked:
             keys = sorted([*self.values, *self.labels])
             weights = np.array([1.0 / self.values[k].variance() if k in self.values else 1.0 for k in keys])
@@ -484,6 +492,22 @@ class Collector:
             score += lab.counts[:, 0] / np.maximum(lab.counts[:, 1], 1)
         order = np.argsort(-score, kind="stable")
         return [int(i) for i in order[:count]]
+
+    def _focus_scores(self, focus: Focus) -> np.ndarray | None:
+        """Return each sample's disagreement on the focused output (and channels), or None if not kept per sample."""
+        name = focus.output
+        acc = self.values.get(name)
+        if acc is not None and focus.channels and acc.channels > max(focus.channels):
+            rows = acc.stats[:, list(focus.channels), :]
+            err = rows[..., Field.SUM_SQ_ERR].sum(axis=1) / np.maximum(rows[..., Field.COUNT].sum(axis=1), 1)
+            return np.asarray(np.where(np.isfinite(err), err, np.inf))
+        if acc is not None:
+            return acc.disagreement()
+        for key in (name, f"{name}:argmax"):
+            lab = self.labels.get(key)
+            if lab is not None:
+                return np.asarray(lab.counts[:, 0] / np.maximum(lab.counts[:, 1], 1))
+        return None
 
     def reservoir(self, name: str) -> np.ndarray:
         """Return the kept (fp32, int8, target) element triples of an output, as compared."""
@@ -504,6 +528,7 @@ class Breach:
 
     kind: Kind
     reason: str
+    focus: Focus | None = None  # the output (and channels or classes) the breach is about
 
 
 def decide(fields: Mapping[str, Any], breaches: Sequence[Breach], passed: str) -> GateResult:
@@ -514,7 +539,7 @@ def decide(fields: Mapping[str, Any], breaches: Sequence[Breach], passed: str) -
     """
     if breaches:
         return GateResult(**fields, verdict=FAIL, kind=breaches[0].kind, reason=breaches[0].reason,
-                          also=tuple(b.reason for b in breaches[1:]))
+                          also=tuple(b.reason for b in breaches[1:]), focus=breaches[0].focus)
     return GateResult(**fields, verdict=PASS, kind="pass", reason=passed)
 
 
@@ -529,7 +554,7 @@ def with_breaches(result: GateResult, breaches: Sequence[Breach], **fields: Any)
     if result.passed:
         first, *rest = breaches
         return replace(result, verdict=FAIL, kind=first.kind, reason=first.reason,
-                       also=(*result.also, *(b.reason for b in rest)), **fields)
+                       also=(*result.also, *(b.reason for b in rest)), focus=first.focus, **fields)
     return replace(result, also=(*result.also, *(b.reason for b in breaches)), **fields)
 
 
@@ -542,14 +567,14 @@ def _degenerate(name: str, acc: PairAccumulator, what: str) -> Breach | None:
     if bad_a or bad_b:
         side = "fp32" if bad_a else "int8"
         return Breach("nonfinite", f"{side} output {name!r}{what} has NaN/inf values in {count} of {acc.samples} "
-                                   f"samples")
+                                   f"samples", Focus(name))
     rows = acc.output_rows()
     totals = rows.sum(axis=0)
     n = totals[Field.COUNT]
     for side, s, ss in (("fp32", Field.SUM_A, Field.SUM_AA), ("int8", Field.SUM_B, Field.SUM_BB)):
         var = totals[ss] - totals[s] ** 2 / n if n else 0.0
         if n < 2 or var <= 0.0:
-            return Breach("constant", f"{side} output {name!r}{what} is constant")
+            return Breach("constant", f"{side} output {name!r}{what} is constant", Focus(name))
     return None
 
 
@@ -576,7 +601,7 @@ def check_affine(name: str, m: PairMetrics, budget: float, what: str = "") -> Br
         return None
     return Breach("affine", f"output {name!r}{what}: int8 ≈ {m.slope:.4f}·fp32 {m.intercept:+.4g}; the gain/offset "
                             f"error exceeds quant_budget_slope {budget:g} (|slope−1| {abs(m.slope - 1):.4f}, "
-                            f"mean shift |mean(int8) − mean(fp32)| {m.offset_rel:.4f} std of fp32)")
+                            f"mean shift |mean(int8) − mean(fp32)| {m.offset_rel:.4f} std of fp32)", Focus(name))
 
 
 def check_absolute(name: str, m: PairMetrics, entry: Entry) -> list[Breach]:
@@ -584,10 +609,10 @@ def check_absolute(name: str, m: PairMetrics, entry: Entry) -> list[Breach]:
     out: list[Breach] = []
     if entry.budget_mae is not None and m.mae > entry.budget_mae:
         out.append(Breach("mae", f"output {name!r}: mean |int8 − fp32| {m.mae:.6g} exceeds quant_budget_mae "
-                                 f"{entry.budget_mae:g}"))
+                                 f"{entry.budget_mae:g}", Focus(name)))
     if entry.budget_max_abs is not None and m.max_abs > entry.budget_max_abs:
         out.append(Breach("max_abs", f"output {name!r}: max |int8 − fp32| {m.max_abs:.6g} exceeds "
-                                     f"quant_budget_max_abs {entry.budget_max_abs:g}"))
+                                     f"quant_budget_max_abs {entry.budget_max_abs:g}", Focus(name)))
     return out
 
 
@@ -598,7 +623,8 @@ def over_budget(value: float, interval: Interval | None, budget: float, decision
     return value > budget
 
 
-def check_drop(worst: OutputReport, interval: Interval | None, budget: Budget, decision: str) -> Breach | None:
+def check_drop(worst: OutputReport, interval: Interval | None, budget: Budget, decision: str,
+               hint: str = "") -> Breach | None:
     """Return a breach when the worst output's drop exceeds the budget, saying where the drop comes from."""
     drop = worst.drop
     if not over_budget(drop, interval, budget.value, decision):
@@ -606,6 +632,7 @@ def check_drop(worst: OutputReport, interval: Interval | None, budget: Budget, d
     bound = "" if decision == "point" or interval is None else (
         f" (upper {interval.level:.0%} bound {interval.high:.6f})")
     how = ""
+    focus = Focus(worst.name)
     if worst.fp32_vs_target is not None and worst.int8_vs_target is not None:
         target_drop = worst.fp32_vs_target.plcc - worst.int8_vs_target.plcc
         if drop > target_drop + 1e-12:
@@ -614,8 +641,13 @@ def check_drop(worst: OutputReport, interval: Interval | None, budget: Budget, d
     if worst.worst_channel_drop is not None and worst.worst_channel_drop >= drop:
         how += (f"; worst channel {worst.worst_channel} of {worst.channels} along axis {worst.channel_axis} "
                 f"(whole-output drop {1.0 - worst.vs_fp32.plcc:.6f})")
+        if worst.worst_channel is not None:
+            focus = Focus(worst.name, worst.channel_axis, (worst.worst_channel,),
+                          f"channel {worst.worst_channel} along axis {worst.channel_axis}")
+    if hint:
+        how += f". {hint}"
     return Breach(budget.kind, f"PLCC drop {drop:.6f} > budget {budget.value:g}{bound} on output {worst.name!r}"
-                               f"{budget.note}{how}")
+                               f"{budget.note}{how}", focus)
 
 
 # --- the metrics of each output --------------------------------------------------------------------------------
@@ -652,6 +684,31 @@ def _channel_drop(acc: PairAccumulator) -> tuple[MomentTerm, int, float]:
     return MomentTerm(pair_moments(acc.stats, 0, 1), mask=mask), worst, float(fidelity[worst])
 
 
+# a channel whose fp32 RMS is below this share of the output's largest channel RMS is "tiny" next to the others:
+# a detector's never-firing class row (max score 0.0067 next to 0-640 px boxes) is ~1e-5 of it
+TINY_CHANNEL = 0.01
+
+
+def tiny_channel_hint(name: str, acc: PairAccumulator, channel: int | None) -> str:
+    """Return the advice for a failing channel whose fp32 values are tiny next to the output's others ("" if not)."""
+    if channel is None or acc.channels < 2 or acc.shift is None:
+        return ""
+    v = acc.channel_sums().values
+    count = np.maximum(v[:, Field.COUNT], 1)
+    mean = v[:, Field.SUM_A] / count + acc.shift[0]
+    var = np.maximum(v[:, Field.SUM_AA] / count - (v[:, Field.SUM_A] / count) ** 2, 0.0)
+    rms = np.sqrt(mean ** 2 + var)
+    largest = float(rms.max())
+    if not largest > 0 or rms[channel] >= TINY_CHANNEL * largest:
+        return ""
+    return (f"Channel {channel}'s fp32 values are tiny next to the output's other channels (RMS {rms[channel]:.3g} "
+            f"vs up to {largest:.3g}): if it is a score row that rarely fires, judge the output by what it means in "
+            f"quant_outputs, e.g. {{\"{name}\": {{\"detections\": {{\"layout\": \"yolo\", \"boxes\": \"0:4\", "
+            f"\"scores\": \"4:\"}}}}}} for a detector head, {{\"{name}\": {{\"threshold\": 0.5, "
+            f"\"threshold_channels\": \"{channel}:{channel + 1}\"}}}} for a score map, or {{\"{name}\": "
+            f"{{\"ignore\": true}}}}")
+
+
 def output_report(plan: OutputPlan, acc: PairAccumulator) -> tuple[OutputReport, list[MomentTerm]]:
     """Return one value output's metrics and drop, and the bootstrap terms that drop is made of."""
     with_target = plan.target and acc.with_target
@@ -674,6 +731,13 @@ def output_report(plan: OutputPlan, acc: PairAccumulator) -> tuple[OutputReport,
                           worst_channel=worst_channel, worst_channel_drop=worst_drop, ignored=plan.ignore,
                           mask=plan.mask)
     return report, terms
+
+
+def _masked(plan: OutputPlan) -> str:
+    """Return the words saying which positions counted, for an output with a mask."""
+    if plan.mask is None:
+        return ""
+    return f" at the positions {plan.mask!r} {'leaves unset' if plan.mask_invert else 'sets'}"
 
 
 def _label_term(acc: LabelAccumulator) -> Any:
@@ -717,13 +781,14 @@ def label_reports(c: Collector, options: CompareOptions) -> tuple[dict[str, Labe
                     breaches.append(Breach("accuracy", (
                         f"output {plan.spec.name!r}: accuracy against the class-id target drops by {drop:.4%} "
                         f"(fp32 {fp32_acc:.4%}, int8 {int8_acc:.4%}), over quant_outputs budget_accuracy "
-                        f"{plan.budget_accuracy:g}")))
+                        f"{plan.budget_accuracy:g}{_masked(plan)}"), Focus(plan.spec.name, what=what)))
                 continue
         else:
             reports[key] = LabelReport(what, rate, budget, interval)
         if not plan.ignore and over_budget(rate, interval, budget, options.decision):
             breaches.append(Breach("labels", f"output {key.removesuffix(':argmax')!r}: {what} differ on {rate:.2%} "
-                                             f"of elements (int8 vs fp32), over quant_budget_label_flip {budget:g}"))
+                                             f"of elements (int8 vs fp32){_masked(plan)}, over quant_budget_label_flip "
+                                             f"{budget:g}", Focus(plan.spec.name, what=what)))
     return reports, breaches
 
 
@@ -807,12 +872,17 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
         rates = ", ".join(f"{k} {v.flip_rate:.2%}" for k, v in labels.items())
         return decide(dict(base, outputs=tuple(reports)), label_breaches, f"label flip rate {rates} within budget")
 
+    def hint_of(rep: OutputReport) -> str:
+        if rep.worst_channel_drop is None or rep.worst_channel_drop < rep.drop:
+            return ""
+        return tiny_channel_hint(rep.name, c.values[rep.name], rep.worst_channel)
+
     own = {p.spec.name: p.budget_plcc for p in c.plans if p.budget_plcc is not None and p.spec.name in judged}
     drop_breaches: list[Breach] = []
     if not own:  # one budget: the worst output's drop, with the interval of the worst over every output
         worst = max(value_reports, key=lambda r: r.drop)
         interval = bootstrap_drop(terms, c.unit_count, options.bootstrap, c.seed, options.confidence)
-        found = check_drop(worst, interval, budget, options.decision)
+        found = check_drop(worst, interval, budget, options.decision, hint_of(worst))
         drop_breaches += [found] if found is not None else []
     else:  # quant_outputs budget_plcc: each output against its own budget; the one furthest over it is shown
         def budget_of(name: str) -> Budget:
@@ -825,7 +895,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
             own_interval = bootstrap_drop(terms_of[rep.name], c.unit_count, options.bootstrap, c.seed,
                                           options.confidence)
             rep_budget = budget_of(rep.name)
-            found = check_drop(rep, own_interval, rep_budget, options.decision)
+            found = check_drop(rep, own_interval, rep_budget, options.decision, hint_of(rep))
             drop_breaches += [found] if found is not None else []
             judged_by.append((rep.drop - rep_budget.value, rep, own_interval, rep_budget))
         _, worst, interval, budget = max(judged_by, key=lambda j: j[0])

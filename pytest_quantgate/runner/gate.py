@@ -351,7 +351,7 @@ def with_diagnosis(result: GateResult, p: Prepared, collector: Collector, settin
     """Attach where the drop comes from (worst tensors by SQNR) on the samples where int8 departs most."""
     from ..analysis.diagnosis import diagnose
 
-    picked = collector.worst_samples(DIAGNOSIS_SAMPLES)
+    picked = collector.worst_samples(DIAGNOSIS_SAMPLES, result.focus)
     inputs = p.fixture.take(picked)
     batch = run_batch(p)
     if p.plan.batched and batch:
