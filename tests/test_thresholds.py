@@ -138,10 +138,10 @@ def test_a_healthy_int8_passes_and_a_shifted_one_fails_naming_the_channel() -> N
 
 def test_at_most_five_failing_channels_are_named_worst_first() -> None:
     a, _ = _scores(channels=8)
-    b = a * np.linspace(0.5, 0.85, 8, dtype=np.float32)[None, :, None]  # channel 0 the worst, 7 the least bad
+    b = a * np.linspace(0.85, 0.5, 8, dtype=np.float32)[None, :, None]  # channel 7 the worst, 0 the least bad
     report = threshold_report(_fold(a, b, list(range(8)), 40), 0.05, 40, 0, 0, 0.95)
     found = threshold_breaches("maps", report, point_rule)
-    assert [f.split(":")[0] for f in found[:5]] == [f"output 'maps' channel {c}" for c in range(5)]
+    assert [f.split(":")[0] for f in found[:5]] == [f"output 'maps' channel {c}" for c in (7, 6, 5, 4, 3)]
     assert found[5] == "output 'maps': and 3 more channels over budget_threshold_flip 0.05"
     assert len(found) == 6
 
