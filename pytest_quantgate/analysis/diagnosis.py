@@ -26,6 +26,14 @@ Temporary folders are named ``quantgate-diagnose-<pid>-*`` and hold a locked ``o
 each diagnosis first removes the folders whose owner is gone (a killed run), whatever their age. ORT sessions log at
 ERROR and up only, and Python log records of onnxruntime/onnx tooling are captured and counted in the notes.
 ``diagnose`` never raises: what could not be analysed is said in ``Diagnosis.notes``.
+
+With a :class:`~pytest_quantgate.records.Focus` (what the gate found failing: an output, and channels or class
+rows of it), tensors are ranked by how much of the failure they can explain (``paths.tensors_on_path``): first the
+tensors that feed the focused channels and nothing else the graph computes (a class branch), then the path tensors
+shared with what did not fail (the backbone: were it the cause, the other channels would fail too), then the
+tensors off the path; by SQNR within each group, and within the path groups a tensor closer to the output first
+among tensors within ``TIE_DB`` of each other. The outputs part then also reports the focused channels' slice of
+the failing output.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ import numpy as np
 
 from ..engine.logcapture import capture_logs
 from ..fileio import scratch_folder, scratch_prefix, sweep_scratch
-from ..records import Diagnosis, TensorError
+from ..records import Diagnosis, Focus, TensorError
+from .paths import PathInfo, tensors_on_path
 from .qgraph import (
     CHUNK,
     Graph,
@@ -65,6 +74,8 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 RUN_COPIES = 2
 # a tensor smaller than this (a bias, a tiny matrix) is compared only when paired with its fp32 origin by name
 MATCH_MIN_SIZE = 16
+# SQNRs within this many dB of each other are a tie: on the focused path the tensor closer to the output ranks first
+TIE_DB = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,6 +432,7 @@ class _Weight:
     error: TensorError
     lsb_excess: float | None  # share of elements off by more than one quantisation step (rounding gives 0)
     how: str = "name"  # how qgraph paired it with its fp32 origin: name or value, + an op folded into it
+    origin: str = ""  # the fp32 initializer it was paired with (the name the focused path knows)
 
 
 @dataclass(frozen=True)
@@ -495,7 +507,7 @@ def _weight(p: Pairing, fgraph: _Graph) -> _Weight:
     shown = origin if base_name(p.tensor.name) == origin else f"{origin} ({p.tensor.name})"
     error = TensorError("weight", shown, consumers[0] if consumers else None, match.sqnr_db, None,
                         tuple(dict.fromkeys(consumers)))
-    return _Weight(error, match.off_step, p.how)
+    return _Weight(error, match.off_step, p.how, origin)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,11 +515,13 @@ def _weight(p: Pairing, fgraph: _Graph) -> _Weight:
 
 
 def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
-             qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool) -> tuple[list[TensorError], list[str]]:
+             qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool, focus: Focus | None = None
+             ) -> tuple[list[TensorError], list[str]]:
     """Return the SQNR of every output the gate compares, and a note for each one left out.
 
     A sequence of maps (skl2onnx's ZipMap probabilities) is compared as the gate compares it, a (samples, keys)
     array in key order; other non-tensor outputs and string tensors have no SQNR and are named in the notes.
+    A focus that names channels adds the SQNR of that output's focused slice, right after the output's own.
     """
     from ..engine.sessions import as_array
     from ..io.soak import TensorSpec
@@ -524,6 +538,9 @@ def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
                          f"and sequences of maps")
     names = [spec.name for spec in kept]
     sums = {name: SqnrSums() for name in names}
+    sliced = focus is not None and focus.channel_axis is not None and bool(focus.channels) and focus.output in sums
+    part = SqnrSums()
+    part_note: str | None = None
     for ffeed, qfeed in zip(ffeeds, qfeeds):
         ref = ref_s.run(names, dict(ffeed))
         test = test_s.run(names, dict(qfeed))
@@ -537,9 +554,45 @@ def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
                 del sums[spec.name]
                 continue
             sums[spec.name].add(a, b)
+            if sliced and focus is not None and spec.name == focus.output and part_note is None:
+                part_note = _add_slice(part, a, b, focus)
         del ref, test
-    found = [TensorError("output", n, None, None, None if s.mismatch else s.db()) for n, s in sums.items()]
+    found: list[TensorError] = []
+    for n, s in sums.items():
+        found.append(TensorError("output", n, None, None, None if s.mismatch else s.db()))
+        if sliced and focus is not None and n == focus.output:
+            if part_note is None:
+                found.append(TensorError("output", _slice_name(focus), None, None,
+                                         None if part.mismatch else part.db()))
+            else:
+                notes.append(part_note)
     return found, notes
+
+
+def _add_slice(sums: SqnrSums, ref: np.ndarray, test: np.ndarray, focus: Focus) -> str | None:
+    """Add the focused channels of one run's output to ``sums``; return why they could not be, else None."""
+    axis = focus.channel_axis
+    ref, test = np.asarray(ref), np.asarray(test)
+    if axis is None or not -ref.ndim <= axis < ref.ndim or ref.shape != test.shape:
+        return (f"output {focus.output!r} has no axis {axis} as its focus names (shape {ref.shape}): the focused "
+                f"channels were not compared on their own")
+    width = ref.shape[axis]
+    channels = [c for c in focus.channels if -width <= c < width]
+    if len(channels) != len(focus.channels):
+        return (f"output {focus.output!r} has {width} channel(s) along axis {axis}, fewer than its focus names: "
+                f"the focused channels were not compared on their own")
+    sums.add(np.take(ref, channels, axis=axis), np.take(test, channels, axis=axis))
+    return None
+
+
+def _slice_name(focus: Focus) -> str:
+    """Return how the focused slice is shown: numpy indexing, ``scores[:, 4:84]`` or ``scores[..., 3,7]``."""
+    channels = list(focus.channels)
+    run = len(channels) > 1 and channels == list(range(channels[0], channels[0] + len(channels)))
+    picked = f"{channels[0]}:{channels[-1] + 1}" if run else ",".join(str(c) for c in channels)
+    axis = focus.channel_axis or 0
+    lead = ":, " * axis if axis >= 0 else "..., " + ":, " * (-axis - 1)
+    return f"{focus.output}[{lead}{picked}]"
 
 
 def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorError], weights_per_tensor: bool) -> str:
@@ -587,14 +640,16 @@ def default_memory_bytes() -> int:
 
 
 def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], *, top: int = 5,
-             memory_bytes: int | None = None, temp_dir: Path | None = None, exact: bool = True) -> Diagnosis:
+             memory_bytes: int | None = None, temp_dir: Path | None = None, exact: bool = True,
+             focus: Focus | None = None) -> Diagnosis:
     """Compare an int8 sidecar with its fp32 original on ``feeds`` and rank the noisiest tensors.
 
     ``feeds`` are ORT feed dicts: a few samples or small batches, e.g. those where fp32 and int8 disagree most.
     ``memory_bytes`` bounds the intermediate tensors held at once (default ``default_memory_bytes()``: 1 GiB or a
     quarter of the available memory); a single tensor larger than the bound is still compared, alone, and said in
     the notes. ``temp_dir`` is where the private working folder goes (default: the system temp dir). Nothing is
-    written beside the models. Never raises: failures become ``Diagnosis.notes``.
+    written beside the models. ``focus`` (what the gate found failing) ranks the tensors that feed it first and
+    marks each with ``on_path``; see the module docstring. Never raises: failures become ``Diagnosis.notes``.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     budget = default_memory_bytes() if memory_bytes is None else max(1, int(memory_bytes))
@@ -602,7 +657,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
     try:
         # onnxruntime/onnx tooling logs (ORT's weight matcher logs ERROR:root for a renamed weight): counted here
         with capture_logs(level=logging.DEBUG, native=False) as logs, _workspace(temp_dir) as (tmp, swept):
-            found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes, exact)
+            found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes, exact, focus)
     except Exception as exc:  # the workspace itself failed (no temp folder, unwritable dir)
         return Diagnosis(str(fp32_path), str(int8_path), "unknown", len(feeds),
                          notes=(*notes, f"no temporary folder: {type(exc).__name__}: {exc}"))
@@ -618,7 +673,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
 
 
 def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.ndarray]], top: int, budget: int,
-              tmp: Path, notes: list[str], exact: bool = True) -> Diagnosis:
+              tmp: Path, notes: list[str], exact: bool = True, focus: Focus | None = None) -> Diagnosis:
     fmt = "unknown"
     analysed: list[str] = []
     tensors: list[TensorError] = []
@@ -653,7 +708,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
         except ValueError as exc:
             notes.append(f"outputs and activations not analysed: {exc}")
     if ffeeds:
-        found_o = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact))
+        found_o = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact, focus))
         if found_o is not None:
             outputs = found_o[0]
             notes += found_o[1]
@@ -683,17 +738,67 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     if "weights" in analysed and not weights:
         notes.append("no int8 weight matched an fp32 initializer by name or by value: weights not compared")
     changed = [w.error for w in weights if w.lsb_excess is not None and w.lsb_excess > CHANGED_SHARE]
-    tensors += [w.error for w in weights if w.lsb_excess is None or w.lsb_excess <= CHANGED_SHARE]
+    # the fp32 name of each ranked tensor: what the focused path is made of (an activation is shown by its fp32
+    # twin's name when it has one, a weight by its origin, possibly with its int8 name beside it)
+    named = [(t, t.tensor) for t in tensors]
+    named += [(w.error, w.origin) for w in weights if w.lsb_excess is None or w.lsb_excess <= CHANGED_SHARE]
+    tensors = [t for t, _ in named]
     if changed:
         names = ", ".join(repr(t.tensor) for t in changed[:4]) + (" ..." if len(changed) > 4 else "")
         notes.append(f"{len(changed)} of {len(weights)} weight(s) differ from the fp32 original by more than one "
                      f"int8 step ({names}): the sidecar was trained (QAT) or built from another fp32 model; their "
                      f"SQNR measures that change, not rounding, so they are not ranked")
-    ranked = sorted(tensors, key=lambda t: (t.rank_key, t.kind, t.tensor))
+    path = _path(fgraph, focus, notes) if focus is not None else None
+    if path is None:
+        ranked = sorted(tensors, key=lambda t: (t.rank_key, t.kind, t.tensor))
+    else:
+        ranked = rank_on_path(named, path)
     worst = tuple(ranked[: max(0, top)])
     suggestion = _suggest(fmt, worst, outputs, per_tensor_weights)
     return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), worst, tuple(outputs), tuple(analysed),
                      suggestion, tuple(notes))
+
+
+def _path(fgraph: _Graph, focus: Focus, notes: list[str]) -> PathInfo:
+    """Return the fp32 tensors that feed ``focus``, saying in the notes what the ranking then means."""
+    path = tensors_on_path(fgraph.model, focus)
+    what = f" ({focus.what})" if focus.what else ""
+    if not path.tensors:
+        notes.append(f"focus{what}: the fp32 graph computes no output {focus.output!r}; tensors are ranked by SQNR "
+                     f"alone")
+    else:
+        how = "its channels followed through the graph" if path.tracked else "its whole ancestry"
+        notes.append(f"focus{what}: tensors feeding output {focus.output!r} ({how}: {len(path.tensors)} tensor(s), "
+                     f"{len(path.tensors) - len(path.shared)} feeding nothing else) rank first")
+    return path
+
+
+def rank_on_path(named: Sequence[tuple[TensorError, str]], path: PathInfo) -> list[TensorError]:
+    """Return the tensors marked ``on_path`` and ranked for a focus: specific to it, shared, off it; SQNR within.
+
+    ``named`` pairs each tensor with its fp32 name. Within the two path groups, tensors whose SQNR lies within
+    ``TIE_DB`` of the group's lowest not yet placed form a tie, and the tie is ordered closest to the output first.
+    """
+    groups: tuple[list[tuple[TensorError, int]], ...] = ([], [], [])
+    for error, name in named:
+        marked = replace(error, on_path=path.on_path(name))
+        tier = 0 if path.specific(name) else 1 if path.on_path(name) else 2
+        groups[tier].append((marked, path.distance.get(name, 0)))
+    ranked: list[TensorError] = []
+    for tier, group in enumerate(groups):
+        group.sort(key=lambda pair: (pair[0].rank_key, pair[0].kind, pair[0].tensor))
+        if tier == 2:
+            ranked += [t for t, _ in group]
+            continue
+        while group:
+            low = group[0][0].rank_key
+            # sorted, so a tie is a prefix; inf - inf is nan: lossless tensors tie with each other only
+            size = next((i for i, p in enumerate(group) if not (p[0].rank_key == low
+                                                                 or p[0].rank_key - low <= TIE_DB)), len(group))
+            tie = sorted(group[:size], key=lambda pair: (pair[1], pair[0].rank_key, pair[0].kind, pair[0].tensor))
+            ranked += [t for t, _ in tie]
+            del group[:size]
+    return ranked
 
 
 def _activations(fmt: str, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapping[str, np.ndarray]],
