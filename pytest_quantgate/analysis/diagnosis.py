@@ -378,9 +378,25 @@ def _sized(probes: Sequence[_Probe], fsizes: Mapping[str, int], qsizes: Mapping[
 
 
 def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapping[str, np.ndarray]],
-                         qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path) -> list[TensorError]:
-    """Run each group's cut models feed by feed and fold the SQNR sums; no group's arrays outlive its feed."""
-    out: list[TensorError] = []
+                         qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path, path: PathInfo | None = None
+                         ) -> list[tuple[TensorError, str]]:
+    """Run each group's cut models feed by feed and fold the SQNR sums; no group's arrays outlive its feed.
+
+    A tensor whose focused channels ``path`` followed is measured on those channels only (the rest of it does not
+    feed what failed) and shown as that slice.
+    """
+    out: list[tuple[TensorError, str]] = []
+    sliced: set[str] = set()
+
+    def cut(p: _Probe, array: np.ndarray) -> np.ndarray:
+        if path is None or path.axis is None or p.twin is None or p.twin not in path.channels:
+            return array
+        axis, picked = path.axis, sorted(path.channels[p.twin])
+        if array.ndim <= axis or len(picked) >= array.shape[axis] or picked[-1] >= array.shape[axis]:
+            return array  # all of it is focused, or not the shape the path was traced with: the whole tensor
+        sliced.add(p.pre)
+        return np.take(array, picked, axis=axis)
+
     for index, group in enumerate(plan.groups):
         local = {p.pre: SqnrSums() for p in group}
         cross = {p.pre: SqnrSums() for p in group}
@@ -396,10 +412,10 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
                     pre = np.asarray(qv.pop(p.pre) if p.post is not None else qv[p.pre])
                     if p.post is not None:
                         post = np.asarray(qv[p.post])
-                        local[p.pre].add(pre, post, p.floor)
+                        local[p.pre].add(cut(p, pre), cut(p, post), p.floor)
                         tested[p.pre] = post
                     else:
-                        local[p.pre].add(pre, dynamic_qdq(pre, np.float32)[0])
+                        local[p.pre].add(cut(p, pre), cut(p, dynamic_qdq(pre, np.float32)[0]))
                         tested[p.pre] = pre
                     del pre
                 del qv
@@ -407,7 +423,7 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
                     fv = next(f_runs)
                     for p in group:
                         if p.twin is not None:
-                            cross[p.pre].add(np.asarray(fv[p.twin]), tested[p.pre])
+                            cross[p.pre].add(cut(p, np.asarray(fv[p.twin])), cut(p, tested[p.pre]))
                     del fv
                 del tested
         finally:
@@ -419,7 +435,10 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
             xmodel = twin_sums.db() if p.twin is not None and not twin_sums.mismatch else None
             exclude = fgraph.keep_float(p.tensor)
             node = fgraph.producer[p.tensor].name if p.tensor in fgraph.producer else (exclude[0] if exclude else None)
-            out.append(TensorError("activation", p.tensor, node, local[p.pre].db(), xmodel, exclude))
+            shown = p.tensor
+            if p.pre in sliced and path is not None and p.twin is not None:
+                shown = _slice_name(p.tensor, path.axis, sorted(path.channels[p.twin]))
+            out.append((TensorError("activation", shown, node, local[p.pre].db(), xmodel, exclude), p.tensor))
     return out
 
 
@@ -562,7 +581,7 @@ def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
         found.append(TensorError("output", n, None, None, None if s.mismatch else s.db()))
         if sliced and focus is not None and n == focus.output:
             if part_note is None:
-                found.append(TensorError("output", _slice_name(focus), None, None,
+                found.append(TensorError("output", _slice_name(n, focus.channel_axis, focus.channels), None, None,
                                          None if part.mismatch else part.db()))
             else:
                 notes.append(part_note)
@@ -585,14 +604,14 @@ def _add_slice(sums: SqnrSums, ref: np.ndarray, test: np.ndarray, focus: Focus) 
     return None
 
 
-def _slice_name(focus: Focus) -> str:
-    """Return how the focused slice is shown: numpy indexing, ``scores[:, 4:84]`` or ``scores[..., 3,7]``."""
-    channels = list(focus.channels)
-    run = len(channels) > 1 and channels == list(range(channels[0], channels[0] + len(channels)))
-    picked = f"{channels[0]}:{channels[-1] + 1}" if run else ",".join(str(c) for c in channels)
-    axis = focus.channel_axis or 0
+def _slice_name(tensor: str, axis: int | None, channels: Sequence[int]) -> str:
+    """Return how a focused slice is shown: numpy indexing, ``scores[:, 4:84]`` or ``scores[..., 3,7]``."""
+    picked_list = list(channels)
+    run = len(picked_list) > 1 and picked_list == list(range(picked_list[0], picked_list[0] + len(picked_list)))
+    picked = f"{picked_list[0]}:{picked_list[-1] + 1}" if run else ",".join(str(c) for c in picked_list)
+    axis = axis or 0
     lead = ":, " * axis if axis >= 0 else "..., " + ":, " * (-axis - 1)
-    return f"{focus.output}[{lead}{picked}]"
+    return f"{tensor}[{lead}{picked}]"
 
 
 def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorError], weights_per_tensor: bool) -> str:
@@ -676,7 +695,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
               tmp: Path, notes: list[str], exact: bool = True, focus: Focus | None = None) -> Diagnosis:
     fmt = "unknown"
     analysed: list[str] = []
-    tensors: list[TensorError] = []
+    named: list[tuple[TensorError, str]] = []  # each ranked tensor and its fp32 name (what paths know)
     weights: list[_Weight] = []
     outputs: list[TensorError] = []
     per_tensor_weights = False
@@ -707,6 +726,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
             ffeeds, qfeeds = _model_feeds(fgraph, feeds), _model_feeds(qgraph, feeds)
         except ValueError as exc:
             notes.append(f"outputs and activations not analysed: {exc}")
+    path = _path(fgraph, focus, notes) if focus is not None else None
     if ffeeds:
         found_o = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact, focus))
         if found_o is not None:
@@ -721,9 +741,10 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     if fmt == "dynamic":
         per_tensor_weights = True
     if fmt in ("qdq", "dynamic") and ffeeds:
-        found_a = attempt("activations", lambda: _activations(fmt, fgraph, qgraph, ffeeds, qfeeds, tmp, budget))
+        found_a = attempt("activations", lambda: _activations(fmt, fgraph, qgraph, ffeeds, qfeeds, tmp, budget,
+                                                              path))
         if found_a is not None:
-            tensors += found_a[0]
+            named += found_a[0]
             notes += found_a[1]
     if fmt == "dynamic":
         notes.append("dynamic sidecar: activation ranges are computed per batch at run time, so there are no "
@@ -738,9 +759,7 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     if "weights" in analysed and not weights:
         notes.append("no int8 weight matched an fp32 initializer by name or by value: weights not compared")
     changed = [w.error for w in weights if w.lsb_excess is not None and w.lsb_excess > CHANGED_SHARE]
-    # the fp32 name of each ranked tensor: what the focused path is made of (an activation is shown by its fp32
-    # twin's name when it has one, a weight by its origin, possibly with its int8 name beside it)
-    named = [(t, t.tensor) for t in tensors]
+    # a weight is shown by its origin, possibly with its int8 name beside it: the origin is what paths know
     named += [(w.error, w.origin) for w in weights if w.lsb_excess is None or w.lsb_excess <= CHANGED_SHARE]
     tensors = [t for t, _ in named]
     if changed:
@@ -748,7 +767,6 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
         notes.append(f"{len(changed)} of {len(weights)} weight(s) differ from the fp32 original by more than one "
                      f"int8 step ({names}): the sidecar was trained (QAT) or built from another fp32 model; their "
                      f"SQNR measures that change, not rounding, so they are not ranked")
-    path = _path(fgraph, focus, notes) if focus is not None else None
     if path is None:
         ranked = sorted(tensors, key=lambda t: (t.rank_key, t.kind, t.tensor))
     else:
@@ -802,8 +820,8 @@ def rank_on_path(named: Sequence[tuple[TensorError, str]], path: PathInfo) -> li
 
 
 def _activations(fmt: str, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapping[str, np.ndarray]],
-                 qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path, budget: int
-                 ) -> tuple[list[TensorError], list[str]]:
+                 qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path, budget: int, path: PathInfo | None = None
+                 ) -> tuple[list[tuple[TensorError, str]], list[str]]:
     notes: list[str] = []
     if fmt == "qdq":
         raw, unmatched = _qdq_probes(fgraph, qgraph)
@@ -817,7 +835,7 @@ def _activations(fmt: str, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapp
         raw = _dynamic_probes(fgraph, qgraph)
     probes, unknown = _sized(raw, _tensor_bytes(fgraph, ffeeds), _tensor_bytes(qgraph, qfeeds))
     plan = _plan(probes, budget, unknown)
-    out = _compare_activations(plan, fgraph, qgraph, ffeeds, qfeeds, tmp)
+    out = _compare_activations(plan, fgraph, qgraph, ffeeds, qfeeds, tmp, path)
     if len(plan.groups) > 1 or unknown or plan.oversized:
         said = (f"{len(probes)} activation(s) compared in {len(plan.groups)} group(s) under a {budget / 2**20:.0f} "
                 f"MiB bound")

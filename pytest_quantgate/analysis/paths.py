@@ -11,7 +11,8 @@ other op (Conv, MatMul, Reshape, Transpose, ...) channel tracking stops and the 
 Offsets come from ONNX shape inference; where a shape is unknown, every input is kept whole.
 
 The same walk from the rest of the graph (the output's other channels, the other outputs) tells which path tensors
-are *shared* with what did not fail: a tensor that is not shared explains the focused channels alone.
+are *shared* with what did not fail: a tensor that is not shared (or whose focused channels the rest does not use)
+explains the focused channels alone.
 
 Nothing here raises on an odd graph: whatever cannot be followed precisely is followed whole.
 """
@@ -48,8 +49,10 @@ class PathInfo:
 
     ``distance`` counts nodes: the output itself is 0, the inputs of the node that computes it are 1, and so on
     (the shortest way when there are several). ``nodes`` are the fp32 nodes the path runs through. ``shared``
-    holds the path tensors that also feed the rest of the graph (other channels of the output, other outputs);
-    ``tracked`` says whether the channels were followed at all (False: the whole ancestry of the output).
+    holds the path tensors that also feed the rest of the graph (other channels of the output, other outputs)
+    through the same channels;
+    ``tracked`` says whether the channels were followed at all (False: the whole ancestry of the output);
+    ``channels`` holds, for each tensor they were followed into, the channels along ``axis`` that feed the focus.
     """
 
     output: str
@@ -58,6 +61,8 @@ class PathInfo:
     nodes: frozenset[str] = frozenset()
     shared: frozenset[str] = frozenset()
     tracked: bool = False
+    axis: int | None = None
+    channels: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
     def on_path(self, tensor: str) -> bool:
         """Return whether ``tensor`` feeds the focused output."""
@@ -73,6 +78,7 @@ class _Walk:
     """What one backward walk reached: tensors with their shortest distance, and the nodes it went through."""
 
     distance: dict[str, int]
+    covered: dict[str, Channels]  # the channels of each tensor the walk came through (None: all of it)
     nodes: set[str]
     tracked: bool
 
@@ -327,7 +333,11 @@ def _walk(view: _GraphView, seeds: Iterable[tuple[str, int | None, Channels]]) -
         tracked = tracked or any(ch is not None for _, ch in steps)
         for name, ch in steps:
             queue.append((name, axis if ch is not None else None, ch, far + 1))
-    return _Walk(distance, nodes, tracked)
+    return _Walk(distance, covered, nodes, tracked)
+
+
+def _overlap(a: Channels, b: Channels) -> bool:
+    return a is None or b is None or bool(a & b)
 
 
 def tensors_on_path(model: onnx.ModelProto, focus: Focus) -> PathInfo:
@@ -364,8 +374,12 @@ def _tensors_on_path(model: Any, focus: Focus, output: str) -> PathInfo:
         width = shape[axis] if shape is not None and len(shape) > axis else None
         if width is not None:
             rest.append((output, axis, frozenset(range(width)) - channels))
-    others = _walk(view, rest) if rest else _Walk({}, set(), False)
+    others = _walk(view, rest) if rest else _Walk({}, {}, set(), False)
     tensors = frozenset(walk.distance)
-    shared = tensors & frozenset(others.distance)
+    # a tensor both walks came through is shared unless they came through different channels of it (the focused
+    # class rows of a head, beside the other classes' rows and the boxes)
+    shared = frozenset(t for t in tensors if t in others.covered
+                       and _overlap(walk.covered.get(t), others.covered[t]))
+    tracked = {t: ch for t, ch in walk.covered.items() if ch is not None}
     return PathInfo(output, tensors, dict(walk.distance), frozenset(walk.nodes), shared,
-                    channels is not None and walk.tracked)
+                    channels is not None and walk.tracked, axis if tracked else None, tracked)
