@@ -594,16 +594,18 @@ def exclusion_groups(worst: Sequence[TensorError], path: PathInfo | None = None)
     """Return the fp32 node groups that keep ``worst``'s tensors in float, in order, without repeats.
 
     With the focused ``path``, groups of tensors that feed only the failing output's channels come first, then
-    those of the other tensors on the path, then the rest, each in ``worst``'s order. A tensor's own ``on_path``
-    decides when the diagnosis had the focus; otherwise its name (a weight's origin) is looked up in ``path``.
+    those of the other tensors on the path, then the rest, each in ``worst``'s order. A tensor marked ``on_path``
+    by a focused diagnosis (which ranked the path already) keeps its place on or off it; otherwise its name (a
+    weight's origin) is looked up in ``path``.
     """
     def tier(tensor: TensorError) -> int:
         if path is None:
             return 0
+        if tensor.on_path is not None:
+            return 0 if tensor.on_path else 2
         # a weight renamed by a fusion is shown as "origin (int8 name)"
         name = tensor.tensor.split(" (", 1)[0] if tensor.kind == "weight" else tensor.tensor
-        on = tensor.on_path if tensor.on_path is not None else path.on_path(name)
-        return 2 if not on else 0 if path.specific(name) else 1
+        return 2 if not path.on_path(name) else 0 if path.specific(name) else 1
 
     groups: list[tuple[str, ...]] = []
     for tensor in sorted(worst, key=tier):  # stable: the diagnosis' order within a tier
