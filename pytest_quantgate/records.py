@@ -106,7 +106,8 @@ class TensorError:
 
     ``sqnr_db`` is the local error (fp32 weight vs its dequantised int8 value; an activation before vs after its
     Q/DQ pair), ``xmodel_db`` the accumulated one (fp32 model tensor vs int8 model tensor of the same name).
-    ``exclude`` lists the fp32 node names whose exclusion keeps this tensor in float.
+    ``exclude`` lists the fp32 node names whose exclusion keeps this tensor in float. ``on_path`` says whether the
+    tensor feeds what the gate found failing (its :class:`Focus`); None when the diagnosis had no focus.
     """
 
     kind: str  # "weight" | "activation" | "output"
@@ -115,6 +116,7 @@ class TensorError:
     sqnr_db: float | None
     xmodel_db: float | None = None
     exclude: tuple[str, ...] = ()
+    on_path: bool | None = None
 
     @property
     def rank_key(self) -> float:

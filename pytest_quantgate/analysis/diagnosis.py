@@ -26,6 +26,14 @@ Temporary folders are named ``quantgate-diagnose-<pid>-*`` and hold a locked ``o
 each diagnosis first removes the folders whose owner is gone (a killed run), whatever their age. ORT sessions log at
 ERROR and up only, and Python log records of onnxruntime/onnx tooling are captured and counted in the notes.
 ``diagnose`` never raises: what could not be analysed is said in ``Diagnosis.notes``.
+
+With a :class:`~pytest_quantgate.records.Focus` (what the gate found failing: an output, and channels or class
+rows of it), tensors are ranked by how much of the failure they can explain (``paths.tensors_on_path``): first the
+tensors that feed the focused channels and nothing else the graph computes (a class branch), then the path tensors
+shared with what did not fail (the backbone: were it the cause, the other channels would fail too), then the
+tensors off the path; by SQNR within each group, and within the path groups a tensor closer to the output first
+among tensors within ``TIE_DB`` of each other. The outputs part then also reports the focused channels' slice of
+the failing output.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ import numpy as np
 
 from ..engine.logcapture import capture_logs
 from ..fileio import scratch_folder, scratch_prefix, sweep_scratch
-from ..records import Diagnosis, TensorError
+from ..records import Diagnosis, Focus, TensorError
+from .paths import PathInfo, tensors_on_path
 from .qgraph import (
     CHUNK,
     Graph,
@@ -65,6 +74,8 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 RUN_COPIES = 2
 # a tensor smaller than this (a bias, a tiny matrix) is compared only when paired with its fp32 origin by name
 MATCH_MIN_SIZE = 16
+# SQNRs within this many dB of each other are a tie: on the focused path the tensor closer to the output ranks first
+TIE_DB = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,9 +378,25 @@ def _sized(probes: Sequence[_Probe], fsizes: Mapping[str, int], qsizes: Mapping[
 
 
 def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapping[str, np.ndarray]],
-                         qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path) -> list[TensorError]:
-    """Run each group's cut models feed by feed and fold the SQNR sums; no group's arrays outlive its feed."""
-    out: list[TensorError] = []
+                         qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path, path: PathInfo | None = None
+                         ) -> list[tuple[TensorError, str]]:
+    """Run each group's cut models feed by feed and fold the SQNR sums; no group's arrays outlive its feed.
+
+    A tensor whose focused channels ``path`` followed is measured on those channels only (the rest of it does not
+    feed what failed) and shown as that slice.
+    """
+    out: list[tuple[TensorError, str]] = []
+    sliced: set[str] = set()
+
+    def cut(p: _Probe, array: np.ndarray) -> np.ndarray:
+        if path is None or path.axis is None or p.twin is None or p.twin not in path.channels:
+            return array
+        axis, picked = path.axis, sorted(path.channels[p.twin])
+        if array.ndim <= axis or len(picked) >= array.shape[axis] or picked[-1] >= array.shape[axis]:
+            return array  # all of it is focused, or not the shape the path was traced with: the whole tensor
+        sliced.add(p.pre)
+        return np.take(array, picked, axis=axis)
+
     for index, group in enumerate(plan.groups):
         local = {p.pre: SqnrSums() for p in group}
         cross = {p.pre: SqnrSums() for p in group}
@@ -385,10 +412,10 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
                     pre = np.asarray(qv.pop(p.pre) if p.post is not None else qv[p.pre])
                     if p.post is not None:
                         post = np.asarray(qv[p.post])
-                        local[p.pre].add(pre, post, p.floor)
+                        local[p.pre].add(cut(p, pre), cut(p, post), p.floor)
                         tested[p.pre] = post
                     else:
-                        local[p.pre].add(pre, dynamic_qdq(pre, np.float32)[0])
+                        local[p.pre].add(cut(p, pre), cut(p, dynamic_qdq(pre, np.float32)[0]))
                         tested[p.pre] = pre
                     del pre
                 del qv
@@ -396,7 +423,7 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
                     fv = next(f_runs)
                     for p in group:
                         if p.twin is not None:
-                            cross[p.pre].add(np.asarray(fv[p.twin]), tested[p.pre])
+                            cross[p.pre].add(cut(p, np.asarray(fv[p.twin])), cut(p, tested[p.pre]))
                     del fv
                 del tested
         finally:
@@ -408,7 +435,10 @@ def _compare_activations(plan: _Plan, fgraph: _Graph, qgraph: _Graph, ffeeds: Se
             xmodel = twin_sums.db() if p.twin is not None and not twin_sums.mismatch else None
             exclude = fgraph.keep_float(p.tensor)
             node = fgraph.producer[p.tensor].name if p.tensor in fgraph.producer else (exclude[0] if exclude else None)
-            out.append(TensorError("activation", p.tensor, node, local[p.pre].db(), xmodel, exclude))
+            shown = p.tensor
+            if p.pre in sliced and path is not None and p.twin is not None:
+                shown = _slice_name(p.tensor, path.axis, sorted(path.channels[p.twin]))
+            out.append((TensorError("activation", shown, node, local[p.pre].db(), xmodel, exclude), p.tensor))
     return out
 
 
@@ -421,6 +451,7 @@ class _Weight:
     error: TensorError
     lsb_excess: float | None  # share of elements off by more than one quantisation step (rounding gives 0)
     how: str = "name"  # how qgraph paired it with its fp32 origin: name or value, + an op folded into it
+    origin: str = ""  # the fp32 initializer it was paired with (the name the focused path knows)
 
 
 @dataclass(frozen=True)
@@ -495,7 +526,7 @@ def _weight(p: Pairing, fgraph: _Graph) -> _Weight:
     shown = origin if base_name(p.tensor.name) == origin else f"{origin} ({p.tensor.name})"
     error = TensorError("weight", shown, consumers[0] if consumers else None, match.sqnr_db, None,
                         tuple(dict.fromkeys(consumers)))
-    return _Weight(error, match.off_step, p.how)
+    return _Weight(error, match.off_step, p.how, origin)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,11 +534,13 @@ def _weight(p: Pairing, fgraph: _Graph) -> _Weight:
 
 
 def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
-             qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool) -> tuple[list[TensorError], list[str]]:
+             qfeeds: Sequence[Mapping[str, np.ndarray]], exact: bool, focus: Focus | None = None
+             ) -> tuple[list[TensorError], list[str]]:
     """Return the SQNR of every output the gate compares, and a note for each one left out.
 
     A sequence of maps (skl2onnx's ZipMap probabilities) is compared as the gate compares it, a (samples, keys)
     array in key order; other non-tensor outputs and string tensors have no SQNR and are named in the notes.
+    A focus that names channels adds the SQNR of that output's focused slice, right after the output's own.
     """
     from ..engine.sessions import as_array
     from ..io.soak import TensorSpec
@@ -524,6 +557,9 @@ def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
                          f"and sequences of maps")
     names = [spec.name for spec in kept]
     sums = {name: SqnrSums() for name in names}
+    sliced = focus is not None and focus.channel_axis is not None and bool(focus.channels) and focus.output in sums
+    part = SqnrSums()
+    part_note: str | None = None
     for ffeed, qfeed in zip(ffeeds, qfeeds):
         ref = ref_s.run(names, dict(ffeed))
         test = test_s.run(names, dict(qfeed))
@@ -537,9 +573,45 @@ def _outputs(fp32: Path, int8: Path, ffeeds: Sequence[Mapping[str, np.ndarray]],
                 del sums[spec.name]
                 continue
             sums[spec.name].add(a, b)
+            if sliced and focus is not None and spec.name == focus.output and part_note is None:
+                part_note = _add_slice(part, a, b, focus)
         del ref, test
-    found = [TensorError("output", n, None, None, None if s.mismatch else s.db()) for n, s in sums.items()]
+    found: list[TensorError] = []
+    for n, s in sums.items():
+        found.append(TensorError("output", n, None, None, None if s.mismatch else s.db()))
+        if sliced and focus is not None and n == focus.output:
+            if part_note is None:
+                found.append(TensorError("output", _slice_name(n, focus.channel_axis, focus.channels), None, None,
+                                         None if part.mismatch else part.db()))
+            else:
+                notes.append(part_note)
     return found, notes
+
+
+def _add_slice(sums: SqnrSums, ref: np.ndarray, test: np.ndarray, focus: Focus) -> str | None:
+    """Add the focused channels of one run's output to ``sums``; return why they could not be, else None."""
+    axis = focus.channel_axis
+    ref, test = np.asarray(ref), np.asarray(test)
+    if axis is None or not -ref.ndim <= axis < ref.ndim or ref.shape != test.shape:
+        return (f"output {focus.output!r} has no axis {axis} as its focus names (shape {ref.shape}): the focused "
+                f"channels were not compared on their own")
+    width = ref.shape[axis]
+    channels = [c for c in focus.channels if -width <= c < width]
+    if len(channels) != len(focus.channels):
+        return (f"output {focus.output!r} has {width} channel(s) along axis {axis}, fewer than its focus names: "
+                f"the focused channels were not compared on their own")
+    sums.add(np.take(ref, channels, axis=axis), np.take(test, channels, axis=axis))
+    return None
+
+
+def _slice_name(tensor: str, axis: int | None, channels: Sequence[int]) -> str:
+    """Return how a focused slice is shown: numpy indexing, ``scores[:, 4:84]`` or ``scores[..., 3,7]``."""
+    picked_list = list(channels)
+    run = len(picked_list) > 1 and picked_list == list(range(picked_list[0], picked_list[0] + len(picked_list)))
+    picked = f"{picked_list[0]}:{picked_list[-1] + 1}" if run else ",".join(str(c) for c in picked_list)
+    axis = axis or 0
+    lead = ":, " * axis if axis >= 0 else "..., " + ":, " * (-axis - 1)
+    return f"{tensor}[{lead}{picked}]"
 
 
 def _suggest(fmt: str, worst: Sequence[TensorError], outputs: Sequence[TensorError], weights_per_tensor: bool) -> str:
@@ -587,14 +659,16 @@ def default_memory_bytes() -> int:
 
 
 def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], *, top: int = 5,
-             memory_bytes: int | None = None, temp_dir: Path | None = None, exact: bool = True) -> Diagnosis:
+             memory_bytes: int | None = None, temp_dir: Path | None = None, exact: bool = True,
+             focus: Focus | None = None) -> Diagnosis:
     """Compare an int8 sidecar with its fp32 original on ``feeds`` and rank the noisiest tensors.
 
     ``feeds`` are ORT feed dicts: a few samples or small batches, e.g. those where fp32 and int8 disagree most.
     ``memory_bytes`` bounds the intermediate tensors held at once (default ``default_memory_bytes()``: 1 GiB or a
     quarter of the available memory); a single tensor larger than the bound is still compared, alone, and said in
     the notes. ``temp_dir`` is where the private working folder goes (default: the system temp dir). Nothing is
-    written beside the models. Never raises: failures become ``Diagnosis.notes``.
+    written beside the models. ``focus`` (what the gate found failing) ranks the tensors that feed it first and
+    marks each with ``on_path``; see the module docstring. Never raises: failures become ``Diagnosis.notes``.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     budget = default_memory_bytes() if memory_bytes is None else max(1, int(memory_bytes))
@@ -602,7 +676,7 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
     try:
         # onnxruntime/onnx tooling logs (ORT's weight matcher logs ERROR:root for a renamed weight): counted here
         with capture_logs(level=logging.DEBUG, native=False) as logs, _workspace(temp_dir) as (tmp, swept):
-            found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes, exact)
+            found = _diagnose(fp32_path, int8_path, feeds, top, budget, tmp, notes, exact, focus)
     except Exception as exc:  # the workspace itself failed (no temp folder, unwritable dir)
         return Diagnosis(str(fp32_path), str(int8_path), "unknown", len(feeds),
                          notes=(*notes, f"no temporary folder: {type(exc).__name__}: {exc}"))
@@ -618,10 +692,10 @@ def diagnose(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]
 
 
 def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.ndarray]], top: int, budget: int,
-              tmp: Path, notes: list[str], exact: bool = True) -> Diagnosis:
+              tmp: Path, notes: list[str], exact: bool = True, focus: Focus | None = None) -> Diagnosis:
     fmt = "unknown"
     analysed: list[str] = []
-    tensors: list[TensorError] = []
+    named: list[tuple[TensorError, str]] = []  # each ranked tensor and its fp32 name (what paths know)
     weights: list[_Weight] = []
     outputs: list[TensorError] = []
     per_tensor_weights = False
@@ -652,8 +726,9 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
             ffeeds, qfeeds = _model_feeds(fgraph, feeds), _model_feeds(qgraph, feeds)
         except ValueError as exc:
             notes.append(f"outputs and activations not analysed: {exc}")
+    path = _path(fgraph, focus, notes) if focus is not None else None
     if ffeeds:
-        found_o = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact))
+        found_o = attempt("outputs", lambda: _outputs(fp32, int8, ffeeds, qfeeds, exact, focus))
         if found_o is not None:
             outputs = found_o[0]
             notes += found_o[1]
@@ -666,9 +741,10 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     if fmt == "dynamic":
         per_tensor_weights = True
     if fmt in ("qdq", "dynamic") and ffeeds:
-        found_a = attempt("activations", lambda: _activations(fmt, fgraph, qgraph, ffeeds, qfeeds, tmp, budget))
+        found_a = attempt("activations", lambda: _activations(fmt, fgraph, qgraph, ffeeds, qfeeds, tmp, budget,
+                                                              path))
         if found_a is not None:
-            tensors += found_a[0]
+            named += found_a[0]
             notes += found_a[1]
     if fmt == "dynamic":
         notes.append("dynamic sidecar: activation ranges are computed per batch at run time, so there are no "
@@ -683,22 +759,69 @@ def _diagnose(fp32_path: Path, int8_path: Path, feeds: Sequence[Mapping[str, np.
     if "weights" in analysed and not weights:
         notes.append("no int8 weight matched an fp32 initializer by name or by value: weights not compared")
     changed = [w.error for w in weights if w.lsb_excess is not None and w.lsb_excess > CHANGED_SHARE]
-    tensors += [w.error for w in weights if w.lsb_excess is None or w.lsb_excess <= CHANGED_SHARE]
+    # a weight is shown by its origin, possibly with its int8 name beside it: the origin is what paths know
+    named += [(w.error, w.origin) for w in weights if w.lsb_excess is None or w.lsb_excess <= CHANGED_SHARE]
+    tensors = [t for t, _ in named]
     if changed:
         names = ", ".join(repr(t.tensor) for t in changed[:4]) + (" ..." if len(changed) > 4 else "")
         notes.append(f"{len(changed)} of {len(weights)} weight(s) differ from the fp32 original by more than one "
                      f"int8 step ({names}): the sidecar was trained (QAT) or built from another fp32 model; their "
                      f"SQNR measures that change, not rounding, so they are not ranked")
-    ranked = sorted(tensors, key=lambda t: (t.rank_key, t.kind, t.tensor))
+    if path is None:
+        ranked = sorted(tensors, key=lambda t: (t.rank_key, t.kind, t.tensor))
+    else:
+        ranked = rank_on_path(named, path)
     worst = tuple(ranked[: max(0, top)])
     suggestion = _suggest(fmt, worst, outputs, per_tensor_weights)
     return Diagnosis(str(fp32_path), str(int8_path), fmt, len(feeds), worst, tuple(outputs), tuple(analysed),
                      suggestion, tuple(notes))
 
 
+def _path(fgraph: _Graph, focus: Focus, notes: list[str]) -> PathInfo:
+    """Return the fp32 tensors that feed ``focus``, saying in the notes what the ranking then means."""
+    path = tensors_on_path(fgraph.model, focus)
+    what = f" ({focus.what})" if focus.what else ""
+    if not path.tensors:
+        notes.append(f"focus{what}: the fp32 graph computes no output {focus.output!r}; tensors are ranked by SQNR "
+                     f"alone")
+    else:
+        how = "its channels followed through the graph" if path.tracked else "its whole ancestry"
+        notes.append(f"focus{what}: tensors feeding output {focus.output!r} ({how}: {len(path.tensors)} tensor(s), "
+                     f"{len(path.tensors) - len(path.shared)} feeding nothing else) rank first")
+    return path
+
+
+def rank_on_path(named: Sequence[tuple[TensorError, str]], path: PathInfo) -> list[TensorError]:
+    """Return the tensors marked ``on_path`` and ranked for a focus: specific to it, shared, off it; SQNR within.
+
+    ``named`` pairs each tensor with its fp32 name. Within the two path groups, tensors whose SQNR lies within
+    ``TIE_DB`` of the group's lowest not yet placed form a tie, and the tie is ordered closest to the output first.
+    """
+    groups: tuple[list[tuple[TensorError, int]], ...] = ([], [], [])
+    for error, name in named:
+        marked = replace(error, on_path=path.on_path(name))
+        tier = 0 if path.specific(name) else 1 if path.on_path(name) else 2
+        groups[tier].append((marked, path.distance.get(name, 0)))
+    ranked: list[TensorError] = []
+    for tier, group in enumerate(groups):
+        group.sort(key=lambda pair: (pair[0].rank_key, pair[0].kind, pair[0].tensor))
+        if tier == 2:
+            ranked += [t for t, _ in group]
+            continue
+        while group:
+            low = group[0][0].rank_key
+            # sorted, so a tie is a prefix; inf - inf is nan: lossless tensors tie with each other only
+            size = next((i for i, p in enumerate(group) if not (p[0].rank_key == low
+                                                                 or p[0].rank_key - low <= TIE_DB)), len(group))
+            tie = sorted(group[:size], key=lambda pair: (pair[1], pair[0].rank_key, pair[0].kind, pair[0].tensor))
+            ranked += [t for t, _ in tie]
+            del group[:size]
+    return ranked
+
+
 def _activations(fmt: str, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapping[str, np.ndarray]],
-                 qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path, budget: int
-                 ) -> tuple[list[TensorError], list[str]]:
+                 qfeeds: Sequence[Mapping[str, np.ndarray]], tmp: Path, budget: int, path: PathInfo | None = None
+                 ) -> tuple[list[tuple[TensorError, str]], list[str]]:
     notes: list[str] = []
     if fmt == "qdq":
         raw, unmatched = _qdq_probes(fgraph, qgraph)
@@ -712,7 +835,9 @@ def _activations(fmt: str, fgraph: _Graph, qgraph: _Graph, ffeeds: Sequence[Mapp
         raw = _dynamic_probes(fgraph, qgraph)
     probes, unknown = _sized(raw, _tensor_bytes(fgraph, ffeeds), _tensor_bytes(qgraph, qfeeds))
     plan = _plan(probes, budget, unknown)
-    out = _compare_activations(plan, fgraph, qgraph, ffeeds, qfeeds, tmp)
+    # without a focus, called exactly as before it had one (the tests spy on this call)
+    out = (_compare_activations(plan, fgraph, qgraph, ffeeds, qfeeds, tmp) if path is None
+           else _compare_activations(plan, fgraph, qgraph, ffeeds, qfeeds, tmp, path))
     if len(plan.groups) > 1 or unknown or plan.oversized:
         said = (f"{len(probes)} activation(s) compared in {len(plan.groups)} group(s) under a {budget / 2**20:.0f} "
                 f"MiB bound")

@@ -29,7 +29,8 @@ from ..settings import Settings
 
 if TYPE_CHECKING:
 
-    from ..records import GateResult
+    from ..analysis.paths import PathInfo
+    from ..records import GateResult, TensorError
 
 STAGES = ("dynamic", "static", "exclusions", "int4", "qat", "qad")
 MIN_CALIBRATION_SAMPLES = 100  # the QAT literature's "100+ representative batches"
@@ -554,7 +555,10 @@ def exclusion_stage(run: _Run, calibration: Path) -> None:
 
 
 def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
-    """Return fp32 node groups, most harmful first, from activation/weight SQNR on the most-disagreeing samples."""
+    """Return fp32 node groups, most harmful first, from activation/weight SQNR on the most-disagreeing samples.
+
+    When the gate says what failed (``GateResult.focus``), the groups of tensors that feed it come first.
+    """
     from ..analysis.diagnosis import diagnose
     from ..runner.gate import measure, prepare
 
@@ -562,7 +566,7 @@ def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
     # the gate's own streaming pass finds the samples where int8 departs most from fp32, on the EP advised for
     prepared = prepare(run.registry, run.entry.as_mode("static"), run.options.ep, settings, int8_pinned=False,
                        int8_path=int8_path)
-    _, collector = measure(prepared, settings)
+    result, collector = measure(prepared, settings)
     plan = prepared.plan
     count = plan.batch if plan.fixed_batch else DISAGREEING_SAMPLES
     picked = sorted(collector.worst_samples(count))
@@ -571,11 +575,40 @@ def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
         feeds = [chosen]
     else:
         feeds = [{k: v[i] for k, v in chosen.items()} for i in range(len(picked))]
-    found = diagnose(run.fp32, int8_path, feeds, top=4 * run.options.max_exclusions)
-    run.say(f"[{run.entry.id}] ranked on soak samples {picked}: " + ", ".join(
-        f"{t.tensor} {t.rank_key:.1f} dB" for t in found.worst[:6]))
+    focus = result.focus
+    found = diagnose(run.fp32, int8_path, feeds, top=4 * run.options.max_exclusions, focus=focus)
+    path = None
+    if focus is not None:
+        import onnx
+
+        from ..analysis.paths import tensors_on_path
+
+        path = tensors_on_path(onnx.load(str(run.fp32), load_external_data=False), focus)
+    run.say(f"[{run.entry.id}] ranked on soak samples {picked}"
+            + (f" for {focus.what or focus.output}" if focus is not None else "") + ": "
+            + ", ".join(f"{t.tensor} {t.rank_key:.1f} dB" for t in found.worst[:6]))
+    return exclusion_groups(found.worst, path)
+
+
+def exclusion_groups(worst: Sequence[TensorError], path: PathInfo | None = None) -> list[tuple[str, ...]]:
+    """Return the fp32 node groups that keep ``worst``'s tensors in float, in order, without repeats.
+
+    With the focused ``path``, groups of tensors that feed only the failing output's channels come first, then
+    those of the other tensors on the path, then the rest, each in ``worst``'s order. A tensor marked ``on_path``
+    by a focused diagnosis (which ranked the path already) keeps its place on or off it; otherwise its name (a
+    weight's origin) is looked up in ``path``.
+    """
+    def tier(tensor: TensorError) -> int:
+        if path is None:
+            return 0
+        if tensor.on_path is not None:
+            return 0 if tensor.on_path else 2
+        # a weight renamed by a fusion is shown as "origin (int8 name)"
+        name = tensor.tensor.split(" (", 1)[0] if tensor.kind == "weight" else tensor.tensor
+        return 2 if not path.on_path(name) else 0 if path.specific(name) else 1
+
     groups: list[tuple[str, ...]] = []
-    for tensor in found.worst:
+    for tensor in sorted(worst, key=tier):  # stable: the diagnosis' order within a tier
         group = tensor.exclude or ((tensor.node,) if tensor.node else ())
         if group and group not in groups:
             groups.append(tuple(group))

@@ -363,7 +363,8 @@ def with_diagnosis(result: GateResult, p: Prepared, collector: Collector, settin
         feeds = [dict(inputs)]
     else:
         feeds = [{k: v[i] for k, v in inputs.items()} for i in range(len(picked))]
-    found = diagnose(p.fp32_path, p.int8_path, feeds, exact=settings.ep_options.int8_precision == "exact")
+    found = diagnose(p.fp32_path, p.int8_path, feeds, exact=settings.ep_options.int8_precision == "exact",
+                     focus=result.focus)
     return replace(result, diagnosis=replace(found, samples=tuple(int(i) for i in picked)))
 
 
