@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import html
+import json
+import re
+import shutil
+import subprocess
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import recordkit
 
 from pytest_quantgate.records import (
@@ -22,6 +29,7 @@ from pytest_quantgate.records import (
     ThresholdChannel,
     ThresholdReport,
 )
+from pytest_quantgate.reporting.html import MISSING_PLOTS, render_html
 from pytest_quantgate.reporting.reports import failure_text, metrics_table, summary_lines
 from pytest_quantgate.runner.gate import plot_points
 
@@ -157,3 +165,97 @@ def test_the_focus_plot_round_trips_and_stays_out_of_the_json_report() -> None:
     doc = report_document([Outcome("m", "cpu", "dynamic", "fail", "r", result)], Settings())
     assert doc["items"][0]["result"]["focus_plot"] is None
     assert replace(result, focus_plot=None).focus_plot is None
+
+
+# --- the HTML page ----------------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+EVIL = "<img src=x onerror=alert(1)>&\"'"
+
+# injected first in <head>: collects errors (scripts, resources) and, once loaded, what a reader would see
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || (e.target && e.target.src) || e)),
+                        true);
+window.addEventListener('load', () => {
+  const box = el => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; };
+  const figures = [...document.querySelectorAll('figure')].map(f => ({
+    box: box(f), caption: f.querySelector('figcaption').textContent,
+    img: f.querySelector('img') ? f.querySelector('img').naturalWidth : 0}));
+  const classes = document.querySelector('table.classes');
+  const probe = {
+    errors: window.__errors, figures: figures,
+    classes: classes ? {box: box(classes), rows: [...classes.querySelectorAll('tbody tr')].map(
+      tr => [...tr.children].map(td => td.textContent))} : null,
+    thresholds: [...document.querySelectorAll('table.thresholds tbody tr')].map(tr => tr.firstChild.textContent),
+    focus: [...document.querySelectorAll('.focus')].map(d => d.textContent),
+    headings: [...document.querySelectorAll('h3')].map(h => h.textContent),
+    scripts: document.querySelectorAll('script').length,
+    images: document.images.length,
+    handlers: document.querySelectorAll('[onerror]').length,
+  };
+  document.body.setAttribute('data-probe', JSON.stringify(probe));
+});
+</script>"""
+
+
+def _browse(page: str, tmp_path: Path) -> dict[str, Any]:
+    """Return what headless chromium sees of ``page`` (the PROBE's findings)."""
+    path = tmp_path / "probe.html"
+    path.write_text(page.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--window-size=2400,1600", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path}/ud",
+                           "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-probe="([^"]*)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    probe: dict[str, Any] = json.loads(html.unescape(found.group(1)))
+    return probe
+
+
+def _outcomes(name: str = "head") -> list[Outcome]:
+    result = task_result(name, plot=focus_plot("head"), focus_plot=focus_plot(f"{name}[class 7 along axis 2]"))
+    return [Outcome("m", "cpu", "dynamic", "fail", result.reason, result)]
+
+
+def test_page_shows_every_block_and_the_focus_plot(tmp_path: Path) -> None:
+    page = render_html(_outcomes(), "tasks", plots=False)
+    assert "threshold 0.5 (decisions x &gt;= 0.5)" in page and "… 4 more channels" in page
+    assert "… 3 more classes" in page and "recall@10 0.8125 over 480 samples, minimum 0.9" in page
+    assert "masked by <code>attention_mask</code>" in page and "ignored: reported, not judged" in page
+    assert "accuracy vs target: fp32 91.00%, int8 87.00%, drop 4.00%" in page
+    assert "<b>Failing:</b> output &#x27;boxes&#x27;, class 7" in page
+    assert MISSING_PLOTS in page
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium")
+def test_page_renders_in_chromium_with_both_plots_side_by_side(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    page = render_html(_outcomes(), "tasks", plots=True)
+    assert "<script" not in page and page.count('src="data:image/png;base64,') == 2
+    probe = _browse(page, tmp_path)
+    assert probe["errors"] == [] and probe["scripts"] == 1  # the probe's own
+    whole, failed = probe["figures"]
+    assert whole["caption"] == "Whole output head" and failed["caption"] == "What failed: head[class 7 along axis 2]"
+    assert whole["img"] > 0 and failed["img"] > 0  # both PNGs decode
+    assert failed["box"][0] > whole["box"][0] and failed["box"][1] == whole["box"][1]  # next to it
+    assert probe["classes"]["box"][2] > 0 and probe["classes"]["box"][3] > 0
+    rows = probe["classes"]["rows"]
+    assert len(rows) == 10 and rows[0] == ["7", "60", "20", "18", "70.00%", "[60.00%, 80.00%]", "yes"]
+    assert probe["thresholds"][:2] == ["9", "11"] and len(probe["thresholds"]) == 8
+    assert probe["focus"] == ["Failing: output 'boxes', class 7"]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium")
+def test_a_malicious_output_name_stays_text(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    outcomes = _outcomes(EVIL)
+    result = outcomes[0].result
+    assert result is not None
+    outcomes = [replace(outcomes[0], result=replace(result, focus=Focus(EVIL, 1, (9,), f"channel {EVIL}")))]
+    page = render_html(outcomes, "tasks", plots=True)
+    assert EVIL not in page and "&lt;img src=x onerror=alert(1)&gt;&amp;&quot;&#x27;" in page
+    probe = _browse(page, tmp_path)
+    assert probe["errors"] == [] and probe["handlers"] == 0 and probe["images"] == 2
+    assert f"output {EVIL}, drop 0.000900" in probe["headings"]
+    assert probe["focus"] == [f"Failing: output {EVIL!r}, channel {EVIL}"]
+    assert probe["figures"][1]["caption"] == f"What failed: {EVIL}[class 7 along axis 2]"

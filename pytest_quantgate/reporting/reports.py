@@ -165,7 +165,7 @@ def _ci(interval: Interval | None, percent: bool = False) -> str:
     return f", {interval.level:.0%} CI [{low}, {high}]"
 
 
-def _ranges(values: Sequence[int]) -> str:
+def ranges_text(values: Sequence[int]) -> str:
     """Return sorted ints as ``0-3, 5, 7-9``."""
     out: list[str] = []
     ordered = sorted(set(values))
@@ -222,7 +222,7 @@ def threshold_lines(report: ThresholdReport) -> list[str]:
             out.append(f"      … {len(crossing) - THRESHOLD_ROWS} more channels")
     if silent:
         out.append(f"      {len(silent)} channel(s) never reach {report.threshold:g} in either model: "
-                   f"{_ranges(silent)}")
+                   f"{ranges_text(silent)}")
     return out
 
 
@@ -270,7 +270,7 @@ def focus_text(focus: Focus) -> str:
     if focus.channels:
         along = "" if focus.channel_axis is None else f" along axis {focus.channel_axis}"
         noun = "channel" if len(focus.channels) == 1 else "channels"
-        return f"{text}, {noun} {_ranges(focus.channels)}{along}"
+        return f"{text}, {noun} {ranges_text(focus.channels)}{along}"
     return text
 
 
