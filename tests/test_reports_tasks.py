@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import pytest
 import recordkit
@@ -31,7 +32,8 @@ from pytest_quantgate.records import (
 )
 from pytest_quantgate.reporting.html import MISSING_PLOTS, render_html
 from pytest_quantgate.reporting.reports import failure_text, metrics_table, summary_lines
-from pytest_quantgate.runner.gate import plot_points
+from pytest_quantgate.runner import gate
+from pytest_quantgate.runner.gate import FOCUS_PLOT_SAMPLES, focus_plot_data, measure, plot_points
 
 NO_VALUES = PairMetrics(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -259,3 +261,86 @@ def test_a_malicious_output_name_stays_text(tmp_path: Path) -> None:
     assert f"output {EVIL}, drop 0.000900" in probe["headings"]
     assert probe["focus"] == [f"Failing: output {EVIL!r}, channel {EVIL}"]
     assert probe["figures"][1]["caption"] == f"What failed: {EVIL}[class 7 along axis 2]"
+
+
+# --- the plot of what failed, from a real model -------------------------------------------------------------------
+
+
+def _digits(tmp_path: Path, assets: Path, **entry: Any) -> tuple[Any, Any]:
+    """Return (prepared, settings) of the digits MLP with a ``keep`` mask array beside its features."""
+    from pytest_quantgate.io.registry import load_registry
+    from pytest_quantgate.runner.gate import prepare
+    from pytest_quantgate.settings import Settings
+
+    model, fixtures = tmp_path / "model", tmp_path / "fixtures"
+    model.mkdir()
+    fixtures.mkdir()
+    shutil.copy(assets / "digits.onnx", model / "m.onnx")
+    shutil.copy(assets / "digits.int8.onnx", model / "m.int8.onnx")
+    with np.load(assets / "digits_notarget.npz") as archive:
+        features = archive["features"]
+    keep = (np.arange(len(features)) % 3 == 0).astype(np.int64)[:, None]  # one position per sample: [N, 1]
+    np.savez(fixtures / "m.npz", features=features, keep=keep)
+    registry_path = modelkit.write_registry(model / "registry.json", [modelkit.pin(
+        {"id": "m", "onnx": "m.onnx", "quant_mode": "dynamic", **entry}, model)])
+    settings = Settings(enabled=True, registry=registry_path, fixtures_dir=fixtures, eps=("cpu",), regen="never",
+                        bootstrap=100, html=tmp_path / "r.html")
+    registry = load_registry(registry_path)
+    return prepare(registry, registry.entry("m"), "cpu", settings), settings
+
+
+def _direct(path: Path, features: np.ndarray) -> np.ndarray:
+    session = modelkit.cpu_session(path)
+    return np.concatenate([session.run(["score"], {"features": features[i: i + 1]})[0]
+                           for i in range(len(features))]).astype(np.float64).ravel()
+
+
+def test_focus_plot_reruns_the_worst_samples_of_the_focused_channel(tmp_path: Path, digits_assets: Path) -> None:
+    prepared, settings = _digits(tmp_path, digits_assets)
+    result, collector = measure(prepared, settings)
+    assert result.passed and result.focus is None and result.focus_plot is None  # nothing failed: no second plot
+    focus = Focus("score", 1, (0,))
+    plot = focus_plot_data(prepared, collector, replace(result, focus=focus))
+    assert plot is not None and plot.output == "score[channel 0 along axis 1]"
+    picked = sorted(collector.worst_samples(FOCUS_PLOT_SAMPLES, focus))
+    features = prepared.fixture.take(picked)["features"]
+    fp32, int8 = _direct(prepared.fp32_path, features), _direct(prepared.int8_path, features)
+    assert len(plot.fp32) == FOCUS_PLOT_SAMPLES == sum(plot.hist_counts)
+    np.testing.assert_allclose(plot.fp32, fp32, rtol=1e-6)
+    np.testing.assert_allclose(plot.int8, int8, rtol=1e-6)
+    # the worst samples of the focus: their mean error is above the whole fixture's
+    whole = np.abs(_direct(prepared.int8_path, prepared.fixture.inputs["features"])
+                   - _direct(prepared.fp32_path, prepared.fixture.inputs["features"]))
+    assert np.mean(np.abs(int8 - fp32)) > np.mean(whole)
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_focus_plot_keeps_only_masked_positions(tmp_path: Path, digits_assets: Path, invert: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = {"mask": "keep", "mask_invert": True} if invert else {"mask": "keep"}
+    prepared, settings = _digits(tmp_path, digits_assets, quant_outputs={"score": rules})
+    result, collector = measure(prepared, settings)
+    focused = replace(result, focus=Focus("score"))
+    # the worst samples of a masked output are all masked ones; pick every sample to see the others dropped
+    monkeypatch.setattr(collector, "worst_samples", lambda count, focus=None: list(range(count)))
+    plot = focus_plot_data(prepared, collector, focused)
+    kept = [i for i in range(FOCUS_PLOT_SAMPLES) if (i % 3 == 0) != invert]
+    assert plot is not None and plot.output == f"score[where 'keep' is {'not set' if invert else 'set'}]"
+    assert len(plot.fp32) == len(kept) == sum(plot.hist_counts)
+    np.testing.assert_allclose(plot.fp32, _direct(prepared.fp32_path, prepared.fixture.take(kept)["features"]),
+                               rtol=1e-6)
+    assert focus_plot_data(prepared, collector, replace(result, focus=None)) is None
+    assert focus_plot_data(prepared, collector, replace(result, focus=Focus("nope", 1, (0,)))) is None
+
+
+def test_focus_plot_never_raises(tmp_path: Path, digits_assets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prepared, settings = _digits(tmp_path, digits_assets)
+    result, collector = measure(prepared, settings)
+    focused = replace(result, focus=Focus("score", 1, (0,)))
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("session died")
+
+    monkeypatch.setattr(gate, "run", broken)
+    assert focus_plot_data(prepared, collector, focused) is None
+    assert focus_plot_data(prepared, collector, replace(focused, focus=Focus("score", 5, (99,)))) is None
