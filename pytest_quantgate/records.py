@@ -340,6 +340,7 @@ class GateResult:
     diagnosis: Diagnosis | None = None
     plot: PlotData | None = None
     focus: Focus | None = None  # what failed: the output and the channel or classes the FAIL is about
+    focus_plot: PlotData | None = None  # the plot of what failed: the focused channels, classes or masked positions
 
     @property
     def passed(self) -> bool:

@@ -20,9 +20,18 @@ import numpy as np
 
 from ..fileio import atomic_write_text
 from ..records import Diagnosis, PlotData
+from .reports import CLASS_ROWS, THRESHOLD_ROWS, class_rows, focus_text, ranges_text, threshold_rows
 
 if TYPE_CHECKING:
-    from ..records import Outcome, OutputReport
+    from ..records import (
+        DetectionReport,
+        EmbeddingReport,
+        Interval,
+        LabelReport,
+        Outcome,
+        OutputReport,
+        ThresholdReport,
+    )
 
 MISSING_PLOTS = "Plots need matplotlib: pip install pytest-quantgate[html]"
 
@@ -44,6 +53,10 @@ td.wrap{white-space:normal;text-align:left;max-width:640px;overflow-wrap:anywher
 img.plot{max-width:100%;height:auto;border:1px solid #d0d7de;margin:4px 0}
 code{background:#f6f8fa;padding:0 3px;border-radius:3px;overflow-wrap:anywhere}
 ul{margin:4px 0 8px 18px;padding:0}
+.plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+figure{margin:0;max-width:100%}figcaption{font-weight:600;margin:6px 0 0;overflow-wrap:anywhere}
+.focus{background:#ffebe9;border:1px solid #ff8182;padding:4px 10px;border-radius:4px;display:inline-block;
+margin:4px 0 8px;overflow-wrap:anywhere}.over{color:#cf222e;font-weight:600}.sub{color:#57606a;margin:2px 0}
 """
 
 
@@ -72,7 +85,8 @@ def render_html(outcomes: Sequence[Outcome], title: str, *, plots: bool | None =
         f"<h1>{escape(title)}</h1>",
         f'<div class="meta">{len(outcomes)} item(s): {escape(tally)}</div>',
     ]
-    if not plots and any(o.result is not None and o.result.plot is not None for o in outcomes):
+    if not plots and any(o.result is not None and (o.result.plot is not None or o.result.focus_plot is not None)
+                         for o in outcomes):
         parts.append(f'<div class="note">{escape(MISSING_PLOTS)}</div>')
     parts.append(_summary_table(outcomes))
     for i, o in enumerate(outcomes):
@@ -177,6 +191,8 @@ def _item_section(outcome: Outcome, index: int, plots: bool) -> str:
     out = [f'<h2 id="{_anchor(index)}">{escape(title)} {_badge(outcome)}</h2>']
     if outcome.message:
         out.append(f'<div class="reason">{escape(outcome.message)}</div>')
+    if r is not None and r.focus is not None:
+        out.append(f'<div class="focus"><b>Failing:</b> {escape(focus_text(r.focus))}</div>')
     extra = [*r.also, *(f"warning: {w}" for w in r.warnings)] if r is not None else []
     extra += [f"note: {n}" for n in outcome.notes]
     if outcome.regenerated:
@@ -186,17 +202,51 @@ def _item_section(outcome: Outcome, index: int, plots: bool) -> str:
     if r is None:
         return "\n".join(out)
     for output in r.outputs:
-        out.append(_metrics_table(output))
-    if r.plot is not None:
-        if plots:
+        out.append(_output_section(output))
+    figures = [(caption, plot) for caption, plot in ((f"Whole output {r.plot.output}" if r.plot else "", r.plot),
+                                                     (f"What failed: {r.focus_plot.output}" if r.focus_plot else "",
+                                                      r.focus_plot))
+               if plot is not None]
+    if figures and plots:
+        out.append('<div class="plots">')
+        for caption, plot in figures:
             try:
-                out.append(_plots(r.plot, outcome.entry_id))
+                drawn = _plots(plot, outcome.entry_id)
             except Exception as exc:  # a bad plot never loses the page
-                out.append(f'<div class="note">plot not drawn: {escape(type(exc).__name__)}: {escape(str(exc))}</div>')
-        else:
-            out.append(f'<div class="note">{escape(MISSING_PLOTS)}</div>')
+                drawn = f'<div class="note">plot not drawn: {escape(type(exc).__name__)}: {escape(str(exc))}</div>'
+            out.append(f"<figure>{drawn}<figcaption>{escape(caption)}</figcaption></figure>")
+        out.append("</div>")
+    elif figures:
+        out.append(f'<div class="note">{escape(MISSING_PLOTS)}</div>')
     if r.diagnosis is not None:
         out.append(_diagnosis(r.diagnosis))
+    return "\n".join(out)
+
+
+def _output_section(output: OutputReport) -> str:
+    """Return one output's heading, its metrics table, and its labels, threshold, detection and embedding blocks."""
+    head = f"output <code>{escape(output.name)}</code>"
+    judged_apart = output.labels is not None or output.detections is not None or output.embedding is not None
+    values = not (judged_apart and output.vs_fp32.n == 0)  # no values compared: no PLCC table to show
+    if values:
+        head += f", drop {_fmt(output.drop)}"
+    out = [f"<h3>{head}</h3>"]
+    if output.ignored:
+        out.append('<div class="sub">ignored: reported, not judged</div>')
+    if output.mask is not None:
+        # the record names the mask but not mask_invert, so the words stay true either way
+        out.append(f'<div class="sub">masked by <code>{escape(output.mask)}</code>: only the positions it marks '
+                   f"are counted</div>")
+    if values:
+        out.append(_metrics_table(output))
+    if output.labels is not None:
+        out.append(_labels(output.labels))
+    if output.thresholds is not None:
+        out.append(_thresholds(output.thresholds))
+    if output.detections is not None:
+        out.append(_detections(output.detections))
+    if output.embedding is not None:
+        out.append(_embedding(output.embedding))
     return "\n".join(out)
 
 
@@ -204,12 +254,107 @@ def _metrics_table(output: OutputReport) -> str:
     cols = [(label, m) for label, m in (("fp32 vs target", output.fp32_vs_target),
                                         ("int8 vs target", output.int8_vs_target), ("int8 vs fp32", output.vs_fp32))
             if m is not None]
-    head = f"output <code>{escape(output.name)}</code>, drop {_fmt(output.drop)}"
     rows = "".join(
         f'<tr><th class="l">{escape(label)}</th>' + "".join(f"<td>{_fmt(getattr(m, key))}</td>" for _, m in cols)
         + "</tr>" for label, key in METRICS)
-    return (f"<h3>{head}</h3><table><thead><tr><th class=\"l\">metric</th>"
+    return ("<table><thead><tr><th class=\"l\">metric</th>"
             + "".join(f"<th>{escape(name)}</th>" for name, _ in cols) + f"</tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _pct(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.2%}"
+
+
+def _interval(interval: Interval | None, percent: bool = True) -> str:
+    """Return ``[low, high]`` of an interval ("-" without one)."""
+    if interval is None:
+        return "-"
+    if percent:
+        return f"[{_pct(interval.low)}, {_pct(interval.high)}]"
+    return f"[{_fmt(interval.low)}, {_fmt(interval.high)}]"
+
+
+def _level(interval: Interval | None) -> str:
+    return "" if interval is None else f", {interval.level:.0%} CI "
+
+
+def _labels(labels: LabelReport) -> str:
+    """Return the agreement line (and the accuracy line against a class-id target) of a label or argmax view."""
+    ci = labels.interval
+    bounds = "" if ci is None else f"{_level(ci)}{_interval(ci)}"
+    out = [f'<div class="sub"><code>{escape(labels.what)}</code>: int8 differs from fp32 on '
+           f"{_pct(labels.flip_rate)} of elements, budget {labels.budget:g}{escape(bounds)}</div>"]
+    if labels.fp32_accuracy is not None and labels.int8_accuracy is not None:
+        acc = labels.accuracy_interval
+        acc_bounds = "" if acc is None else f"{_level(acc)}{_interval(acc)}"
+        budget = "" if labels.budget_accuracy is None else f", budget {labels.budget_accuracy:g}"
+        out.append(f'<div class="sub">accuracy vs target: fp32 {_pct(labels.fp32_accuracy)}, int8 '
+                   f"{_pct(labels.int8_accuracy)}, drop {_pct(labels.fp32_accuracy - labels.int8_accuracy)}"
+                   f"{escape(acc_bounds)}{escape(budget)}</div>")
+    return "\n".join(out)
+
+
+def _thresholds(report: ThresholdReport) -> str:
+    """Return the decisions table: each channel crossing the threshold, worst flip share first."""
+    crossing, silent = threshold_rows(report)
+    worst = "" if report.worst_channel is None else f"; worst channel {report.worst_channel}"
+    out = [f'<div class="sub">threshold {report.threshold:g} (decisions x &gt;= {report.threshold:g}), budget '
+           f"{report.budget:g} flip share per channel{worst}; flip share: elements over the threshold in exactly "
+           f"one model / over it in either</div>"]
+    if crossing:
+        out.append('<table class="thresholds"><thead><tr><th class="l">channel</th><th>over in either</th>'
+                   "<th>disagree</th><th>fp32 over</th><th>int8 over</th><th>flip share</th><th>CI</th></tr>"
+                   "</thead><tbody>")
+        for c in crossing[:THRESHOLD_ROWS]:
+            over = ' class="over"' if c.flip_share > report.budget else ""
+            out.append(f'<tr><td class="l">{c.channel}</td><td>{c.either}</td><td>{c.disagree}</td>'
+                       f"<td>{c.fp32_over}</td><td>{c.int8_over}</td><td{over}>{_pct(c.flip_share)}</td>"
+                       f"<td>{_interval(c.interval)}</td></tr>")
+        out.append("</tbody></table>")
+        if len(crossing) > THRESHOLD_ROWS:
+            out.append(f'<div class="sub">… {len(crossing) - THRESHOLD_ROWS} more channels</div>')
+    if silent:
+        out.append(f'<div class="sub">{len(silent)} channel(s) never reach {report.threshold:g} in either model: '
+                   f"{escape(ranges_text(silent))}</div>")
+    return "\n".join(out)
+
+
+def _detections(report: DetectionReport) -> str:
+    """Return the detection totals, missed/extra shares against their budgets, and the per-class table."""
+    missed_over = ' class="over"' if report.missed > report.budget_missed else ""
+    extra_over = ' class="over"' if report.extra > report.budget_extra else ""
+    out = [f'<div class="sub">detections: fp32 {report.fp32}, int8 {report.int8}, matched {report.matched}</div>',
+           f'<div class="sub">missed <span{missed_over}>{_pct(report.missed)}</span> of fp32 detections'
+           f"{_level(report.missed_interval)}{_interval(report.missed_interval) if report.missed_interval else ''}"
+           f", budget {report.budget_missed:g}</div>",
+           f'<div class="sub">extra <span{extra_over}>{_pct(report.extra)}</span> of int8 detections'
+           f"{_level(report.extra_interval)}{_interval(report.extra_interval) if report.extra_interval else ''}"
+           f", budget {report.budget_extra:g}</div>"]
+    classes = class_rows(report)
+    if classes:
+        out.append('<table class="classes"><thead><tr><th class="l">class</th><th>fp32</th><th>int8</th>'
+                   "<th>matched</th><th>missed</th><th>missed CI</th><th class=\"l\">judged</th></tr></thead><tbody>")
+        for c in classes[:CLASS_ROWS]:
+            over = ' class="over"' if c.judged and c.missed > report.budget_missed else ""
+            out.append(f'<tr><td class="l">{c.cls}</td><td>{c.fp32}</td><td>{c.int8}</td><td>{c.matched}</td>'
+                       f"<td{over}>{_pct(c.missed)}</td><td>{_interval(c.missed_interval)}</td>"
+                       f'<td class="l">{"yes" if c.judged else "no"}</td></tr>')
+        out.append("</tbody></table>")
+        if len(classes) > CLASS_ROWS:
+            out.append(f'<div class="sub">… {len(classes) - CLASS_ROWS} more classes</div>')
+    return "\n".join(out)
+
+
+def _embedding(report: EmbeddingReport) -> str:
+    """Return the embedding lines: mean cosine distance and neighbour recall against their budgets."""
+    ci = "" if report.interval is None else f"{_level(report.interval)}{_interval(report.interval, False)}"
+    out = [f'<div class="sub">embedding along axis {report.axis}: mean 1 − cos {_fmt(report.cosine_distance)}'
+           f"{ci}, budget {report.budget_cosine:g}</div>"]
+    if report.neighbours_recall is not None:
+        budget = "" if report.budget_neighbours is None else f", minimum {report.budget_neighbours:g}"
+        out.append(f'<div class="sub">nearest neighbours: recall@{report.neighbours_k} '
+                   f"{_fmt(report.neighbours_recall, 4)} over {report.neighbours_samples} samples{budget}</div>")
+    return "\n".join(out)
 
 
 def _diagnosis(diag: Diagnosis) -> str:

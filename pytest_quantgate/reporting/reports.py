@@ -9,7 +9,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..analysis.qgraph import format_db
-from ..records import Diagnosis, GateResult, LabelReport, dump
+from ..records import (
+    ClassDetections,
+    DetectionReport,
+    Diagnosis,
+    EmbeddingReport,
+    Focus,
+    GateResult,
+    Interval,
+    LabelReport,
+    OutputReport,
+    ThresholdChannel,
+    ThresholdReport,
+    dump,
+)
 
 if TYPE_CHECKING:
     from ..records import Outcome
@@ -59,6 +72,33 @@ REMEDIES = {
         "Too many labels (class ids, or argmax of the scores) differ between int8 and fp32. Rebuild the sidecar with "
         "per-channel weights or keep the last layer in fp32 (nodes_to_exclude), or review quant_budget_label_flip.",
     ],
+    "threshold": [
+        "Too many of the output's decisions (score >= quant_outputs threshold) flip between fp32 and int8 in the "
+        "channel named above: the scores near the threshold moved. Keep the head's last layers in fp32 (the Sigmoid "
+        "or Softmax and the Conv/Gemm/Concat feeding it, StaticConfig.nodes_to_exclude) and rebuild "
+        "(`quantgate {producer} {registry} --id {id}`).",
+        "Quantise weights per channel (per_channel) so a small-range score channel keeps its own scale, or "
+        "calibrate on samples whose scores cross the threshold.",
+        "Review quant_outputs budget_threshold_flip (or threshold_channels: which channels are decisions) for this "
+        "output in {registry} only with a reviewed reason.",
+    ],
+    "detections": [
+        "int8 misses (or adds) too many of fp32's detections. Keep the detector head in fp32: the class-score "
+        "Sigmoid and the Concat of boxes and scores, with the Conv/Gemm feeding them (StaticConfig.nodes_to_exclude)"
+        ", then rebuild: `quantgate {producer} {registry} --id {id}`.",
+        "Quantise weights per channel (per_channel): box coordinates and class scores share the head's tensor but "
+        "not its range, so one per-tensor scale rounds the small class scores away.",
+        "Review quant_outputs detections budget_missed / budget_extra (or min_class_detections for a rare class) "
+        "by name in {registry} only with a reviewed reason.",
+    ],
+    "embedding": [
+        "The int8 embeddings point elsewhere than fp32's (mean 1 − cos over budget) or reorder the nearest "
+        "neighbours. Keep the final projection and normalisation (Gemm/MatMul, LayerNormalization, "
+        "ReduceL2/Div) in fp32 with StaticConfig.nodes_to_exclude, quantise weights per channel, and rebuild: "
+        "`quantgate {producer} {registry} --id {id}`.",
+        "Review quant_outputs budget_cosine / budget_neighbours for this output by name in {registry} only with a "
+        "reviewed reason.",
+    ],
     "speed": [
         "The int8 sidecar is not fast enough for quant_min_speedup on this EP. Dynamic int8 of Conv runs ConvInteger, "
         "often slower than fp32 on CPU: try static (QDQ) quantisation, or review the speed budget.",
@@ -76,25 +116,162 @@ def _f(value: float | None, digits: int = 6) -> str:
 
 
 def metrics_table(result: GateResult) -> list[str]:
-    """Return a fixed-width table of every output's metrics."""
+    """Return a fixed-width table of every output's metrics, with its threshold, detection and embedding blocks."""
     lines: list[str] = []
     for rep in result.outputs:
-        if rep.labels is not None and rep.vs_fp32.n == 0:  # an integer output: judged by agreement, no PLCC
-            lines.append(f"  output {rep.name!r} ({_agreement(rep.labels)})")
-            continue
-        cols = [("int8 vs fp32", rep.vs_fp32)]
-        if rep.fp32_vs_target is not None and rep.int8_vs_target is not None:
-            cols = [("fp32 vs target", rep.fp32_vs_target), ("int8 vs target", rep.int8_vs_target), *cols]
-        head = f"  output {rep.name!r} ({result.compare}, drop {_f(rep.drop)})"
-        lines.append(head)
-        lines.append("    " + "metric".ljust(12) + "".join(name.rjust(16) for name, _ in cols))
-        for label, attr in (("PLCC", "plcc"), ("SROCC", "srocc"), ("KRCC", "krcc"), ("RMSE", "rmse"),
-                            ("mean |err|", "mae"), ("max |err|", "max_abs"), ("slope", "slope"),
-                            ("intercept", "intercept")):
-            lines.append("    " + label.ljust(12) + "".join(_f(getattr(m, attr)).rjust(16) for _, m in cols))
-        if rep.labels is not None:
-            lines.append(f"    {_agreement(rep.labels)}")
+        judged_apart = rep.labels is not None or rep.detections is not None or rep.embedding is not None
+        if judged_apart and rep.vs_fp32.n == 0:  # no values compared: judged by agreement, detections, cosine
+            head = f"  output {rep.name!r}" + (f" ({_agreement(rep.labels)})" if rep.labels is not None else "")
+            lines.append(head)
+            lines += _output_notes(rep)
+        else:
+            cols = [("int8 vs fp32", rep.vs_fp32)]
+            if rep.fp32_vs_target is not None and rep.int8_vs_target is not None:
+                cols = [("fp32 vs target", rep.fp32_vs_target), ("int8 vs target", rep.int8_vs_target), *cols]
+            lines.append(f"  output {rep.name!r} ({result.compare}, drop {_f(rep.drop)})")
+            lines += _output_notes(rep)
+            lines.append("    " + "metric".ljust(12) + "".join(name.rjust(16) for name, _ in cols))
+            for label, attr in (("PLCC", "plcc"), ("SROCC", "srocc"), ("KRCC", "krcc"), ("RMSE", "rmse"),
+                                ("mean |err|", "mae"), ("max |err|", "max_abs"), ("slope", "slope"),
+                                ("intercept", "intercept")):
+                lines.append("    " + label.ljust(12) + "".join(_f(getattr(m, attr)).rjust(16) for _, m in cols))
+            if rep.labels is not None:
+                lines.append(f"    {_agreement(rep.labels)}")
+        if rep.thresholds is not None:
+            lines += threshold_lines(rep.thresholds)
+        if rep.detections is not None:
+            lines += detection_lines(rep.detections)
+        if rep.embedding is not None:
+            lines += embedding_lines(rep.embedding)
     return lines
+
+
+def _output_notes(rep: OutputReport) -> list[str]:
+    """Return the lines saying an output is not judged, or counted only where its mask marks a position."""
+    notes = []
+    if rep.ignored:
+        notes.append("    (ignored: reported, not judged)")
+    if rep.mask is not None:
+        # the record names the mask but not mask_invert, so the words stay true either way
+        notes.append(f"    (masked by {rep.mask!r}: only the positions it marks are counted)")
+    return notes
+
+
+def _ci(interval: Interval | None, percent: bool = False) -> str:
+    """Return ``, 95% CI [low, high]`` (empty without an interval)."""
+    if interval is None:
+        return ""
+    low, high = (f"{interval.low:.2%}", f"{interval.high:.2%}") if percent else (_f(interval.low), _f(interval.high))
+    return f", {interval.level:.0%} CI [{low}, {high}]"
+
+
+def ranges_text(values: Sequence[int]) -> str:
+    """Return sorted ints as ``0-3, 5, 7-9``."""
+    out: list[str] = []
+    ordered = sorted(set(values))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _table(rows: Sequence[Sequence[str]], left: int = 1, indent: str = "      ") -> list[str]:
+    """Return rows as a fixed-width table: the first ``left`` columns left-aligned, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, row in enumerate(rows):
+        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))]
+        out.append(indent + "  ".join(cells).rstrip())
+        if k == 0:
+            out.append(indent + "  ".join("-" * w for w in widths))
+    return out
+
+
+THRESHOLD_ROWS = 8
+CLASS_ROWS = 10
+
+
+def threshold_rows(report: ThresholdReport) -> tuple[list[ThresholdChannel], list[int]]:
+    """Return the channels that cross the threshold (worst flip share first) and those that never do."""
+    crossing = sorted((c for c in report.channels if c.either > 0),
+                      key=lambda c: (-c.flip_share, -c.disagree, c.channel))
+    return crossing, [c.channel for c in report.channels if c.either == 0]
+
+
+def threshold_lines(report: ThresholdReport) -> list[str]:
+    """Return the threshold block: each crossing channel's flips (worst first, capped) and the silent ones."""
+    crossing, silent = threshold_rows(report)
+    worst = f"; worst channel {report.worst_channel}" if report.worst_channel is not None else ""
+    out = [f"    threshold {report.threshold:g} (decisions x >= {report.threshold:g}), budget {report.budget:g} flip "
+           f"share per channel{worst}",
+           "    flip share: elements over the threshold in exactly one model / over it in either"]
+    if crossing:
+        level = next((c.interval.level for c in crossing if c.interval is not None), None)
+        rows = [("channel", "over in either", "disagree", "fp32 over", "int8 over", "flip share",
+                 "CI" if level is None else f"{level:.0%} CI", "vs budget")]
+        for c in crossing[:THRESHOLD_ROWS]:
+            ci = "-" if c.interval is None else f"[{c.interval.low:.2%}, {c.interval.high:.2%}]"
+            rows.append((str(c.channel), str(c.either), str(c.disagree), str(c.fp32_over), str(c.int8_over),
+                         f"{c.flip_share:.2%}", ci, "OVER" if c.flip_share > report.budget else "ok"))
+        out += _table(rows)
+        if len(crossing) > THRESHOLD_ROWS:
+            out.append(f"      … {len(crossing) - THRESHOLD_ROWS} more channels")
+    if silent:
+        out.append(f"      {len(silent)} channel(s) never reach {report.threshold:g} in either model: "
+                   f"{ranges_text(silent)}")
+    return out
+
+
+def class_rows(report: DetectionReport) -> list[ClassDetections]:
+    """Return the per-class rows, most missed detections first."""
+    return sorted(report.classes, key=lambda c: (-(c.fp32 - c.matched), -c.missed, c.cls))
+
+
+def detection_lines(report: DetectionReport) -> list[str]:
+    """Return the detections block: totals, missed and extra shares against their budgets, the worst classes."""
+    out = [f"    detections: fp32 {report.fp32}, int8 {report.int8}, matched {report.matched}",
+           f"    missed {report.missed:.2%} of fp32 detections{_ci(report.missed_interval, True)}, budget "
+           f"{report.budget_missed:g}",
+           f"    extra {report.extra:.2%} of int8 detections{_ci(report.extra_interval, True)}, budget "
+           f"{report.budget_extra:g}"]
+    classes = class_rows(report)
+    if classes:
+        rows = [("class", "fp32", "int8", "matched", "missed", "missed CI", "judged")]
+        for c in classes[:CLASS_ROWS]:
+            ci = "-" if c.missed_interval is None else f"[{c.missed_interval.low:.2%}, {c.missed_interval.high:.2%}]"
+            rows.append((str(c.cls), str(c.fp32), str(c.int8), str(c.matched), f"{c.missed:.2%}", ci,
+                         "yes" if c.judged else "no"))
+        out += _table(rows)
+        if len(classes) > CLASS_ROWS:
+            out.append(f"      … {len(classes) - CLASS_ROWS} more classes")
+    return out
+
+
+def embedding_lines(report: EmbeddingReport) -> list[str]:
+    """Return the embedding block: mean cosine distance and neighbour recall against their budgets."""
+    out = [f"    embedding along axis {report.axis}: mean 1 − cos {report.cosine_distance:.6f}"
+           f"{_ci(report.interval)}, budget {report.budget_cosine:g}"]
+    if report.neighbours_recall is not None:
+        budget = "" if report.budget_neighbours is None else f", minimum {report.budget_neighbours:g}"
+        out.append(f"    nearest neighbours: recall@{report.neighbours_k} {report.neighbours_recall:.4f} over "
+                   f"{report.neighbours_samples} samples{budget}")
+    return out
+
+
+def focus_text(focus: Focus) -> str:
+    """Return what failed in words: ``output 'det', class 7``."""
+    text = f"output {focus.output!r}"
+    if focus.what:
+        return f"{text}, {focus.what}"
+    if focus.channels:
+        along = "" if focus.channel_axis is None else f" along axis {focus.channel_axis}"
+        noun = "channel" if len(focus.channels) == 1 else "channels"
+        return f"{text}, {noun} {ranges_text(focus.channels)}{along}"
+    return text
 
 
 def _agreement(labels: LabelReport) -> str:
@@ -122,6 +299,8 @@ def failure_text(result: GateResult, registry: str) -> str:
         f"quantgate FAILED: {result.entry_id} [{result.ep}] mode={result.mode}: {result.reason}",
         f"  {drop}; {result.samples} samples; decision rule: {result.decision}",
     ]
+    if result.focus is not None:
+        lines.append(f"  failing: {focus_text(result.focus)}")
     lines += [f"  also: {text}" for text in result.also]
     lines.append("")
     lines += metrics_table(result)
@@ -204,7 +383,9 @@ def summary_lines(outcomes: Iterable[Outcome]) -> list[str]:
     out.insert(1, "  ".join("-" * w for w in widths))
     for o in outcomes:
         if o.status != "pass" and o.message:
-            out.append(f"{o.entry_id} [{o.ep}] {o.verdict}: {o.message}")
+            focus = o.result.focus if o.result is not None else None
+            failing = f" (failing: {focus_text(focus)})" if focus is not None and o.status == "fail" else ""
+            out.append(f"{o.entry_id} [{o.ep}] {o.verdict}: {o.message}{failing}")
     for o in outcomes:
         if o.regenerated:
             out.append(f"{o.entry_id} [{o.ep}] regenerated: {o.regenerated}")
@@ -278,6 +459,7 @@ def report_document(outcomes: Sequence[Outcome], settings: Any) -> dict[str, Any
         item = o.to_json()
         if item["result"] is not None:
             item["result"]["plot"] = None  # the plots live in the HTML report; the numbers are all here
+            item["result"]["focus_plot"] = None
         items.append(item)
     return {
         "format": REPORT_FORMAT,

@@ -89,8 +89,9 @@ class FolderCache:
 
 def _slim(result: GateResult) -> dict[str, Any]:
     """Return the JSON form without the plot and diagnosis: a cached pass is shown in the summary, not plotted."""
-    return result.to_json() if result.plot is None and result.diagnosis is None else \
-        replace(result, plot=None, diagnosis=None).to_json()
+    if result.plot is None and result.diagnosis is None and result.focus_plot is None:
+        return result.to_json()
+    return replace(result, plot=None, diagnosis=None, focus_plot=None).to_json()
 
 
 def _load(value: Any) -> GateResult | None:

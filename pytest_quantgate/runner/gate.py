@@ -22,7 +22,7 @@ from ..errors import FixtureError, HashMismatchError, InsufficientSamplesError, 
 from ..fileio import sha256_file
 from ..io.registry import DEFAULT_MIN_SAMPLES, Entry, Registry
 from ..io.soak import FeedPlan, Fixture, TensorSpec, find_fixture, load_fixture, plan_feeds
-from ..records import FileRef, GateResult, LineageRecord, Outcome, PlotData, Provenance, Timing
+from ..records import FileRef, Focus, GateResult, LineageRecord, Outcome, PlotData, Provenance, Timing
 from ..settings import Settings
 
 if TYPE_CHECKING:
@@ -310,8 +310,10 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
     )
     result = with_lineage(collector.decide(p.ep, options), p)
     result = with_kernel_warning(result, p, settings)
-    result = replace(result, timing=speed_and_size(p, clock, batch), provenance=provenance(p, settings),
-                     plot=plot_data(p, collector, result) if settings.html is not None else None)
+    result = replace(result, timing=speed_and_size(p, clock, batch), provenance=provenance(p, settings))
+    if settings.html is not None:
+        result = replace(result, plot=plot_data(p, collector, result),
+                         focus_plot=focus_plot_data(p, collector, result))
     return check_speed(result, p.entry), collector
 
 
@@ -450,6 +452,88 @@ def plot_data(p: Prepared, collector: Collector, result: GateResult) -> PlotData
     kept = collector.reservoir(name)
     target = kept[:, 2] if kept.size and np.isfinite(kept[:, 2]).all() else None
     return plot_points(name, kept[:, 0], kept[:, 1], target)
+
+
+FOCUS_PLOT_SAMPLES = 64  # samples rerun for the plot of what failed: its memory stays that of 64 samples
+
+
+def focus_plot_data(p: Prepared, collector: Collector, result: GateResult) -> PlotData | None:
+    """Return the plot of what failed (the focused channels or classes, the masked positions), or None.
+
+    The reservoir keeps whole-output values only, so the samples where the focus departs most are run again
+    through both models. Nothing here may fail the item: any problem leaves the report without this plot.
+    """
+    if result.focus is None:
+        return None
+    try:
+        return _focus_plot(p, collector, result.focus)
+    except Exception:  # the plot is an aid; the verdict and the rest of the report stand without it
+        return None
+
+
+def _focus_plot(p: Prepared, collector: Collector, focus: Focus) -> PlotData | None:
+    plan = next((plan for plan in collector.plans if plan.spec.name == focus.output), None)
+    if plan is None or (not focus.channels and plan.mask is None):
+        return None  # the whole-output plot already shows it
+    picked = sorted(set(collector.worst_samples(FOCUS_PLOT_SAMPLES, focus)))
+    batch = run_batch(p)
+    if p.plan.fixed_batch and batch:
+        # the model takes only whole batches: keep whole groups of the worst, or the first batch when too few
+        picked = picked[: len(picked) // batch * batch] or list(range(min(batch, p.plan.samples)))
+    if not picked:
+        return None
+    arrays = p.fixture.take(picked)
+    inputs = {spec.name: arrays[spec.name] for spec in p.inputs}  # masks and other extras are never fed
+    count = len(picked)
+    if p.plan.batched:
+        step = batch or count
+        spans = [(lo, min(lo + step, count)) for lo in range(0, count, step)]
+    else:
+        spans = [(i, i + 1) for i in range(count)]
+    fp32_parts: list[np.ndarray] = []
+    int8_parts: list[np.ndarray] = []
+    for lo, hi in spans:
+        feed = {k: v[lo:hi] if p.plan.batched else v[lo] for k, v in inputs.items()}
+        a, _ = run(p.fp32, p.outputs, feed, str(p.fp32_path))
+        b, _ = run(p.int8, p.outputs, feed, str(p.int8_path))
+        ref, test = a[focus.output], b[focus.output]
+        if not p.plan.batched:
+            ref, test = ref[None, ...], test[None, ...]
+        if ref.shape != test.shape:
+            continue  # a value-dependent shape that int8 moved: no pairing (the gate reported it)
+        ref, test = np.asarray(ref, dtype=np.float64), np.asarray(test, dtype=np.float64)
+        if plan.residual is not None:  # compared as output minus input: plot it that way
+            base = np.asarray(arrays[plan.residual][lo:hi], dtype=np.float64).reshape(ref.shape)
+            ref, test = ref - base, test - base
+        keep = np.ones(ref.shape, dtype=bool)
+        if plan.mask is not None:
+            raw = np.asarray(arrays[plan.mask][lo:hi]) != 0
+            raw = ~raw if plan.mask_invert else raw
+            keep = np.broadcast_to(raw.reshape(raw.shape + (1,) * (ref.ndim - raw.ndim)), ref.shape)
+        axis = focus.channel_axis
+        if focus.channels and axis is not None and 0 < axis < ref.ndim and max(focus.channels) < ref.shape[axis]:
+            chosen = list(focus.channels)
+            ref, test, keep = (np.take(x, chosen, axis=axis) for x in (ref, test, keep))
+        fp32_parts.append(ref[keep])
+        int8_parts.append(test[keep])
+    if not fp32_parts or not sum(x.size for x in fp32_parts):
+        return None
+    return plot_points(_focus_label(focus, plan.mask, plan.mask_invert), np.concatenate(fp32_parts),
+                       np.concatenate(int8_parts))
+
+
+def _focus_label(focus: Focus, mask: str | None, invert: bool) -> str:
+    """Return e.g. ``output0[channel 9 along axis 1]`` or ``logits[where 'attention_mask' is set]``."""
+    parts = []
+    if focus.what:
+        parts.append(focus.what)
+    elif focus.channels:
+        shown = ", ".join(map(str, focus.channels[:8])) + (", …" if len(focus.channels) > 8 else "")
+        along = "" if focus.channel_axis is None else f" along axis {focus.channel_axis}"
+        parts.append(f"{'channel' if len(focus.channels) == 1 else 'channels'} {shown}{along}")
+    if mask is not None and repr(mask) not in focus.what:
+        parts.append(f"where {mask!r} is {'not set' if invert else 'set'}")
+    return f"{focus.output}[{'; '.join(parts)}]"
 
 
 PLOT_POINTS = 2000  # points in the HTML report's scatter plots
