@@ -88,7 +88,10 @@ from ..records import (
     OutputReport,
     PairMetrics,
 )
+from .detections import DetectionAccumulator, DetectionRules, detection_breaches, detection_report
+from .embeddings import EmbeddingAccumulator, embedding_breaches, embedding_report
 from .metrics import MomentTerm, bootstrap_drop, samples_needed
+from .selection import select_channels
 from .streaming import (
     AccuracyAccumulator,
     Field,
@@ -99,6 +102,7 @@ from .streaming import (
     describe_sums,
     pair_moments,
 )
+from .thresholds import ThresholdAccumulator, threshold_breaches, threshold_report
 
 if TYPE_CHECKING:
     from ..io.registry import Entry
@@ -159,8 +163,8 @@ LABEL_KEYS = frozenset({"ignore", "budget_label_flip", "mask", "mask_invert"})
 NEEDS = {"budget_accuracy": "argmax_axis", "mask_invert": "mask", "threshold_channels": "threshold",
          "budget_threshold_flip": "threshold", "budget_cosine": "embedding_axis",
          "budget_neighbours": "embedding_axis"}
-EXCLUSIVE = (("detections", "threshold"), ("detections", "embedding_axis"), ("threshold", "embedding_axis"),
-             ("detections", "argmax_axis"), ("embedding_axis", "argmax_axis"))
+EXCLUSIVE = (("detections", "mask"), ("detections", "threshold"), ("detections", "embedding_axis"),
+             ("threshold", "embedding_axis"), ("detections", "argmax_axis"), ("embedding_axis", "argmax_axis"))
 
 
 def _check_rules(entry: Entry, spec: TensorSpec, rules: Mapping[str, Any], labels: bool, arrays: Sequence[str],
@@ -315,6 +319,11 @@ class Collector:
         self.target_range = [np.inf, -np.inf]
         self.filled = 0
         self.notes: dict[str, str] = {}  # per output: why the default channel view was not used
+        # the task-aware views of quant_outputs: decisions of score channels, decoded detections, embeddings
+        self.thresholds: dict[str, ThresholdAccumulator] = {}
+        self.detections: dict[str, DetectionAccumulator] = {}
+        self.detection_channels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.embeddings: dict[str, EmbeddingAccumulator] = {}
 
     @property
     def unit_count(self) -> int:
@@ -325,7 +334,10 @@ class Collector:
         """Return the bytes every accumulator holds: what must not grow with the sample count."""
         pairs = sum(acc.nbytes() for acc in [*self.values.values(), *self.raw.values()])
         return (pairs + sum(lab.nbytes() for lab in self.labels.values()) + self.worst.nbytes()
-                + sum(acc.nbytes() for acc in self.accuracy.values()))
+                + sum(acc.nbytes() for acc in self.accuracy.values())
+                + sum(acc.nbytes() for acc in self.thresholds.values())
+                + sum(acc.nbytes() for acc in self.detections.values())
+                + sum(acc.nbytes() for acc in self.embeddings.values()))
 
     def _plan_units(self, fp32: Mapping[str, np.ndarray]) -> Units:
         """Return the units for this fixture: the channels of every value output share the memory bound."""
@@ -441,11 +453,49 @@ class Collector:
             vt = None if t is None else _channels_view(t, axis_used)
             scores[name] = self._acc(self.values, name, va.shape[1], vt is not None, axis_used).add(
                 start, va, vb, vt, base, view_keep)
+            self._add_tasks(plan, start, a, b, keep)
             del count
         rows = next(iter(fp32.values())).shape[0]
         if self.units.blocked and scores:
             self.worst.add(np.arange(start, start + rows), np.stack([scores[k] for k in sorted(scores)], axis=1))
         self.filled = max(self.filled, start + rows)
+
+    def _add_tasks(self, plan: OutputPlan, start: int, a: np.ndarray, b: np.ndarray, keep: np.ndarray | None
+                   ) -> None:
+        """Fold one output into its quant_outputs task views: threshold decisions, detections, embeddings."""
+        name = plan.spec.name
+        where = f"entry {self.entry.id!r} field 'quant_outputs' output {name!r}"
+        if plan.threshold is not None:
+            axis = plan.channel_axis if plan.channel_axis is not None and 0 < plan.channel_axis < a.ndim else None
+            va, vb = _channels_view(a, axis), _channels_view(b, axis)
+            if name not in self.thresholds:
+                chosen = select_channels(plan.threshold_channels, va.shape[1], f"{where} threshold_channels")
+                self.thresholds[name] = ThresholdAccumulator(self.samples, chosen, float(plan.threshold), self.units)
+            self.thresholds[name].add(
+                start, va, vb, None if keep is None else _channels_view(keep, axis))
+        if plan.detections is not None:
+            axis = plan.channel_axis if plan.channel_axis is not None else 1
+            if not 0 < axis < a.ndim or a.ndim < 3:
+                raise FixtureError(f"{self.where}: {where}: a detector head needs a channel axis (boxes and scores) "
+                                   f"and an anchor axis; the output has shape {a.shape} and channel_axis {axis}")
+            va = np.moveaxis(a, axis, 1).reshape(a.shape[0], a.shape[axis], -1)
+            vb = np.moveaxis(b, axis, 1).reshape(b.shape[0], b.shape[axis], -1)
+            if name not in self.detections:
+                rules = DetectionRules.from_rules(plan.detections)
+                box_idx, score_idx = rules.channels(va.shape[1], where)
+                self.detection_channels[name] = (box_idx, score_idx)
+                self.detections[name] = DetectionAccumulator(self.samples, int(score_idx.size), rules, self.units)
+            box_idx, score_idx = self.detection_channels[name]
+            self.detections[name].add(start, va, vb, box_idx, score_idx)
+        if plan.embedding_axis is not None:
+            axis = plan.embedding_axis
+            if not 0 < axis < a.ndim:
+                raise FixtureError(f"{self.where}: {where}: embedding_axis {axis} is not an axis of the output's "
+                                   f"shape {a.shape} (samples first)")
+            if name not in self.embeddings:
+                self.embeddings[name] = EmbeddingAccumulator(self.samples, axis, self.seed, self.units)
+            self.embeddings[name].add(
+                start, a, b, None if keep is None else keep.take(0, axis=axis))
 
     def _mask_rank(self, plan: OutputPlan, inputs: Mapping[str, np.ndarray]) -> int:
         return int(np.ndim(inputs[plan.mask])) if plan.mask is not None else 0
@@ -496,6 +546,13 @@ class Collector:
     def _focus_scores(self, focus: Focus) -> np.ndarray | None:
         """Return each sample's disagreement on the focused output (and channels), or None if not kept per sample."""
         name = focus.output
+        found = self.detections.get(name)
+        if found is not None:  # the failing classes' missed and extra detections per sample
+            _, score_idx = self.detection_channels[name]
+            classes = [int(i) for i, c in enumerate(score_idx) if int(c) in focus.channels] or list(
+                range(found.classes))
+            per = found.counts.reshape(found.counts.shape[0], found.classes, 3)[:, classes, :].sum(axis=1)
+            return np.asarray((per[:, 0] - per[:, 2]) + (per[:, 1] - per[:, 2]), dtype=np.float64)
         acc = self.values.get(name)
         if acc is not None and focus.channels and acc.channels > max(focus.channels):
             rows = acc.stats[:, list(focus.channels), :]
@@ -666,8 +723,8 @@ def _pair_metrics(acc: PairAccumulator, pairs: Sequence[tuple[int, int]]) -> lis
     return [_metrics(totals, shift, x, y, sample) for x, y in pairs]
 
 
-def _channel_drop(acc: PairAccumulator) -> tuple[MomentTerm, int, float]:
-    """Return the per-channel drop term, the worst judged channel and its drop."""
+def _channel_drop(acc: PairAccumulator, skip: np.ndarray | None = None) -> tuple[MomentTerm, int, float]:
+    """Return the per-channel drop term, the worst judged channel and its drop (``skip``: channels not judged)."""
     sums = acc.channel_sums()
     v = sums.values
     count = v[:, Field.COUNT]
@@ -677,6 +734,8 @@ def _channel_drop(acc: PairAccumulator) -> tuple[MomentTerm, int, float]:
     # an unused class) carries nothing int8 can keep: it is not judged; a real score channel (0-1 next to 0-320
     # px boxes) varies far more and is
     mask = (fp32_std > 0) & (fp32_std >= (np.abs(fp32_mean) + fp32_std) / 256.0)
+    if skip is not None:  # threshold channels: their decisions judge them, not their PLCC
+        mask[skip] = False
     fidelity = 1.0 - sums.plcc(0, 1)
     fidelity = np.where(np.isfinite(fidelity), fidelity, 1.0)
     fidelity = np.where(mask, fidelity, -np.inf)
@@ -709,19 +768,24 @@ def tiny_channel_hint(name: str, acc: PairAccumulator, channel: int | None) -> s
             f"{{\"ignore\": true}}}}")
 
 
-def output_report(plan: OutputPlan, acc: PairAccumulator) -> tuple[OutputReport, list[MomentTerm]]:
-    """Return one value output's metrics and drop, and the bootstrap terms that drop is made of."""
+def output_report(plan: OutputPlan, acc: PairAccumulator, skip: np.ndarray | None = None
+                  ) -> tuple[OutputReport, list[MomentTerm]]:
+    """Return one value output's metrics and drop, and the bootstrap terms that drop is made of.
+
+    ``skip``: channels judged by their threshold decisions. The whole-output correlation then mixes judged and
+    skipped channels, so only the other channels' own drops make the output's drop (no terms: nothing left).
+    """
     with_target = plan.target and acc.with_target
     rows = acc.output_rows()
     term = MomentTerm(pair_moments(rows, 0, 1), pair_moments(rows, 0, 2) if with_target else None,
                       pair_moments(rows, 1, 2) if with_target else None, implied=True)
-    terms = [term]
+    terms = [term] if skip is None else []
     drop = term.point()
     worst_channel = worst_drop = None
-    if acc.channels > 1:
-        channel_term, worst_channel, worst_drop = _channel_drop(acc)
+    if acc.channels > 1 and (skip is None or skip.size < acc.channels):
+        channel_term, worst_channel, worst_drop = _channel_drop(acc, skip)
         terms.append(channel_term)
-        drop = max(drop, worst_drop)
+        drop = max(drop, worst_drop) if skip is None else max(worst_drop, 0.0)
     if with_target:
         vs_fp32, fp32_t, int8_t = _pair_metrics(acc, [(0, 1), (0, 2), (1, 2)])
     else:
@@ -836,21 +900,30 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     terms: list[MomentTerm] = []
     terms_of: dict[str, list[MomentTerm]] = {}
     judged: set[str] = set()  # the outputs a verdict is made of (quant_outputs ignore leaves one reported only)
+    by_plcc: set[str] = set()  # the outputs whose PLCC drop is judged (detections, embeddings and thresholds judge
+    whole: set[str] = set()  # the rest); whole: judged whole, so gain/offset and absolute errors apply too
     breaches: list[Breach] = []  # a residual entry's gross raw gain/offset error leads: it is the diagnosis
     for plan in c.plans:
+        name = plan.spec.name
         if not plan.ignore:
-            judged.add(plan.spec.name)
+            judged.add(name)
         if plan.labels:
             continue
-        report, output_terms = output_report(plan, c.values[plan.spec.name])
+        threshold = c.thresholds.get(name)
+        skip = np.asarray(threshold.channels) if threshold is not None else None
+        report, output_terms = output_report(plan, c.values[name], skip)
         reports.append(report)
-        terms_of[plan.spec.name] = output_terms
+        terms_of[name] = output_terms
         if plan.ignore:
             continue
-        terms += output_terms
-        raw = c.raw.get(plan.spec.name)
+        if plan.plcc_judged and output_terms:
+            by_plcc.add(name)
+            terms += output_terms
+            if skip is None:
+                whole.add(name)
+        raw = c.raw.get(name)
         if raw is not None:
-            found = check_affine(plan.spec.name, _pair_metrics(raw, [(0, 1)])[0], entry.budget_slope,
+            found = check_affine(name, _pair_metrics(raw, [(0, 1)])[0], entry.budget_slope,
                                  " (raw, before the residual)")
             if found is not None:
                 breaches.append(found)
@@ -864,20 +937,23 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
         elif f"{name}:argmax" in labels:
             i = next(i for i, r in enumerate(reports) if r.name == name)
             reports[i] = replace(reports[i], labels=labels[f"{name}:argmax"])
+    reports, task_breaches, task_passes = _task_reports(c, options, reports)
 
     budget = plcc_budget(entry, reports)
     base["budget"] = budget.value
-    value_reports = [r for r in reports if (r.labels is None or r.vs_fp32.n > 0) and r.name in judged]
-    if not value_reports:  # only label outputs: the verdict is their agreement
-        rates = ", ".join(f"{k} {v.flip_rate:.2%}" for k, v in labels.items())
-        return decide(dict(base, outputs=tuple(reports)), label_breaches, f"label flip rate {rates} within budget")
+    value_reports = [r for r in reports if r.name in by_plcc]
+    if not value_reports:  # no PLCC decides: label agreement and the task views (detections, thresholds...)
+        said = [f"label flip rate {', '.join(f'{k} {v.flip_rate:.2%}' for k, v in labels.items())} within budget"
+                ] if labels else []
+        return decide(dict(base, outputs=tuple(reports), warnings=tuple(c.notes[n] for n in sorted(c.notes))),
+                      [*breaches, *label_breaches, *task_breaches], "; ".join([*said, *task_passes]))
 
     def hint_of(rep: OutputReport) -> str:
         if rep.worst_channel_drop is None or rep.worst_channel_drop < rep.drop:
             return ""
         return tiny_channel_hint(rep.name, c.values[rep.name], rep.worst_channel)
 
-    own = {p.spec.name: p.budget_plcc for p in c.plans if p.budget_plcc is not None and p.spec.name in judged}
+    own = {p.spec.name: p.budget_plcc for p in c.plans if p.budget_plcc is not None and p.spec.name in by_plcc}
     drop_breaches: list[Breach] = []
     if not own:  # one budget: the worst output's drop, with the interval of the worst over every output
         worst = max(value_reports, key=lambda r: r.drop)
@@ -911,17 +987,85 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     probe = tuple(float(v) for v in c.values[value_reports[0].name].reservoir()[:64, 0])
 
     # every budget is checked and every breach reported: the PLCC drop, then what PLCC cannot see (gain and
-    # offset errors have PLCC 1.0), the absolute errors and the label agreement
+    # offset errors have PLCC 1.0), the absolute errors, the label agreement and the task views
     breaches += drop_breaches
     for rep in value_reports:
+        if rep.name not in whole:
+            continue
         found = check_affine(rep.name, rep.vs_fp32, entry.budget_slope)
         if found is not None:
             breaches.append(found)
         breaches += check_absolute(rep.name, rep.vs_fp32, entry)
     breaches += label_breaches
+    breaches += task_breaches
     common = dict(base, drop=worst.drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
                   warnings=tuple(warnings), fp32_probe=probe)
-    return decide(common, breaches, f"PLCC drop {worst.drop:.6f} <= budget {budget.value:g}{budget.note}")
+    passed = "; ".join([f"PLCC drop {worst.drop:.6f} <= budget {budget.value:g}{budget.note}", *task_passes])
+    return decide(common, breaches, passed)
+
+
+def _task_reports(c: Collector, options: CompareOptions, reports: list[OutputReport]
+                  ) -> tuple[list[OutputReport], list[Breach], list[str]]:
+    """Return the reports with their task views attached, the breaches of those views and what passed."""
+
+    def over(value: float, interval: Interval | None, budget: float) -> bool:
+        return over_budget(value, interval, budget, options.decision)
+
+    breaches: list[Breach] = []
+    passes: list[str] = []
+    plans = {plan.spec.name: plan for plan in c.plans}
+    out = []
+    for rep in reports:
+        name = rep.name
+        plan = plans[name]
+        threshold = c.thresholds.get(name)
+        if threshold is not None:
+            found_t = threshold_report(threshold, plan.budget_threshold_flip, c.unit_count, options.bootstrap,
+                                       c.seed, options.confidence)
+            rep = replace(rep, thresholds=found_t)
+            failing = [] if plan.ignore else threshold_breaches(name, found_t, over)
+            channels = tuple(sorted((row for row in found_t.channels if row.either and over(
+                row.flip_share, row.interval, found_t.budget)), key=lambda row: -row.flip_share))
+            axis = plan.channel_axis if c.values[name].channels > 1 else None
+            focus = Focus(name, axis, tuple(row.channel for row in channels),
+                          ", ".join(f"channel {row.channel}" for row in channels[:5]) + (
+                              f" along axis {axis}" if axis is not None else ""))
+            breaches += [Breach("threshold", text, focus) for text in failing]
+            if not failing and not plan.ignore:
+                crossing = [row for row in found_t.channels if row.either]
+                worst = max((row.flip_share for row in crossing), default=0.0)
+                passes.append(f"output {name!r}: decisions x >= {found_t.threshold:g} agree (worst channel "
+                              f"{worst:.2%} <= {found_t.budget:g})")
+        detections = c.detections.get(name)
+        if detections is not None:
+            found_d = detection_report(detections, c.unit_count, options.bootstrap, c.seed, options.confidence)
+            rep = replace(rep, detections=found_d)
+            failing = [] if plan.ignore else detection_breaches(name, found_d, over)
+            _, score_idx = c.detection_channels[name]
+            losing = sorted((k for k in found_d.classes if k.fp32 > k.matched), key=lambda k: k.matched - k.fp32)
+            focus = Focus(name, plan.channel_axis if plan.channel_axis is not None else 1,
+                          tuple(int(score_idx[k.cls]) for k in losing[:5]),
+                          ", ".join(f"class {k.cls}" for k in losing[:5]) or "the detections")
+            breaches += [Breach("detections", text, focus) for text in failing]
+            if not failing and not plan.ignore:
+                passes.append(f"output {name!r}: int8 matches {found_d.matched} of {found_d.fp32} fp32 detections "
+                              f"(missed {found_d.missed:.2%} <= {found_d.budget_missed:g}, extra "
+                              f"{found_d.extra:.2%} <= {found_d.budget_extra:g})")
+        embedding = c.embeddings.get(name)
+        if embedding is not None:
+            found_e = embedding_report(embedding, plan.budget_cosine, plan.budget_neighbours, c.unit_count,
+                                       options.bootstrap, c.seed, options.confidence)
+            rep = replace(rep, embedding=found_e)
+            failing = [] if plan.ignore else embedding_breaches(name, found_e, over)
+            breaches += [Breach("embedding", text, Focus(name, what=f"embedding along axis {found_e.axis}"))
+                         for text in failing]
+            if not failing and not plan.ignore:
+                passes.append(f"output {name!r}: mean 1 - cos {found_e.cosine_distance:.4g} <= "
+                              f"{found_e.budget_cosine:g}" + (
+                                  f", recall@{found_e.neighbours_k} {found_e.neighbours_recall:.3f}"
+                                  if found_e.neighbours_recall is not None else ""))
+        out.append(rep)
+    return out, breaches, passes
 
 
 def compare(

@@ -520,7 +520,7 @@ class PairAccumulator:
     def reservoir(self) -> np.ndarray:
         """Return the kept element triples (k, 3) in sample order (unshifted; column 2 NaN without a target)."""
         kept = self.picks.triples()
-        return kept[~(np.isnan(kept[:, 0]) & np.isnan(kept[:, 1]))]  # positions a mask left out
+        return np.asarray(kept[~(np.isnan(kept[:, 0]) & np.isnan(kept[:, 1]))])  # positions a mask left out
 
     def nonfinite(self) -> tuple[bool, bool, int]:
         """Return (fp32 has NaN/inf, int8 has NaN/inf, samples affected), counted as the samples were folded."""

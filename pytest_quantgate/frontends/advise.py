@@ -569,7 +569,7 @@ def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
     result, collector = measure(prepared, settings)
     plan = prepared.plan
     count = plan.batch if plan.fixed_batch else DISAGREEING_SAMPLES
-    picked = sorted(collector.worst_samples(count))
+    picked = sorted(collector.worst_samples(count, result.focus))
     chosen = prepared.fixture.take(picked)
     if plan.batched:
         feeds = [chosen]
