@@ -93,6 +93,17 @@ SIDECARS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
 # scores of one anchor pooled); axis 2 judges each column (x, y, w, h, objectness, class score) over all anchors
 VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("dddd_det_static_axis2", "dddd_det_static", {"quant_channel_axis": 2}, "channels along axis 2 (columns)"),
+    # the same sidecars declared as a user would from the README (quant_outputs): judged by what they mean
+    ("dddd_det_static_detections", "dddd_det_static", {"quant_outputs": {"output": {
+        "channel_axis": 2, "detections": {"layout": "yolo", "boxes": "0:4", "scores": "4:5", "score_threshold": 0.1,
+                                          "nms_iou": 0.45, "nms": "agnostic"}}}},
+     "a detector head: boxes 0:4, objectness 4:5 as its one score, decoded, NMS, matched"),
+    ("ppocr_det_static_threshold", "ppocr_det_static", {"quant_outputs": {"sigmoid_0.tmp_0": {"threshold": 0.3}}},
+     "a text probability map: decisions x >= 0.3 (PP-OCR's DB threshold)"),
+    ("ppocr_rec_dyn_matmul_argmax", "ppocr_rec_dyn_matmul", {"quant_outputs": {"softmax_11.tmp_0": {
+        "argmax_axis": 2, "channel_axis": None}}}, "CTC character ids: argmax over the 6625 classes"),
+    ("ppocr_rec_dyn_all_argmax", "ppocr_rec_dyn_all", {"quant_outputs": {"softmax_11.tmp_0": {
+        "argmax_axis": 2, "channel_axis": None}}}, "the known-bad control, declared the same way"),
 )
 
 
