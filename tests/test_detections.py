@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pytest_quantgate.engine import detections
 from pytest_quantgate.engine.detections import (
     DetectionAccumulator,
     DetectionRules,
@@ -377,7 +378,10 @@ def test_each_sample_scores_its_disagreement(fixture_heads: tuple[np.ndarray, np
     assert empty.tolist() == [0.0]
 
 
-def test_report_intervals_are_the_bootstrap_of_each_share(fixture_heads: tuple[np.ndarray, np.ndarray]) -> None:
+@pytest.mark.parametrize("sparse", [False, True])
+def test_report_intervals_are_the_bootstrap_of_each_share(fixture_heads: tuple[np.ndarray, np.ndarray], sparse: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detections, "SPARSE_SHARE", 1.0 if sparse else 0.0)
     a, b = fixture_heads
     a, b = a[:160], b[:160].copy()
     present = _fold(a, b, DetectionRules()).totals()[:, 0]
