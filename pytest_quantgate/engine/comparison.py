@@ -1039,6 +1039,13 @@ def _task_reports(c: Collector, options: CompareOptions, reports: list[OutputRep
         detections = c.detections.get(name)
         if detections is not None:
             found_d = detection_report(detections, c.unit_count, options.bootstrap, c.seed, options.confidence)
+            if found_d.fp32 == 0:  # nothing to miss: a verdict on it would pass any sidecar
+                rules = detections.rules
+                raise FixtureError(
+                    f"{c.where}: entry {c.entry.id!r} field 'quant_outputs' output {name!r}: the fp32 model makes no "
+                    f"detection on the soak fixture at score_threshold {rules.score_threshold:g} (boxes "
+                    f"{rules.boxes!r}, scores {rules.scores!r}, channel axis {plan.channel_axis or 1}); check the "
+                    f"layout and the slices, or lower score_threshold")
             rep = replace(rep, detections=found_d)
             failing = [] if plan.ignore else detection_breaches(name, found_d, over)
             _, score_idx = c.detection_channels[name]
