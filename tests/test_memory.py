@@ -392,3 +392,67 @@ def test_the_issues_archive_of_tiny_samples_is_refused_at_once(tmp_path: Path,
     assert main(["measure", str(registry), "--fixtures", str(tmp_path / "fixtures"), "--ep", "cpu"]) == 2
     out = capsys.readouterr()
     assert f"{path}: 10000001 samples, over the ceiling of 10000000 (--quantgate-max-samples" in out.out + out.err
+
+
+def _task_project(root: Path, samples: int) -> Path:
+    """A model with a raw detector head [N, 84, 8400] and a score map [N, 2, 320, 420], its dynamic sidecar."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(1)
+    consts = {"w": rng.normal(0, 0.6, (84, 1, 3, 3)).astype(np.float32), "b": np.zeros(84, np.float32),
+              "axis1": np.array([1], np.int64), "at0": np.array([0], np.int64), "at2": np.array([2], np.int64),
+              "at4": np.array([4], np.int64), "at84": np.array([84], np.int64),
+              "px": np.array([640.0], np.float32), "flat": np.array([0, 84, 8400], np.int64),
+              "scale": np.array([1, 1, 4, 4], np.float32)}
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Slice", ["c", "at0", "at4", "axis1"], ["raw_boxes"]),
+             helper.make_node("Slice", ["c", "at4", "at84", "axis1"], ["raw_scores"]),
+             helper.make_node("Sigmoid", ["raw_boxes"], ["unit_boxes"]),
+             helper.make_node("Mul", ["unit_boxes", "px"], ["boxes_px"]),
+             helper.make_node("Sigmoid", ["raw_scores"], ["class_scores"]),
+             helper.make_node("Concat", ["boxes_px", "class_scores"], ["grid_head"], axis=1),
+             helper.make_node("Reshape", ["grid_head", "flat"], ["head"]),
+             helper.make_node("Slice", ["c", "at0", "at2", "axis1"], ["two"]),
+             helper.make_node("Resize", ["two", "", "scale"], ["big"], mode="nearest"),
+             helper.make_node("Sigmoid", ["big"], ["maps"])]
+    graph = helper.make_graph(nodes, "task", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 80, 105])],
+                              [helper.make_tensor_value_info("head", TensorProto.FLOAT, ["N", 84, 8400]),
+                               helper.make_tensor_value_info("maps", TensorProto.FLOAT, ["N", 2, 320, 420])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, root / "task.onnx")
+    quantize_dynamic(str(root / "task.onnx"), str(root / "task.int8.onnx"), weight_type=QuantType.QInt8)
+    (root / "fixtures").mkdir()
+    np.savez(root / "fixtures" / "task.npz", x=rng.uniform(-1, 1, (samples, 1, 80, 105)).astype(np.float32))
+    entry = {"id": "task", "onnx": "task.onnx", "quant_mode": "dynamic", "quant_lineage": False,
+             "quant_outputs": {"head": {"detections": {"layout": "yolo", "score_threshold": 0.6}},
+                               "maps": {"threshold": 0.5}}}
+    import modelkit
+
+    return modelkit.write_registry(root / "registry.json", [modelkit.pin(entry, root)])
+
+
+def test_detector_heads_and_score_maps_are_judged_under_a_memory_cap(tmp_path: Path) -> None:
+    """Every anchor of an 8400-anchor head passes NMS candidates and the maps are 268k values per sample: the task
+    views stream like the sums (counts per sample and class or channel), so the run stays under a 2.5 GiB cap."""
+    registry = _task_project(tmp_path, 96)
+    out = tmp_path / "o.json"
+    code = (f"import sys; from pytest_quantgate.frontends.cli import main; "
+            f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(tmp_path / 'fixtures')!r}, '--ep', 'cpu', "
+            f"'--diagnose', 'off', '--json', {str(out)!r}]); "
+            f"hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]; "
+            f"print('MAXRSS', hwm); sys.exit(0 if rc in (0, 1) else rc)")
+    proc = subprocess.run(["prlimit", f"--as={5 << 29}", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    peak_mib = int(proc.stdout.split("MAXRSS")[-1].split()[0]) / 1024
+    result = json.loads(out.read_text())[0]["result"]
+    head, maps = result["outputs"]
+    assert head["detections"]["fp32"] > 1000 and len(maps["thresholds"]["channels"]) == 2
+    print(f"task views: peak RSS {peak_mib:.0f} MiB, {head['detections']['fp32']} fp32 detections, verdict "
+          f"{result['verdict']}: {result['reason'][:200]}")
+    assert peak_mib < 1200, f"peak RSS {peak_mib:.0f} MiB"
