@@ -21,9 +21,9 @@ import pytest
 
 from pytest_quantgate.engine import streaming
 from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
+from pytest_quantgate.engine.streaming import Field, LabelAccumulator, PairAccumulator, Units
 from pytest_quantgate.io.registry import parse_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
-from pytest_quantgate.engine.streaming import Field, LabelAccumulator, PairAccumulator, Units
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,8 +218,8 @@ def test_the_blocked_interval_agrees_with_the_per_sample_bootstrap_on_synthetic_
 def test_the_blocked_interval_agrees_with_the_per_sample_bootstrap_on_the_bundled_models(
         entry_id: str, cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bundled fixtures (320-1200 samples) gated per sample, and with the cap lowered to 128-256 blocks."""
-    from pytest_quantgate.runner.gate import measure, prepare
     from pytest_quantgate.io.registry import load_registry
+    from pytest_quantgate.runner.gate import measure, prepare
     from pytest_quantgate.settings import Settings
 
     registry = load_registry(REPO / "model" / "registry.json")
@@ -339,8 +339,8 @@ def test_the_pytest_option_and_its_ini_twin_set_the_ceiling(project: Any) -> Non
 def test_running_out_of_memory_is_an_error_naming_the_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the issue saw as "unexpected MemoryError" naming no file, should memory still run out (a chunk)."""
     from pytest_quantgate.engine import comparison
-    from pytest_quantgate.runner.gate import run_one
     from pytest_quantgate.io.registry import load_registry
+    from pytest_quantgate.runner.gate import run_one
     from pytest_quantgate.settings import Settings
 
     registry_path = _tiny_project(tmp_path, 500)
