@@ -208,7 +208,8 @@ def main() -> int:
                 print(f"    detections: fp32 {det['fp32']}, int8 {det['int8']}, matched {det['matched']}; per class "
                       + ", ".join(f"{c['cls']}: {c['fp32']}/{c['int8']}/{c['matched']}" for c in det["classes"]))
         diagnosis = result.get("diagnosis") or {}
-        worst = [f"{t['tensor']} {t['rank_key']:.1f} dB" for t in diagnosis.get("worst", [])[:4]]
+        worst = [f"{t['tensor']} {t['sqnr_db'] if t['sqnr_db'] is not None else t['xmodel_db']:.1f} dB"
+                 + (" (on path)" if t.get("on_path") else "") for t in diagnosis.get("worst", [])[:4]]
         print(f"    diagnosis (focus {result.get('focus', {}) and result['focus'].get('what')}): {', '.join(worst)}")
     if not args.no_advise:
         proc = cli("advise", str(registry), "--id", "det_static_declared", "--fixtures", str(out / "fixtures"),
