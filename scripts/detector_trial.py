@@ -208,9 +208,16 @@ def main() -> int:
                 print(f"    detections: fp32 {det['fp32']}, int8 {det['int8']}, matched {det['matched']}; per class "
                       + ", ".join(f"{c['cls']}: {c['fp32']}/{c['int8']}/{c['matched']}" for c in det["classes"]))
         diagnosis = result.get("diagnosis") or {}
-        worst = [f"{t['tensor']} {t['sqnr_db'] if t['sqnr_db'] is not None else t['xmodel_db']:.1f} dB"
+        worst = [f"{t['tensor']} {float(t['sqnr_db'] if t['sqnr_db'] is not None else t['xmodel_db']):.1f} dB"
                  + (" (on path)" if t.get("on_path") else "") for t in diagnosis.get("worst", [])[:4]]
         print(f"    diagnosis (focus {result.get('focus', {}) and result['focus'].get('what')}): {', '.join(worst)}")
+    # the HTML report as a user gets it: pytest --quantgate over the registry (plots of what failed included)
+    page = out / "report.html"
+    proc = subprocess.run([PYTHON, "-m", "pytest", "--quantgate", "--quantgate-registry", str(registry),
+                           "--quantgate-fixtures", str(out / "fixtures"), "--quantgate-html", str(page),
+                           "-p", "no:cacheprovider", "-q", "--quantgate-diagnose", "off"], cwd=out, env=ENV,
+                          capture_output=True, text=True, check=False)
+    print(f"pytest --quantgate: rc {proc.returncode}; HTML report {page}")
     if not args.no_advise:
         proc = cli("advise", str(registry), "--id", "det_static_declared", "--fixtures", str(out / "fixtures"),
                    "--stages", "static,exclusions")

@@ -184,8 +184,8 @@ def make_inputs(model: Model, names: tuple[str, ...], n: int, seed: int) -> np.n
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "pytest_quantgate.frontends.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, check=False)
+    return subprocess.run([PYTHON, "-m", "pytest_quantgate.frontends.cli", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, check=False)
 
 
 def build(cache: Path, samples: int) -> tuple[Path, dict[str, str]]:
