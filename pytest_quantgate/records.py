@@ -312,6 +312,31 @@ class OutputReport:
     detections: DetectionReport | None = None
     embedding: EmbeddingReport | None = None
 
+    def budget_shares(self) -> list[float]:
+        """Return each task measure of this output over its budget (labels, decisions, detections, embedding)."""
+        def share(value: float, budget: float) -> float:
+            return value / budget if budget > 0 else (0.0 if value <= 0 else float("inf"))
+
+        out: list[float] = []
+        if self.labels is not None:
+            lab = self.labels
+            if lab.budget_accuracy is not None and lab.fp32_accuracy is not None and lab.int8_accuracy is not None:
+                out.append(share(lab.fp32_accuracy - lab.int8_accuracy, lab.budget_accuracy))
+            else:
+                out.append(share(lab.flip_rate, lab.budget))
+        if self.thresholds is not None:
+            out += [share(row.flip_share, self.thresholds.budget) for row in self.thresholds.channels if row.either]
+        if self.detections is not None:
+            det = self.detections
+            out += [share(det.missed, det.budget_missed), share(det.extra, det.budget_extra)]
+            out += [share(c.missed, det.budget_missed) for c in det.classes if c.judged]
+        if self.embedding is not None:
+            emb = self.embedding
+            out.append(share(emb.cosine_distance, emb.budget_cosine))
+            if emb.neighbours_recall is not None and emb.budget_neighbours is not None:
+                out.append(share(1.0 - emb.neighbours_recall, 1.0 - emb.budget_neighbours))
+        return out
+
 
 @dataclass(frozen=True)
 class GateResult:
@@ -349,15 +374,39 @@ class GateResult:
 
     @property
     def headroom(self) -> float | None:
-        """Return budget / drop (how many times the drop fits in the budget); inf when drop <= 0."""
+        """Return budget / drop (how many times the drop fits in the budget); inf when drop <= 0.
+
+        Without a PLCC drop (outputs judged by labels, decisions, detections or embeddings), 1 / budget_use: how
+        many times the most used budget fits.
+        """
         if self.drop is None:
-            return None
+            use = self.budget_use
+            return None if use is None else (float("inf") if use <= 0 else 1.0 / use)
         return float("inf") if self.drop <= 0 else self.budget / self.drop
+
+    @property
+    def budget_use(self) -> float | None:
+        """Return the largest share of a budget any judged measure uses (over 1: that budget is broken).
+
+        One number for every kind of verdict, so candidates judged by detections, decisions or embeddings rank
+        like those judged by the PLCC drop: drop / budget, label flips, accuracy, threshold flips, missed and
+        extra detections, cosine distance, each over its own budget; a neighbour-recall floor f counts as
+        (1 − recall) / (1 − f). Ignored outputs do not count; None when nothing was measured.
+        """
+        shares: list[float] = []
+        if self.drop is not None and self.budget > 0:
+            shares.append(self.drop / self.budget)
+        for out in self.outputs:
+            if out.ignored:
+                continue
+            shares += out.budget_shares()
+        return max(shares) if shares else None
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON form (:func:`records.dump`, plus the derived headroom for readers of the report)."""
         data: dict[str, Any] = dump(self)
         data["headroom"] = dump(self.headroom)
+        data["budget_use"] = dump(self.budget_use)
         if self.timing is not None:
             data["timing"]["size_ratio"] = self.timing.size_ratio
         return data

@@ -82,6 +82,10 @@ def test_a_healthy_detector_passes_when_declared_a_detector_head() -> None:
     assert out.detections is not None and out.detections.fp32 > 100
     assert out.detections.missed <= 0.05 and out.detections.extra <= 0.10
     assert "int8 matches" in result.reason and result.drop is None  # no PLCC decides this output
+    det = out.detections
+    assert result.budget_use == pytest.approx(max(det.missed / 0.05, det.extra / 0.10, *(
+        c.missed / 0.05 for c in det.classes if c.judged)))
+    assert result.budget_use < 1 and result.headroom == pytest.approx(1 / result.budget_use)
 
 
 def test_a_class_that_vanishes_is_named_never_a_noise_row() -> None:
@@ -95,6 +99,7 @@ def test_a_class_that_vanishes_is_named_never_a_noise_row() -> None:
     assert "classes that lost detections: class 2:" in result.reason
     assert "class 5" not in result.reason and "class 5" not in " ".join(result.also)
     assert result.focus is not None and result.focus.channels == (4 + 2,)
+    assert result.budget_use is not None and result.budget_use > 1
 
 
 def _score_map(seed: int = 0) -> np.ndarray:
