@@ -103,7 +103,7 @@ def test_gate_result_json_adds_readers_values_and_reads_them_back_ignored() -> N
     assert data["timing"]["size_ratio"] == pytest.approx(0.3)
     assert _same(GateResult.from_json(_json(data)), result)
     assert replace(result, drop=0.0).to_json()["headroom"] == "inf"
-    assert replace(result, drop=None).to_json()["headroom"] is None
+    assert replace(result, drop=None, outputs=()).to_json()["headroom"] is None
 
 
 def test_outcome_json_nests_the_results_json() -> None:
