@@ -670,7 +670,9 @@ def test_a_stage_stops_at_its_first_pass_unless_exhaustive(
     assert all("#1 of this stage passed" in c["reason"] for c in advice["candidates"][1:])
     assert len(builds) == 1
     assert "[mlp] [1/3] static static calibrate_method=minmax per_channel: building…" in out
-    assert re.search(r"\[mlp\] \[1/3\] .*: built, gated: drop \d\.\d{6} PASS \(\d+\.\d s\); about .* left", out)
+    progress = (r"\[mlp\] \[1/3\] .*: built, gated: drop"
+                r" \d\.\d{6} PASS \(\d+\.\d s\); (about \d+ min|under a minute) left")
+    assert re.search(progress, out)
     # the JSON keeps every candidate, the untried ones too, as the table does
     assert len(advice["candidates"]) == len(_table_rows(out)) == 3
     assert all({"status", "reason", "build_s", "gate_s", "cached"} <= set(c) for c in advice["candidates"])
@@ -722,3 +724,22 @@ def test_a_second_run_takes_every_candidate_from_the_cache(
     code, out, third = _advise(capsys, registry, "mlp", "--calibration-set", str(tmp_path / "calib2.npz"),
                                "--stages", "static", "--cache", "--cache-dir", str(cache))
     assert len(builds) == built + 1 and not third["candidates"][0]["cached"]
+
+
+def test_op_type_head_and_a16w8_escalations_are_built_from_the_focused_diagnosis(
+        tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = project(tmp_path, assets, ["outlier"])
+    code, out, advice = _advise(capsys, registry, "outlier", "--calibration-set", str(tmp_path / "calib.npz"),
+                                "--stages", "static,optypes,head,a16w8", "--exhaustive")
+    assert code == 1, out
+    rows = advice["candidates"]
+    optypes = [r for r in rows if r["stage"] == "optypes"]
+    assert optypes and all(len(r["options"]["op_types_to_exclude"]) == 1 for r in optypes)
+    # in the diagnosis' order: the worst tensor is relu1's output (the x1000 channel), then the Gemms' weights
+    assert [r["options"]["op_types_to_exclude"] for r in optypes] == [["Relu"], ["Gemm"]]
+    assert "ranked on soak samples" in out and "for score: r1" in out
+    (head,) = [r for r in rows if r["stage"] == "head"]
+    assert head["label"].startswith("head in fp32:") and "fc2" in head["options"]["nodes_to_exclude"]
+    (a16,) = [r for r in rows if r["stage"] == "a16w8"]
+    assert all(r["status"] in ("pass", "fail", "skip") for r in rows), rows
+    assert a16["drop"] is not None and a16["drop"] < rows[0]["drop"]  # 16-bit activations resolve the outlier

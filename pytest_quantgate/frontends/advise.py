@@ -420,8 +420,8 @@ class CandidateCache:
 # The advisor
 
 
-def _minutes(seconds: float) -> str:
-    return "under a minute" if seconds < 60 else f"{seconds / 60:.0f} min"
+def _time_left(seconds: float) -> str:
+    return "under a minute left" if seconds < 60 else f"about {seconds / 60:.0f} min left"
 
 
 class _Run:
@@ -553,7 +553,7 @@ class _Run:
         drop = "n/a" if result.drop is None else f"{result.drop:.6f}"
         what = "cached" if cached else "built"
         self.say(f"{head}: {what}, gated: drop {drop} {(result.verdict or result.status).upper()} ({spent:.1f} s); "
-                 f"about {_minutes(left)} left" + (f" ({result.reason})" if result.status == "skip" else ""))
+                 f"{_time_left(left)}" + (f" ({result.reason})" if result.status == "skip" else ""))
         return result
 
     def _same_as_earlier(self, candidate: Candidate, out: Path) -> str | None:
