@@ -1,10 +1,13 @@
 """``quantgate advise``: build quantisation candidates in ADR-0129's escalation order and keep the cheapest that passes.
 
 Use it when a model needs a sidecar (or its sidecar fails its budget). For one registry entry it builds, in order,
-dynamic PTQ (per-tensor / per-channel; MatMul/Gemm only on graphs with Conv, whose ConvInteger is slow and can wreck
-outputs), static QDQ PTQ (MinMax / Entropy / Percentile, per-channel), static with the most harmful nodes kept in
-fp32 (ranked on the soak samples where fp32 and int8 disagree most, added greedily, each step re-gated on the full
-fixture), int4 weight-only ``MatMulNBits`` on MatMul-heavy graphs, and QAT / QAD when the entry has a recipe.
+dynamic PTQ (per-tensor / per-channel; on graphs with Conv, MatMul/Gemm only with ``matmul_const_b_only`` on and
+off), static QDQ PTQ (MinMax / Entropy / Percentile, per-channel; a method whose scales equal MinMax's is not gated
+again), int4 weight-only ``MatMulNBits`` on MatMul-heavy graphs, then, while nothing passes, static with the most
+harmful nodes kept in fp32 (greedy), with one op type kept in fp32, with the failing output's head in fp32, static
+with 16-bit activations (a16w8), and QAT / QAD when the entry has a recipe. The node, op-type and head candidates
+follow the diagnosis focused on what the gate found failing. A stage stops at its first pass unless
+``exhaustive``; ``max_minutes`` bounds the search; built candidates can be cached across runs (``cache_dir``).
 Every candidate is gated by :func:`_gate_candidate` with the gate's full statistics; the cheapest passing one
 (fastest measured int8 latency, then smallest file) is chosen. Nothing beside the registry changes unless
 ``write=True``; candidates are built in a scratch folder inside the registry folder (the gate confines every model
