@@ -1,10 +1,13 @@
 """``quantgate advise``: build quantisation candidates in ADR-0129's escalation order and keep the cheapest that passes.
 
 Use it when a model needs a sidecar (or its sidecar fails its budget). For one registry entry it builds, in order,
-dynamic PTQ (per-tensor / per-channel; MatMul/Gemm only on graphs with Conv, whose ConvInteger is slow and can wreck
-outputs), static QDQ PTQ (MinMax / Entropy / Percentile, per-channel), static with the most harmful nodes kept in
-fp32 (ranked on the soak samples where fp32 and int8 disagree most, added greedily, each step re-gated on the full
-fixture), int4 weight-only ``MatMulNBits`` on MatMul-heavy graphs, and QAT / QAD when the entry has a recipe.
+dynamic PTQ (per-tensor / per-channel; on graphs with Conv, MatMul/Gemm only with ``matmul_const_b_only`` on and
+off), static QDQ PTQ (MinMax / Entropy / Percentile, per-channel; a method whose scales equal MinMax's is not gated
+again), int4 weight-only ``MatMulNBits`` on MatMul-heavy graphs, then, while nothing passes, static with the most
+harmful nodes kept in fp32 (greedy), with one op type kept in fp32, with the failing output's head in fp32, static
+with 16-bit activations (a16w8), and QAT / QAD when the entry has a recipe. The node, op-type and head candidates
+follow the diagnosis focused on what the gate found failing. A stage stops at its first pass unless
+``exhaustive``; ``max_minutes`` bounds the search; built candidates can be cached across runs (``cache_dir``).
 Every candidate is gated by :func:`_gate_candidate` with the gate's full statistics; the cheapest passing one
 (fastest measured int8 latency, then smallest file) is chosen. Nothing beside the registry changes unless
 ``write=True``; candidates are built in a scratch folder inside the registry folder (the gate confines every model
@@ -18,6 +21,8 @@ import dataclasses
 import io
 import json
 import math
+import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
     from ..analysis.paths import PathInfo
     from ..records import GateResult, TensorError
 
-STAGES = ("dynamic", "static", "exclusions", "int4", "qat", "qad")
+STAGES = ("dynamic", "static", "int4", "exclusions", "optypes", "head", "a16w8", "qat", "qad")
 MIN_CALIBRATION_SAMPLES = 100  # the QAT literature's "100+ representative batches"
 DISAGREEING_SAMPLES = 8  # soak samples the exclusion ranking looks at (every intermediate tensor is kept in memory)
 MAX_EXCLUSION_STEPS = 4
@@ -54,6 +59,11 @@ class Candidate:
     options: Mapping[str, Any]
     label: str
 
+    @property
+    def key(self) -> str:
+        """Return what identifies the sidecar this candidate builds (mode and options; the stage is a name only)."""
+        return json.dumps({"mode": self.mode, "options": dict(self.options)}, sort_keys=True)
+
     def to_dict(self) -> dict[str, Any]:
         """Return the candidate as JSON-ready data."""
         return {"stage": self.stage, "mode": self.mode, "options": dict(self.options), "label": self.label}
@@ -61,7 +71,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class CandidateResult:
-    """What the gate said about one candidate (``status`` pass / fail / error / skip)."""
+    """What the gate said about one candidate (``status`` pass / fail / error / skip / untried)."""
 
     candidate: Candidate
     status: str
@@ -69,6 +79,9 @@ class CandidateResult:
     gate: GateResult | None = None  # the gate's own result, when the candidate was measured
     sha256: str | None = None
     path: Path | None = None
+    cached: bool = False  # the sidecar came from the candidate cache (re-gated, not rebuilt)
+    build_s: float | None = None
+    gate_s: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -111,6 +124,7 @@ class CandidateResult:
         return {**self.candidate.to_dict(), "status": self.status, "reason": self.reason, "drop": self.drop,
                 "ci": list(self.interval) if self.interval else None, "budget": self.budget, "verdict": self.verdict,
                 "int8_ms": self.int8_ms, "int8_bytes": self.int8_bytes, "int8_sha256": self.sha256,
+                "cached": self.cached, "build_s": self.build_s, "gate_s": self.gate_s,
                 "gate": self.gate.to_json() if self.gate is not None else {}}
 
 
@@ -125,6 +139,9 @@ class AdviseOptions:
     epochs_qat: int | None = None
     max_exclusions: int = MAX_EXCLUSION_STEPS
     distill_weight: float = 1.0
+    exhaustive: bool = False  # try every candidate of every stage instead of stopping at a stage's first pass
+    max_minutes: float | None = None  # no candidate starts after this many minutes
+    cache_dir: Path | None = None  # the candidate cache; None: every candidate is built
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,7 @@ class Advice:
     # the chosen sidecar and its provenance record, kept in memory: the scratch folder is gone when advise returns
     sidecar: bytes | None = field(default=None, compare=False, repr=False)
     provenance: bytes | None = field(default=None, compare=False, repr=False)
+    elapsed_s: float | None = None
 
     @property
     def found(self) -> bool:
@@ -153,7 +171,7 @@ class Advice:
         return {"id": self.entry_id, "ep": self.ep, "found": self.found, "chosen": self.chosen, "best": self.best,
                 "best_numbers": self.results[self.best].to_dict() if self.best is not None else None,
                 "next_step": self.next_step, "warnings": list(self.warnings), "calibration_set": self.calibration,
-                "candidates": [r.to_dict() for r in self.results]}
+                "elapsed_s": self.elapsed_s, "candidates": [r.to_dict() for r in self.results]}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,6 +209,7 @@ class GraphFacts:
     matmul_nodes: int  # MatMul/Gemm with a constant weight
     matmul_weight_share: float  # share of weight parameters held by those nodes
     single_input: bool
+    matmul_any: int = 0  # every MatMul/Gemm, a computed B (attention) included
 
     @property
     def matmul_heavy(self) -> bool:
@@ -215,6 +234,7 @@ def graph_facts(fp32_path: Path) -> GraphFacts:
         matmul_nodes=len(matmuls),
         matmul_weight_share=in_matmul / total,
         single_input=len(inputs) == 1,
+        matmul_any=sum(n.op_type in ("MatMul", "Gemm") for n in model.graph.node),
     )
 
 
@@ -234,13 +254,22 @@ def _label(options: Mapping[str, Any]) -> str:
     return " ".join(parts) or "defaults"
 
 
-def _candidate(stage: str, mode: str, options: Mapping[str, Any]) -> Candidate:
-    return Candidate(stage, mode, dict(options), _label(options))
+def _candidate(stage: str, mode: str, options: Mapping[str, Any], label: str | None = None) -> Candidate:
+    return Candidate(stage, mode, dict(options), label if label is not None else _label(options))
+
+
+MATMUL_ONLY = ["MatMul", "Gemm"]
+A16W8 = {"calibrate_method": "minmax", "per_channel": True, "activation_type": "uint16"}
 
 
 def ptq_candidates(facts: GraphFacts, stages: Sequence[str], has_calibration: bool) -> tuple[list[Candidate],
                                                                                                list[CandidateResult]]:
-    """Return the dynamic, static and int4 candidates for this graph, and skipped rows saying why others are not."""
+    """Return the dynamic, static and int4 candidates for this graph, and skipped rows saying why others are not.
+
+    On a graph with Conv, dynamic PTQ quantises MatMul/Gemm only, with ``matmul_const_b_only`` on and off (off
+    also quantises a MatMul whose B is computed, e.g. attention scores); two variants that build the same graph
+    are gated once.
+    """
     out: list[Candidate] = []
     skipped: list[CandidateResult] = []
     if "dynamic" in stages:
@@ -248,21 +277,26 @@ def ptq_candidates(facts: GraphFacts, stages: Sequence[str], has_calibration: bo
             skip = _candidate("dynamic", "dynamic", {"per_channel": False})
             skipped.append(CandidateResult(skip, "skip", f"{facts.conv_nodes} Conv node(s) would run as ConvInteger "
                                                          "(slow on CPU and known to wreck outputs)"))
-            if facts.matmul_nodes:
+            if facts.matmul_any:
                 for per_channel in (False, True):
-                    out.append(_candidate("dynamic", "dynamic", {"per_channel": per_channel,
-                                                                 "op_types_to_quantize": ["MatMul", "Gemm"]}))
+                    for const_b in (True, False):
+                        out.append(_candidate("dynamic", "dynamic", {
+                            "per_channel": per_channel, "op_types_to_quantize": MATMUL_ONLY,
+                            "matmul_const_b_only": const_b}))
         else:
             for per_channel in (False, True):
                 out.append(_candidate("dynamic", "dynamic", {"per_channel": per_channel}))
+            if facts.matmul_any > facts.matmul_nodes:  # a MatMul with a computed B: ORT skips it by default
+                for per_channel in (False, True):
+                    out.append(_candidate("dynamic", "dynamic", {"per_channel": per_channel,
+                                                                 "matmul_const_b_only": False}))
     if "static" in stages:
         for method in ("minmax", "entropy", "percentile"):
             cand = _candidate("static", "static", {"calibrate_method": method, "per_channel": True})
             if has_calibration:
                 out.append(cand)
             else:
-                skipped.append(CandidateResult(cand, "skip", "no calibration set (quant_calibration_set or "
-                                                             "--calibration-set)"))
+                skipped.append(CandidateResult(cand, "skip", NO_CALIBRATION))
     if "int4" in stages:
         cand = _candidate("int4", "dynamic", {"weight_bits": 4, "block_size": 32})
         if facts.matmul_heavy:
@@ -271,6 +305,9 @@ def ptq_candidates(facts: GraphFacts, stages: Sequence[str], has_calibration: bo
             skipped.append(CandidateResult(cand, "skip", f"not MatMul-heavy ({facts.matmul_weight_share:.0%} of the "
                                                          "weights in constant-weight MatMul/Gemm)"))
     return out, skipped
+
+
+NO_CALIBRATION = "no calibration set (quant_calibration_set or --calibration-set)"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,12 +341,94 @@ def _tuples(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
+def activation_ranges(path: Path) -> dict[str, tuple[Any, Any]]:
+    """Return each quantised activation's (scale, zero point) in a QDQ sidecar; {} when it has none (QOperator)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+
+    def value(name: str) -> Any:
+        return numpy_helper.to_array(inits[name]).tolist() if name in inits else None
+
+    return {node.input[0]: (value(node.input[1]), value(node.input[2]) if len(node.input) > 2 else None)
+            for node in graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in inits and len(node.input) > 1}
+
+
+def graph_digest(path: Path) -> str:
+    """Return a digest of the sidecar's graph without its metadata (the provenance differs between configs)."""
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The candidate cache: built sidecars reused across runs, keyed by everything the build depends on
+
+
+@dataclass(frozen=True)
+class CandidateCache:
+    """Built sidecars in ``folder`` (``<key>.int8.onnx`` and ``<key>.json`` with its sha256 and key material)."""
+
+    folder: Path
+
+    @staticmethod
+    def key(candidate: Candidate, fp32_sha: str, calibration_sha: str | None, recipe_sha: str | None) -> str:
+        """Return the digest of the inputs' bytes, the candidate's options and the producers' versions."""
+        import hashlib
+
+        import onnx
+
+        from .. import __version__
+        from ..engine.providers import ort_distribution
+
+        material = {"cache": 1, "fp32": fp32_sha, "mode": candidate.mode, "options": dict(candidate.options),
+                    # a dynamic build reads no calibration set and a PTQ build no recipe: they must not miss on them
+                    "calibration": calibration_sha if candidate.mode == "static" else None,
+                    "recipe": recipe_sha if candidate.mode == "qat" else None,
+                    "quantgate": __version__, "onnxruntime": ort_distribution(), "onnx": onnx.__version__}
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+    def fetch(self, key: str, out: Path) -> bool:
+        """Copy the cached sidecar to ``out`` when its bytes are intact; return whether it was there."""
+        from ..fileio import sha256_file
+
+        sidecar = self.folder / f"{key}.int8.onnx"
+        try:
+            record = json.loads((self.folder / f"{key}.json").read_text("utf-8"))
+            if not sidecar.is_file() or record.get("sha256") != sha256_file(sidecar):
+                return False  # a torn or hand-edited entry is a miss, rebuilt and overwritten
+            shutil.copyfile(sidecar, out)
+        except (OSError, ValueError, AttributeError):
+            return False
+        return True
+
+    def store(self, key: str, built: Path, candidate: Candidate) -> None:
+        """Keep a copy of the built sidecar (the record last: an entry without it is a miss)."""
+        from ..fileio import atomic_path, atomic_write_text, sha256_file
+
+        with atomic_path(self.folder / f"{key}.int8.onnx", ".onnx", what="cached candidate") as tmp:
+            shutil.copyfile(built, tmp)
+        atomic_write_text(self.folder / f"{key}.json", json.dumps(
+            {"sha256": sha256_file(built), **candidate.to_dict()}, sort_keys=True) + "\n", "candidate cache record")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The advisor
 
 
+def _time_left(seconds: float) -> str:
+    return "under a minute left" if seconds < 60 else f"about {seconds / 60:.0f} min left"
+
+
 class _Run:
-    """State of one entry's advise run: scratch folder, counters and results so far."""
+    """State of one entry's advise run: scratch folder, counters, timings and results so far."""
 
     def __init__(self, registry: Registry, entry: Entry, settings: Settings, options: AdviseOptions,
                  scratch: Path, say: Callable[[str], None]) -> None:
@@ -322,42 +441,149 @@ class _Run:
         self.fp32 = registry.fp32_path(entry)
         self.results: list[CandidateResult] = []
         self.recipe: Path | None = None
+        self.started = time.monotonic()
+        self.planned = 0  # candidates queued by the stages begun so far and not yet taken
+        self.seconds: list[float] = []  # build + gate time of each candidate built or fetched
+        self.by_key: dict[str, int] = {}  # candidate key -> index in results
+        self.graphs: dict[str, int] = {}  # graph digest of a gated sidecar -> index in results
+        self.cache = CandidateCache(options.cache_dir) if options.cache_dir is not None else None
+        self.hashes: dict[Path, str] = {}
+        self.rankings: dict[Path, Ranking | str] = {}
 
     def budget_entry(self, mode: str) -> Entry:
         """Return the entry as the gate will see it once written with ``mode`` (that mode's default budget and
         deploy batch, unless the entry sets them): the candidate's numbers are then the ones measure repeats."""
         return self.entry.as_mode(mode)
 
+    @property
+    def passed_any(self) -> bool:
+        """Return True when a candidate has passed."""
+        return any(r.passed for r in self.results)
+
+    def out_of_time(self) -> str | None:
+        """Return why no candidate may start any more (``--max-minutes`` spent), or None."""
+        limit = self.options.max_minutes
+        if limit is None:
+            return None
+        spent = time.monotonic() - self.started
+        if spent < limit * 60:
+            return None
+        return f"not tried: --max-minutes {limit:g} reached ({spent:.0f} s spent)"
+
+    def add(self, result: CandidateResult) -> CandidateResult:
+        """Record a row (skipped, not tried, or measured)."""
+        self.results.append(result)
+        return result
+
+    def run_stage(self, candidates: Sequence[Candidate], calibration: Path | None) -> None:
+        """Try ``candidates`` in order; after the first pass the rest are not tried unless ``exhaustive``."""
+        self.planned += len(candidates)
+        passed: int | None = None
+        for candidate in candidates:
+            if passed is not None and not self.options.exhaustive:
+                self.planned -= 1
+                self.add(CandidateResult(candidate, "untried", f"not tried: #{passed} of this stage passed "
+                                                               "(--exhaustive tries the rest)"))
+                continue
+            if self.try_candidate(candidate, calibration).passed:
+                passed = len(self.results)
+
+    def _sha(self, path: Path) -> str:
+        from ..fileio import sha256_file
+
+        if path not in self.hashes:
+            self.hashes[path] = sha256_file(path)
+        return self.hashes[path]
+
     def try_candidate(self, candidate: Candidate, calibration: Path | None) -> CandidateResult:
-        """Build and gate one candidate; a producer failure is an error row, never an exception."""
+        """Build (or fetch from the cache) and gate one candidate; a producer failure is an error row."""
         from ..errors import InputError, WriteError
         from ..producers.base import ProducerError
 
+        self.planned = max(0, self.planned - 1)
         index = len(self.results) + 1
+        seen = self.by_key.get(candidate.key)
+        if seen is not None:
+            return self.add(CandidateResult(candidate, "skip", f"same options as #{seen}: built once, gated once"))
+        late = self.out_of_time()
+        if late is not None:
+            return self.add(CandidateResult(candidate, "untried", late))
+        self.by_key[candidate.key] = index
         out = self.scratch / f"{self.entry.id}.c{index:02d}.int8.onnx"
-        self.say(f"[{self.entry.id}] #{index} {candidate.stage} {candidate.mode} {candidate.label}")
-        try:
-            # ORT's calibrators print progress with print(): keep stdout for the table
-            with contextlib.redirect_stdout(io.StringIO()):
-                build_candidate(candidate, self.fp32, out, calibration, self.recipe)
-        except WriteError:  # a full disk or read-only folder fails every candidate alike: stop, say why
-            raise
-        except (ProducerError, InputError, ValueError, TypeError) as exc:
-            result = CandidateResult(candidate, "error", f"build failed: {_first_line(exc)}")
-        except Exception as exc:
-            result = CandidateResult(candidate, "error", f"build failed: {type(exc).__name__}: {_first_line(exc)}")
-        else:
-            gated = _gate_candidate(self.registry, self.budget_entry(candidate.mode), out, self.options.ep,
-                                    self.settings)
-            result = dataclasses.replace(gated, candidate=candidate)
-        self.results.append(result)
+        head = (f"[{self.entry.id}] [{index}/{index + self.planned}] {candidate.stage} {candidate.mode} "
+                f"{candidate.label}")
+        self.say(f"{head}: building…")
+        started = time.monotonic()
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(candidate, self._sha(self.fp32),
+                                 self._sha(calibration) if calibration is not None else None,
+                                 self._sha(self.recipe) if self.recipe is not None else None)
+        cached = key is not None and self.cache is not None and self.cache.fetch(key, out)
+        result: CandidateResult | None = None
+        if not cached:
+            try:
+                # ORT's calibrators print progress with print(): keep stdout for the table
+                with contextlib.redirect_stdout(io.StringIO()):
+                    build_candidate(candidate, self.fp32, out, calibration, self.recipe)
+            except WriteError:  # a full disk or read-only folder fails every candidate alike: stop, say why
+                raise
+            except (ProducerError, InputError, ValueError, TypeError) as exc:
+                result = CandidateResult(candidate, "error", f"build failed: {_first_line(exc)}")
+            except Exception as exc:
+                result = CandidateResult(candidate, "error",
+                                         f"build failed: {type(exc).__name__}: {_first_line(exc)}")
+            else:
+                if key is not None and self.cache is not None:
+                    self.cache.store(key, out, candidate)
+        build_s = time.monotonic() - started
+        if result is None:
+            same = self._same_as_earlier(candidate, out)
+            if same is not None:
+                result = CandidateResult(candidate, "skip", same, path=out, cached=cached)
+            else:
+                started = time.monotonic()
+                gated = _gate_candidate(self.registry, self.budget_entry(candidate.mode), out, self.options.ep,
+                                        self.settings)
+                result = dataclasses.replace(gated, candidate=candidate, cached=cached,
+                                             gate_s=time.monotonic() - started)
+                self.graphs.setdefault(graph_digest(out), index)
+        result = dataclasses.replace(result, build_s=build_s)
+        self.add(result)
+        spent = build_s + (result.gate_s or 0.0)
+        self.seconds.append(spent)
+        left = sum(self.seconds) / len(self.seconds) * self.planned
         drop = "n/a" if result.drop is None else f"{result.drop:.6f}"
-        self.say(f"[{self.entry.id}] #{index} -> {result.status.upper()} drop {drop}")
+        what = "cached" if cached else "built"
+        self.say(f"{head}: {what}, gated: drop {drop} {(result.verdict or result.status).upper()} ({spent:.1f} s); "
+                 f"{_time_left(left)}" + (f" ({result.reason})" if result.status == "skip" else ""))
         return result
 
-    def add(self, result: CandidateResult) -> None:
-        """Record a row that was not built (skipped)."""
-        self.results.append(result)
+    def _same_as_earlier(self, candidate: Candidate, out: Path) -> str | None:
+        """Return why ``out`` need not be gated (same ranges as the minmax build, same graph as a gated one)."""
+        method = candidate.options.get("calibrate_method")
+        if candidate.mode == "static" and method not in (None, "minmax"):
+            options = {k: v for k, v in candidate.options.items() if k != "percentile"}
+            reference = self.by_key.get(_candidate("", "static", {**options, "calibrate_method": "minmax"}).key)
+            ref = self.results[reference - 1] if reference is not None else None
+            if ref is not None and ref.gate is not None and ref.path is not None:
+                mine = activation_ranges(out)
+                if mine and mine == activation_ranges(ref.path):
+                    return f"same ranges as minmax (#{reference}): {method} changed no scale, not gated again"
+        first = self.graphs.get(graph_digest(out))
+        if first is not None:
+            return f"same graph as #{first}: not gated again"
+        return None
+
+    def ranking(self, base: CandidateResult) -> Ranking | str:
+        """Return the focused diagnosis of ``base`` (computed once), or why there is none."""
+        assert base.path is not None
+        if base.path not in self.rankings:
+            try:
+                self.rankings[base.path] = rank(self, base.path)
+            except Exception as exc:
+                self.rankings[base.path] = f"could not rank nodes: {type(exc).__name__}: {_first_line(exc)}"
+        return self.rankings[base.path]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -417,20 +643,26 @@ def advise(registry: Registry, entry: Entry, settings: Settings, options: Advise
         return _advise_in(registry, entry, settings, options, scratch, say, facts, calibration, warnings)
 
 
+ESCALATIONS = ("exclusions", "optypes", "head", "a16w8")  # cheapest first: fewest float / 16-bit tensors
+
+
 def _advise_in(registry: Registry, entry: Entry, settings: Settings, options: AdviseOptions, scratch: Path,
                say: Callable[[str], None], facts: GraphFacts, calibration: Path | None,
                warnings: list[str]) -> Advice:
     """Try the candidates in ``scratch`` and return the advice (the chosen sidecar's bytes kept in memory)."""
     run = _Run(registry, entry, settings, options, scratch, say)
     candidates, skipped = ptq_candidates(facts, options.stages, calibration is not None)
-    for candidate in candidates:
-        run.try_candidate(candidate, calibration)
+    run.planned = len(candidates)  # known up front: the progress line counts them all
+    for stage in ("dynamic", "static", "int4"):
+        batch = [c for c in candidates if c.stage == stage]
+        run.planned -= len(batch)
+        run.run_stage(batch, calibration)
     for row in skipped:
         run.add(row)
-    static_ok = any(r.passed and r.candidate.stage == "static" for r in run.results)
-    if "exclusions" in options.stages and calibration is not None and not static_ok:
-        exclusion_stage(run, calibration)
-    if not any(r.passed for r in run.results):
+    for stage in ESCALATIONS:
+        if stage in options.stages and (options.exhaustive or not run.passed_any):
+            _escalation(run, stage, calibration)
+    if options.exhaustive or not run.passed_any:
         _qat_stages(run, facts, calibration, warnings)
     advice = _decide(run, warnings, calibration)
     if advice.chosen is not None:
@@ -442,6 +674,54 @@ def _advise_in(registry: Registry, entry: Entry, settings: Settings, options: Ad
         advice = dataclasses.replace(advice, sidecar=path.read_bytes(),
                                      provenance=record.read_bytes() if record.is_file() else None)
     return advice
+
+
+def _escalation(run: _Run, stage: str, calibration: Path | None) -> None:
+    """Run one escalation stage on the best static candidate, or record why it cannot run."""
+    placeholder = _candidate(stage, "static", A16W8 if stage == "a16w8" else {},
+                             "a16w8" if stage == "a16w8" else None)
+    if calibration is None:
+        run.add(CandidateResult(placeholder, "skip", NO_CALIBRATION))
+        return
+    late = run.out_of_time()
+    if late is not None:
+        run.add(CandidateResult(placeholder, "untried", late))
+        return
+    if stage == "a16w8":
+        run.run_stage([placeholder], calibration)
+        return
+    base = _static_base(run)
+    if base is None:
+        run.add(CandidateResult(placeholder, "skip", "no static candidate was measured"))
+        return
+    ranking = run.ranking(base)
+    if isinstance(ranking, str):
+        run.add(CandidateResult(placeholder, "skip", ranking))
+        return
+    if stage == "exclusions":
+        exclusion_stage(run, calibration, base, ranking.groups)
+    elif stage == "optypes":
+        types = op_type_order(ranking)[: run.options.max_exclusions]
+        if not types:
+            run.add(CandidateResult(placeholder, "skip", "the diagnosis named no op type to keep in fp32"))
+            return
+        run.run_stage([_candidate("optypes", "static", {**base.candidate.options, "op_types_to_exclude": [t]})
+                       for t in types], calibration)
+    else:
+        head = head_nodes(ranking)
+        if head is None:
+            run.add(CandidateResult(placeholder, "skip", "the diagnosis found no head on the failing output's path"))
+            return
+        start, nodes = head
+        options = {**base.candidate.options, "nodes_to_exclude": list(nodes)}
+        run.run_stage([_candidate("head", "static", options, f"head in fp32: {len(nodes)} node(s) from {start}")],
+                      calibration)
+
+
+def _static_base(run: _Run) -> CandidateResult | None:
+    """Return the measured 8-bit static candidate with the lowest drop (what the escalations start from)."""
+    statics = [r for r in run.results if r.candidate.stage == "static" and r.path is not None and r.drop is not None]
+    return min(statics, key=_drop_key) if statics else None
 
 
 def _qat_stages(run: _Run, facts: GraphFacts, calibration: Path | None, warnings: list[str]) -> None:
@@ -469,7 +749,7 @@ def _qat_stages(run: _Run, facts: GraphFacts, calibration: Path | None, warnings
         if run.recipe is None:
             assert entry.qat_recipe is not None
             run.recipe = run.registry.resolve(entry, entry.qat_recipe, "qat_recipe")
-        run.try_candidate(candidate, calibration)
+        run.run_stage([candidate], calibration)
 
 
 def _decide(run: _Run, warnings: list[str], calibration: Path | None) -> Advice:
@@ -488,7 +768,8 @@ def _decide(run: _Run, warnings: list[str], calibration: Path | None) -> Advice:
     rel = None
     if calibration is not None:
         rel = str(calibration)
-    return Advice(run.entry.id, run.options.ep, tuple(results), chosen, best, step, tuple(warnings), rel)
+    return Advice(run.entry.id, run.options.ep, tuple(results), chosen, best, step, tuple(warnings), rel,
+                  elapsed_s=round(time.monotonic() - run.started, 3))
 
 
 def _cost(result: CandidateResult) -> tuple[float, float]:
@@ -504,6 +785,10 @@ def _drop_key(result: CandidateResult) -> float:
 def _next_step(run: _Run, calibration: Path | None) -> str:
     entry, options = run.entry, run.options
     steps = []
+    timed_out = sum("--max-minutes" in r.reason for r in run.results if r.status == "untried")
+    if timed_out:
+        steps.append(f"rerun with a larger --max-minutes ({timed_out} candidate(s) or stage(s) not tried; built "
+                     "candidates come from the cache with --cache)")
     if calibration is None and "static" in options.stages:
         steps.append("give a calibration set (--calibration-set, 100+ representative samples) for static candidates")
     if entry.qat_recipe is None:
@@ -516,42 +801,51 @@ def _next_step(run: _Run, calibration: Path | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Static with the most harmful nodes kept in fp32
+# Static with the most harmful nodes, op types or the output head kept in fp32
 
 
-def exclusion_stage(run: _Run, calibration: Path) -> None:
+def exclusion_stage(run: _Run, calibration: Path, base: CandidateResult, groups: Sequence[tuple[str, ...]]) -> None:
     """Starting from the best static candidate, keep its most harmful nodes in fp32, greedily.
 
     Node groups are ranked on the soak samples where fp32 and that sidecar disagree most; each group is added to
     the exclusion list and the rebuilt sidecar re-gated on the full fixture; a group that does not lower the
-    gate's drop is reverted. Stops at the first pass or after ``max_exclusions`` steps.
+    gate's drop is reverted. Stops at the first pass (unless ``exhaustive``) or after ``max_exclusions`` steps.
     """
-    statics = [r for r in run.results if r.candidate.stage == "static" and r.path is not None and r.drop is not None]
-    if not statics:
-        run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip", "no static candidate was measured"))
-        return
-    base = min(statics, key=_drop_key)
-    assert base.path is not None and base.drop is not None
-    try:
-        groups = rank_exclusions(run, base.path)
-    except Exception as exc:
-        run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip",
-                                f"could not rank nodes: {type(exc).__name__}: {_first_line(exc)}"))
-        return
     if not groups:
         run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip",
                                 "the diagnosis named no node to keep in fp32"))
         return
+    assert base.drop is not None
+    steps = list(groups[: run.options.max_exclusions])
+    run.planned += len(steps)
     kept: list[str] = []
     best = base.drop
-    for group in groups[: run.options.max_exclusions]:
-        trial = kept + [n for n in group if n not in kept]
-        options = {**base.candidate.options, "nodes_to_exclude": trial}
-        result = run.try_candidate(_candidate("exclusions", "static", options), calibration)
-        if result.passed:
+    for n, group in enumerate(steps):
+        trial = kept + [name for name in group if name not in kept]
+        candidate = _candidate("exclusions", "static", {**base.candidate.options, "nodes_to_exclude": trial})
+        result = run.try_candidate(candidate, calibration)
+        if result.passed and not run.options.exhaustive:
+            passed = len(run.results)
+            for rest in steps[n + 1:]:  # the next greedy steps, as groups: their lists depend on what is kept
+                run.planned -= 1
+                run.add(CandidateResult(_candidate("exclusions", "static", {"nodes_to_exclude": list(rest)}),
+                                        "untried", f"not tried: #{passed} of this stage passed "
+                                                   "(--exhaustive tries the rest)"))
             return
         if result.drop is not None and result.drop < best:
             kept, best = trial, result.drop
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The focused diagnosis of the best static candidate: ranked tensors, the failing output's path, node ops."""
+
+    worst: tuple[TensorError, ...]
+    path: PathInfo | None  # the focused output's path; None without a focus
+    head_path: PathInfo | None  # the focused path, else the first output's whole ancestry
+    groups: tuple[tuple[str, ...], ...]
+    op_types: Mapping[str, str]  # fp32 node name -> op type
+    produced: Mapping[str, str]  # fp32 tensor name -> the node computing it
 
 
 def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
@@ -559,7 +853,16 @@ def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
 
     When the gate says what failed (``GateResult.focus``), the groups of tensors that feed it come first.
     """
+    return list(rank(run, int8_path).groups)
+
+
+def rank(run: _Run, int8_path: Path) -> Ranking:
+    """Diagnose ``int8_path`` on the soak samples where it departs most from fp32, focused on what failed."""
+    import onnx
+
     from ..analysis.diagnosis import diagnose
+    from ..analysis.paths import tensors_on_path
+    from ..records import Focus
     from ..runner.gate import measure, prepare
 
     settings = dataclasses.replace(run.settings, diagnose="off")
@@ -577,17 +880,17 @@ def rank_exclusions(run: _Run, int8_path: Path) -> list[tuple[str, ...]]:
         feeds = [{k: v[i] for k, v in chosen.items()} for i in range(len(picked))]
     focus = result.focus
     found = diagnose(run.fp32, int8_path, feeds, top=4 * run.options.max_exclusions, focus=focus)
-    path = None
-    if focus is not None:
-        import onnx
-
-        from ..analysis.paths import tensors_on_path
-
-        path = tensors_on_path(onnx.load(str(run.fp32), load_external_data=False), focus)
+    model = onnx.load(str(run.fp32), load_external_data=False)
+    path = tensors_on_path(model, focus) if focus is not None else None
+    # no focus: the first output's whole ancestry is the head's path (the node ranking stays unfocused)
+    head_path = path if path is not None or not model.graph.output else tensors_on_path(
+        model, Focus(model.graph.output[0].name))
     run.say(f"[{run.entry.id}] ranked on soak samples {picked}"
             + (f" for {focus.what or focus.output}" if focus is not None else "") + ": "
             + ", ".join(f"{t.tensor} {t.rank_key:.1f} dB" for t in found.worst[:6]))
-    return exclusion_groups(found.worst, path)
+    return Ranking(found.worst, path, head_path, tuple(exclusion_groups(found.worst, path)),
+                   {n.name: n.op_type for n in model.graph.node if n.name},
+                   {o: n.name for n in model.graph.node if n.name for o in n.output})
 
 
 def exclusion_groups(worst: Sequence[TensorError], path: PathInfo | None = None) -> list[tuple[str, ...]]:
@@ -598,21 +901,54 @@ def exclusion_groups(worst: Sequence[TensorError], path: PathInfo | None = None)
     by a focused diagnosis (which ranked the path already) keeps its place on or off it; otherwise its name (a
     weight's origin) is looked up in ``path``.
     """
-    def tier(tensor: TensorError) -> int:
-        if path is None:
-            return 0
-        if tensor.on_path is not None:
-            return 0 if tensor.on_path else 2
-        # a weight renamed by a fusion is shown as "origin (int8 name)"
-        name = tensor.tensor.split(" (", 1)[0] if tensor.kind == "weight" else tensor.tensor
-        return 2 if not path.on_path(name) else 0 if path.specific(name) else 1
-
     groups: list[tuple[str, ...]] = []
-    for tensor in sorted(worst, key=tier):  # stable: the diagnosis' order within a tier
+    for tensor in sorted(worst, key=lambda t: _tier(t, path)):  # stable: the diagnosis' order within a tier
         group = tensor.exclude or ((tensor.node,) if tensor.node else ())
         if group and group not in groups:
             groups.append(tuple(group))
     return groups
+
+
+def _tier(tensor: TensorError, path: PathInfo | None) -> int:
+    """Return 0 for a tensor feeding only the failing output, 1 for one shared with the rest, 2 off the path."""
+    if path is None:
+        return 0
+    if tensor.on_path is not None:
+        return 0 if tensor.on_path else 2
+    # a weight renamed by a fusion is shown as "origin (int8 name)"
+    name = tensor.tensor.split(" (", 1)[0] if tensor.kind == "weight" else tensor.tensor
+    return 2 if not path.on_path(name) else 0 if path.specific(name) else 1
+
+
+def op_type_order(ranking: Ranking) -> list[str]:
+    """Return the op types of the ranked tensors' nodes, the failing output's path first, without repeats."""
+    types: list[str] = []
+    for tensor in sorted(ranking.worst, key=lambda t: _tier(t, ranking.path)):
+        for node in tensor.exclude or ((tensor.node,) if tensor.node else ()):
+            op = ranking.op_types.get(node)
+            if op is not None and op not in types:
+                types.append(op)
+    return types
+
+
+def head_nodes(ranking: Ranking) -> tuple[str, tuple[str, ...]] | None:
+    """Return the on-path tensor with the most local loss and the fp32 nodes from it to the failing output.
+
+    The distance (in nodes) from the output of the most harmful activation on the path bounds the head: every
+    path node whose output lies that close to the output or closer stays in fp32.
+    """
+    path = ranking.head_path
+    if path is None:
+        return None
+    on_path = [t for t in ranking.worst if t.kind != "weight" and t.tensor in path.distance
+               and t.tensor in ranking.produced]
+    if not on_path:
+        return None
+    start = min(on_path, key=lambda t: t.rank_key)  # the tensor where most of the loss is made
+    reach = path.distance[start.tensor]
+    nodes = [name for tensor, name in ranking.produced.items()
+             if tensor in path.distance and path.distance[tensor] <= reach]
+    return start.tensor, tuple(dict.fromkeys(nodes))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -629,15 +965,16 @@ def _fmt_budget(value: float | None) -> str:
 
 def table_lines(advice: Advice) -> list[str]:
     """Return the fixed-width table of every candidate (the chosen one marked ``*``)."""
-    rows = [("#", "stage", "mode", "options", "drop", "interval", "budget", "int8 ms", "size KB", "verdict")]
+    rows = [("#", "stage", "mode", "options", "drop", "interval", "budget", "int8 ms", "size KB", "build", "verdict")]
     for i, r in enumerate(advice.results):
         interval = f"[{r.interval[0]:.6f}, {r.interval[1]:.6f}]" if r.interval else "n/a"
         size = f"{r.int8_bytes / 1024:.1f}" if r.int8_bytes is not None else "n/a"
         ms = f"{r.int8_ms:.3f}" if r.int8_ms is not None else "n/a"
         verdict = r.verdict if r.verdict else r.status.upper()
         mark = "*" if i == advice.chosen else " "
+        build = "cached" if r.cached else f"{r.build_s:.1f} s" if r.build_s is not None else "n/a"
         rows.append((f"{mark}{i + 1}", r.candidate.stage, r.candidate.mode, r.candidate.label, _fmt(r.drop), interval,
-                     _fmt_budget(r.budget), ms, size, verdict))
+                     _fmt_budget(r.budget), ms, size, build, verdict))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
@@ -645,7 +982,7 @@ def table_lines(advice: Advice) -> list[str]:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     reasons = [f"  #{i + 1}: {r.reason}" for i, r in enumerate(advice.results)
-               if r.reason and (r.status in ("error", "skip") or not r.passed)]
+               if r.reason and (r.status in ("error", "skip", "untried") or not r.passed)]
     return lines + (["", "why:"] + reasons if reasons else [])
 
 
@@ -698,7 +1035,8 @@ def pr_body(advice: Advice, registry: Registry, settings: Settings) -> str:
                      f"| {_fmt_budget(r.budget)} | {_fmt(r.int8_ms, 3)} "
                      f"| {r.int8_bytes if r.int8_bytes is not None else 'n/a'} "
                      f"| {verdict} |")
-    notes = [f"* #{i + 1}: {r.reason}" for i, r in enumerate(advice.results) if r.status in ("skip", "error")]
+    notes = [f"* #{i + 1}: {r.reason}" for i, r in enumerate(advice.results)
+             if r.status in ("skip", "error", "untried")]
     notes += [f"* warning: {w}" for w in advice.warnings]
     if notes:
         lines += ["", "## Notes", "", *notes]
@@ -815,10 +1153,27 @@ def add_arguments(parser: Any) -> None:
                        help="QAD: weight of the teacher loss against the task loss (default: 1.0, teacher only)")
     group.add_argument("--max-exclusions", type=positive_int, default=MAX_EXCLUSION_STEPS, metavar="N",
                        help=f"greedy exclusion steps at most (default: {MAX_EXCLUSION_STEPS})")
+    group.add_argument("--exhaustive", action="store_true",
+                       help="try every candidate of every stage (default: stop a stage at its first passing "
+                            "candidate, and escalate only while nothing passes)")
+    group.add_argument("--max-minutes", type=_minutes_arg, default=None, metavar="M",
+                       help="start no candidate after M minutes (the table lists those not tried)")
     group.add_argument("--write", action="store_true",
                        help="write the chosen sidecar and the registry change (default: print only)")
     group.add_argument("--pr-body", type=Path, default=None, metavar="PATH",
                        help="write the markdown body of the per-model PR (ADR-0208)")
+
+
+def _minutes_arg(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of minutes >= 0")
+    return value
 
 
 def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Callable[[str], None]) -> int:
@@ -841,7 +1196,10 @@ def run_command(ns: Any, settings: Settings, out: Callable[[str], None], err: Ca
     options = AdviseOptions(ep=eps[0], stages=tuple(s.strip() for s in ns.stages.split(",") if s.strip()),
                             calibration_set=ns.calibration_set, allow_recipes=ns.allow_recipes,
                             epochs_qat=ns.epochs_qat, max_exclusions=ns.max_exclusions,
-                            distill_weight=ns.distill_weight)
+                            distill_weight=ns.distill_weight, exhaustive=ns.exhaustive,
+                            max_minutes=ns.max_minutes,
+                            # --cache: built candidates are kept under --cache-dir and re-gated on the next run
+                            cache_dir=ns.cache_dir.resolve() / "advise" if settings.cache else None)
     try:
         registry = load_registry(ns.registry)
         if ns.all_failing:

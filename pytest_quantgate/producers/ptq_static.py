@@ -71,9 +71,11 @@ _log = logging.getLogger(__name__)
 CalibrateMethod = Literal["minmax", "entropy", "percentile"]
 QuantFormat = Literal["qdq", "qoperator"]
 IntType = Literal["int8", "uint8"]
+ActivationType = Literal["int8", "uint8", "int16", "uint16"]  # 16-bit: a16w8, QDQ at opset 21
 _CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 _QUANT_FORMATS = ("qdq", "qoperator")
 _INT_TYPES = ("int8", "uint8")
+_ACTIVATION_TYPES = (*_INT_TYPES, "int16", "uint16")
 TARGET_KEY = "target"
 _SYM_TEMP = "sym_shape_infer_temp.onnx"  # written into the CWD by ORT's symbolic shape inference on failure
 
@@ -88,7 +90,8 @@ class StaticConfig:
     per_channel: one weight scale per output channel (default True).
     quant_format: ``"qdq"`` (QuantizeLinear/DequantizeLinear pairs; default) or ``"qoperator"`` (QLinear* ops).
     activation_type / weight_type: ``"int8"`` or ``"uint8"``; defaults uint8 activations + int8 weights, ORT's
-        advice for x86 CPUs.
+        advice for x86 CPUs. ``activation_type`` may also be ``"uint16"`` / ``"int16"`` (a16w8; QDQ only, ORT
+        raises the graph to opset 21).
     reduce_range: 7-bit weights (can help on CPUs without VNNI).
     op_types_to_quantize: only these op types; ``None`` = every op ORT supports.
     op_types_to_exclude: every node of these op types stays in float.
@@ -109,7 +112,7 @@ class StaticConfig:
     calibrate_method: CalibrateMethod = "minmax"
     per_channel: bool = True
     quant_format: QuantFormat = "qdq"
-    activation_type: IntType = "uint8"
+    activation_type: ActivationType = "uint8"
     weight_type: IntType = "int8"
     reduce_range: bool = False
     op_types_to_quantize: tuple[str, ...] | None = None
@@ -134,7 +137,7 @@ class StaticConfig:
         object.__setattr__(self, "calibration_set", Path(self.calibration_set))
         check_choice(self, "calibrate_method", _CALIBRATE_METHODS)
         check_choice(self, "quant_format", _QUANT_FORMATS)
-        check_choice(self, "activation_type", _INT_TYPES)
+        check_choice(self, "activation_type", _ACTIVATION_TYPES)
         check_choice(self, "weight_type", _INT_TYPES)
         check_bool(self, "per_channel", "reduce_range", "activation_symmetric", "calib_range_symmetric",
                     "moving_average", "preprocess")
@@ -455,7 +458,8 @@ def _run_quantize_static(fp32_path: Path, prepared: Path, built: Path, calibrati
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    int_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    int_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int16": QuantType.QInt16,
+                 "uint16": QuantType.QUInt16}
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
 
@@ -562,7 +566,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"how activation ranges are chosen (default: {d['calibrate_method']})")
     group.add_argument("--quant-format", choices=_QUANT_FORMATS, default=None,
                        help=f"QDQ pairs or QLinear* operators (default: {d['quant_format']})")
-    group.add_argument("--activation-type", choices=_INT_TYPES, default=None,
+    group.add_argument("--activation-type", choices=_ACTIVATION_TYPES, default=None,
                        help=f"activation integer type (default: {d['activation_type']})")
     group.add_argument("--op-types-to-exclude", type=csv_names, action="extend", default=None, metavar="OP[,OP...]",
                        help="leave every node of these op types in float (repeatable)")
