@@ -94,6 +94,15 @@ class CandidateResult:
         return self.gate.drop if self.gate is not None else None
 
     @property
+    def score(self) -> float | None:
+        """Return what candidates are ranked by: the largest share of any judged budget (GateResult.budget_use).
+
+        It is the drop over the budget for PLCC verdicts, and the missed detections, decision flips or cosine
+        distance over theirs for outputs judged by their task, where the gate has no PLCC drop.
+        """
+        return self.gate.budget_use if self.gate is not None else None
+
+    @property
     def interval(self) -> tuple[float, float] | None:
         """Return the drop's bootstrap interval."""
         ci = self.gate.interval if self.gate is not None else None
@@ -122,6 +131,7 @@ class CandidateResult:
     def to_dict(self) -> dict[str, Any]:
         """Return the result as JSON-ready data (the gate's own result included)."""
         return {**self.candidate.to_dict(), "status": self.status, "reason": self.reason, "drop": self.drop,
+                "budget_use": self.score,
                 "ci": list(self.interval) if self.interval else None, "budget": self.budget, "verdict": self.verdict,
                 "int8_ms": self.int8_ms, "int8_bytes": self.int8_bytes, "int8_sha256": self.sha256,
                 "cached": self.cached, "build_s": self.build_s, "gate_s": self.gate_s,
@@ -720,7 +730,7 @@ def _escalation(run: _Run, stage: str, calibration: Path | None) -> None:
 
 def _static_base(run: _Run) -> CandidateResult | None:
     """Return the measured 8-bit static candidate with the lowest drop (what the escalations start from)."""
-    statics = [r for r in run.results if r.candidate.stage == "static" and r.path is not None and r.drop is not None]
+    statics = [r for r in run.results if r.candidate.stage == "static" and r.path is not None and r.score is not None]
     return min(statics, key=_drop_key) if statics else None
 
 
@@ -756,7 +766,7 @@ def _decide(run: _Run, warnings: list[str], calibration: Path | None) -> Advice:
     results = run.results
     passing = [i for i, r in enumerate(results) if r.passed]
     chosen = min(passing, key=lambda i: _cost(results[i])) if passing else None
-    measured = [i for i, r in enumerate(results) if r.drop is not None]
+    measured = [i for i, r in enumerate(results) if r.score is not None]
     best = chosen if chosen is not None else (min(measured, key=lambda i: (_drop_key(results[i]), _cost(results[i])))
                                               if measured else None)
     if chosen is not None:
@@ -779,7 +789,7 @@ def _cost(result: CandidateResult) -> tuple[float, float]:
 
 
 def _drop_key(result: CandidateResult) -> float:
-    return result.drop if result.drop is not None and math.isfinite(result.drop) else math.inf
+    return result.score if result.score is not None and math.isfinite(result.score) else math.inf
 
 
 def _next_step(run: _Run, calibration: Path | None) -> str:
@@ -815,11 +825,11 @@ def exclusion_stage(run: _Run, calibration: Path, base: CandidateResult, groups:
         run.add(CandidateResult(_candidate("exclusions", "static", {}), "skip",
                                 "the diagnosis named no node to keep in fp32"))
         return
-    assert base.drop is not None
+    assert base.score is not None
     steps = list(groups[: run.options.max_exclusions])
     run.planned += len(steps)
     kept: list[str] = []
-    best = base.drop
+    best = base.score
     for n, group in enumerate(steps):
         trial = kept + [name for name in group if name not in kept]
         candidate = _candidate("exclusions", "static", {**base.candidate.options, "nodes_to_exclude": trial})
@@ -832,8 +842,8 @@ def exclusion_stage(run: _Run, calibration: Path, base: CandidateResult, groups:
                                         "untried", f"not tried: #{passed} of this stage passed "
                                                    "(--exhaustive tries the rest)"))
             return
-        if result.drop is not None and result.drop < best:
-            kept, best = trial, result.drop
+        if result.score is not None and result.score < best:
+            kept, best = trial, result.score
 
 
 @dataclass(frozen=True)
@@ -965,7 +975,8 @@ def _fmt_budget(value: float | None) -> str:
 
 def table_lines(advice: Advice) -> list[str]:
     """Return the fixed-width table of every candidate (the chosen one marked ``*``)."""
-    rows = [("#", "stage", "mode", "options", "drop", "interval", "budget", "int8 ms", "size KB", "build", "verdict")]
+    rows = [("#", "stage", "mode", "options", "drop", "interval", "budget", "use", "int8 ms", "size KB", "build",
+             "verdict")]
     for i, r in enumerate(advice.results):
         interval = f"[{r.interval[0]:.6f}, {r.interval[1]:.6f}]" if r.interval else "n/a"
         size = f"{r.int8_bytes / 1024:.1f}" if r.int8_bytes is not None else "n/a"
@@ -973,8 +984,9 @@ def table_lines(advice: Advice) -> list[str]:
         verdict = r.verdict if r.verdict else r.status.upper()
         mark = "*" if i == advice.chosen else " "
         build = "cached" if r.cached else f"{r.build_s:.1f} s" if r.build_s is not None else "n/a"
+        use = f"{r.score:.0%}" if r.score is not None and math.isfinite(r.score) else "n/a"
         rows.append((f"{mark}{i + 1}", r.candidate.stage, r.candidate.mode, r.candidate.label, _fmt(r.drop), interval,
-                     _fmt_budget(r.budget), ms, size, build, verdict))
+                     _fmt_budget(r.budget), use, ms, size, build, verdict))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
