@@ -97,7 +97,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> dict[str, Any]:
     leaves the convolutions in float. Constants that are graph outputs stay nodes (an initializer cannot be one
     in every IR version); constants inside subgraphs stay too (they are not where the quantisers look).
     """
-    from onnx import numpy_helper
+    from onnx import TensorProto
 
     graph = model.graph
     outputs = {value.name for value in graph.output}
@@ -111,7 +111,9 @@ def constants_to_initializers(model: onnx.ModelProto) -> dict[str, Any]:
         if tensor is None or not name or name in outputs or name in taken:
             kept_nodes.append(node)
             continue
-        initializer = numpy_helper.from_array(numpy_helper.to_array(tensor), name)
+        initializer = TensorProto()
+        initializer.CopyFrom(tensor)  # a copy of the proto: no round trip through numpy, no dtype to lose
+        initializer.name = name
         converted.append(initializer)
         taken.add(name)
     if not converted:
@@ -136,7 +138,8 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
     for attr in node.attribute:
         if attr.name == "value" and attr.type == attr.TENSOR:
-            return attr.t
+            tensor: onnx.TensorProto = attr.t
+            return tensor
         if attr.name == "value_float":
             return helper.make_tensor("c", TensorProto.FLOAT, [], [attr.f])
         if attr.name == "value_floats":
