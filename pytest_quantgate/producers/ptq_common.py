@@ -52,7 +52,7 @@ def add_common_arguments(group: Any, defaults: dict[str, Any]) -> None:
     group.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
                        help="symmetric weight ranges (default: ORT's choice, symmetric for int8)")
     group.add_argument("--target-opset", type=int, default=None,
-                       help="opset that graphs below 13 are converted to for per-channel "
+                       help="opset that graphs below 13 are converted to for per-channel or QDQ output "
                             f"(default: {defaults['target_opset']})")
 
 

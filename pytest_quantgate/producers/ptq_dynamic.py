@@ -108,12 +108,13 @@ def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig, *,
                      guard: WriteGuard | None = None) -> ProducerResult:
     """Write a dynamically quantised ``int8_path`` from ``fp32_path``; return the sha256 to pin and provenance.
 
-    Steps: copy the model into a scratch folder, drop ``value_info`` entries that duplicate initializer names
-    (ORT's shape inference fails on them with "Inferred shape and existing shape differ"), convert graphs below
-    opset 13 to ``config.target_opset`` when ``per_channel`` is set, quantise, check that ORT loads the result,
-    then publish it atomically with its provenance inside. ``guard`` (from ``Registry.write_guard``) refuses a
-    target the registry names in another role. Raises :class:`ProducerError` naming the model and the stage on
-    any failure; the old sidecar, if any, is then left untouched.
+    Steps: the shared pre-processing stage (:mod:`pytest_quantgate.producers.preprocess`) on a copy in a scratch
+    folder (Constant-node weights to initializers, literal ``-1`` dims named, ``value_info`` entries that
+    duplicate initializer names dropped, graphs below opset 13 converted to ``config.target_opset`` when
+    ``per_channel`` is set; ORT's ``quant_pre_process`` is recorded as skipped), quantise, check that ORT loads
+    the result, then publish it atomically with its provenance inside. ``guard`` (from ``Registry.write_guard``)
+    refuses a target the registry names in another role. Raises :class:`ProducerError` naming the model and the
+    stage on any failure; the old sidecar, if any, is then left untouched.
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic

@@ -94,7 +94,8 @@ class StaticConfig:
     weight_symmetric: symmetric weight ranges; ``None`` = ORT's default (symmetric for int8).
     calib_range_symmetric: make every calibrated range symmetric around 0 (ORT ``CalibTensorRangeSymmetric``).
     moving_average / moving_average_constant: MinMax over a moving average of per-batch ranges.
-    preprocess: run ORT's ``quant_pre_process`` first (recommended by ORT).
+    preprocess: run ORT's ``quant_pre_process`` after the graph repairs (recommended by ORT); the repairs of
+        :mod:`pytest_quantgate.producers.preprocess` run either way.
     target_opset: opset that graphs below 13 are converted to before per-channel or QDQ quantisation.
     """
 
@@ -510,7 +511,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moving-average-constant", type=float, default=None,
                        help=f"smoothing factor of --moving-average (default: {d['moving_average_constant']})")
     group.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"run ORT's quant_pre_process first (default: {d['preprocess']})")
+                       help="run ORT's quant_pre_process after the graph repairs, which always run "
+                            f"(default: {d['preprocess']})")
 
 
 def config_from_args(ns: argparse.Namespace) -> StaticConfig:
