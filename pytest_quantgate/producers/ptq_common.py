@@ -52,7 +52,7 @@ def add_common_arguments(group: Any, defaults: dict[str, Any]) -> None:
     group.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
                        help="symmetric weight ranges (default: ORT's choice, symmetric for int8)")
     group.add_argument("--target-opset", type=int, default=None,
-                       help="opset that graphs below 13 are converted to for per-channel "
+                       help="opset that graphs below 13 are converted to for per-channel or QDQ output "
                             f"(default: {defaults['target_opset']})")
 
 
@@ -234,50 +234,6 @@ def check_node_names(fp32_path: Path, model: onnx.ModelProto, option: str, names
             f"{fp32_path}: {option} names node(s) not in the model: {', '.join(map(repr, missing))}; "
             f"node names in the model include: {', '.join(map(repr, sample)) or '(none named)'}"
         )
-
-
-def drop_initializer_value_info(model: onnx.ModelProto) -> dict[str, Any]:
-    """Remove ``value_info`` entries named like an initializer, in place; return the provenance step.
-
-    Such entries (left by some exporters and graph editors) make ORT's shape inference fail with
-    "Inferred shape and existing shape differ" when they disagree with the initializer.
-    """
-    initializers = {init.name for init in model.graph.initializer}
-    kept = [vi for vi in model.graph.value_info if vi.name not in initializers]
-    removed = [vi.name for vi in model.graph.value_info if vi.name in initializers]
-    if removed:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
-    return {"step": "drop_initializer_value_info", "status": "ran" if removed else "nothing_to_do", "removed": removed}
-
-
-def model_opset(model: onnx.ModelProto) -> int | None:
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            return int(opset.version)
-    return None
-
-
-def upgrade_opset(fp32_path: Path, model: onnx.ModelProto, target_opset: int) -> dict[str, Any]:
-    """Convert a graph below opset 13 to ``target_opset`` in place; return the provenance step.
-
-    Per-channel quantisation of an opset < 13 graph writes an invalid model (DequantizeLinear with an axis on
-    an int32 bias needs opset 13).
-    """
-    import onnx.version_converter
-
-    current = model_opset(model)
-    if current is None or current >= PER_CHANNEL_MIN_OPSET:
-        return {"step": "opset_upgrade", "status": "not_needed", "opset": current}
-    try:
-        converted = onnx.version_converter.convert_version(model, target_opset)
-    except Exception as exc:
-        raise ProducerError(
-            f"{fp32_path}: stage 'opset upgrade': cannot convert opset {current} to {target_opset} "
-            f"(needed for per-channel quantisation): {one_line(exc)}"
-        ) from exc
-    model.CopyFrom(converted)
-    return {"step": "opset_upgrade", "status": "ran", "from": current, "to": target_opset}
 
 
 def is_default_tensor_type_error(exc: BaseException) -> bool:

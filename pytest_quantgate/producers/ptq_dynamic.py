@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
+from pytest_quantgate.producers.preprocess import prepare_for_quantisation
 from pytest_quantgate.producers.provenance import publish_sidecar, scratch_dir
 from pytest_quantgate.producers.ptq_common import (
     DEFAULT_TARGET_OPSET,
@@ -28,7 +29,6 @@ from pytest_quantgate.producers.ptq_common import (
     check_ort_loads,
     config_defaults,
     config_to_dict,
-    drop_initializer_value_info,
     given_options,
     is_default_tensor_type_error,
     normalise_names,
@@ -36,8 +36,6 @@ from pytest_quantgate.producers.ptq_common import (
     onnx_float,
     ort_failure,
     provenance_record,
-    save_model,
-    upgrade_opset,
 )
 
 if TYPE_CHECKING:
@@ -110,33 +108,30 @@ def quantize_dynamic(fp32_path: Path, int8_path: Path, config: DynamicConfig, *,
                      guard: WriteGuard | None = None) -> ProducerResult:
     """Write a dynamically quantised ``int8_path`` from ``fp32_path``; return the sha256 to pin and provenance.
 
-    Steps: copy the model into a scratch folder, drop ``value_info`` entries that duplicate initializer names
-    (ORT's shape inference fails on them with "Inferred shape and existing shape differ"), convert graphs below
-    opset 13 to ``config.target_opset`` when ``per_channel`` is set, quantise, check that ORT loads the result,
-    then publish it atomically with its provenance inside. ``guard`` (from ``Registry.write_guard``) refuses a
-    target the registry names in another role. Raises :class:`ProducerError` naming the model and the stage on
-    any failure; the old sidecar, if any, is then left untouched.
+    Steps: the shared pre-processing stage (:mod:`pytest_quantgate.producers.preprocess`) on a copy in a scratch
+    folder (Constant-node weights to initializers, literal ``-1`` dims named, ``value_info`` entries that
+    duplicate initializer names dropped, graphs below opset 13 converted to ``config.target_opset`` when
+    ``per_channel`` is set; ORT's ``quant_pre_process`` is recorded as skipped), quantise, check that ORT loads
+    the result, then publish it atomically with its provenance inside. ``guard`` (from ``Registry.write_guard``)
+    refuses a target the registry names in another role. Raises :class:`ProducerError` naming the model and the
+    stage on any failure; the old sidecar, if any, is then left untouched.
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     fp32_path, int8_path, started, fp32_sha, model = begin(fp32_path, int8_path, config, DynamicConfig,
                                                            "quantize_dynamic", guard=guard)
-    steps: list[dict[str, Any]] = []
-    steps.append(drop_initializer_value_info(model))
-    if config.per_channel:
-        steps.append(upgrade_opset(fp32_path, model, config.target_opset))
-    steps.append({"step": "quant_pre_process", "status": "skipped", "reason": "not used for dynamic quantisation"})
 
     extra_options: dict[str, Any] = {"MatMulConstBOnly": config.matmul_const_b_only}
     if config.weight_symmetric is not None:
         extra_options["WeightSymmetric"] = config.weight_symmetric
     with scratch_dir("ptq-dynamic") as work:
-        source = work / "fp32.onnx"
-        built = work / "int8.onnx"
-        save_model(fp32_path, model, source)
+        source, steps = prepare_for_quantisation(
+            fp32_path, model, work, per_channel=config.per_channel, need_qdq=False,
+            target_opset=config.target_opset, pre_process=False,
+            pre_process_skipped="not used for dynamic quantisation", keep_nodes=config.nodes_to_exclude)
         del model
-        check_ort_loads(fp32_path, source, "load fp32")
+        built = work / "int8.onnx"
         kwargs = dict(
             op_types_to_quantize=list(config.op_types_to_quantize) if config.op_types_to_quantize else None,
             per_channel=config.per_channel,

@@ -8,24 +8,22 @@ against the model before anything runs, and every mismatch is reported at once.
 
 Pipeline (each step is recorded in the provenance record):
 
-1. copy the model into a private scratch folder (the user's fp32 file is never modified, and ORT's
-   ``-inferred.onnx`` temp files never land beside it);
-2. drop ``value_info`` entries that duplicate initializer names;
-3. convert graphs below opset 13 to ``target_opset`` before per-channel quantisation;
-4. ORT pre-processing (``quant_pre_process``), retried without symbolic shape inference when that fails,
-   skipped (and recorded) when it fails entirely, re-run without graph optimisation when the optimiser
-   renamed away a node named in ``nodes_to_exclude``;
-5. calibrate and quantise (``quantize_static``), retried with ``DefaultTensorType=FLOAT`` on ORT's
+1. check the calibration set against the model's inputs;
+2. the shared pre-processing stage (:mod:`pytest_quantgate.producers.preprocess`) in a private scratch folder
+   (the user's fp32 file is never modified, and ORT's ``-inferred.onnx`` temp files never land beside it):
+   Constant-node weights to initializers, literal ``-1`` dims to symbolic ones, duplicated ``value_info``
+   dropped, graphs below opset 13 converted to ``target_opset`` for per-channel or QDQ output, then ORT's
+   ``quant_pre_process`` with its fallbacks (``preprocess=False`` skips only that last step);
+3. calibrate and quantise (``quantize_static``), retried with ``DefaultTensorType=FLOAT`` on ORT's
    "Unable to find data type for weight_name"; any other ORT crash becomes a ``ProducerError`` naming the
    model, the stage and the ORT function that crashed;
-6. check that ORT loads the result and runs one calibration batch through it;
-7. publish atomically, the provenance record inside the model's ``metadata_props``.
+4. check that ORT loads the result and runs one calibration batch through it;
+5. publish atomically, the provenance record inside the model's ``metadata_props``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import zipfile
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_quantgate.fileio import sha256_file
 from pytest_quantgate.producers.base import ProducerError, ProducerResult
+from pytest_quantgate.producers.preprocess import prepare_for_quantisation
 from pytest_quantgate.producers.provenance import publish_sidecar, scratch_dir
 from pytest_quantgate.producers.ptq_common import (
     DEFAULT_TARGET_OPSET,
@@ -47,7 +46,6 @@ from pytest_quantgate.producers.ptq_common import (
     config_defaults,
     config_to_dict,
     csv_names,
-    drop_initializer_value_info,
     given_options,
     is_default_tensor_type_error,
     normalise_names,
@@ -55,8 +53,6 @@ from pytest_quantgate.producers.ptq_common import (
     onnx_float,
     ort_failure,
     provenance_record,
-    save_model,
-    upgrade_opset,
 )
 from pytest_quantgate.settings import positive_int
 
@@ -65,8 +61,6 @@ if TYPE_CHECKING:
     import onnx
 
     from pytest_quantgate.io.registry import WriteGuard
-
-_log = logging.getLogger(__name__)
 
 CalibrateMethod = Literal["minmax", "entropy", "percentile"]
 QuantFormat = Literal["qdq", "qoperator"]
@@ -77,7 +71,6 @@ _QUANT_FORMATS = ("qdq", "qoperator")
 _INT_TYPES = ("int8", "uint8")
 _ACTIVATION_TYPES = (*_INT_TYPES, "int16", "uint16")
 TARGET_KEY = "target"
-_SYM_TEMP = "sym_shape_infer_temp.onnx"  # written into the CWD by ORT's symbolic shape inference on failure
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,8 +97,9 @@ class StaticConfig:
     weight_symmetric: symmetric weight ranges; ``None`` = ORT's default (symmetric for int8).
     calib_range_symmetric: make every calibrated range symmetric around 0 (ORT ``CalibTensorRangeSymmetric``).
     moving_average / moving_average_constant: MinMax over a moving average of per-batch ranges.
-    preprocess: run ORT's ``quant_pre_process`` first (recommended by ORT).
-    target_opset: opset that graphs below 13 are converted to before per-channel quantisation.
+    preprocess: run ORT's ``quant_pre_process`` after the graph repairs (recommended by ORT); the repairs of
+        :mod:`pytest_quantgate.producers.preprocess` run either way.
+    target_opset: opset that graphs below 13 are converted to before per-channel or QDQ quantisation.
     """
 
     calibration_set: Path
@@ -227,7 +221,9 @@ def model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
             dtype = None
         dims: tuple[int | None, ...] | None = None
         if tensor_type.HasField("shape"):
-            dims = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            # a literal -1 (or 0) is an exporter's "any size", not a size (the pre-processing names it)
+            dims = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                         for d in tensor_type.shape.dim)
         specs.append(_InputSpec(value.name, dtype, dims))
     return specs
 
@@ -389,19 +385,11 @@ def quantize_static(fp32_path: Path, int8_path: Path, config: StaticConfig, *,
                                                            "quantize_static", guard=guard)
     calibration = load_calibration_set(fp32_path, model, config)
 
-    steps: list[dict[str, Any]] = [drop_initializer_value_info(model)]
-    if config.per_channel:
-        steps.append(upgrade_opset(fp32_path, model, config.target_opset))
     with scratch_dir("ptq-static") as work:
-        source = work / "fp32.onnx"
-        save_model(fp32_path, model, source)
+        prepared, steps = prepare_for_quantisation(
+            fp32_path, model, work, per_channel=config.per_channel, need_qdq=config.quant_format == "qdq",
+            target_opset=config.target_opset, pre_process=config.preprocess, keep_nodes=config.nodes_to_exclude)
         del model
-        check_ort_loads(fp32_path, source, "load fp32")
-        if config.preprocess:
-            prepared, step = _preprocess(fp32_path, source, work, config.nodes_to_exclude)
-        else:
-            prepared, step = source, {"step": "quant_pre_process", "status": "skipped", "reason": "preprocess=False"}
-        steps.append(step)
         nodes_to_exclude, excluded_by_type = _nodes_to_exclude(prepared, config)
         extra_options = _extra_options(config)
         built = work / "int8.onnx"
@@ -493,64 +481,6 @@ def _run_quantize_static(fp32_path: Path, prepared: Path, built: Path, calibrati
             raise ort_failure(fp32_path, "quantize_static (retry with DefaultTensorType=FLOAT)", exc2) from exc2
 
 
-def _preprocess(fp32_path: Path, source: Path, work: Path, keep_nodes: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
-    """Run ORT pre-processing with fallbacks; return the model to quantise and the provenance step."""
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    step: dict[str, Any] = {"step": "quant_pre_process", "attempts": []}
-    attempts = [{"skip_symbolic_shape": False}, {"skip_symbolic_shape": True}]
-    for index, options in enumerate(attempts):
-        target = work / f"preprocessed-{index}.onnx"
-        error = _call_pre_process(quant_pre_process, source, target, options)
-        step["attempts"].append({**options, "error": error})
-        if error is None:
-            break
-    else:
-        _log.warning("%s: ORT pre-processing failed; quantising without it", fp32_path)
-        step.update(status="failed_continued_without", symbolic_shape_inference=False, optimisation=False)
-        return source, step
-
-    step.update(status="ran", symbolic_shape_inference=not options["skip_symbolic_shape"], optimisation=True)
-    if keep_nodes:
-        present = {node.name for node in onnx.load(str(target), load_external_data=False).graph.node}
-        lost = [name for name in keep_nodes if name not in present]
-        if lost:  # the optimiser fused or renamed a node the user excluded: keep the graph as exported
-            options = {**options, "skip_optimization": True}
-            retry = work / "preprocessed-no-opt.onnx"
-            error = _call_pre_process(quant_pre_process, source, retry, options)
-            step["attempts"].append({**options, "error": error, "reason": f"optimiser removed excluded node(s) {lost}"})
-            if error is None:
-                target = retry
-                step["optimisation"] = False
-            else:
-                step.update(status="failed_continued_without", symbolic_shape_inference=False, optimisation=False)
-                return source, step
-    return target, step
-
-
-def _call_pre_process(quant_pre_process: Any, source: Path, target: Path, options: dict[str, Any]) -> str | None:
-    """Call quant_pre_process; return None on success or the error in one line.
-
-    ORT's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` into the current directory when it
-    fails; a copy that was not there before the call is removed.
-    """
-    leftovers = [Path.cwd() / _SYM_TEMP, Path.cwd() / f"{_SYM_TEMP}.data"]
-    existed = {path: path.exists() for path in leftovers}
-    try:
-        quant_pre_process(str(source), str(target), **options)
-    except Exception as exc:
-        target.unlink(missing_ok=True)
-        return one_line(exc)
-    finally:
-        for path, was_there in existed.items():
-            if not was_there:
-                path.unlink(missing_ok=True)
-    if not target.is_file():
-        return "quant_pre_process wrote no model"
-    return None
-
-
 # --------------------------------------------------------------------------------------------------------------
 # argparse glue (the CLI's ``quantgate ptq-static`` subcommand builds its options here)
 
@@ -585,7 +515,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moving-average-constant", type=float, default=None,
                        help=f"smoothing factor of --moving-average (default: {d['moving_average_constant']})")
     group.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"run ORT's quant_pre_process first (default: {d['preprocess']})")
+                       help="run ORT's quant_pre_process after the graph repairs, which always run "
+                            f"(default: {d['preprocess']})")
 
 
 def config_from_args(ns: argparse.Namespace) -> StaticConfig:
