@@ -563,9 +563,14 @@ class _Run:
         spent = build_s + (result.gate_s or 0.0)
         self.seconds.append(spent)
         left = sum(self.seconds) / len(self.seconds) * self.planned
-        drop = "n/a" if result.drop is None else f"{result.drop:.6f}"
+        if result.drop is not None:
+            measured = f"drop {result.drop:.6f}"
+        elif result.score is not None:  # judged by its task (detections, decisions...): the budget it uses
+            measured = f"budget use {result.score:.0%}"
+        else:
+            measured = "drop n/a"
         what = "cached" if cached else "built"
-        self.say(f"{head}: {what}, gated: drop {drop} {(result.verdict or result.status).upper()} ({spent:.1f} s); "
+        self.say(f"{head}: {what}, gated: {measured} {(result.verdict or result.status).upper()} ({spent:.1f} s); "
                  f"{_time_left(left)}" + (f" ({result.reason})" if result.status == "skip" else ""))
         return result
 
