@@ -42,6 +42,9 @@ MIN_CALIBRATION_SAMPLES = 100  # the QAT literature's "100+ representative batch
 DISAGREEING_SAMPLES = 8  # soak samples the exclusion ranking looks at (every intermediate tensor is kept in memory)
 MAX_EXCLUSION_STEPS = 4
 MATMUL_HEAVY_SHARE = 0.5  # share of weight parameters in constant-weight MatMul/Gemm for the int4 candidate
+# below this share of the weights in MatMul/Gemm, a MatMul-only dynamic sidecar of a Conv graph is not worth
+# building: it passes any budget by leaving the model fp32 (a direction classifier: one 0.3% Gemm)
+MATMUL_ONLY_SHARE = 0.10
 EXIT_FOUND, EXIT_NONE, EXIT_ERROR = 0, 1, 2
 RELAX_NOTE = "relaxing the budget is not advised (ADR-0129: escalate rather than relax)"
 
@@ -231,9 +234,11 @@ def graph_facts(fp32_path: Path) -> GraphFacts:
     """Count Conv and constant-weight MatMul/Gemm nodes and where the weights are."""
     import onnx
 
+    from ..producers.preprocess import constants_to_initializers
     from ..producers.weight_only import constant_weight_matmuls
 
     model = onnx.load(str(fp32_path))
+    constants_to_initializers(model)  # Paddle exports keep every weight in a Constant node: count those too
     sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
     matmuls = set(constant_weight_matmuls(model))
     in_matmul = sum(sizes[n.input[1]] for n in model.graph.node if n.name in matmuls)
@@ -287,7 +292,12 @@ def ptq_candidates(facts: GraphFacts, stages: Sequence[str], has_calibration: bo
             skip = _candidate("dynamic", "dynamic", {"per_channel": False})
             skipped.append(CandidateResult(skip, "skip", f"{facts.conv_nodes} Conv node(s) would run as ConvInteger "
                                                          "(slow on CPU and known to wreck outputs)"))
-            if facts.matmul_any:
+            if facts.matmul_any and facts.matmul_weight_share < MATMUL_ONLY_SHARE:
+                skipped.append(CandidateResult(
+                    _candidate("dynamic", "dynamic", {"op_types_to_quantize": MATMUL_ONLY}), "skip",
+                    f"MatMul/Gemm hold {facts.matmul_weight_share:.0%} of the weights: a MatMul-only sidecar would "
+                    f"leave the model almost all fp32"))
+            elif facts.matmul_any:
                 for per_channel in (False, True):
                     for const_b in (True, False):
                         out.append(_candidate("dynamic", "dynamic", {
