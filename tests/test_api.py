@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import modelkit
 import numpy as np
 import onnx
 import pytest
 from conftest import GateProject, rounded_weights
 from onnx import helper, numpy_helper
 
-import modelkit
 from pytest_quantgate.errors import InputError, ModelFileError, RegistryError
 from pytest_quantgate.frontends.api import CheckError, assert_passes, check, entry_fields
 from pytest_quantgate.records import GateResult
@@ -28,8 +28,8 @@ def _digits(assets: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_check_on_paths_returns_the_typed_result(digits_assets: Path) -> None:
-    result = check(digits_assets / "digits.onnx", digits_assets / "digits.int8.onnx", feeds=digits_assets / "digits.npz",
-                   mode="dynamic", settings=FAST)
+    result = check(digits_assets / "digits.onnx", digits_assets / "digits.int8.onnx",
+                   feeds=digits_assets / "digits.npz", mode="dynamic", settings=FAST)
     assert isinstance(result, GateResult)
     assert result.passed and result.verdict == "PASS"
     assert result.entry_id == "digits" and result.ep == "cpu" and result.mode == "dynamic"

@@ -9,13 +9,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import modelkit
 import numpy as np
 import onnx
 import oswrite
 import pytest
 from conftest import GateProject, rounded_weights
 
-import modelkit
 from pytest_quantgate.engine.comparison import Collector, plan_outputs
 from pytest_quantgate.frontends.api import check
 from pytest_quantgate.frontends.cli import main
