@@ -41,6 +41,9 @@ DEFAULT_MAX_FIXTURE_GIB = 64.0
 # samples in 30 s, measured), so the default admits minutes, and a deflated archive of 10^8 tiny samples (the issue's
 # 4.8 MB zip declaring 4 GiB) is refused at once
 DEFAULT_MAX_SAMPLES = 10_000_000
+# samples --quantgate-save-disagreements keeps per entry and EP: a fixture that runs in a blink, and enough to
+# hold every top-1 flip of a sidecar near its 1 % budget on a few thousand soak samples
+DEFAULT_SAVE_COUNT = 64
 MAX_SAMPLES_HELP = (f"refuse soak fixtures with more than N samples, an ERROR before anything runs (default "
                     f"{DEFAULT_MAX_SAMPLES:_}; 0 = no ceiling); memory stays bounded whatever the count, time does not")
 
@@ -82,6 +85,8 @@ class Settings:
     max_fixture_bytes: int = int(DEFAULT_MAX_FIXTURE_GIB * (1 << 30))
     max_samples: int = DEFAULT_MAX_SAMPLES  # 0: no ceiling
     threads: int | None = None  # ORT intra-op threads; set under xdist so workers do not oversubscribe cores
+    save_disagreements: Path | None = None  # folder of <id>.<ep>.disagreements.npz fixtures; None: none written
+    save_count: int = DEFAULT_SAVE_COUNT
     ep_options: EpOptions = EpOptions()
 
 
@@ -358,6 +363,11 @@ OPTIONS: tuple[Option, ...] = (
            f"many GiB (default {DEFAULT_MAX_FIXTURE_GIB:g}); headers are checked before anything is allocated",
            DEFAULT_MAX_FIXTURE_GIB, metavar="GIB"),
     Option("max-samples", "max_samples", "int", MAX_SAMPLES_HELP, DEFAULT_MAX_SAMPLES, metavar="N"),
+    Option("save-disagreements", "save_disagreements", "optional-path", "after measuring each entry, write "
+           "DIR/<id>.<ep>.disagreements.npz: the soak samples where int8 departs most from fp32 (top-1 and threshold "
+           "flips, largest errors) with their 'indices', a ready-to-use soak fixture", None, metavar="DIR"),
+    Option("save-count", "save_count", "int", f"samples --quantgate-save-disagreements keeps per entry and EP "
+           f"(default {DEFAULT_SAVE_COUNT})", DEFAULT_SAVE_COUNT, metavar="N", minimum=1),
     Option("cuda-device", "ep_options.cuda_device_id", "int", "CUDA device id (default 0)", 0, metavar="N"),
     Option("openvino-device", "ep_options.openvino_device", "text", "OpenVINO device_type: CPU, GPU, NPU, ... "
            "(default CPU)", "CPU", metavar="DEVICE"),
@@ -407,6 +417,8 @@ def _from_args(ns: argparse.Namespace, o: Option) -> Any:
         return int(float(o.fallback() if value is None else value) * (1 << 30))
     if o.kind == "flag":
         return bool(value)
+    if o.kind == "optional-path":  # relative to the folder the command runs in, as pytest's flags are
+        return Path(value).resolve() if value else None
     return o.fallback() if value is None else value
 
 

@@ -257,7 +257,7 @@ def test_rank_exclusions_passes_the_gates_focus_to_the_diagnosis(
     images = feeds[0]["image"]
     fixture = SimpleNamespace(take=lambda picked: {"image": images[list(picked)]})
     prepared = SimpleNamespace(plan=SimpleNamespace(batch=None, fixed_batch=False, batched=True), fixture=fixture)
-    collector = SimpleNamespace(worst_samples=lambda count, focus=None: list(range(min(count, len(images)))))
+    collector = SimpleNamespace(worst_samples=lambda count, focus=None, kind=None: list(range(min(count, len(images)))))
     result = SimpleNamespace(focus=Focus("pred", 1, CLASS_ROWS, "classes 0-2"))
     monkeypatch.setattr(gate, "prepare", lambda *args, **kwargs: prepared)
     monkeypatch.setattr(gate, "measure", lambda *args: (result, collector))

@@ -167,3 +167,28 @@ def test_wheel_in_a_fresh_virtualenv_gates_the_bundled_registry_outside_the_repo
     assert "3 passed" in gated, gated
     report = json.loads((project / "report.json").read_text())
     assert sorted(i["id"] for i in report["items"]) == sorted(BUNDLED_IDS)
+
+    # 3. the `quantgate` fixture in a user's own test file: ModelProtos and arrays, and a failure's report
+    (project / "test_user.py").write_text(USER_TEST)
+    user = _run(python, "-m", "pytest", "-p", "no:cacheprovider", "test_user.py", cwd=project)
+    assert user.returncode == pytest.ExitCode.TESTS_FAILED, user.stdout + user.stderr
+    assert "1 failed, 1 passed" in user.stdout, user.stdout
+    assert "quantgate FAILED: fusion_mlp_v1 [cpu] mode=dynamic: lineage: " in user.stdout, user.stdout
+
+
+USER_TEST = '''
+import numpy as np
+import onnx
+
+
+def test_objects(quantgate):
+    feeds = dict(np.load("fixtures/fusion_mlp_v1.npz"))
+    result = quantgate.check(onnx.load("model/fusion_mlp_v1.onnx"), onnx.load("model/fusion_mlp_v1.int8.onnx"),
+                             feeds=feeds, mode="dynamic", budget_mae=0.01)
+    assert result.passed and result.entry_id == "main_graph"  # a ModelProto is named by its graph
+
+
+def test_the_fp32_as_its_own_sidecar(quantgate):
+    quantgate.check("model/fusion_mlp_v1.onnx", "model/fusion_mlp_v1.onnx", feeds="fixtures/fusion_mlp_v1.npz",
+                    mode="dynamic")
+'''

@@ -322,7 +322,7 @@ def test_focus_plot_keeps_only_masked_positions(tmp_path: Path, digits_assets: P
     result, collector = measure(prepared, settings)
     focused = replace(result, focus=Focus("score"))
     # the worst samples of a masked output are all masked ones; pick every sample to see the others dropped
-    monkeypatch.setattr(collector, "worst_samples", lambda count, focus=None: list(range(count)))
+    monkeypatch.setattr(collector, "worst_samples", lambda count, focus=None, kind=None: list(range(count)))
     plot = focus_plot_data(prepared, collector, focused)
     kept = [i for i in range(FOCUS_PLOT_SAMPLES) if (i % 3 == 0) != invert]
     assert plot is not None and plot.output == f"score[where 'keep' is {'not set' if invert else 'set'}]"

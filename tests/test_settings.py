@@ -66,6 +66,7 @@ VALUED: list[tuple[str, str, list[str], str, Any, Any]] = [
     ("quantgate_diagnose", "diagnose", ["off"], "ALWAYS", "off", "always"),
     ("quantgate_max_fixture_gib", "max_fixture_bytes", ["2"], "0.5", 2 * GIB, GIB // 2),
     ("quantgate_max_samples", "max_samples", ["0"], "10", 0, 10),
+    ("quantgate_save_count", "save_count", ["8"], "100", 8, 100),
     ("quantgate_cuda_device", "ep_options.cuda_device_id", ["1"], "2", 1, 2),
     ("quantgate_openvino_device", "ep_options.openvino_device", ["gpu"], " npu ", "GPU", "NPU"),
     ("quantgate_openvino_precision", "ep_options.openvino_precision", ["fp16"], "accuracy", "FP16", "ACCURACY"),
@@ -74,7 +75,7 @@ VALUED: list[tuple[str, str, list[str], str, Any, Any]] = [
 FLAGS = [("quantgate", "enabled"), ("quantgate_strict_ep", "strict_ep"), ("quantgate_strict", "strict"),
          ("quantgate_allow_recipes", "allow_recipes"), ("quantgate_cache", "cache")]
 PATHS = [("quantgate_registry", "registry"), ("quantgate_fixtures", "fixtures_dir"), ("quantgate_report", "report"),
-         ("quantgate_html", "html")]
+         ("quantgate_html", "html"), ("quantgate_save_disagreements", "save_disagreements")]
 
 
 def _flag(key: str) -> str:
@@ -273,13 +274,15 @@ def test_cli_values_reach_the_settings(tmp_path: Path) -> None:
                      "--bootstrap", "0", "--seed", "9", "--confidence", "0.9", "--decision", "conservative",
                      "--regen", "never", "--allow-recipes", "--diagnose", "always", "--max-fixture-gib", "0.25",
                      "--max-samples", "0", "--cuda-device", "3", "--openvino-device", "gpu.1",
-                     "--openvino-precision", "FP16", "--int8-precision", "fast")
+                     "--openvino-precision", "FP16", "--int8-precision", "fast", "--save-disagreements",
+                     str(tmp_path / "worst"), "--save-count", "16")
     assert got == Settings(
         enabled=True, registry=(tmp_path / "r.json").resolve(), fixtures_dir=(tmp_path / "fx").resolve(),
         select=("a*", "b"),
         eps=("cuda", "cpu"), strict_ep=True, strict=True, batch_size=7, bootstrap=0, seed=9, confidence=0.9,
         decision="conservative", regen="never", allow_recipes=True, diagnose="always", max_fixture_bytes=GIB // 4,
-        max_samples=0, ep_options=EpOptions(3, "GPU.1", "FP16", "fast"))
+        max_samples=0, ep_options=EpOptions(3, "GPU.1", "FP16", "fast"), save_disagreements=(tmp_path / "worst"),
+        save_count=16)
 
 
 @pytest.mark.parametrize(("argv", "said"), [

@@ -102,7 +102,7 @@ from .streaming import (
     describe_sums,
     pair_moments,
 )
-from .thresholds import ThresholdAccumulator, threshold_breaches, threshold_report
+from .thresholds import ThresholdAccumulator, shares, threshold_breaches, threshold_report
 
 if TYPE_CHECKING:
     from ..io.registry import Entry
@@ -453,7 +453,9 @@ class Collector:
             vt = None if t is None else _channels_view(t, axis_used)
             scores[name] = self._acc(self.values, name, va.shape[1], vt is not None, axis_used).add(
                 start, va, vb, vt, base, view_keep)
-            self._add_tasks(plan, start, a, b, keep)
+            flips = self._add_tasks(plan, start, a, b, keep)
+            if flips is not None:  # threshold decisions that flip rank a sample as top-1 flips do
+                scores[f"{name}:threshold"] = flips
             del count
         rows = next(iter(fp32.values())).shape[0]
         if self.units.blocked and scores:
@@ -461,9 +463,10 @@ class Collector:
         self.filled = max(self.filled, start + rows)
 
     def _add_tasks(self, plan: OutputPlan, start: int, a: np.ndarray, b: np.ndarray, keep: np.ndarray | None
-                   ) -> None:
-        """Fold one output into its quant_outputs task views: threshold decisions, detections, embeddings."""
+                   ) -> np.ndarray | None:
+        """Fold one output into its quant_outputs task views; return each sample's threshold flip share, if any."""
         name = plan.spec.name
+        flips = None
         where = f"entry {self.entry.id!r} field 'quant_outputs' output {name!r}"
         if plan.threshold is not None:
             axis = plan.channel_axis if plan.channel_axis is not None and 0 < plan.channel_axis < a.ndim else None
@@ -471,7 +474,7 @@ class Collector:
             if name not in self.thresholds:
                 chosen = select_channels(plan.threshold_channels, va.shape[1], f"{where} threshold_channels")
                 self.thresholds[name] = ThresholdAccumulator(self.samples, chosen, float(plan.threshold), self.units)
-            self.thresholds[name].add(
+            flips = self.thresholds[name].add(
                 start, va, vb, None if keep is None else _channels_view(keep, axis))
         if plan.detections is not None:
             axis = plan.channel_axis if plan.channel_axis is not None else 1
@@ -496,6 +499,7 @@ class Collector:
                 self.embeddings[name] = EmbeddingAccumulator(self.samples, axis, self.seed, self.units)
             self.embeddings[name].add(
                 start, a, b, None if keep is None else keep.take(0, axis=axis))
+        return flips
 
     def _mask_rank(self, plan: OutputPlan, inputs: Mapping[str, np.ndarray]) -> int:
         return int(np.ndim(inputs[plan.mask])) if plan.mask is not None else 0
@@ -519,20 +523,23 @@ class Collector:
             keep = ~keep
         return np.broadcast_to(keep.reshape(keep.shape + (1,) * (a.ndim - keep.ndim)), a.shape)
 
-    def worst_samples(self, count: int, focus: Focus | None = None) -> list[int]:
+    def worst_samples(self, count: int, focus: Focus | None = None, kind: str | None = None) -> list[int]:
         """Return the samples where int8 departs most from fp32 (relative to each output's spread).
 
-        With a ``focus`` (what a FAIL is about) only that output counts, and of it only the focused channels or
-        classes: the diagnosis then looks where the failing decision broke, not where the box coordinates moved.
+        Unfocused, a sample's score sums its squared error relative to each output's variance, its top-1 (argmax)
+        and label flip shares and its threshold-decision flip shares. With a ``focus`` (what a FAIL is about) only
+        that output counts, and of it only the focused channels or classes: the diagnosis then looks where the
+        failing decision broke, not where the box coordinates moved; ``kind`` (the verdict's) says whether a
+        focused channel failed on its threshold decisions or on its values.
         Past the unit cap they are ranked among each output's WORST_KEPT worst samples (exact for one output).
         """
         if focus is not None and (self.units is None or not self.units.blocked):
-            score = self._focus_scores(focus)
+            score = self._focus_scores(focus, kind)
             if score is not None:
                 order = np.argsort(-score, kind="stable")
                 return [int(i) for i in order[:count]]
         if self.units is not None and self.units.blocked:
-            keys = sorted([*self.values, *self.labels])
+            keys = sorted([*self.values, *self.labels, *(f"{name}:threshold" for name in self.thresholds)])
             weights = np.array([1.0 / self.values[k].variance() if k in self.values else 1.0 for k in keys])
             return self.worst.top(weights, count, self.samples)
         score = np.zeros(self.samples)
@@ -540,12 +547,18 @@ class Collector:
             score += acc.disagreement()
         for lab in self.labels.values():
             score += lab.counts[:, 0] / np.maximum(lab.counts[:, 1], 1)
+        for found in self.thresholds.values():
+            score += _threshold_shares(found)
         order = np.argsort(-score, kind="stable")
         return [int(i) for i in order[:count]]
 
-    def _focus_scores(self, focus: Focus) -> np.ndarray | None:
+    def _focus_scores(self, focus: Focus, kind: str | None = None) -> np.ndarray | None:
         """Return each sample's disagreement on the focused output (and channels), or None if not kept per sample."""
         name = focus.output
+        decisions = self.thresholds.get(name)
+        if decisions is not None and kind == "threshold":  # the failing channels' flipped decisions per sample
+            chosen = [j for j, c in enumerate(decisions.channels) if int(c) in focus.channels]
+            return _threshold_shares(decisions, chosen or None)
         found = self.detections.get(name)
         if found is not None:  # the failing classes' missed and extra detections per sample
             _, score_idx = self.detection_channels[name]
@@ -574,6 +587,12 @@ class Collector:
     def decide(self, ep: str, options: CompareOptions) -> GateResult:
         """Compute every metric, the drop and its interval, and the verdict (rules in the module docstring)."""
         return _decide(self, ep, options)
+
+
+def _threshold_shares(acc: ThresholdAccumulator, channels: Sequence[int] | None = None) -> np.ndarray:
+    """Return each unit's flip share of threshold decisions over the chosen channels (positions in acc.channels)."""
+    rows = acc.rows if channels is None else acc.rows[:, list(channels), :]
+    return shares(rows.sum(axis=1))
 
 
 # --- budget checks: each returns its breaches (kind, text) ----------------------------------------------------

@@ -38,7 +38,7 @@ COUNTS = len(Count)
 NAMED = 5
 
 
-def _shares(sums: np.ndarray) -> np.ndarray:
+def shares(sums: np.ndarray) -> np.ndarray:
     """Return disagree / either of count rows (..., 4), 0 where nothing crosses in either model."""
     either = sums[..., Count.EITHER]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -83,7 +83,7 @@ class ThresholdAccumulator:
         table = self.rows.reshape(self.units.count, -1)  # (U, k·4), a view of the state
         assert np.shares_memory(table, self.rows) or self.rows.size == 0
         _put_counts(self.units, table, start, own.reshape(count, -1))
-        return _shares(own.sum(axis=1))
+        return shares(own.sum(axis=1))
 
     def nbytes(self) -> int:
         """Return the bytes of the state."""
@@ -96,8 +96,8 @@ class ThresholdAccumulator:
     def flip_share(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Return each channel's disagree / either, (k,), or one row per weight row (B, units): (B, k)."""
         if weights is None:
-            return _shares(self.counts())
-        return _shares(weighted_sum(weights, self.rows))
+            return shares(self.counts())
+        return shares(weighted_sum(weights, self.rows))
 
     def merge(self, other: ThresholdAccumulator) -> ThresholdAccumulator:
         """Return the accumulator of both halves of a split fixture (disjoint samples, same layout and units)."""
@@ -119,7 +119,7 @@ class ChannelTerm:
 
     def replicates(self, weights: np.ndarray) -> np.ndarray:
         """Return the flip share for each weight row, (B,)."""
-        return _shares(weighted_sum(weights, self.rows))
+        return shares(weighted_sum(weights, self.rows))
 
 
 def threshold_report(acc: ThresholdAccumulator, budget: float, unit_count: int, bootstrap: int, seed: int,

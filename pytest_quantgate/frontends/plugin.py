@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ..settings import add_pytest_options, resolve
 from .stash import OUTCOMES_KEY, RUN_ID_KEY, SETTINGS_KEY
+
+if TYPE_CHECKING:
+    from .api import QuantgateFixture
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,6 +54,18 @@ def pytest_configure(config: pytest.Config) -> None:
     _ensure_registry_collected(config, settings.registry)
     config.stash[OUTCOMES_KEY] = {}
     config.pluginmanager.register(QuantGateSession(config), "quantgate-session")
+
+
+@pytest.fixture
+def quantgate(request: pytest.FixtureRequest) -> QuantgateFixture:
+    """Gate int8 sidecars built inside a test: ``quantgate.check(fp32, int8, feeds=..., budget_plcc=...)``.
+
+    Available without --quantgate; it runs the registry item's gate with this run's --quantgate-* options and
+    fails the test with the registry item's text (pytest_quantgate.frontends.api).
+    """
+    from .api import QuantgateFixture  # onnxruntime is imported only when a check runs
+
+    return QuantgateFixture(request)
 
 
 def _run_id(config: pytest.Config) -> str:
@@ -190,7 +205,8 @@ class QuantGateSession:
                 for line in per_ep:
                     terminalreporter.line(line)
             settings = config.stash[SETTINGS_KEY]
-            for label, path in (("JSON report", settings.report), ("HTML report", settings.html)):
+            for label, path in (("JSON report", settings.report), ("HTML report", settings.html),
+                                ("disagreements", settings.save_disagreements)):
                 if path is not None and not any(message.startswith(f"{path}:") for message in self.unwritten):
                     terminalreporter.line(f"quantgate {label}: {path}")
         for message in self.unwritten:

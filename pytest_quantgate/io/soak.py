@@ -103,18 +103,24 @@ class Fixture:
             target = block.pop(TARGET_KEY, None)
             yield block, target
 
-    def take(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        """Return the inputs of the given samples (sorted), reading only as far as the last one."""
+    def take(self, indices: Sequence[int], *, target: bool = False) -> dict[str, np.ndarray]:
+        """Return the inputs of the given samples (sorted), reading only as far as the last one.
+
+        With ``target``, the target's rows come too, under ``TARGET_KEY`` (when the fixture has one).
+        """
         wanted = sorted(set(int(i) for i in indices))
-        picked: dict[str, list[np.ndarray]] = {name: [] for name in self.inputs}
+        names = [*self.inputs, *([TARGET_KEY] if target and self.target is not None else [])]
+        picked: dict[str, list[np.ndarray]] = {name: [] for name in names}
         start = 0
         # blocks of ~4 MiB: only the picked samples are kept, and tiny samples do not cost a Python step each
         row_bytes = sum(int(np.prod(self.info(name).shape[1:])) * self.info(name).dtype.itemsize
                         for name in self.inputs)
-        for block, _ in self.chunks(max(32, min(TAKE_ROWS, TAKE_BYTES // max(row_bytes, 1)))):
+        for block, rows in self.chunks(max(32, min(TAKE_ROWS, TAKE_BYTES // max(row_bytes, 1)))):
             stop = start + next(iter(block.values())).shape[0]
             local = [i - start for i in wanted if start <= i < stop]
             if local:
+                if TARGET_KEY in picked and rows is not None:
+                    block = {**block, TARGET_KEY: rows}
                 for name, value in block.items():
                     picked[name].append(np.ascontiguousarray(value[local]))
             start = stop

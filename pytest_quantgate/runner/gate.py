@@ -353,7 +353,7 @@ def with_diagnosis(result: GateResult, p: Prepared, collector: Collector, settin
     """Attach where the drop comes from (worst tensors by SQNR) on the samples where int8 departs most."""
     from ..analysis.diagnosis import diagnose
 
-    picked = collector.worst_samples(DIAGNOSIS_SAMPLES, result.focus)
+    picked = collector.worst_samples(DIAGNOSIS_SAMPLES, result.focus, result.kind)
     inputs = p.fixture.take(picked)
     batch = run_batch(p)
     if p.plan.batched and batch:
@@ -466,16 +466,16 @@ def focus_plot_data(p: Prepared, collector: Collector, result: GateResult) -> Pl
     if result.focus is None:
         return None
     try:
-        return _focus_plot(p, collector, result.focus)
+        return _focus_plot(p, collector, result.focus, result.kind)
     except Exception:  # the plot is an aid; the verdict and the rest of the report stand without it
         return None
 
 
-def _focus_plot(p: Prepared, collector: Collector, focus: Focus) -> PlotData | None:
+def _focus_plot(p: Prepared, collector: Collector, focus: Focus, kind: str | None = None) -> PlotData | None:
     plan = next((plan for plan in collector.plans if plan.spec.name == focus.output), None)
     if plan is None or (not focus.channels and plan.mask is None):
         return None  # the whole-output plot already shows it
-    picked = sorted(set(collector.worst_samples(FOCUS_PLOT_SAMPLES, focus)))
+    picked = sorted(set(collector.worst_samples(FOCUS_PLOT_SAMPLES, focus, kind)))
     batch = run_batch(p)
     if p.plan.fixed_batch and batch:
         # the model takes only whole batches: keep whole groups of the worst, or the first batch when too few
@@ -633,6 +633,10 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
         failed = not result.passed and result.kind != "speed"
         if (failed and settings.diagnose != "off") or settings.diagnose == "always":
             result = with_diagnosis(result, prepared, collector, settings)
+        unsaved = _save_disagreements(prepared, collector, result, settings) if int8_path is None else None
+        if unsaved is not None:  # the file asked for is missing: an ERROR, with the verdict still reported
+            return Outcome(entry.id, ep, entry.mode, "error", f"{registry.path}: entry {entry.id!r}: {unsaved}",
+                           result, regenerated=regenerated, notes=tuple(notes))
     except EpUnavailableError as exc:
         if settings.strict_ep:
             return Outcome(entry.id, ep, entry.mode, "error", f"{exc} (--quantgate-strict-ep)",
@@ -672,6 +676,20 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
             notes.append(f"the passing result was not cached: {exc}")
     return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,
                    regenerated=regenerated, notes=tuple(notes))
+
+
+def _save_disagreements(p: Prepared, collector: Collector, result: GateResult, settings: Settings) -> str | None:
+    """Write the entry's disagreements fixture when asked to; return why it could not be written, else None."""
+    if settings.save_disagreements is None:
+        return None
+    from ..errors import InputError
+    from .disagreements import write_disagreements
+
+    try:
+        write_disagreements(p.fixture, p.plan, collector, result, settings.save_disagreements, settings.save_count)
+    except InputError as exc:  # WriteError names the file; FixtureError a model input the file cannot hold
+        return f"--quantgate-save-disagreements: {exc}"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
