@@ -22,6 +22,7 @@ model that needs no repair gets the same record, and the same sidecar bytes, as 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -275,10 +276,14 @@ def _call_pre_process(quant_pre_process: Any, source: Path, target: Path, option
     """Call quant_pre_process; return None on success or the error in one line.
 
     ORT's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` into the current directory when it
-    fails; a copy that was not there before the call is removed.
+    fails, with its weights in an external file onnx names ``<uuid1>.data`` (no location is given): the model
+    and the data files that appear during the call are removed (measured: a 10 MB copy of the weights per
+    failed attempt was left in the user's folder).
     """
-    leftovers = [Path.cwd() / _SYM_TEMP, Path.cwd() / f"{_SYM_TEMP}.data"]
+    cwd = Path.cwd()
+    leftovers = [cwd / _SYM_TEMP, cwd / f"{_SYM_TEMP}.data"]
     existed = {path: path.exists() for path in leftovers}
+    data_before = _uuid_data_files(cwd)
     try:
         quant_pre_process(str(source), str(target), **options)
     except Exception as exc:
@@ -288,6 +293,21 @@ def _call_pre_process(quant_pre_process: Any, source: Path, target: Path, option
         for path, was_there in existed.items():
             if not was_there:
                 path.unlink(missing_ok=True)
+        if not existed[cwd / _SYM_TEMP]:  # the model it wrote was ours to remove, so are its weights
+            for path in _uuid_data_files(cwd) - data_before:
+                path.unlink(missing_ok=True)
     if not target.is_file():
         return "quant_pre_process wrote no model"
     return None
+
+
+# onnx names an external-data file uuid1() + ".data" when it is given no location
+_UUID_DATA = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-1[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}\.data$")
+
+
+def _uuid_data_files(folder: Path) -> set[Path]:
+    """Return the external-data files in ``folder`` named as onnx names them without a location."""
+    try:
+        return {path for path in folder.iterdir() if _UUID_DATA.match(path.name)}
+    except OSError:
+        return set()
