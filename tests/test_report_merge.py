@@ -262,6 +262,16 @@ def test_refuses_unreadable_reports(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 2 and "missing.json: JSON report not found" in err
 
 
+def test_refuses_a_merged_table_as_input(reports: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    cpu, openvino = reports
+    a, b = _save(tmp_path, "c.json", cpu), _save(tmp_path, "o.json", openvino)
+    assert _merge(capsys, a, b, "--json", tmp_path / "merged.json")[0] == 0
+    code, _, err = _merge(capsys, a, tmp_path / "merged.json")
+    assert code == 2
+    assert "merged.json: this is a merged table (quantgate report merge --json), not a gate report" in err
+
+
 def test_one_entry_on_one_ep_twice_is_refused_unless_the_results_are_the_same(
         reports: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cpu, openvino = reports

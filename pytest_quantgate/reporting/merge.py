@@ -140,6 +140,9 @@ def read_source(path: str | os.PathLike[str]) -> Source:
     if isinstance(data, list):
         fmt = "2 (item list)"
     elif isinstance(data, dict):
+        if data.get("kind") == "quantgate report merge":  # its own "format" counts merges, not gate reports
+            raise MergeError(f"{name}: this is a merged table (quantgate report merge --json), not a gate report; "
+                             "merge the EP jobs' own reports")
         version = data.get("format")
         if version not in KNOWN_FORMATS:
             told = "it has no 'format' key" if version is None else f"it is format {version!r}"
