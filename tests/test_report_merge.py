@@ -366,3 +366,18 @@ def test_html_without_a_cell_says_so(reports: tuple[dict[str, Any], dict[str, An
     openvino["items"] = [i for i in openvino["items"] if i["id"] == "digits_a"]
     page = render_html(merge_files([_save(tmp_path, "c.json", cpu), _save(tmp_path, "o.json", openvino)]))
     assert page.count("not in any report") == 1
+
+
+def test_merge_runs_without_onnxruntime(reports: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path) -> None:
+    """The merge job installs no onnxruntime wheel: the command must not need one."""
+    import sys
+
+    cpu, openvino = reports
+    a, b = _save(tmp_path, "c.json", cpu), _save(tmp_path, "o.json", openvino)
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"  # any import of it raises ImportError
+            "from pytest_quantgate.frontends.cli import main\n"
+            f"raise SystemExit(main(['report', 'merge', {str(a)!r}, {str(b)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No divergence between EPs." in done.stdout
