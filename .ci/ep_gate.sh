@@ -19,6 +19,7 @@
 #                       below; on a GPU runner without system CUDA use
 #                       e.g. 'onnxruntime-gpu[cuda,cudnn]==1.31.1')
 #   PYTHON              the interpreter that creates the virtualenv (default: python3)
+#   QUANTGATE_EP_REPORT write the passing gate's JSON report there (--quantgate-report), for `quantgate report merge`
 # Each step prints its wall time; the script exits non-zero on the first broken expectation.
 set -euo pipefail
 
@@ -36,6 +37,8 @@ venv="${QUANTGATE_EP_VENV:-$root/.venv-$ep}"
 spec="${QUANTGATE_ORT_SPEC:-$default_spec}"
 py="${PYTHON:-python3}"
 registry="model/registry.json"
+report_args=()
+if [[ -n "${QUANTGATE_EP_REPORT:-}" ]]; then report_args=("--quantgate-report=$QUANTGATE_EP_REPORT"); fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/quantgate-ep-$ep.XXXXXX")"
 
 step_start=0
@@ -120,7 +123,7 @@ PY
 case "$ep" in
   cpu|openvino)
     step "pytest --quantgate --quantgate-ep $ep --quantgate-strict-ep $registry (must pass)"
-    gate "$work/gate.xml" --quantgate-strict-ep || fail "the $ep gate did not pass"
+    gate "$work/gate.xml" --quantgate-strict-ep "${report_args[@]}" || fail "the $ep gate did not pass"
     check_items "$work/gate.xml" passed || fail "not every $ep item passed"
     done_step "gate"
     if [[ "$ep" == openvino ]]; then
@@ -192,7 +195,7 @@ PY
     fi
     if [[ "$expect" == gpu ]]; then
       step "GPU found: pytest --quantgate --quantgate-ep cuda --quantgate-strict-ep $registry (must pass)"
-      gate "$work/gate.xml" --quantgate-strict-ep || fail "the cuda gate did not pass"
+      gate "$work/gate.xml" --quantgate-strict-ep "${report_args[@]}" || fail "the cuda gate did not pass"
       check_items "$work/gate.xml" passed || fail "not every cuda item passed"
       done_step "gate"
     else

@@ -60,7 +60,8 @@ def test_action_metadata_is_complete() -> None:
     for key in ("name", "description", "inputs", "outputs", "runs"):
         assert action.get(key), f"action.yml lacks {key!r}"
     assert action["runs"]["using"] == "composite"
-    assert {"registry", "fixtures", "ep", "args", "python-version"} <= set(action["inputs"])
+    assert {"registry", "fixtures", "ep", "args", "python-version", "mode", "reports"} <= set(action["inputs"])
+    assert action["inputs"]["mode"]["default"] == "gate"
     for name, spec in {**action["inputs"], **action["outputs"]}.items():
         assert spec.get("description"), f"{name} has no description"
     assert all("value" in spec for spec in action["outputs"].values())
@@ -124,7 +125,8 @@ def _lint_repo(tmp_path: Path, with_block: str) -> subprocess.CompletedProcess[s
         "      - id: quantgate\n"
         "        uses: ./\n"
         f"        with:\n{with_block}"
-        "      - run: echo \"exit ${{ steps.quantgate.outputs.exit-code }}, report ${{ steps.quantgate.outputs.report }}\"\n"
+        "      - run: echo \"exit ${{ steps.quantgate.outputs.exit-code }}, report "
+        "${{ steps.quantgate.outputs.report }}\"\n"
     )
     return subprocess.run([actionlint(), "-no-color"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           check=False)
@@ -136,6 +138,25 @@ def test_actionlint_accepts_a_workflow_using_the_action(tmp_path: Path) -> None:
              "          args: --quantgate-select=fusion_*\n")
     result = _lint_repo(tmp_path, block)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_accepts_the_merge_mode(tmp_path: Path) -> None:
+    block = ("          mode: merge\n"
+             "          reports: reports/quantgate-*.json\n")
+    result = _lint_repo(tmp_path, block)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_merge_mode_runs_only_the_merge_step_and_uploads_its_files() -> None:
+    """The gate step is skipped in merge mode and the merge step in gate mode; the upload takes whichever ran."""
+    steps = {s.get("id"): s for s in _action()["runs"]["steps"]}
+    assert steps["gate"]["if"] == "inputs.mode != 'merge'" and steps["merge"]["if"] == "inputs.mode == 'merge'"
+    assert steps["merge"]["env"]["QG_REPORTS"] == "${{ inputs.reports }}"  # data, never pasted into the script
+    assert "quantgate\" report merge \"--json=$report\" \"--html=$html\" --step-summary -- " in steps["merge"]["run"]
+    upload = next(s for s in _action()["runs"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
+    assert upload["with"]["path"].strip().splitlines() == [
+        "${{ steps.gate.outputs.report || steps.merge.outputs.report }}",
+        "${{ steps.gate.outputs.html || steps.merge.outputs.html }}"]
 
 
 def test_actionlint_reads_the_action_inputs(tmp_path: Path) -> None:
@@ -163,6 +184,8 @@ class Runner:
 
     def value(self, expr: str) -> str:
         """Evaluate one context lookup or string literal of the expressions the action uses."""
+        if "||" in expr:  # GitHub's `a || b`: the first operand that is not empty (step outputs are strings)
+            return next((v for v in (self.value(part.strip()) for part in expr.split("||")) if v), "")
         if re.fullmatch(r"'[^']*'", expr):
             return expr[1:-1]
         if expr == "github.action_path":
@@ -323,3 +346,91 @@ def test_action_steps_gate_a_registry_upload_reports_and_write_the_summary(tmp_p
     code, _ = runner.run(action)
     assert code == 2
     assert "::error title=pytest-quantgate::input ep must be cpu, cuda or openvino, got 'tpu'" in "\n".join(runner.log)
+
+
+# --- merge mode: the action's steps for real, with the test's interpreter standing in for the installed venv --------
+
+
+def _stand_in_tools(tmp_path: Path) -> Path:
+    """Return a PATH folder whose ``python -m venv DIR`` makes a venv that runs this checkout and skips pip."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    real = sys.executable
+    venv_python = tools / "venv-python"
+    venv_python.write_text(f"""#!/bin/bash
+if [[ "$1" == -m && "$2" == pip ]]; then echo "(stand-in: pip $* not run)"; exit 0; fi
+PYTHONPATH={ROOT} exec {real} "$@"
+""")
+    venv_quantgate = tools / "venv-quantgate"
+    venv_quantgate.write_text(f"#!/bin/bash\nPYTHONPATH={ROOT} exec {real} -m pytest_quantgate.frontends.cli \"$@\"\n")
+    python = tools / "python"
+    python.write_text(f"""#!/bin/bash
+if [[ "$1" == -m && "$2" == venv ]]; then
+  mkdir -p "$3/bin" && cp {venv_python} "$3/bin/python" && cp {venv_quantgate} "$3/bin/quantgate"; exit 0
+fi
+exec {real} "$@"
+""")
+    for path in (venv_python, venv_quantgate, python):
+        path.chmod(0o755)
+    return tools
+
+
+def test_merge_mode_merges_ep_reports_into_the_summary_and_uploads_the_page(
+        project: Any, tmp_path: Path) -> None:
+    from test_report_merge import _gate, _set_drop, as_openvino
+
+    project.write([project.add_sidecar("digits_a")])
+    cpu = _gate(project, "cpu.json", "--quantgate-ep=cpu")
+    workspace = tmp_path / "workspace"
+    (workspace / "reports" / "quantgate-openvino").mkdir(parents=True)
+    (workspace / "reports" / "quantgate-cpu.json").write_text(json.dumps(cpu))
+    (workspace / "reports" / "quantgate-openvino" / "quantgate-openvino.json").write_text(
+        json.dumps(as_openvino(cpu)))
+    action = _action()
+    temp = tmp_path / "runner-temp"
+    temp.mkdir()
+    summary = tmp_path / "step_summary.md"
+    defaults = {name: str(spec.get("default", "")) for name, spec in action["inputs"].items()}
+    inputs = {**defaults, "mode": "merge", "reports": "reports/quantgate-*.json\nreports/**/quantgate-*.json"}
+    runner = Runner(ROOT, workspace, temp, _stand_in_tools(tmp_path), inputs, summary)
+    code, uploads = runner.run(action)
+    log = "\n".join(runner.log)
+    assert code == 0, log
+    assert f"pip install {ROOT}\n" in log  # the package alone: merging needs no onnxruntime wheel
+    assert "--- Run the gate: skipped by its condition" in log
+    outputs = runner.action_outputs(action)
+    assert outputs["exit-code"] == "0"
+    assert outputs["report"] == str(temp / "quantgate-report" / "quantgate-merged.json")
+    merged = json.loads(Path(outputs["report"]).read_text())
+    assert merged["eps"] == ["cpu", "openvino"] and len(merged["reports"]) == 2  # each file once
+    assert "<table" in Path(outputs["html"]).read_text()
+    upload = next(u for u in uploads if u["uses"].startswith("actions/upload-artifact@"))
+    assert upload["name"] == "quantgate-merged"
+    assert [p.strip() for p in upload["path"].splitlines() if p.strip()] == [outputs["report"], outputs["html"]]
+    text = summary.read_text()
+    assert "| id | mode | cpu | openvino |" in text and "| `digits_a` | dynamic | ✅ PASS " in text
+
+    # EPs that diverge: the step fails with exit 1, the summary names the divergence, the page is still uploaded
+    _set_drop(cpu, "digits_a", 0.0015, 0.0012, 0.0018)
+    openvino = as_openvino(cpu)
+    _set_drop(openvino, "digits_a", 0.0031, 0.0027, 0.0035)
+    (workspace / "reports" / "quantgate-cpu.json").write_text(json.dumps(cpu))
+    (workspace / "reports" / "quantgate-openvino" / "quantgate-openvino.json").write_text(json.dumps(openvino))
+    summary.write_text("")
+    runner = Runner(ROOT, workspace, temp, runner.tools, inputs, summary)
+    code, uploads = runner.run(action)
+    assert code == 1, "\n".join(runner.log)
+    assert runner.action_outputs(action)["exit-code"] == "1"
+    assert "openvino drop 0.0031 vs cpu 0.0015: intervals do not overlap" in summary.read_text()
+    assert any(u["uses"].startswith("actions/upload-artifact@") for u in uploads)
+
+    # no report found, and a bad mode: exit 2 with an error annotation
+    runner = Runner(ROOT, workspace, temp, runner.tools, {**inputs, "reports": "nowhere/*.json"}, summary)
+    code, _ = runner.run(action)
+    assert code == 2
+    assert "::error title=pytest-quantgate::no JSON report matches the input reports: 'nowhere/*.json'" in \
+        "\n".join(runner.log)
+    runner = Runner(ROOT, workspace, temp, runner.tools, {**inputs, "mode": "merged"}, summary)
+    code, _ = runner.run(action)
+    assert code == 2
+    assert "::error title=pytest-quantgate::input mode must be gate or merge, got 'merged'" in "\n".join(runner.log)

@@ -345,6 +345,13 @@ def cmd_advise(ns: argparse.Namespace) -> int:
     return run_command(ns, settings_from_args(ns), _out, _err)
 
 
+def cmd_report_merge(ns: argparse.Namespace) -> int:
+    """Merge the JSON reports of separate EP jobs into one model × EP table (exit 0 / 1 / 2)."""
+    from ..reporting.merge import run_command
+
+    return run_command(ns.reports, ns.json_out, ns.html_out, ns.step_summary, _out, _err)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="quantgate", description=__doc__.splitlines()[0])
@@ -400,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_gate_args(p)
     advise.add_arguments(p)
     p.set_defaults(func=cmd_advise)
+
+    p = sub.add_parser("report", help="work with JSON reports: `report merge` joins the reports of EP jobs")
+    report = p.add_subparsers(dest="report_command", required=True)
+    p = report.add_parser("merge", help="one model × EP table from the JSON reports of separate EP jobs, with "
+                                        "each EP's provenance; flags EPs whose drops diverge (exit 0 pass, 1 a FAIL "
+                                        "or a divergence, 2 refused input)")
+    p.add_argument("reports", nargs="+", type=Path, metavar="REPORT.json",
+                   help="JSON reports (--quantgate-report or quantgate measure --json), one per EP job")
+    p.add_argument("--json", dest="json_out", type=creatable_file, default=None, metavar="OUT",
+                   help="write the merged table, provenance columns and divergences as JSON")
+    p.add_argument("--html", dest="html_out", type=creatable_file, default=None, metavar="OUT",
+                   help="write the merged table as one self-contained HTML page")
+    p.add_argument("--step-summary", action="store_true",
+                   help="append the table as markdown to $GITHUB_STEP_SUMMARY (printed when it is unset)")
+    p.set_defaults(func=cmd_report_merge)
     return parser
 
 
@@ -410,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
         return int(exc.code or 0)
-    if ns.command not in ("validate", "pin"):  # the two that run no model work without onnxruntime
+    if ns.command not in ("validate", "pin", "report"):  # those that run no model work without onnxruntime
         from ..engine.ort import OnnxRuntimeError, check_onnxruntime
 
         try:
