@@ -22,7 +22,7 @@ Gaussian-mixture boundary of Robbins (1970) as tuned by Howard et al., Ann. Stat
     covers μ at every t at once with probability → 1 − α (time-uniformly, as the looks start later). ρ > 0 is
     fixed before any data; ``ρ² = (−2 log α + log(−2 log α + 1)) / t*`` makes the sequence narrowest at
     t* (Howard et al., eq. (15)); t* is the fixture's sample count, so the verdict at the end of the fixture
-    loses least (there the radius is 2.82 standard errors at α = 0.05, against 1.96 for a single look: the price
+    loses least (there the radius is 3.04 standard errors at α = 0.05, against 1.96 for a single look: the price
     of being allowed to stop early). The drop is not a mean but a smooth function of means of per-unit moment
     rows (:mod:`.streaming`), so the sequence is applied to its delta-method influence values, as the paper does
     for functionals with an influence function (its Section 3): the drop's standard error after t samples is
