@@ -53,6 +53,10 @@ The decision rule
     the time under either rule's resampling, but the conservative rule also fails sidecars that are good
     and merely measured on a small fixture).
 
+    ``three-way`` (``--quantgate-decision three-way``): PASS when the whole interval is at or under the budget,
+    FAIL when it is over, INCONCLUSIVE (its own verdict) when it straddles; ``--quantgate-sequential`` replaces
+    the bootstrap interval by an anytime-valid confidence sequence and stops early (see :mod:`.sequential`).
+
 The other budgets (checked on the full fixture, every breach reported; the first is the verdict's reason)
     - degenerate outputs: NaN/inf or constant int8 output (raw, before any residual subtraction): FAIL.
     - gain and offset (``quant_budget_slope``): int8 regressed on fp32; ``|slope − 1|`` and the mean shift
