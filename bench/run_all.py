@@ -17,6 +17,7 @@ import bench_collect
 import bench_gate
 import bench_memory
 import bench_realsize
+import bench_sequential
 import bench_startup
 import bench_xdist
 from common import print_table
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-realsize", action="store_true", help="skip the real-size models (about a minute)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip memory against the sample count (bench_memory: a few minutes)")
+    parser.add_argument("--no-sequential", action="store_true",
+                        help="skip the sequential mode's share of samples (bench_sequential: about a minute)")
     args = parser.parse_args(argv)
     q = args.quick
     results = [
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not args.no_realsize:
         results += bench_realsize.run(quick=q)
+    if not args.no_sequential:
+        results += bench_sequential.run(quick=q)
     if not args.no_memory:
         results += bench_memory.run(quick=q)
     print_table(results)

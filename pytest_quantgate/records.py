@@ -178,11 +178,29 @@ class Interval:
 
 PASS: Final = "PASS"
 FAIL: Final = "FAIL"
+INCONCLUSIVE: Final = "INCONCLUSIVE"  # three-way rule: the interval straddles the budget (engine/sequential.py)
 # the verdict of a measured result; an item that could not be measured is an Outcome with status error or skip
-Verdict = Literal["PASS", "FAIL"]
+Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE"]
 # why a result failed (or "pass"): one per budget check, so reports, remedies and tests can dispatch on it
 Kind = Literal["pass", "drop", "relative", "nonfinite", "constant", "affine", "mae", "max_abs", "speed", "labels",
-               "lineage", "rebuild", "accuracy", "threshold", "detections", "embedding"]
+               "lineage", "rebuild", "accuracy", "threshold", "detections", "embedding", "inconclusive"]
+
+
+@dataclass(frozen=True)
+class SequentialRecord:
+    """How a sequential run (``--quantgate-sequential``) stopped: samples used of the fixture's, looks, method."""
+
+    method: str
+    samples_used: int
+    samples_planned: int
+    looks: int
+    stopped_early: bool  # the verdict was settled before the fixture's end: the other samples were not run
+    first_look: int  # no look before this many samples
+
+    @property
+    def share(self) -> float:
+        """Return the share of the fixture's samples that were run."""
+        return self.samples_used / self.samples_planned if self.samples_planned else 1.0
 
 
 @dataclass(frozen=True)
@@ -366,6 +384,7 @@ class GateResult:
     plot: PlotData | None = None
     focus: Focus | None = None  # what failed: the output and the channel or classes the FAIL is about
     focus_plot: PlotData | None = None  # the plot of what failed: the focused channels, classes or masked positions
+    sequential: SequentialRecord | None = None  # --quantgate-sequential: where the sequence stopped
 
     @property
     def passed(self) -> bool:
@@ -418,7 +437,8 @@ class GateResult:
 
 
 # what happened to an item: measured (pass, fail), not measurable (error: bad input), or not run here (skip)
-Status = Literal["pass", "fail", "error", "skip"]
+# inconclusive: measured under the three-way rule, the interval straddles the budget (neither pass nor fail)
+Status = Literal["pass", "fail", "error", "skip", "inconclusive"]
 
 
 @dataclass(frozen=True)
@@ -442,7 +462,7 @@ class Outcome:
 
     @property
     def verdict(self) -> str:
-        """Return the verdict shown for the item: PASS, FAIL, ERROR or SKIP."""
+        """Return the verdict shown for the item: PASS, FAIL, ERROR, SKIP or INCONCLUSIVE."""
         return self.status.upper()
 
     def to_json(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 EP_CHOICES = ("cpu", "cuda", "openvino", "auto")
 REGEN_CHOICES = ("missing", "all", "never")
 DIAGNOSE_CHOICES = ("auto", "off", "always")
-DECISION_CHOICES = ("point", "conservative")
+DECISION_CHOICES = ("point", "conservative", "three-way")
 OPENVINO_PRECISIONS = ("FP32", "FP16", "ACCURACY")
 INT8_PRECISIONS = ("exact", "fast")
 
@@ -76,6 +76,7 @@ class Settings:
     seed: int = DEFAULT_SEED
     confidence: float = DEFAULT_CONFIDENCE
     decision: str = "point"
+    sequential: bool = False  # stop as soon as the confidence sequence settles the verdict (engine/sequential.py)
     regen: str = "missing"
     allow_recipes: bool = False
     report: Path | None = None
@@ -345,7 +346,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("confidence", "confidence", "confidence", f"confidence level of the interval (default "
            f"{DEFAULT_CONFIDENCE})", DEFAULT_CONFIDENCE, metavar="LEVEL"),
     Option("decision", "decision", "choice", f"verdict rule: {' | '.join(DECISION_CHOICES)} (point: drop > budget "
-           "fails; conservative: upper bound > budget fails)", "point", DECISION_CHOICES),
+           "fails; conservative: upper bound > budget fails; three-way: PASS when the interval is under the budget, "
+           "FAIL when over it, else INCONCLUSIVE)", "point", DECISION_CHOICES),
+    Option("sequential", "sequential", "flag", "evaluate the fixture in chunks and stop as soon as an anytime-valid "
+           "confidence sequence of the drop settles PASS or FAIL (three-way verdict; the rest is not run)", False),
     Option("regen", "regen", "choice", f"rebuild sidecars: {' | '.join(REGEN_CHOICES)} (default: missing; never "
            "when CI=true)", default_regen, REGEN_CHOICES),
     Option("allow-recipes", "allow_recipes", "flag", "let regeneration run the Python qat_recipe files named in the "

@@ -73,7 +73,8 @@ VALUED: list[tuple[str, str, list[str], str, Any, Any]] = [
     ("quantgate_int8_precision", "ep_options.int8_precision", ["EXACT"], "fast", "exact", "fast"),
 ]
 FLAGS = [("quantgate", "enabled"), ("quantgate_strict_ep", "strict_ep"), ("quantgate_strict", "strict"),
-         ("quantgate_allow_recipes", "allow_recipes"), ("quantgate_cache", "cache")]
+         ("quantgate_allow_recipes", "allow_recipes"), ("quantgate_cache", "cache"),
+         ("quantgate_sequential", "sequential")]
 PATHS = [("quantgate_registry", "registry"), ("quantgate_fixtures", "fixtures_dir"), ("quantgate_report", "report"),
          ("quantgate_html", "html"), ("quantgate_save_disagreements", "save_disagreements")]
 
@@ -190,7 +191,7 @@ BAD_INI = [
     ("quantgate_cuda_device", "gpu0", "an integer >= 0"),
     ("quantgate_confidence", "1.5", "a number strictly between 0.5 and 1"),
     ("quantgate_confidence", "0.5", "a number strictly between 0.5 and 1"),
-    ("quantgate_decision", "maybe", "point, conservative"),
+    ("quantgate_decision", "maybe", "point, conservative, three-way"),
     ("quantgate_regen", "sometimes", "missing, all, never"),
     ("quantgate_diagnose", "loud", "auto, off, always"),
     ("quantgate_openvino_precision", "int4", "FP32, FP16, ACCURACY"),

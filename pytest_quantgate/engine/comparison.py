@@ -53,6 +53,10 @@ The decision rule
     the time under either rule's resampling, but the conservative rule also fails sidecars that are good
     and merely measured on a small fixture).
 
+    ``three-way`` (``--quantgate-decision three-way``): PASS when the whole interval is at or under the budget,
+    FAIL when it is over, INCONCLUSIVE (its own verdict) when it straddles; ``--quantgate-sequential`` replaces
+    the bootstrap interval by an anytime-valid confidence sequence and stops early (see :mod:`.sequential`).
+
 The other budgets (checked on the full fixture, every breach reported; the first is the verdict's reason)
     - degenerate outputs: NaN/inf or constant int8 output (raw, before any residual subtraction): FAIL.
     - gain and offset (``quant_budget_slope``): int8 regressed on fp32; ``|slope − 1|`` and the mean shift
@@ -79,6 +83,7 @@ from ..errors import FixtureError, RegistryError
 from ..io.soak import Fixture, TensorSpec
 from ..records import (
     FAIL,
+    INCONCLUSIVE,
     PASS,
     Focus,
     GateResult,
@@ -122,6 +127,7 @@ class CompareOptions:
     confidence: float = 0.95
     decision: str = "point"
     strict: bool = False
+    sequential: bool = False  # the drop's interval is the confidence sequence's (engine/sequential.py)
 
 
 # --- what each output is, and how it is viewed --------------------------------------------------------------
@@ -627,7 +633,7 @@ def with_breaches(result: GateResult, breaches: Sequence[Breach], **fields: Any)
     """
     if not breaches:
         return replace(result, **fields) if fields else result
-    if result.passed:
+    if result.verdict != FAIL:  # a breach is decisive: it turns a PASS, and an INCONCLUSIVE drop, into a FAIL
         first, *rest = breaches
         return replace(result, verdict=FAIL, kind=first.kind, reason=first.reason,
                        also=(*result.also, *(b.reason for b in rest)), focus=first.focus, **fields)
@@ -693,7 +699,10 @@ def check_absolute(name: str, m: PairMetrics, entry: Entry) -> list[Breach]:
 
 
 def over_budget(value: float, interval: Interval | None, budget: float, decision: str) -> bool:
-    """Return whether ``value`` breaks ``budget`` under the decision rule (the one drop rule, also for labels)."""
+    """Return whether ``value`` breaks ``budget`` under the decision rule (the one drop rule, also for labels).
+
+    ``three-way`` judges the PLCC drop by its interval (:func:`check_drop`); the other budgets keep the point rule.
+    """
     if decision == "conservative" and interval is not None:
         return interval.high > budget
     return value > budget
@@ -703,9 +712,13 @@ def check_drop(worst: OutputReport, interval: Interval | None, budget: Budget, d
                hint: str = "") -> Breach | None:
     """Return a breach when the worst output's drop exceeds the budget, saying where the drop comes from."""
     drop = worst.drop
-    if not over_budget(drop, interval, budget.value, decision):
+    if decision == "three-way" and interval is not None:  # FAIL only when the whole interval is over the budget
+        if interval.low <= budget.value:
+            return None
+    elif not over_budget(drop, interval, budget.value, decision):
         return None
     bound = "" if decision == "point" or interval is None else (
+        f" (lower {interval.level:.0%} bound {interval.low:.6f})" if decision == "three-way" else
         f" (upper {interval.level:.0%} bound {interval.high:.6f})")
     how = ""
     focus = Focus(worst.name)
@@ -906,7 +919,7 @@ def plcc_budget(entry: Entry, reports: Sequence[OutputReport]) -> Budget:
 def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     """Measure every output, run every check, and turn the breaches into one verdict (the first one leads)."""
     entry = c.entry
-    samples = c.samples
+    samples = c.filled if options.sequential else c.samples  # sequential: the samples run so far
     base: dict[str, Any] = dict(entry_id=entry.id, ep=ep, mode=entry.mode, samples=samples,
                                 budget=entry.budget_plcc, compare=entry.compare, decision=options.decision)
     if c.target_range[0] == c.target_range[1]:
@@ -972,11 +985,18 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
             return ""
         return tiny_channel_hint(rep.name, c.values[rep.name], rep.worst_channel)
 
+    def interval_of(output_terms: Sequence[MomentTerm]) -> Interval | None:
+        if options.sequential:  # valid at every look, unlike a bootstrap re-checked after each chunk
+            from .sequential import confidence_sequence
+
+            return confidence_sequence(output_terms, samples, c.samples, options.confidence)
+        return bootstrap_drop(output_terms, c.unit_count, options.bootstrap, c.seed, options.confidence)
+
     own = {p.spec.name: p.budget_plcc for p in c.plans if p.budget_plcc is not None and p.spec.name in by_plcc}
     drop_breaches: list[Breach] = []
     if not own:  # one budget: the worst output's drop, with the interval of the worst over every output
         worst = max(value_reports, key=lambda r: r.drop)
-        interval = bootstrap_drop(terms, c.unit_count, options.bootstrap, c.seed, options.confidence)
+        interval = interval_of(terms)
         found = check_drop(worst, interval, budget, options.decision, hint_of(worst))
         drop_breaches += [found] if found is not None else []
     else:  # quant_outputs budget_plcc: each output against its own budget; the one furthest over it is shown
@@ -987,8 +1007,7 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
 
         judged_by: list[tuple[float, OutputReport, Interval | None, Budget]] = []
         for rep in value_reports:
-            own_interval = bootstrap_drop(terms_of[rep.name], c.unit_count, options.bootstrap, c.seed,
-                                          options.confidence)
+            own_interval = interval_of(terms_of[rep.name])
             rep_budget = budget_of(rep.name)
             found = check_drop(rep, own_interval, rep_budget, options.decision, hint_of(rep))
             drop_breaches += [found] if found is not None else []
@@ -1020,6 +1039,11 @@ def _decide(c: Collector, ep: str, options: CompareOptions) -> GateResult:
     common = dict(base, drop=worst.drop, interval=interval, outputs=tuple(reports), needed_samples=needed,
                   warnings=tuple(warnings), fp32_probe=probe)
     passed = "; ".join([f"PLCC drop {worst.drop:.6f} <= budget {budget.value:g}{budget.note}", *task_passes])
+    if options.decision == "three-way" and not breaches and interval is not None and interval.high > budget.value:
+        from .sequential import inconclusive_text  # neither proven under the budget nor over it
+
+        return GateResult(**common, verdict=INCONCLUSIVE, kind="inconclusive",
+                          reason=inconclusive_text(interval, budget.value, samples, needed))
     return decide(common, breaches, passed)
 
 

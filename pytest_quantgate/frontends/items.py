@@ -123,6 +123,11 @@ class QuantGateItem(pytest.Item):
             if outcome.traceback and self.config.get_verbosity() > 0:
                 message += "\n" + outcome.traceback
             pytest.fail(message, pytrace=False)
+        if outcome.status == "inconclusive":
+            # neither a pass nor a fail: pytest's own category for "did not pass, and we know why" (xfailed), so
+            # the run shows it apart; --quantgate-strict makes it an ERROR (gate.run_one) that fails the run
+            pytest.xfail(f"quantgate {self.entry.id} [{self.ep}] {outcome.message} (--quantgate-strict makes an "
+                         f"INCONCLUSIVE verdict an error)")
 
     def runtest(self) -> None:
         """Deliver the verdict measured in setup; raise QuantGateFailure when the sidecar fails."""

@@ -299,6 +299,8 @@ def failure_text(result: GateResult, registry: str) -> str:
         f"quantgate FAILED: {result.entry_id} [{result.ep}] mode={result.mode}: {result.reason}",
         f"  {drop}; {result.samples} samples; decision rule: {result.decision}",
     ]
+    if result.sequential is not None:
+        lines.append(f"  {sequential_text(result)}")
     if result.focus is not None:
         lines.append(f"  failing: {focus_text(result.focus)}")
     lines += [f"  also: {text}" for text in result.also]
@@ -353,6 +355,24 @@ def _ci_cell(result: GateResult | None) -> str:
     return f"[{ci.low:.5f}, {ci.high:.5f}]" if ci else "-"
 
 
+def _samples_cell(result: GateResult | None) -> str:
+    """Return the samples a verdict used: ``320/2000`` when a sequential run stopped early."""
+    if result is None:
+        return "-"
+    seq = result.sequential
+    return f"{seq.samples_used}/{seq.samples_planned}" if seq is not None else str(result.samples)
+
+
+def sequential_text(result: GateResult) -> str:
+    """Return how a sequential run ended (empty for a fixed-sample run)."""
+    seq = result.sequential
+    if seq is None:
+        return ""
+    how = "stopped early" if seq.stopped_early else "ran the whole fixture"
+    return (f"sequential: {how} after {seq.samples_used} of {seq.samples_planned} samples ({seq.share:.0%}), "
+            f"{seq.looks} look(s) from {seq.first_look} samples on; {seq.method}")
+
+
 def _headroom_cell(result: GateResult | None) -> str:
     value = result.headroom if result is not None else None
     if value is None:
@@ -372,7 +392,7 @@ def summary_lines(outcomes: Iterable[Outcome]) -> list[str]:
         r = o.result
         timing = r.timing if r is not None else None
         table.append((
-            o.entry_id, o.ep, o.mode, str(r.samples if r is not None else "-"),
+            o.entry_id, o.ep, o.mode, _samples_cell(r),
             "-" if r is None or r.drop is None else f"{r.drop:.6f}", _ci_cell(r),
             "-" if r is None else f"{r.budget:g}", _headroom_cell(r),
             _ratio_cell(timing.size_ratio if timing else None), _ratio_cell(timing.speedup if timing else None),
@@ -386,6 +406,9 @@ def summary_lines(outcomes: Iterable[Outcome]) -> list[str]:
             focus = o.result.focus if o.result is not None else None
             failing = f" (failing: {focus_text(focus)})" if focus is not None and o.status == "fail" else ""
             out.append(f"{o.entry_id} [{o.ep}] {o.verdict}: {o.message}{failing}")
+    for o in outcomes:
+        if o.result is not None and o.result.sequential is not None:
+            out.append(f"{o.entry_id} [{o.ep}] {sequential_text(o.result)}")
     for o in outcomes:
         if o.regenerated:
             out.append(f"{o.entry_id} [{o.ep}] regenerated: {o.regenerated}")
@@ -467,7 +490,9 @@ def report_document(outcomes: Sequence[Outcome], settings: Any) -> dict[str, Any
         "registry": str(settings.registry),
         "settings": dump(settings),
         "items": items,
-        "totals": {v: sum(o.verdict == v for o in outcomes) for v in ("PASS", "FAIL", "ERROR", "SKIP")},
+        # INCONCLUSIVE (three-way rule) is counted only where it occurs: reports of the other rules keep their shape
+        "totals": {v: sum(o.verdict == v for o in outcomes) for v in ("PASS", "FAIL", "ERROR", "SKIP", "INCONCLUSIVE")
+                   if v != "INCONCLUSIVE" or any(o.verdict == v for o in outcomes)},
     }
 
 
@@ -481,7 +506,8 @@ def write_json(path: Any, outcomes: Sequence[Outcome], settings: Any) -> None:
 
 def markdown_lines(outcomes: Sequence[Outcome]) -> list[str]:
     """Return the summary as a GitHub-flavoured markdown table."""
-    icon = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "ERROR": "⚠️ ERROR", "SKIP": "⏭️ SKIP"}
+    icon = {"PASS": "✅ PASS", "FAIL": "❌ FAIL", "ERROR": "⚠️ ERROR", "SKIP": "⏭️ SKIP",
+            "INCONCLUSIVE": "❔ INCONCLUSIVE"}
     out = ["### quantgate", "", "| id | EP | mode | samples | drop | 95% CI | budget | headroom | speed-up | verdict |",
            "|---|---|---|---:|---:|---|---:|---:|---:|---|"]
     ordered = _order(outcomes)
@@ -489,7 +515,7 @@ def markdown_lines(outcomes: Sequence[Outcome]) -> list[str]:
         r = o.result
         speed = r.timing.speedup if r is not None and r.timing is not None else None
         out.append("| " + " | ".join([
-            f"`{o.entry_id}`", o.ep, o.mode, str(r.samples if r is not None else "-"),
+            f"`{o.entry_id}`", o.ep, o.mode, _samples_cell(r),
             "-" if r is None or r.drop is None else f"{r.drop:.6f}", _ci_cell(r),
             "-" if r is None else f"{r.budget:g}", _headroom_cell(r),
             "-" if speed is None else f"x{speed:.2f}", icon.get(o.verdict, o.verdict),
@@ -542,14 +568,16 @@ def report_outcomes(outcomes: Sequence[Outcome], registry_path: str, json_out: P
         if outcome.status == "fail" and outcome.result is not None:
             out(failure_text(outcome.result, registry_path))
             out()
-        elif outcome.status in ("error", "skip"):
+        elif outcome.status in ("error", "skip", "inconclusive"):
             out(f"quantgate {outcome.status.upper()}: {outcome.entry_id} [{outcome.ep}]: {outcome.message}")
     if outcomes:
         out()
         for line in [*summary_lines(outcomes), "", *per_ep_lines(outcomes)]:
             out(line)
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip")}
-    out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "fail", "error", "skip", "inconclusive")}
+    # an INCONCLUSIVE item does not change the exit code (like pytest's xfailed); --strict makes it an error
+    out(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped"
+        + (f", {counts['inconclusive']} inconclusive" if counts["inconclusive"] else ""))
     if json_out is not None:
         from ..errors import WriteError
         from ..fileio import atomic_write_text

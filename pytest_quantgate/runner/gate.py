@@ -22,7 +22,19 @@ from ..errors import FixtureError, HashMismatchError, InsufficientSamplesError, 
 from ..fileio import sha256_file
 from ..io.registry import DEFAULT_MIN_SAMPLES, Entry, Registry
 from ..io.soak import FeedPlan, Fixture, TensorSpec, find_fixture, load_fixture, plan_feeds
-from ..records import FileRef, Focus, GateResult, LineageRecord, Outcome, PlotData, Provenance, Timing
+from ..records import (
+    INCONCLUSIVE,
+    FileRef,
+    Focus,
+    GateResult,
+    LineageRecord,
+    Outcome,
+    PlotData,
+    Provenance,
+    SequentialRecord,
+    Status,
+    Timing,
+)
 from ..settings import Settings
 
 if TYPE_CHECKING:
@@ -277,6 +289,8 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
     first = batch or 1
     rows_next = [first]
     start = 0
+    looks: list[int] = []  # --quantgate-sequential: the sample counts the sequence was looked at
+    settled = False
     try:
         for block, target in p.fixture.chunks(lambda: rows_next[0]):
             _check_finite(block, start, p.fixture.path)
@@ -293,6 +307,14 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
                     rows = max(batch, rows // batch * batch)
                 rows_next[0] = rows
             start += count
+            if settings.sequential and start < p.plan.samples:
+                from ..engine.sequential import look
+
+                found = look(collector, p.ep, start, settings.confidence)
+                looks += [start] if found.interval is not None else []
+                if found.settled is not None:  # the sequence is valid at every look: the rest need not run
+                    settled = True
+                    break
     except MemoryError:
         # the statistics are bounded (streaming.Units), so what is left is a chunk or a model too large for the
         # limit: an ERROR that names the fixture and how far it got, not an "unexpected MemoryError"
@@ -305,10 +327,17 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
         bootstrap=settings.bootstrap,
         seed=settings.seed,
         confidence=settings.confidence,
-        decision=settings.decision,
+        decision="three-way" if settings.sequential else settings.decision,
         strict=settings.strict,
+        sequential=settings.sequential,
     )
-    result = with_lineage(collector.decide(p.ep, options), p)
+    result = collector.decide(p.ep, options)
+    if settings.sequential:
+        from ..engine.sequential import METHOD, MIN_LOOK
+
+        result = replace(result, sequential=SequentialRecord(METHOD, start, p.plan.samples, len(looks) + (
+            0 if settled else 1), settled, MIN_LOOK))
+    result = with_lineage(result, p)
     result = with_kernel_warning(result, p, settings)
     result = replace(result, timing=speed_and_size(p, clock, batch), provenance=provenance(p, settings))
     if settings.html is not None:
@@ -630,7 +659,7 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
         prepared = prepare(registry, entry, ep, settings, int8_pinned=built is None and int8_path is None,
                            int8_path=int8_path)
         result, collector = measure(prepared, settings)
-        failed = not result.passed and result.kind != "speed"
+        failed = result.verdict == "FAIL" and result.kind != "speed"  # an INCONCLUSIVE drop has nothing to find
         if (failed and settings.diagnose != "off") or settings.diagnose == "always":
             result = with_diagnosis(result, prepared, collector, settings)
         unsaved = _save_disagreements(prepared, collector, result, settings) if int8_path is None else None
@@ -674,8 +703,8 @@ def _run_one(registry: Registry, entry: Entry, ep: str, settings: Settings, *, r
             cache.set(key, result)
         except (WriteError, OSError) as exc:  # the verdict stands; only the shortcut for the next run is lost
             notes.append(f"the passing result was not cached: {exc}")
-    return Outcome(entry.id, ep, entry.mode, "pass" if result.passed else "fail", result.reason, result,
-                   regenerated=regenerated, notes=tuple(notes))
+    status: Status = "pass" if result.passed else "inconclusive" if result.verdict == INCONCLUSIVE else "fail"
+    return Outcome(entry.id, ep, entry.mode, status, result.reason, result, regenerated=regenerated, notes=tuple(notes))
 
 
 def _save_disagreements(p: Prepared, collector: Collector, result: GateResult, settings: Settings) -> str | None:
