@@ -274,6 +274,18 @@ def test_sequential_stops_early_and_the_report_shows_the_samples_used(project: G
     assert f"sequential: stopped early after {seq.samples_used} of {seq.samples_planned} samples" in text
 
 
+def test_an_entry_with_a_fixed_sample_check_runs_its_whole_fixture(project: GateProject) -> None:
+    # a judged argmax view is a fixed-sample check: a stop on the drop would decide it on the first samples
+    project.write([project.add_sidecar("flips", quant_accuracy_budget_plcc=0.5, quant_argmax_axis=1,
+                                       quant_channel_axis=None, quant_budget_label_flip=1.0)])
+    report = project.root / "out.json"
+    run = project.run("--quantgate-ep", "cpu", "--quantgate-sequential", "--quantgate-report", str(report))
+    run.assert_outcomes(passed=1)
+    outcome = read_report(json.loads(report.read_text()))[0]
+    seq = outcome.result.sequential if outcome.result is not None else None
+    assert seq is not None and not seq.stopped_early and seq.samples_used == seq.samples_planned
+
+
 def test_inconclusive_is_its_own_outcome_and_strict_makes_it_an_error(project: GateProject) -> None:
     project.write([project.add_sidecar("edge", quant_accuracy_budget_plcc=0.5)])
     drop = _drop_of(project, "edge")

@@ -31,6 +31,8 @@ Gaussian-mixture boundary of Robbins (1970) as tuned by Howard et al., Ann. Stat
     is a maximum (worst channel, worst output, target vs implied drop) the active piece's influence is used.
 
 The stopping rule (``--quantgate-sequential``)
+    It applies to entries judged by their PLCC drop alone; one with a judged label output, argmax view or task
+    view (thresholds, detections, embeddings) runs its whole fixture, since those are fixed-sample checks.
     The fixture streams in chunks (at most 64 samples); after each chunk, once MIN_LOOK samples are in, the
     sequence's interval is computed: an upper bound under the budget stops with PASS, a lower bound over it
     stops with FAIL, anything else continues. At the end of the fixture the three-way outcome of the last
@@ -201,6 +203,12 @@ def look(collector: Collector, ep: str, samples: int, level: float) -> LookResul
     from .comparison import CompareOptions
 
     if samples < MIN_LOOK:
+        return LookResult(samples, None, math.nan, None)
+    judged = {plan.spec.name for plan in collector.plans if not plan.ignore}
+    others = [*collector.labels, *collector.thresholds, *collector.detections, *collector.embeddings]
+    if any(key.removesuffix(":argmax") in judged for key in others):
+        # the sequence covers the PLCC drop only: label flips, decisions, detections and embeddings are judged
+        # on the whole fixture (a stop on the drop would decide them on its first samples)
         return LookResult(samples, None, math.nan, None)
     try:  # the final decision's own code, without bootstraps: the same drop, budget and interval
         result = collector.decide(ep, CompareOptions(bootstrap=0, confidence=level, decision="three-way",
