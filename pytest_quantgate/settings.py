@@ -315,7 +315,7 @@ class Option:
             "gib": positive_gib,
             "shard": shard_spec,
         }
-        if self.kind in convert and not (pytest_side and self.kind == "gib"):
+        if self.kind in convert and not (pytest_side and self.kind in ("gib", "shard")):  # ini twin: one message
             kwargs["type"] = convert[self.kind]
         if self.kind == "choice":
             kwargs.update(choices=self.choices, type=_canonical(self.choices))
