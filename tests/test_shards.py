@@ -9,11 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import convkit
+import modelkit
 import numpy as np
 import pytest
 
-import convkit
-import modelkit
 from pytest_quantgate.engine import streaming
 from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
 from pytest_quantgate.errors import ShardError
