@@ -345,3 +345,21 @@ def test_the_pytest_option_writes_state_instead_of_deciding(project: Any) -> Non
     assert (project.root / "states" / "digits_v1.cpu.shard-2-of-2.npz").is_file()
     bad = project.run("--quantgate-shard", "0/2")
     bad.stderr.fnmatch_lines(["*quantgate: --quantgate-shard = '0/2' is invalid; allowed: K/N with 1 <= K <= N*"])
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_fixture_chunks_start_at_a_sample_of_any_part(tmp_path: Path, compressed: bool) -> None:
+    from pytest_quantgate.io.soak import load_fixture
+
+    data = np.arange(70 * 3, dtype=np.float32).reshape(70, 3)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    save = np.savez_compressed if compressed else np.savez
+    save(folder / "part-0.npz", x=data[:25])
+    save(folder / "part-1.npz", x=data[25:])
+    fixture = load_fixture(folder)
+    for start in (0, 7, 25, 31, 69, 70):
+        blocks = [block["x"] for block, _ in fixture.chunks(9, start)]
+        got = np.concatenate(blocks) if blocks else np.zeros((0, 3), np.float32)
+        assert np.array_equal(got, data[start:]), start
+        assert all(len(b) == 9 for b in blocks[:-1])
