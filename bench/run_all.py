@@ -18,6 +18,7 @@ import bench_gate
 import bench_memory
 import bench_realsize
 import bench_sequential
+import bench_shards
 import bench_startup
 import bench_xdist
 from common import print_table
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_xdist.run(2 if q else 5),
         bench_xdist.run(2 if q else 3, repeat=10),
     ]
+    results += bench_shards.run(quick=q)
     if not args.no_realsize:
         results += bench_realsize.run(quick=q)
     if not args.no_sequential:

@@ -48,3 +48,7 @@ class WriteError(InputError):
     Raised by the write helpers in :mod:`.fileio`, naming the file meant to be written (never its hidden
     partial), what the OS said and what to do; the file that was there before is left as it was.
     """
+
+
+class ShardError(InputError):
+    """Shard states that cannot be merged: missing, duplicated or mismatched parts, or an unknown format."""

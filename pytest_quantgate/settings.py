@@ -44,6 +44,8 @@ DEFAULT_MAX_SAMPLES = 10_000_000
 # samples --quantgate-save-disagreements keeps per entry and EP: a fixture that runs in a blink, and enough to
 # hold every top-1 flip of a sidecar near its 1 % budget on a few thousand soak samples
 DEFAULT_SAVE_COUNT = 64
+DEFAULT_SHARD_DIR = ".quantgate-shards"
+SHARD_FORM = "K/N with 1 <= K <= N (e.g. 2/3: the second of three parts)"
 MAX_SAMPLES_HELP = (f"refuse soak fixtures with more than N samples, an ERROR before anything runs (default "
                     f"{DEFAULT_MAX_SAMPLES:_}; 0 = no ceiling); memory stays bounded whatever the count, time does not")
 
@@ -85,6 +87,8 @@ class Settings:
     diagnose: str = "auto"  # auto: failed items only; off; always: passing items too
     max_fixture_bytes: int = int(DEFAULT_MAX_FIXTURE_GIB * (1 << 30))
     max_samples: int = DEFAULT_MAX_SAMPLES  # 0: no ceiling
+    shard: tuple[int, int] | None = None  # (K, N): measure part K of N of every fixture, write its state
+    shard_dir: Path = Path(DEFAULT_SHARD_DIR)  # where shard states are written
     threads: int | None = None  # ORT intra-op threads; set under xdist so workers do not oversubscribe cores
     save_disagreements: Path | None = None  # folder of <id>.<ep>.disagreements.npz fixtures; None: none written
     save_count: int = DEFAULT_SAVE_COUNT
@@ -134,6 +138,18 @@ def confidence_level(text: str) -> float:
     if not 0.5 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text!r} must lie strictly between 0.5 and 1")
     return value
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """Parse ``K/N`` (1 <= K <= N): which part of every fixture a shard run measures."""
+    k, slash, n = str(text).strip().partition("/")
+    try:
+        part, parts = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {SHARD_FORM}") from None
+    if not slash or not 1 <= part <= parts:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {SHARD_FORM}")
+    return part, parts
 
 
 def _usage(name: str, value: object, allowed: str) -> pytest.UsageError:
@@ -240,7 +256,8 @@ def _worker_threads(config: pytest.Config) -> int | None:
     return max(1, (os.cpu_count() or 1) // int(workerinput["workercount"]))
 
 
-OptionKind = Literal["flag", "int", "choice", "confidence", "gib", "text", "eps", "list", "path", "optional-path"]
+OptionKind = Literal["flag", "int", "choice", "confidence", "gib", "text", "eps", "list", "path", "optional-path",
+                     "shard"]
 
 
 def _canonical(choices: tuple[str, ...]) -> Callable[[str], str]:
@@ -302,8 +319,9 @@ class Option:
             "int": positive_int if self.minimum == 1 else non_negative_int,
             "confidence": confidence_level,
             "gib": positive_gib,
+            "shard": shard_spec,
         }
-        if self.kind in convert and not (pytest_side and self.kind == "gib"):
+        if self.kind in convert and not (pytest_side and self.kind in ("gib", "shard")):  # ini twin: one message
             kwargs["type"] = convert[self.kind]
         if self.kind == "choice":
             kwargs.update(choices=self.choices, type=_canonical(self.choices))
@@ -372,6 +390,11 @@ OPTIONS: tuple[Option, ...] = (
            "flips, largest errors) with their 'indices', a ready-to-use soak fixture", None, metavar="DIR"),
     Option("save-count", "save_count", "int", f"samples --quantgate-save-disagreements keeps per entry and EP "
            f"(default {DEFAULT_SAVE_COUNT})", DEFAULT_SAVE_COUNT, metavar="N", minimum=1),
+    Option("shard", "shard", "shard", f"measure only part K of N of every fixture ({SHARD_FORM}) and write the "
+           "mergeable state of its statistics to --quantgate-shard-dir instead of a verdict; `quantgate merge-shards` "
+           "joins the N parts and decides (docs/ci.md)", None, metavar="K/N"),
+    Option("shard-dir", "shard_dir", "path", f"folder the shard states are written to (default {DEFAULT_SHARD_DIR} "
+           "under the rootdir)", DEFAULT_SHARD_DIR, metavar="DIR"),
     Option("cuda-device", "ep_options.cuda_device_id", "int", "CUDA device id (default 0)", 0, metavar="N"),
     Option("openvino-device", "ep_options.openvino_device", "text", "OpenVINO device_type: CPU, GPU, NPU, ... "
            "(default CPU)", "CPU", metavar="DEVICE"),
@@ -400,6 +423,13 @@ def _from_config(config: pytest.Config, o: Option) -> Any:
     if o.kind == "gib":
         return _gib(config)
     value, where = _pick(config, dest, dest)
+    if o.kind == "shard":
+        if value is None:
+            return None
+        try:
+            return shard_spec(str(value))
+        except argparse.ArgumentTypeError:
+            raise _usage(where, value, SHARD_FORM) from None
     if o.kind == "list":
         return tuple(s for v in (value or []) for s in str(v).replace(",", " ").split())
     if o.kind == "confidence":
@@ -423,6 +453,8 @@ def _from_args(ns: argparse.Namespace, o: Option) -> Any:
         return bool(value)
     if o.kind == "optional-path":  # relative to the folder the command runs in, as pytest's flags are
         return Path(value).resolve() if value else None
+    if o.kind == "path":
+        return Path(o.fallback() if value is None else value).resolve()
     return o.fallback() if value is None else value
 
 

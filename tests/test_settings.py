@@ -14,6 +14,7 @@ from pytest_quantgate.settings import (
     DEFAULT_FIXTURES,
     DEFAULT_MAX_FIXTURE_GIB,
     DEFAULT_REGISTRY,
+    DEFAULT_SHARD_DIR,
     EpOptions,
     Settings,
     add_gate_args,
@@ -71,12 +72,14 @@ VALUED: list[tuple[str, str, list[str], str, Any, Any]] = [
     ("quantgate_openvino_device", "ep_options.openvino_device", ["gpu"], " npu ", "GPU", "NPU"),
     ("quantgate_openvino_precision", "ep_options.openvino_precision", ["fp16"], "accuracy", "FP16", "ACCURACY"),
     ("quantgate_int8_precision", "ep_options.int8_precision", ["EXACT"], "fast", "exact", "fast"),
+    ("quantgate_shard", "shard", ["2/3"], " 1/4 ", (2, 3), (1, 4)),
 ]
 FLAGS = [("quantgate", "enabled"), ("quantgate_strict_ep", "strict_ep"), ("quantgate_strict", "strict"),
          ("quantgate_allow_recipes", "allow_recipes"), ("quantgate_cache", "cache"),
          ("quantgate_sequential", "sequential")]
 PATHS = [("quantgate_registry", "registry"), ("quantgate_fixtures", "fixtures_dir"), ("quantgate_report", "report"),
-         ("quantgate_html", "html"), ("quantgate_save_disagreements", "save_disagreements")]
+         ("quantgate_html", "html"), ("quantgate_save_disagreements", "save_disagreements"),
+         ("quantgate_shard_dir", "shard_dir")]
 
 
 def _flag(key: str) -> str:
@@ -133,7 +136,8 @@ def test_flag_paths_are_relative_to_the_invocation_folder_ini_paths_to_the_ini_f
 def test_defaults_without_flags_or_ini(pytester: pytest.Pytester) -> None:
     got = _resolved(pytester)
     root = pytester.path.resolve()
-    assert got == Settings(registry=root / DEFAULT_REGISTRY, fixtures_dir=root / DEFAULT_FIXTURES)
+    assert got == Settings(registry=root / DEFAULT_REGISTRY, fixtures_dir=root / DEFAULT_FIXTURES,
+                           shard_dir=root / DEFAULT_SHARD_DIR)
     assert got.eps == ("auto",) and got.regen == "missing" and got.threads is None
     assert got.max_fixture_bytes == int(DEFAULT_MAX_FIXTURE_GIB * GIB)
     assert got.ep_options == EpOptions()
@@ -263,7 +267,8 @@ def test_cli_defaults_are_the_plugins_defaults(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.chdir(tmp_path)
     got = _from_args()
     assert got == replace(Settings(), enabled=True, registry=(tmp_path / DEFAULT_REGISTRY).resolve(),
-                          fixtures_dir=(tmp_path / DEFAULT_FIXTURES).resolve())
+                          fixtures_dir=(tmp_path / DEFAULT_FIXTURES).resolve(),
+                          shard_dir=(tmp_path / DEFAULT_SHARD_DIR).resolve())
     monkeypatch.setenv("CI", "true")
     assert _from_args().regen == "never"
     assert _from_args("--regen", "all").regen == "all"
@@ -276,14 +281,15 @@ def test_cli_values_reach_the_settings(tmp_path: Path) -> None:
                      "--regen", "never", "--allow-recipes", "--diagnose", "always", "--max-fixture-gib", "0.25",
                      "--max-samples", "0", "--cuda-device", "3", "--openvino-device", "gpu.1",
                      "--openvino-precision", "FP16", "--int8-precision", "fast", "--save-disagreements",
-                     str(tmp_path / "worst"), "--save-count", "16")
+                     str(tmp_path / "worst"), "--save-count", "16", "--shard", "2/5", "--shard-dir",
+                     str(tmp_path / "states"))
     assert got == Settings(
         enabled=True, registry=(tmp_path / "r.json").resolve(), fixtures_dir=(tmp_path / "fx").resolve(),
         select=("a*", "b"),
         eps=("cuda", "cpu"), strict_ep=True, strict=True, batch_size=7, bootstrap=0, seed=9, confidence=0.9,
         decision="conservative", regen="never", allow_recipes=True, diagnose="always", max_fixture_bytes=GIB // 4,
         max_samples=0, ep_options=EpOptions(3, "GPU.1", "FP16", "fast"), save_disagreements=(tmp_path / "worst"),
-        save_count=16)
+        save_count=16, shard=(2, 5), shard_dir=(tmp_path / "states").resolve())
 
 
 @pytest.mark.parametrize(("argv", "said"), [
@@ -294,6 +300,8 @@ def test_cli_values_reach_the_settings(tmp_path: Path) -> None:
     (["--confidence", "high"], "argument --confidence: 'high' is not a number"),
     (["--ep", "tpu"], "argument --ep: invalid choice: 'tpu'"),
     (["--regen", "sometimes"], "argument --regen: invalid choice: 'sometimes'"),
+    (["--shard", "3/2"], "argument --shard: '3/2' is not K/N with 1 <= K <= N"),
+    (["--shard", "two"], "argument --shard: 'two' is not K/N with 1 <= K <= N"),
     (["--json", "{tmp}/no-such-folder/x.json"], "argument --json: "),
 ])
 def test_cli_refuses_bad_values_while_parsing(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str],

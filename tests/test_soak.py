@@ -134,8 +134,8 @@ def test_take_reads_only_as_far_as_the_last_pick(monkeypatch: pytest.MonkeyPatch
     served: list[int] = []
     real = npz.aligned_chunks
 
-    def counted(arrays: Mapping[str, Any], rows: Any) -> Iterator[dict[str, np.ndarray]]:
-        for block in real(arrays, rows):
+    def counted(arrays: Mapping[str, Any], rows: Any, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        for block in real(arrays, rows, start):
             served.append(len(block["x"]))
             yield block
 

@@ -594,6 +594,126 @@ class Collector:
         """Compute every metric, the drop and its interval, and the verdict (rules in the module docstring)."""
         return _decide(self, ep, options)
 
+    # --- sharding: a part's mergeable state, and the merge of the parts (runner/shards.py writes the file) -----
+
+    def adopt(self, probe: Collector) -> None:
+        """Take the units and shifts that the fixture's first chunk gave ``probe``, before folding anything.
+
+        Every shard sums around the shifts of the unsharded run, so merging re-expresses nothing: a sample's
+        row is the same float64 numbers whichever shard folded it.
+        """
+        self.units = probe.units
+        for mine, theirs in ((self.values, probe.values), (self.raw, probe.raw)):
+            for name, acc in theirs.items():
+                mine[name] = PairAccumulator(self.samples, acc.channels, with_target=acc.with_target, seed=self.seed,
+                                             units=self.units)
+                mine[name].shift = None if acc.shift is None else acc.shift.copy()
+
+    def state(self, rows: slice | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Return (JSON-able header, arrays) of every accumulator; per-unit rows only at ``rows`` (default all).
+
+        Arrays are per unit and channel (or bounded: reservoirs, kept vectors, worst samples), never per element.
+        """
+        if self.units is None:  # nothing was folded (a shard without samples)
+            return {"units": None}, {}
+        rows = slice(0, self.units.count) if rows is None else rows
+        arrays: dict[str, np.ndarray] = {"target_range": np.asarray(self.target_range, dtype=np.float64),
+                                         **{f"worst.{k}": v for k, v in self.worst.state().items()}}
+        parts: list[dict[str, Any]] = []
+
+        def put(store: str, name: str, meta: dict[str, Any], found: dict[str, np.ndarray]) -> None:
+            key = f"a{len(parts)}"  # output names may hold any character: members are numbered
+            parts.append({"store": store, "name": name, "key": key, "meta": meta})
+            arrays.update({f"{key}.{k}": v for k, v in found.items()})
+
+        for store, accs in (("values", self.values), ("raw", self.raw)):
+            for name, acc in accs.items():
+                put(store, name, *acc.state(rows))
+        for store, counted in (("labels", self.labels), ("accuracy", self.accuracy)):
+            for name, lab in counted.items():
+                put(store, name, {}, lab.state(rows))
+        for name, thr in self.thresholds.items():
+            put("thresholds", name, *thr.state(rows))
+        for name, det in self.detections.items():
+            box_idx, score_idx = self.detection_channels[name]
+            put("detections", name, {"classes": det.classes},
+                {**det.state(rows), "box_idx": box_idx, "score_idx": score_idx})
+        for name, emb in self.embeddings.items():
+            put("embeddings", name, *emb.state(rows))
+        units = self.units
+        header = {"units": {"samples": units.samples, "count": units.count, "seed": units.seed},
+                  "rows": [rows.start, rows.stop], "filled": self.filled, "notes": dict(self.notes),
+                  "parts": parts}
+        return header, arrays
+
+    @classmethod
+    def from_state(cls, entry: Entry, plans: Sequence[OutputPlan], samples: int, seed: int, where: str,
+                   header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Collector:
+        """Return the collector :meth:`state` described (``seed`` is the run's, as given to the constructor)."""
+        c = cls(entry, plans, samples, seed, where)
+        if header.get("units") is None:
+            return c
+        u = header["units"]
+        units = c.units = Units(int(u["samples"]), int(u["count"]), int(u["seed"]))
+        rows = slice(int(header["rows"][0]), int(header["rows"][1]))
+        c.filled = int(header["filled"])
+        c.notes = {str(k): str(v) for k, v in header["notes"].items()}
+        low, high = (float(v) for v in arrays["target_range"])
+        c.target_range = [low, high]
+        c.worst.restore({k.removeprefix("worst."): v for k, v in arrays.items() if k.startswith("worst.")})
+        rules = {plan.spec.name: plan for plan in c.plans}
+        for part in header["parts"]:
+            store, name, meta = part["store"], part["name"], part["meta"]
+            own = {k.removeprefix(part["key"] + "."): v for k, v in arrays.items()
+                   if k.startswith(part["key"] + ".")}
+            if store in ("values", "raw"):
+                getattr(c, store)[name] = PairAccumulator.restore(meta, own, samples, c.seed, units, rows)
+            elif store == "labels":
+                c.labels[name] = LabelAccumulator.restore(own, units, rows)
+            elif store == "accuracy":
+                c.accuracy[name] = AccuracyAccumulator.restore(own, units, rows)
+            elif store == "thresholds":
+                c.thresholds[name] = ThresholdAccumulator.restore(meta, own, units, rows)
+            elif store == "detections":
+                detections = rules[name].detections
+                if detections is None:
+                    raise ValueError(f"output {name!r} holds detections but its plan declares none")
+                c.detection_channels[name] = (np.asarray(own["box_idx"]), np.asarray(own["score_idx"]))
+                c.detections[name] = DetectionAccumulator.restore(own, int(meta["classes"]),
+                                                                  DetectionRules.from_rules(detections), units, rows)
+            elif store == "embeddings":
+                c.embeddings[name] = EmbeddingAccumulator.restore(meta, own, c.seed, units, rows)
+            else:
+                raise ValueError(f"unknown statistics {store!r}")
+        return c
+
+    def merge(self, other: Collector) -> Collector:
+        """Return the collector of both parts of a split fixture (disjoint samples, same entry and units)."""
+        if self.units is None or other.units is None:
+            return other if self.units is None else self
+        if other.units != self.units:
+            raise ValueError(f"cannot merge statistics over different units ({self.units} vs {other.units})")
+        out = Collector(self.entry, self.plans, self.samples, 0, self.where, self.max_units)
+        out.seed, out.units = self.seed, self.units
+
+        def joined(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, Any]:
+            # an output only one part holds comes as it is (the other part saw no sample of it)
+            return {k: mine[k].merge(theirs[k]) if k in mine and k in theirs else mine.get(k, theirs.get(k))
+                    for k in [*mine, *(k for k in theirs if k not in mine)]}
+
+        out.values, out.raw = joined(self.values, other.values), joined(self.raw, other.raw)
+        out.labels, out.accuracy = joined(self.labels, other.labels), joined(self.accuracy, other.accuracy)
+        out.thresholds, out.detections = joined(self.thresholds, other.thresholds), joined(self.detections,
+                                                                                           other.detections)
+        out.embeddings = joined(self.embeddings, other.embeddings)
+        out.detection_channels = {**other.detection_channels, **self.detection_channels}
+        out.worst = self.worst.merged(other.worst)
+        out.target_range = [min(self.target_range[0], other.target_range[0]),
+                            max(self.target_range[1], other.target_range[1])]
+        out.filled = max(self.filled, other.filled)
+        out.notes = {**other.notes, **self.notes}
+        return out
+
 
 def _threshold_shares(acc: ThresholdAccumulator, channels: Sequence[int] | None = None) -> np.ndarray:
     """Return each unit's flip share of threshold decisions over the chosen channels (positions in acc.channels)."""

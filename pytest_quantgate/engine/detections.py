@@ -27,7 +27,7 @@ from ..errors import RegistryError
 from ..records import ClassDetections, DetectionReport, Interval
 from .metrics import bootstrap_drop, weighted_sum
 from .selection import select_channels
-from .streaming import Units, _put_counts
+from .streaming import Units, _put_counts, placed
 
 # candidates NMS resolves at once: a block's IoU matrix is BLOCK² values (128 KiB), so a head whose every anchor
 # passes the threshold never builds an anchors² matrix (8400² float64 would be 565 MB)
@@ -325,6 +325,19 @@ class DetectionAccumulator:
         # a sample's row is zero in the half that did not see it: adding places it (or sums blocks)
         merged.counts = self.counts + other.counts
         return merged
+
+    def state(self, rows: slice) -> dict[str, np.ndarray]:
+        """Return the count rows of ``rows`` (a shard's own units)."""
+        return {"counts": self.counts[rows]}
+
+    @classmethod
+    def restore(cls, arrays: dict[str, np.ndarray], classes: int, rules: DetectionRules, units: Units,
+                rows: slice) -> DetectionAccumulator:
+        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
+        acc = cls(units.samples, classes, rules, units)
+        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, classes * 3), units.count,
+                            rows)
+        return acc
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..records import EmbeddingReport, Interval
 from .metrics import bootstrap_drop, weighted_sum
-from .streaming import Units, _mix, _put_counts
+from .streaming import Units, _mix, _put_counts, placed
 
 # vectors kept for the neighbour search; 4096 × 768 float32 × 2 models is 24 MiB
 KEEP = 4096
@@ -228,6 +229,29 @@ class EmbeddingAccumulator:
             if n:
                 merged._offer_kept(side.ident[:n], side.priority[:n], side.fp32[:n], side.int8[:n])
         return merged
+
+    def state(self, rows: slice) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Return (JSON-able meta, arrays) of the state; the sums only at ``rows`` (a shard's own units)."""
+        n = self.size
+        meta = {"axis": self.axis, "keep": self.keep, "nonfinite": self.nonfinite, "zero": self.zero, "dim": self.dim}
+        return meta, {"sums": self.sums[rows], "ident": self.ident[:n], "priority": self.priority[:n],
+                      "fp32": self.fp32[:n], "int8": self.int8[:n]}
+
+    @classmethod
+    def restore(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], seed: int, units: Units,
+                rows: slice) -> EmbeddingAccumulator:
+        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
+        acc = cls(units.samples, int(meta["axis"]), seed, units, int(meta["keep"]))
+        acc.sums = placed(np.asarray(arrays["sums"], dtype=np.float64).reshape(-1, 2), units.count, rows)
+        acc.nonfinite, acc.zero = int(meta["nonfinite"]), int(meta["zero"])
+        acc.dim = None if meta["dim"] is None else int(meta["dim"])
+        acc.ident = np.asarray(arrays["ident"], dtype=np.int64).reshape(-1, 2).copy()
+        acc.priority = np.asarray(arrays["priority"], dtype=np.uint64).copy()
+        acc.size = int(acc.priority.size)
+        if acc.size:
+            acc.fp32 = np.asarray(arrays["fp32"], dtype=np.float32).copy()
+            acc.int8 = np.asarray(arrays["int8"], dtype=np.float32).copy()
+        return acc
 
     def _offer_kept(self, ident: np.ndarray, priority: np.ndarray, fa: np.ndarray, fb: np.ndarray) -> None:
         """Offer vectors another accumulator kept (their priorities already drawn)."""

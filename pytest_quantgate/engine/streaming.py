@@ -154,6 +154,16 @@ def _scatter_counts(into: np.ndarray, units: np.ndarray, values: np.ndarray) -> 
         into[:, column] += np.bincount(units, weights=values[:, column], minlength=into.shape[0])
 
 
+def placed(part: np.ndarray, count: int, rows: slice) -> np.ndarray:
+    """Return a zeroed (count, ...) array holding a shard's per-unit ``part`` at ``rows`` (its own samples)."""
+    part = np.asarray(part)
+    if part.shape[0] != len(range(*rows.indices(count))):
+        raise ValueError(f"{part.shape[0]} unit rows stored for units {rows.start}..{rows.stop} of {count}")
+    out = np.zeros((count, *part.shape[1:]), dtype=part.dtype)
+    out[rows] = part
+    return out
+
+
 class Reservoir:
     """Element triples of at most ``capacity`` samples: all of them, or those of lowest hash priority.
 
@@ -223,6 +233,21 @@ class Reservoir:
         held = [self.index, self.priority, self.width] + ([self.values] if self.values is not None else [])
         return sum(int(a.nbytes) for a in held) + sum(int(a.nbytes) for part in self.pending for a in part)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Return the kept samples as arrays (index, priority, width and, when any, values)."""
+        self._compact()
+        arrays = {"index": self.index, "priority": self.priority, "width": self.width}
+        return arrays if self.values is None else {**arrays, "values": self.values}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take back what :meth:`state` returned."""
+        self.index = np.asarray(arrays["index"], dtype=np.int64)
+        self.priority = np.asarray(arrays["priority"], dtype=np.uint64)
+        self.width = np.asarray(arrays["width"], dtype=np.int64)
+        self.values = np.asarray(arrays["values"], dtype=np.float64) if "values" in arrays else None
+        # full: a sample of this priority or above could not have got in (what _compact would have said)
+        self.bound = self.priority.max() if self.priority.size >= self.capacity and self.priority.size else None
+
     def merged(self, other: Reservoir) -> Reservoir:
         """Return the reservoir of both (disjoint samples)."""
         out = Reservoir(self.capacity, self.seed)
@@ -271,6 +296,26 @@ class WorstSamples:
         """Return the bytes held: kept and pending samples."""
         held = [self.index] + ([self.scores] if self.scores is not None else [])
         return sum(int(a.nbytes) for a in held) + sum(int(a.nbytes) for part in self.pending for a in part)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Return the kept samples and their scores as arrays."""
+        self._compact()
+        return {"index": self.index} if self.scores is None else {"index": self.index, "scores": self.scores}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take back what :meth:`state` returned."""
+        self.index = np.asarray(arrays["index"], dtype=np.int64)
+        self.scores = np.asarray(arrays["scores"], dtype=np.float64) if "scores" in arrays else None
+
+    def merged(self, other: WorstSamples) -> WorstSamples:
+        """Return the worst samples of both (disjoint samples): each column's ``keep`` highest of the union."""
+        out = WorstSamples(self.keep)
+        for side in (self, other):
+            side._compact()
+            if side.scores is not None:
+                out.pending.append((side.index, side.scores))
+        out._compact()
+        return out
 
     def top(self, weights: np.ndarray, count: int, samples: int) -> list[int]:
         """Return ``count`` samples by descending weighted score (ties: earlier first), padded with the first ones."""
@@ -489,6 +534,29 @@ class PairAccumulator:
         merged.bad = self.bad + other.bad
         return merged
 
+    def state(self, rows: slice) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Return (JSON-able meta, arrays) of the state; per-unit arrays only at ``rows`` (a shard's own samples)."""
+        arrays = {"stats": self.stats[rows], "seen": self.seen[rows], "bad": self.bad,
+                  **{f"picks.{k}": v for k, v in self.picks.state().items()}}
+        if self.shift is not None:
+            arrays["shift"] = self.shift
+        return {"channels": self.channels, "with_target": self.with_target}, arrays
+
+    @classmethod
+    def restore(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], samples: int, seed: int, units: Units,
+                rows: slice) -> PairAccumulator:
+        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
+        acc = cls(samples, int(meta["channels"]), with_target=bool(meta["with_target"]), seed=seed, units=units)
+        stats = np.asarray(arrays["stats"], dtype=np.float64)
+        if stats.shape[1:] != acc.stats.shape[1:]:
+            raise ValueError(f"rows of shape {stats.shape[1:]} for {acc.channels} channel(s)")
+        acc.stats = placed(stats, units.count, rows)
+        acc.seen = placed(np.asarray(arrays["seen"], dtype=bool), units.count, rows)
+        acc.bad = np.asarray(arrays["bad"], dtype=np.int64).copy()
+        acc.shift = np.asarray(arrays["shift"], dtype=np.float64).copy() if "shift" in arrays else None
+        acc.picks.restore({k.removeprefix("picks."): v for k, v in arrays.items() if k.startswith("picks.")})
+        return acc
+
     # --- results -----------------------------------------------------------------------------------------
 
     def channel_sums(self, weights: np.ndarray | None = None) -> Sums:
@@ -607,6 +675,25 @@ class LabelAccumulator:
         _put_counts(self.units, self.counts, start, np.stack([flips, total], axis=1))
         return np.asarray(flips / np.maximum(total, 1))
 
+    def merge(self, other: LabelAccumulator) -> LabelAccumulator:
+        """Return the counts of both halves of a split fixture (disjoint samples, same units)."""
+        if other.units != self.units:
+            raise ValueError(f"cannot merge counts over different units ({self.units} vs {other.units})")
+        merged = LabelAccumulator(self.units.samples, self.units)
+        merged.counts = self.counts + other.counts  # a sample's row is zero in the half that did not see it
+        return merged
+
+    def state(self, rows: slice) -> dict[str, np.ndarray]:
+        """Return the count rows of ``rows`` (a shard's own units)."""
+        return {"counts": self.counts[rows]}
+
+    @classmethod
+    def restore(cls, arrays: dict[str, np.ndarray], units: Units, rows: slice) -> LabelAccumulator:
+        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
+        acc = cls(units.samples, units)
+        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, 2), units.count, rows)
+        return acc
+
     def nbytes(self) -> int:
         """Return the bytes of the state."""
         return self.counts.nbytes
@@ -643,6 +730,25 @@ class AccuracyAccumulator:
                           ((pred_b.reshape(count, -1) == flat_t) & keep).sum(axis=1),
                           keep.sum(axis=1)], axis=1).astype(np.float64)
         _put_counts(self.units, self.counts, start, right)
+
+    def merge(self, other: AccuracyAccumulator) -> AccuracyAccumulator:
+        """Return the counts of both halves of a split fixture (disjoint samples, same units)."""
+        if other.units != self.units:
+            raise ValueError(f"cannot merge counts over different units ({self.units} vs {other.units})")
+        merged = AccuracyAccumulator(self.units.samples, self.units)
+        merged.counts = self.counts + other.counts  # a sample's row is zero in the half that did not see it
+        return merged
+
+    def state(self, rows: slice) -> dict[str, np.ndarray]:
+        """Return the count rows of ``rows`` (a shard's own units)."""
+        return {"counts": self.counts[rows]}
+
+    @classmethod
+    def restore(cls, arrays: dict[str, np.ndarray], units: Units, rows: slice) -> AccuracyAccumulator:
+        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
+        acc = cls(units.samples, units)
+        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, 3), units.count, rows)
+        return acc
 
     def nbytes(self) -> int:
         """Return the bytes of the state."""

@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
 from ..records import Interval, ThresholdChannel, ThresholdReport
 from .metrics import bootstrap_drop, weighted_sum
-from .streaming import Units, _put_counts
+from .streaming import Units, _put_counts, placed
 
 
 class Count(IntEnum):
@@ -109,6 +110,19 @@ class ThresholdAccumulator:
         # a sample's row is zero in the half that did not see it: adding places it (or sums its block)
         merged.rows = self.rows + other.rows
         return merged
+
+    def state(self, rows: slice) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Return (JSON-able meta, arrays) of the state; the count rows only at ``rows`` (a shard's own units)."""
+        return {"threshold": self.threshold}, {"rows": self.rows[rows], "channels": self.channels}
+
+    @classmethod
+    def restore(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], units: Units,
+                rows: slice) -> ThresholdAccumulator:
+        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
+        acc = cls(units.samples, np.asarray(arrays["channels"]), float(meta["threshold"]), units)
+        part = np.asarray(arrays["rows"], dtype=np.float64).reshape(-1, acc.channels.size, COUNTS)
+        acc.rows = placed(part, units.count, rows)
+        return acc
 
 
 @dataclass(frozen=True)

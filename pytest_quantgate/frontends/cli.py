@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InputError, WriteError
-from ..fileio import creatable_file
+from ..fileio import creatable_file, writable_file
 from ..reporting.reports import EXIT_ERROR, EXIT_NOTHING, EXIT_PASS, report_outcomes
 from ..reporting.reports import err as _err
 from ..reporting.reports import out as _out
@@ -95,6 +95,23 @@ def cmd_measure(ns: argparse.Namespace) -> int:
 
     outcomes = run(the_plan, settings, run_id=uuid.uuid4().hex, cache=cache, progress=progress)
     return report_outcomes(outcomes, str(registry.path), ns.json_out)
+
+
+# --- merge-shards ---------------------------------------------------------------------------------------
+
+
+def cmd_merge_shards(ns: argparse.Namespace) -> int:
+    """Join the shard states of sharded runs and decide each (entry, EP) as measure would (exit 0 / 1 / 2)."""
+    from ..runner.shards import merge_states, size_text
+
+    try:
+        outcomes, registry = merge_states(ns.states)
+    except InputError as exc:
+        _err(f"quantgate: error: {exc}")
+        return EXIT_ERROR
+    total = sum(Path(path).stat().st_size for path in ns.states)
+    _err(f"quantgate: merged {len(ns.states)} shard state(s) ({size_text(total)}) into {len(outcomes)} verdict(s)")
+    return report_outcomes(outcomes, registry, ns.json_out)
 
 
 # --- validate -------------------------------------------------------------------------------------------
@@ -369,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     precommit.add_arguments(p)
     p.set_defaults(func=precommit.run)
 
+    p = sub.add_parser("merge-shards", help="join the states of `measure --shard K/N` (or --quantgate-shard) runs "
+                                            "and decide (exit 0 pass, 1 fail, 2 error)")
+    p.add_argument("states", nargs="+", type=Path, metavar="STATE", help="shard state files (.npz), every K of N")
+    p.add_argument("--json", dest="json_out", type=writable_file, default=None, metavar="PATH",
+                   help="also write every outcome as JSON")
+    p.set_defaults(func=cmd_merge_shards)
+
     p = sub.add_parser("validate", help="check schema, files and pinned hashes without running models")
     _add_registry_args(p)
     p.set_defaults(func=cmd_validate)
@@ -432,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
         return int(exc.code or 0)
-    if ns.command not in ("validate", "pin", "report"):  # those that run no model work without onnxruntime
+    if ns.command not in ("validate", "pin", "report", "merge-shards"):  # these run no model: no onnxruntime
         from ..engine.ort import OnnxRuntimeError, check_onnxruntime
 
         try:

@@ -102,9 +102,14 @@ class QuantGateItem(pytest.Item):
         from ..runner.gate import run_one
 
         settings = settings_of(self.config)
-        cache = PytestCache(self.config) if settings.cache else None
-        outcome = run_one(self.registry, self.entry, self.ep, settings, run_id=self.config.stash[RUN_ID_KEY],
-                          cache=cache)
+        if settings.shard is not None:  # --quantgate-shard: write this part's state, no verdict
+            from ..runner.shards import run_shard
+
+            outcome = run_shard(self.registry, self.entry, self.ep, settings, run_id=self.config.stash[RUN_ID_KEY])
+        else:
+            cache = PytestCache(self.config) if settings.cache else None
+            outcome = run_one(self.registry, self.entry, self.ep, settings, run_id=self.config.stash[RUN_ID_KEY],
+                              cache=cache)
         self.outcome = outcome
         for note in outcome.notes:
             self.warn(pytest.PytestWarning(f"quantgate {self.entry.id}: {note}"))
@@ -132,6 +137,8 @@ class QuantGateItem(pytest.Item):
     def runtest(self) -> None:
         """Deliver the verdict measured in setup; raise QuantGateFailure when the sidecar fails."""
         result = self.result
+        if result is None and self.outcome is not None and self.outcome.status == "pass":
+            return  # a shard wrote its state (setup's outcome says where); merge-shards gives the verdict
         if result is None:  # setup either measured or ended the item
             raise QuantGateError(f"{self.entry.id} [{self.ep}]: no result was measured")
         for warning in result.warnings:

@@ -238,22 +238,34 @@ class ShardedArray:
             return load(self.parts[0])
         return np.concatenate([load(p) for p in self.parts], axis=0)
 
-    def blocks(self, rows: int) -> Iterator[np.ndarray]:
-        """Yield consecutive blocks of at most ``rows`` samples, each shard streamed, never loaded whole."""
+    def blocks(self, rows: int, start: int = 0) -> Iterator[np.ndarray]:
+        """Yield consecutive blocks of at most ``rows`` samples from sample ``start``, streamed, never loaded whole.
+
+        Stored members seek to ``start``; compressed ones inflate the samples before it block by block (a
+        deflate stream has no index) and drop them.
+        """
         for part in self.parts:
+            if start >= part.shape[0]:
+                start -= part.shape[0]
+                continue
+            skip, start = start, 0
             if part.data_offset is not None and part.row_bytes:
                 with io.FileIO(part.archive, "r") as raw:
-                    for first in range(0, part.shape[0], rows):
+                    for first in range(skip, part.shape[0], rows):
                         yield read_stored(part, raw, first, min(rows, part.shape[0] - first))
                 continue
             if part.data_offset is not None or part.fortran:
                 whole = load(part)
-                for start in range(0, part.shape[0], rows):
-                    yield whole[start : start + rows]
+                for first in range(skip, part.shape[0], rows):
+                    yield whole[first : first + rows]
                 continue
             archive, handle = _open_rows(part)
             with archive, handle:
-                left = part.shape[0]
+                left = part.shape[0] - skip
+                while skip > 0:
+                    count = min(rows, skip)
+                    read_rows(part, handle, count)
+                    skip -= count
                 while left > 0:
                     count = min(rows, left)
                     yield read_rows(part, handle, count)
@@ -318,13 +330,14 @@ def digest(path: Path) -> str:
     return combined.hexdigest()
 
 
-def _slices(array: np.ndarray, rows: int) -> Iterator[np.ndarray]:
-    for start in range(0, int(array.shape[0]), rows):
-        yield array[start : start + rows]
+def _slices(array: np.ndarray, rows: int, start: int = 0) -> Iterator[np.ndarray]:
+    for first in range(start, int(array.shape[0]), rows):
+        yield array[first : first + rows]
 
 
-def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> Iterator[dict[str, np.ndarray]]:
-    """Yield dicts of consecutive blocks of every array, in lockstep.
+def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int],
+                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Yield dicts of consecutive blocks of every array, in lockstep, from sample ``start``.
 
     Works on in-memory arrays (sliced) and on :class:`ShardedArray` values (streamed); blocks of different
     shards are re-cut so every yielded chunk has ``rows`` samples except the last. ``rows`` may be a
@@ -337,9 +350,9 @@ def aligned_chunks(arrays: Mapping[str, Any], rows: int | Callable[[], int]) -> 
         if isinstance(value, ShardedArray):
             row_bytes = max(1, value.parts[0].row_bytes)
             cap = STORED_BLOCK_BYTES if value.stored else STREAM_BLOCK_BYTES
-            streams[key] = value.blocks(max(1, min(STREAM_ROWS, cap // row_bytes)))
+            streams[key] = value.blocks(max(1, min(STREAM_ROWS, cap // row_bytes)), start)
         else:
-            streams[key] = _slices(value, STREAM_ROWS)
+            streams[key] = _slices(value, STREAM_ROWS, start)
     pending: dict[str, list[np.ndarray]] = {key: [] for key in streams}
     have: dict[str, int] = {key: 0 for key in streams}
     done = False

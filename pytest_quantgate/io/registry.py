@@ -414,6 +414,11 @@ def _entry_from(raw: Mapping[str, Any], index: int) -> Entry:
     )
 
 
+def entry_from_source(raw: Mapping[str, Any], index: int) -> Entry:
+    """Return the entry of a validated entry object as written (``Entry.source``), e.g. kept in a shard state."""
+    return _entry_from(raw, index)
+
+
 def parse_registry(data: Any, path: Path) -> Registry:
     """Validate parsed JSON; whole-file problems raise, per-entry problems are collected."""
     import jsonschema

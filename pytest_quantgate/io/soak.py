@@ -94,12 +94,13 @@ class Fixture:
             return self.target.load()
         return None if self.target is None else np.asarray(self.target)
 
-    def chunks(self, rows: int | Callable[[], int]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-        """Yield (inputs, target) blocks of ``rows`` samples, streamed from disk where the fixture lives there."""
+    def chunks(self, rows: int | Callable[[], int],
+               start: int = 0) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Yield (inputs, target) blocks of ``rows`` samples from sample ``start``, streamed where on disk."""
         arrays: dict[str, Any] = {name: self.info(name) for name in self.inputs}
         if self.target is not None:
             arrays[TARGET_KEY] = self.target
-        for block in aligned_chunks(arrays, rows):
+        for block in aligned_chunks(arrays, rows, start):
             target = block.pop(TARGET_KEY, None)
             yield block, target
 

@@ -402,7 +402,7 @@ def summary_lines(outcomes: Iterable[Outcome]) -> list[str]:
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     out.insert(1, "  ".join("-" * w for w in widths))
     for o in outcomes:
-        if o.status != "pass" and o.message:
+        if (o.status != "pass" or o.result is None) and o.message:  # a shard's pass says where its state went
             focus = o.result.focus if o.result is not None else None
             failing = f" (failing: {focus_text(focus)})" if focus is not None and o.status == "fail" else ""
             out.append(f"{o.entry_id} [{o.ep}] {o.verdict}: {o.message}{failing}")

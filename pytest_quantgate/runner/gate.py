@@ -272,6 +272,17 @@ def _check_pairable(p: Prepared, fp32: Mapping[str, np.ndarray], int8: Mapping[s
             )
 
 
+def chunk_rows(parts: list[_Part], count: int, settings: Settings, batch: int | None) -> int:
+    """Return the samples of every chunk after the first (of ``count`` samples, run as ``parts``).
+
+    Chunks hold CHUNK_BYTES of outputs, at most --quantgate-batch-size samples, whole batches of a fixed one; a
+    shard run cuts the fixture on the same grid, so each model run sees the same batch as in the unsharded run.
+    """
+    per_sample = sum(v.nbytes for part in parts for v in part.fp32.values()) / max(count, 1)
+    rows = max(1, min(settings.batch_size, CHUNK_ROWS, int(CHUNK_BYTES // max(per_sample, 1.0))))
+    return max(batch, rows // batch * batch) if batch else rows
+
+
 def evaluate(prepared: Prepared, settings: Settings) -> GateResult:
     """Return the verdict of one prepared (entry, EP), without a diagnosis."""
     return measure(prepared, settings)[0]
@@ -301,11 +312,7 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
                               None if target is None else target[span], part.fp32, part.int8)
             count = int(next(iter(block.values())).shape[0])
             if start == 0:
-                per_sample = sum(v.nbytes for part in parts for v in part.fp32.values()) / max(count, 1)
-                rows = max(1, min(settings.batch_size, CHUNK_ROWS, int(CHUNK_BYTES // max(per_sample, 1.0))))
-                if batch:
-                    rows = max(batch, rows // batch * batch)
-                rows_next[0] = rows
+                rows_next[0] = chunk_rows(parts, count, settings, batch)
             start += count
             if settings.sequential and start < p.plan.samples:
                 from ..engine.sequential import look
@@ -348,14 +355,21 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
 
 def with_kernel_warning(result: GateResult, p: Prepared, settings: Settings) -> GateResult:
     """Warn when the drop was measured with onnxruntime's saturating int8 kernels (fast mode on a CPU without VNNI)."""
+    text = kernel_warning(p, settings)
+    if text is None:
+        return result
+    return replace(result, warnings=(text, *result.warnings))  # first: the strict rule quotes the last one
+
+
+def kernel_warning(p: Prepared, settings: Settings) -> str | None:
+    """Return the warning of onnxruntime's saturating int8 kernels on this CPU, or None where they do not apply."""
     from .. import system
 
     if settings.ep_options.int8_precision != "fast" or p.ep == "openvino" or not system.int8_saturates():
-        return result
-    text = ("--quantgate-int8-precision fast on an x86 CPU without VNNI: onnxruntime's default int8 kernels can "
+        return None
+    return ("--quantgate-int8-precision fast on an x86 CPU without VNNI: onnxruntime's default int8 kernels can "
             "saturate U8S8/S8S8 products here, so a CPU with VNNI may measure another drop; 'exact' gives the "
             "result every CPU computes")
-    return replace(result, warnings=(text, *result.warnings))  # first: the strict rule quotes the last one
 
 
 def with_lineage(result: GateResult, p: Prepared) -> GateResult:
@@ -365,16 +379,27 @@ def with_lineage(result: GateResult, p: Prepared) -> GateResult:
     is not derived from the fp32 (the fp32 file itself, another model, one built from an older fp32) fails
     with kind ``lineage``. ``quant_lineage: false`` turns the check off for an entry.
     """
+    return apply_lineage(result, lineage_record(p), p.fp32_path.name, p.int8_path.name)
+
+
+def lineage_record(p: Prepared) -> LineageRecord | None:
+    """Return the lineage check of the prepared pair (None where the entry or its mode has none)."""
     if not p.entry.lineage or p.entry.mode not in ("dynamic", "static", "qat"):
-        return result
+        return None
     from ..analysis.lineage import check_lineage
 
     report = check_lineage(p.fp32_path, p.int8_path, p.entry.mode, fp32_sha256=p.fp32_sha256,
                            int8_sha256=p.int8_sha256)
-    lineage = LineageRecord(report.ok, tuple(report.reasons), report.weights_matched, report.weights_total)
-    if report.ok:
+    return LineageRecord(report.ok, tuple(report.reasons), report.weights_matched, report.weights_total)
+
+
+def apply_lineage(result: GateResult, lineage: LineageRecord | None, fp32_name: str, int8_name: str) -> GateResult:
+    """Return ``result`` with the lineage record; a sidecar not derived from the fp32 fails (kind ``lineage``)."""
+    if lineage is None:
+        return result
+    if lineage.ok:
         return replace(result, lineage=lineage)
-    reason = f"lineage: {p.int8_path.name} is not derived from {p.fp32_path.name}: " + "; ".join(report.reasons)
+    reason = f"lineage: {int8_name} is not derived from {fp32_name}: " + "; ".join(lineage.reasons)
     return with_breaches(result, [Breach("lineage", reason)], lineage=lineage)
 
 

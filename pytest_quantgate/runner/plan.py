@@ -84,7 +84,12 @@ def run(the_plan: Plan, settings: Settings, *, run_id: str = "", cache: CacheSto
     for index, (entry, ep) in enumerate(pairs, start=1):
         if progress is not None:
             progress(index, len(pairs), entry, ep, None)
-        outcome = run_one(the_plan.registry, entry, ep, settings, run_id=run_id, cache=cache)
+        if settings.shard is not None:  # a part of every fixture: its state is written, merge-shards decides
+            from .shards import run_shard
+
+            outcome = run_shard(the_plan.registry, entry, ep, settings, run_id=run_id)
+        else:
+            outcome = run_one(the_plan.registry, entry, ep, settings, run_id=run_id, cache=cache)
         if progress is not None:
             progress(index, len(pairs), entry, ep, outcome)
         outcomes.append(outcome)
