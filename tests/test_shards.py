@@ -363,3 +363,21 @@ def test_fixture_chunks_start_at_a_sample_of_any_part(tmp_path: Path, compressed
         got = np.concatenate(blocks) if blocks else np.zeros((0, 3), np.float32)
         assert np.array_equal(got, data[start:]), start
         assert all(len(b) == 9 for b in blocks[:-1])
+
+
+def test_sequential_shards_merge_into_one_look_of_the_sequence(tmp_path: Path) -> None:
+    """Shards run to their end; the merged state is one look: the confidence sequence's interval over every
+    sample, as one run that had not stopped would compute it at the end of its fixture."""
+    registry = load_registry(ROOT / "model" / "registry.json")
+    entry = registry.entry("fusion_mlp_v1")
+    settings = _settings(ROOT / "model" / "registry.json", ROOT / "fixtures", batch_size=32)
+    _, collector = measure(prepare(registry, entry, "cpu", settings), settings)
+    final_look = collector.decide("cpu", CompareOptions(bootstrap=300, decision="three-way", sequential=True))
+    folder = tmp_path / "states"
+    sequential = replace(settings, sequential=True, shard_dir=folder)
+    for k in (1, 2, 3):
+        assert shards.run_shard(registry, entry, "cpu", replace(sequential, shard=(k, 3))).status == "pass"
+    (merged,), _ = shards.merge_states(sorted(folder.glob("*.npz")))
+    assert merged.result is not None and merged.result.decision == "three-way"
+    assert merged.result.interval == final_look.interval and merged.result.drop == final_look.drop
+    assert merged.result.samples == final_look.samples == collector.samples

@@ -206,7 +206,7 @@ def shard_state(registry: Registry, p: Prepared, settings: Settings, part: Part,
         "options": {"seed": settings.seed, "bootstrap": settings.bootstrap, "confidence": settings.confidence,
                     "decision": settings.decision, "strict": settings.strict,
                     "int8_precision": settings.ep_options.int8_precision, "batch_size": settings.batch_size,
-                    "run_batch": run_batch(p)},
+                    "run_batch": run_batch(p), "sequential": settings.sequential},
         "shard": {"k": k, "n": n}, "samples": p.plan.samples, "range": [part.start, part.stop],
         "grid": {"first": part.grid.first, "rows": part.grid.rows},
         "plans": [plan_to_json(plan) for plan in c.plans],
@@ -337,9 +337,13 @@ def decide_parts(parts: Sequence[State]) -> Outcome:
     entry, collector = merged_collector(parts)
     ep = str(head["ep"])
     opts = head["options"]
+    # --quantgate-sequential: every shard ran to its end (a stop on one shard's samples is not a look at the
+    # sequence); the merged state is one look, decided with the confidence sequence's interval
+    sequential = bool(opts.get("sequential", False))
     options = CompareOptions(bootstrap=int(opts["bootstrap"]), seed=int(opts["seed"]),
-                             confidence=float(opts["confidence"]), decision=str(opts["decision"]),
-                             strict=bool(opts["strict"]))
+                             confidence=float(opts["confidence"]),
+                             decision="three-way" if sequential else str(opts["decision"]),
+                             strict=bool(opts["strict"]), sequential=sequential)
     try:
         result: GateResult = collector.decide(ep, options)
     except InputError as exc:
