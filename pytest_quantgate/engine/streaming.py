@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -651,12 +651,43 @@ def _put_counts(units: Units, counts: np.ndarray, start: int, rows: np.ndarray) 
         _scatter_counts(counts, blocks, rows)
 
 
-class LabelAccumulator:
-    """Per-unit counts of elements where int8 and fp32 disagree: labels, or argmax along an axis."""
+class CountRows:
+    """Per-unit rows of counts (``WIDTH`` columns): merged by adding, stored and restored by a shard's rows."""
+
+    WIDTH = 1
 
     def __init__(self, samples: int, units: Units | None = None) -> None:
         self.units = units if units is not None else Units(samples, samples)
-        self.counts = np.zeros((self.units.count, 2), dtype=np.float64)  # [mismatches, total]
+        self.counts = np.zeros((self.units.count, self.WIDTH), dtype=np.float64)
+
+    def merge(self, other: Self) -> Self:
+        """Return the counts of both halves of a split fixture (disjoint samples, same units)."""
+        if other.units != self.units:
+            raise ValueError(f"cannot merge counts over different units ({self.units} vs {other.units})")
+        merged = type(self)(self.units.samples, self.units)
+        merged.counts = self.counts + other.counts  # a sample's row is zero in the half that did not see it
+        return merged
+
+    def state(self, rows: slice) -> dict[str, np.ndarray]:
+        """Return the count rows of ``rows`` (a shard's own units)."""
+        return {"counts": self.counts[rows]}
+
+    @classmethod
+    def restore(cls, arrays: dict[str, np.ndarray], units: Units, rows: slice) -> Self:
+        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
+        acc = cls(units.samples, units)
+        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, cls.WIDTH), units.count, rows)
+        return acc
+
+    def nbytes(self) -> int:
+        """Return the bytes of the state."""
+        return self.counts.nbytes
+
+
+class LabelAccumulator(CountRows):
+    """Per-unit counts of elements where int8 and fp32 disagree: labels, or argmax along an axis."""
+
+    WIDTH = 2
 
     def add(self, start: int, a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Fold samples ``start .. start+len(a)`` of two label arrays (n, ...) in; return each one's flip share.
@@ -675,28 +706,6 @@ class LabelAccumulator:
         _put_counts(self.units, self.counts, start, np.stack([flips, total], axis=1))
         return np.asarray(flips / np.maximum(total, 1))
 
-    def merge(self, other: LabelAccumulator) -> LabelAccumulator:
-        """Return the counts of both halves of a split fixture (disjoint samples, same units)."""
-        if other.units != self.units:
-            raise ValueError(f"cannot merge counts over different units ({self.units} vs {other.units})")
-        merged = LabelAccumulator(self.units.samples, self.units)
-        merged.counts = self.counts + other.counts  # a sample's row is zero in the half that did not see it
-        return merged
-
-    def state(self, rows: slice) -> dict[str, np.ndarray]:
-        """Return the count rows of ``rows`` (a shard's own units)."""
-        return {"counts": self.counts[rows]}
-
-    @classmethod
-    def restore(cls, arrays: dict[str, np.ndarray], units: Units, rows: slice) -> LabelAccumulator:
-        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
-        acc = cls(units.samples, units)
-        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, 2), units.count, rows)
-        return acc
-
-    def nbytes(self) -> int:
-        """Return the bytes of the state."""
-        return self.counts.nbytes
 
     def rate(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Return the flip rate, or one per weight row (B, units)."""
@@ -710,12 +719,10 @@ class LabelAccumulator:
             return np.asarray(sums[:, 0] / sums[:, 1])
 
 
-class AccuracyAccumulator:
+class AccuracyAccumulator(CountRows):
     """Per-unit counts of class predictions (argmax) that equal an integer target: [fp32 right, int8 right, total]."""
 
-    def __init__(self, samples: int, units: Units | None = None) -> None:
-        self.units = units if units is not None else Units(samples, samples)
-        self.counts = np.zeros((self.units.count, 3), dtype=np.float64)
+    WIDTH = 3
 
     def add(self, start: int, pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray,
             mask: np.ndarray | None = None) -> None:
@@ -731,28 +738,6 @@ class AccuracyAccumulator:
                           keep.sum(axis=1)], axis=1).astype(np.float64)
         _put_counts(self.units, self.counts, start, right)
 
-    def merge(self, other: AccuracyAccumulator) -> AccuracyAccumulator:
-        """Return the counts of both halves of a split fixture (disjoint samples, same units)."""
-        if other.units != self.units:
-            raise ValueError(f"cannot merge counts over different units ({self.units} vs {other.units})")
-        merged = AccuracyAccumulator(self.units.samples, self.units)
-        merged.counts = self.counts + other.counts  # a sample's row is zero in the half that did not see it
-        return merged
-
-    def state(self, rows: slice) -> dict[str, np.ndarray]:
-        """Return the count rows of ``rows`` (a shard's own units)."""
-        return {"counts": self.counts[rows]}
-
-    @classmethod
-    def restore(cls, arrays: dict[str, np.ndarray], units: Units, rows: slice) -> AccuracyAccumulator:
-        """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
-        acc = cls(units.samples, units)
-        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, 3), units.count, rows)
-        return acc
-
-    def nbytes(self) -> int:
-        """Return the bytes of the state."""
-        return self.counts.nbytes
 
     def accuracies(self) -> tuple[float, float]:
         """Return (fp32 accuracy, int8 accuracy) over every counted position."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import InputError, WriteError
 from ..records import Outcome, RecordError, dump, read_report
+from .html import _fmt  # one way to write a number in a cell, in both pages
 
 # the report formats this version reads (reports.REPORT_FORMAT); `quantgate measure --json` writes format 2's
 # items as a bare list
@@ -341,16 +342,6 @@ def _share(value: float) -> str:
 
 
 # --- cells --------------------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, digits: int = 6) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.{digits}f}"
 
 
 def _ci(cell: Cell) -> str:
