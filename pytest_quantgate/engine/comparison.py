@@ -73,6 +73,7 @@ The other budgets (checked on the full fixture, every breach reported; the first
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -1254,3 +1255,41 @@ def compare(
     feeds = {name: np.asarray(fixture.inputs[name]) for name in fixture.inputs}
     collector.add(0, feeds, fixture.target_array(), fp32_out, int8_out)
     return collector.decide(ep, options)
+
+
+# --- --quantgate-sequential: one look at the confidence sequence -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class LookResult:
+    """What one look found: the interval, the budget it is held to, and whether the verdict is settled."""
+
+    samples: int
+    interval: Interval | None
+    budget: float
+    settled: str | None  # PASS or FAIL when the interval clears the budget; None: continue
+
+
+def look(collector: Collector, ep: str, samples: int, level: float) -> LookResult:
+    """Compute the sequence's interval on the samples folded so far and say whether it settles the verdict."""
+    from ..errors import InputError
+    from .sequential import MIN_LOOK, three_way
+
+    if samples < MIN_LOOK:
+        return LookResult(samples, None, math.nan, None)
+    judged = {plan.spec.name for plan in collector.plans if not plan.ignore}
+    others = [*collector.labels, *collector.thresholds, *collector.detections, *collector.embeddings]
+    if any(key.removesuffix(":argmax") in judged for key in others):
+        # the sequence covers the PLCC drop only: label flips, decisions, detections and embeddings are judged
+        # on the whole fixture (a stop on the drop would decide them on its first samples)
+        return LookResult(samples, None, math.nan, None)
+    try:  # the final decision's own code, without bootstraps: the same drop, budget and interval
+        result = collector.decide(ep, CompareOptions(bootstrap=0, confidence=level, decision="three-way",
+                                                     sequential=True))
+    except InputError:  # e.g. a target still constant in the first samples: no look yet
+        return LookResult(samples, None, math.nan, None)
+    interval = result.interval
+    if interval is None:
+        return LookResult(samples, None, result.budget, None)
+    verdict = three_way(interval, result.budget)
+    return LookResult(samples, interval, result.budget, None if verdict == INCONCLUSIVE else verdict)

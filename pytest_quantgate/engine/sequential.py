@@ -49,16 +49,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
 from ..records import FAIL, INCONCLUSIVE, PASS, Interval
 from .metrics import MomentTerm
-
-if TYPE_CHECKING:
-    from .comparison import Collector
 
 METHOD = "asymptotic confidence sequence (Waudby-Smith et al. 2024, Gaussian mixture), delta-method drop"
 # no look before this many samples: the variance of the influence values is itself estimated, and below ~30
@@ -185,38 +181,3 @@ def inconclusive_text(interval: Interval, budget: float, samples: int, needed: i
     if not needed:
         return f"{head}; the drop sits on the budget, no sample count would settle it"
     return f"{head}; about {max(needed - samples, 1)} more samples would settle it"
-
-
-@dataclass(frozen=True)
-class LookResult:
-    """What one look found: the interval, the budget it is held to, and whether the verdict is settled."""
-
-    samples: int
-    interval: Interval | None
-    budget: float
-    settled: Settled | None  # PASS or FAIL when the interval clears the budget; None: continue
-
-
-def look(collector: Collector, ep: str, samples: int, level: float) -> LookResult:
-    """Compute the sequence's interval on the samples folded so far and say whether it settles the verdict."""
-    from ..errors import InputError
-    from .comparison import CompareOptions
-
-    if samples < MIN_LOOK:
-        return LookResult(samples, None, math.nan, None)
-    judged = {plan.spec.name for plan in collector.plans if not plan.ignore}
-    others = [*collector.labels, *collector.thresholds, *collector.detections, *collector.embeddings]
-    if any(key.removesuffix(":argmax") in judged for key in others):
-        # the sequence covers the PLCC drop only: label flips, decisions, detections and embeddings are judged
-        # on the whole fixture (a stop on the drop would decide them on its first samples)
-        return LookResult(samples, None, math.nan, None)
-    try:  # the final decision's own code, without bootstraps: the same drop, budget and interval
-        result = collector.decide(ep, CompareOptions(bootstrap=0, confidence=level, decision="three-way",
-                                                     sequential=True))
-    except InputError:  # e.g. a target still constant in the first samples: no look yet
-        return LookResult(samples, None, math.nan, None)
-    interval = result.interval
-    if interval is None:
-        return LookResult(samples, None, result.budget, None)
-    verdict = three_way(interval, result.budget)
-    return LookResult(samples, interval, result.budget, None if verdict == INCONCLUSIVE else verdict)

@@ -315,7 +315,7 @@ def measure(prepared: Prepared, settings: Settings) -> tuple[GateResult, Collect
                 rows_next[0] = chunk_rows(parts, count, settings, batch)
             start += count
             if settings.sequential and start < p.plan.samples:
-                from ..engine.sequential import look
+                from ..engine.comparison import look
 
                 found = look(collector, p.ep, start, settings.confidence)
                 looks += [start] if found.interval is not None else []
