@@ -95,3 +95,17 @@ def test_ep_gate_script_installs_one_wheel_per_ep() -> None:
     assert result.returncode == 0, result.stderr
     usage = subprocess.run(["bash", str(ROOT / ".ci" / "ep_gate.sh"), "tpu"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_the_readme_ci_example_passes_actionlint(tmp_path: Path) -> None:
+    """The README's CI example (EP matrix + merge, shards + merge-shards) is a workflow actionlint accepts."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("```yaml\njobs:") + len("```yaml\n")
+    jobs = text[start:text.index("```", start)]
+    assert "mode: merge" in jobs and "quantgate merge-shards" in jobs and "--quantgate-shard=" in jobs
+    (tmp_path / ".github" / "workflows").mkdir(parents=True)
+    workflow = "name: quantgate\non: [pull_request]\n" + jobs.replace("<owner>/pytest-quantgate@<tag>",
+                                                                       "acme/pytest-quantgate@v1")
+    (tmp_path / ".github" / "workflows" / "readme.yml").write_text(workflow, encoding="utf-8")
+    proc = lint(tmp_path, ".github/workflows/readme.yml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
