@@ -748,3 +748,22 @@ def test_op_type_head_and_a16w8_escalations_are_built_from_the_focused_diagnosis
     (a16,) = [r for r in rows if r["stage"] == "a16w8"]
     assert all(r["status"] in ("pass", "fail", "skip") for r in rows), rows
     assert a16["drop"] is not None and a16["drop"] < rows[0]["drop"]  # 16-bit activations resolve the outlier
+
+
+def test_a_chosen_sidecar_slower_than_fp32_is_said_and_task_verdicts_show_their_budget_use() -> None:
+    from dataclasses import replace
+
+    import recordkit
+
+    from pytest_quantgate.frontends.advise import Advice, Candidate, CandidateResult, summary_lines
+
+    slow = replace(recordkit.timing(), fp32_ms=9.4, int8_ms=33.7, speedup=9.4 / 33.7)
+    gate = recordkit.gate_result(timing=slow)
+    chosen = CandidateResult(Candidate("a16w8", "static", {"activation_type": "uint16"}, "a16w8"), "pass", gate=gate)
+    lines = summary_lines(Advice("m", "cpu", (chosen,), 0, 0, "review the table"))
+    assert "chosen #1: static (a16w8), drop 0.000700 <= budget 0.01" in lines[0]
+    assert lines[1].startswith("warning: #1 runs at x0.28 the speed of fp32 on this machine (int8 33.700 ms vs "
+                               "fp32 9.400 ms per sample); set quant_min_speedup")
+    judged = CandidateResult(chosen.candidate, "pass", gate=replace(gate, drop=None, timing=recordkit.timing()))
+    lines = summary_lines(Advice("m", "cpu", (judged,), 0, 0, "review the table"))
+    assert "budget use" in lines[0] and "warning" not in " ".join(lines)

@@ -1013,21 +1013,33 @@ def table_lines(advice: Advice) -> list[str]:
     return lines + (["", "why:"] + reasons if reasons else [])
 
 
+def _measured(r: CandidateResult, relation: str) -> str:
+    """Return "drop D <= budget B", or the budget use of a candidate judged by its task (no PLCC drop)."""
+    if r.drop is None and r.score is not None:
+        return f"budget use {r.score:.0%} (the largest share of a judged budget)"
+    return f"drop {_fmt(r.drop)} {relation} budget {_fmt_budget(r.budget)}"
+
+
 def summary_lines(advice: Advice) -> list[str]:
     """Return the verdict lines under the table."""
     out = [f"warning: {w}" for w in advice.warnings]
     if advice.found:
         assert advice.chosen is not None
         r = advice.results[advice.chosen]
-        out.append(f"{advice.entry_id}: chosen #{advice.chosen + 1}: {r.candidate.mode} ({r.candidate.label}), drop "
-                   f"{_fmt(r.drop)} <= budget {_fmt_budget(r.budget)}, int8 {_fmt(r.int8_ms, 3)} ms, "
-                   f"{r.int8_bytes} bytes")
+        out.append(f"{advice.entry_id}: chosen #{advice.chosen + 1}: {r.candidate.mode} ({r.candidate.label}), "
+                   f"{_measured(r, '<=')}, int8 {_fmt(r.int8_ms, 3)} ms, {r.int8_bytes} bytes")
+        timing = r.gate.timing if r.gate is not None else None
+        if timing is not None and timing.speedup is not None and timing.speedup < 1.0:
+            # a pass on accuracy alone: say so rather than let a slower "int8" model look like a win
+            out.append(f"warning: #{advice.chosen + 1} runs at x{timing.speedup:.2f} the speed of fp32 on this "
+                       f"machine (int8 {timing.int8_ms:.3f} ms vs fp32 {timing.fp32_ms:.3f} ms per sample); set "
+                       f"quant_min_speedup in the entry to require a speed-up, or keep the model fp32")
     else:
         out.append(f"{advice.entry_id}: no candidate passes its budget")
         if advice.best is not None:
             r = advice.results[advice.best]
             out.append(f"{advice.entry_id}: best was #{advice.best + 1}: {r.candidate.mode} ({r.candidate.label}), "
-                       f"drop {_fmt(r.drop)} vs budget {_fmt_budget(r.budget)}")
+                       f"{_measured(r, 'vs')}")
     out.append(f"{advice.entry_id}: next step: {advice.next_step}")
     return out
 
