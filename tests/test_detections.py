@@ -254,10 +254,10 @@ def _fold(a: np.ndarray, b: np.ndarray, rules: DetectionRules, units: Units | No
     """Fold samples ``start .. stop`` of two fixtures' heads in chunks."""
     stop = a.shape[0] if stop is None else stop
     box, score = rules.channels(a.shape[1], "test")
-    acc = DetectionAccumulator(a.shape[0], a.shape[1] - 4, rules, units)
+    acc = DetectionAccumulator(a.shape[0], rules, box, score, units)
     for low in range(start, stop, chunk):
         high = min(low + chunk, stop)
-        acc.add(low, a[low:high], b[low:high], box, score)
+        acc.add(low, a[low:high], b[low:high])
     return acc
 
 
@@ -368,13 +368,13 @@ def test_each_sample_scores_its_disagreement(fixture_heads: tuple[np.ndarray, np
     a, b = fixture_heads
     rules = DetectionRules()
     box, score = rules.channels(12, "test")
-    acc = DetectionAccumulator(20, 8, rules)
-    got = acc.add(0, a[:20], b[:20], box, score)
+    acc = DetectionAccumulator(20, rules, box, score)
+    got = acc.add(0, a[:20], b[:20])
     rows = acc.counts.reshape(20, 8, 3).sum(axis=1)
     want = (rows[:, 0] + rows[:, 1] - 2 * rows[:, 2]) / np.maximum(rows[:, 0] + rows[:, 1], 1)
     np.testing.assert_allclose(got, want)
     assert got.max() > 0 and got.min() >= 0
-    empty = DetectionAccumulator(1, 8, rules).add(0, np.zeros((1, 12, 5)), np.zeros((1, 12, 5)), box, score)
+    empty = DetectionAccumulator(1, rules, box, score).add(0, np.zeros((1, 12, 5)), np.zeros((1, 12, 5)))
     assert empty.tolist() == [0.0]
 
 
@@ -420,8 +420,8 @@ def test_the_state_does_not_grow_with_anchors() -> None:
     sizes = []
     for anchors in (50, 2000):
         a = separated_heads(5, 16, anchors=anchors)
-        acc = DetectionAccumulator(16, 8, rules)
-        acc.add(0, a, a, box, score)
+        acc = DetectionAccumulator(16, rules, box, score)
+        acc.add(0, a, a)
         sizes.append(acc.nbytes())
     assert sizes[0] == sizes[1] == 16 * 8 * 3 * 8
 

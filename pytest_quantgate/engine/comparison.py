@@ -329,7 +329,6 @@ class Collector:
         # the task-aware views of quant_outputs: decisions of score channels, decoded detections, embeddings
         self.thresholds: dict[str, ThresholdAccumulator] = {}
         self.detections: dict[str, DetectionAccumulator] = {}
-        self.detection_channels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.embeddings: dict[str, EmbeddingAccumulator] = {}
 
     @property
@@ -493,10 +492,8 @@ class Collector:
             if name not in self.detections:
                 rules = DetectionRules.from_rules(plan.detections)
                 box_idx, score_idx = rules.channels(va.shape[1], where)
-                self.detection_channels[name] = (box_idx, score_idx)
-                self.detections[name] = DetectionAccumulator(self.samples, int(score_idx.size), rules, self.units)
-            box_idx, score_idx = self.detection_channels[name]
-            self.detections[name].add(start, va, vb, box_idx, score_idx)
+                self.detections[name] = DetectionAccumulator(self.samples, rules, box_idx, score_idx, self.units)
+            self.detections[name].add(start, va, vb)
         if plan.embedding_axis is not None:
             axis = plan.embedding_axis
             if not 0 < axis < a.ndim:
@@ -553,7 +550,7 @@ class Collector:
         for acc in self.values.values():
             score += acc.disagreement()
         for lab in self.labels.values():
-            score += lab.counts[:, 0] / np.maximum(lab.counts[:, 1], 1)
+            score += lab.unit_rates()
         for found in self.thresholds.values():
             score += _threshold_shares(found)
         order = np.argsort(-score, kind="stable")
@@ -568,8 +565,7 @@ class Collector:
             return _threshold_shares(decisions, chosen or None)
         found = self.detections.get(name)
         if found is not None:  # the failing classes' missed and extra detections per sample
-            _, score_idx = self.detection_channels[name]
-            classes = [int(i) for i, c in enumerate(score_idx) if int(c) in focus.channels] or list(
+            classes = [int(i) for i, c in enumerate(found.score_idx) if int(c) in focus.channels] or list(
                 range(found.classes))
             per = found.counts.reshape(found.counts.shape[0], found.classes, 3)[:, classes, :].sum(axis=1)
             return np.asarray((per[:, 0] - per[:, 2]) + (per[:, 1] - per[:, 2]), dtype=np.float64)
@@ -583,7 +579,7 @@ class Collector:
         for key in (name, f"{name}:argmax"):
             lab = self.labels.get(key)
             if lab is not None:
-                return np.asarray(lab.counts[:, 0] / np.maximum(lab.counts[:, 1], 1))
+                return lab.unit_rates()
         return None
 
     def reservoir(self, name: str) -> np.ndarray:
@@ -636,9 +632,7 @@ class Collector:
         for name, thr in self.thresholds.items():
             put("thresholds", name, *thr.state(rows))
         for name, det in self.detections.items():
-            box_idx, score_idx = self.detection_channels[name]
-            put("detections", name, {"classes": det.classes},
-                {**det.state(rows), "box_idx": box_idx, "score_idx": score_idx})
+            put("detections", name, {}, det.state(rows))
         for name, emb in self.embeddings.items():
             put("embeddings", name, *emb.state(rows))
         units = self.units
@@ -679,9 +673,8 @@ class Collector:
                 detections = rules[name].detections
                 if detections is None:
                     raise ValueError(f"output {name!r} holds detections but its plan declares none")
-                c.detection_channels[name] = (np.asarray(own["box_idx"]), np.asarray(own["score_idx"]))
-                c.detections[name] = DetectionAccumulator.restore(own, int(meta["classes"]),
-                                                                  DetectionRules.from_rules(detections), units, rows)
+                c.detections[name] = DetectionAccumulator.restore(own, DetectionRules.from_rules(detections), units,
+                                                                  rows)
             elif store == "embeddings":
                 c.embeddings[name] = EmbeddingAccumulator.restore(meta, own, c.seed, units, rows)
             else:
@@ -707,7 +700,6 @@ class Collector:
         out.thresholds, out.detections = joined(self.thresholds, other.thresholds), joined(self.detections,
                                                                                            other.detections)
         out.embeddings = joined(self.embeddings, other.embeddings)
-        out.detection_channels = {**other.detection_channels, **self.detection_channels}
         out.worst = self.worst.merged(other.worst)
         out.target_range = [min(self.target_range[0], other.target_range[0]),
                             max(self.target_range[1], other.target_range[1])]
@@ -1212,10 +1204,9 @@ def _task_reports(c: Collector, options: CompareOptions, reports: list[OutputRep
                     f"layout and the slices, or lower score_threshold")
             rep = replace(rep, detections=found_d)
             failing = [] if plan.ignore else detection_breaches(name, found_d, over)
-            _, score_idx = c.detection_channels[name]
             losing = sorted((k for k in found_d.classes if k.fp32 > k.matched), key=lambda k: k.matched - k.fp32)
             focus = Focus(name, plan.channel_axis if plan.channel_axis is not None else 1,
-                          tuple(int(score_idx[k.cls]) for k in losing[:5]),
+                          tuple(int(detections.score_idx[k.cls]) for k in losing[:5]),
                           ", ".join(f"class {k.cls}" for k in losing[:5]) or "the detections")
             breaches += [Breach("detections", text, focus) for text in failing]
             if not failing and not plan.ignore:

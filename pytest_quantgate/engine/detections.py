@@ -270,23 +270,28 @@ def _share(sums: np.ndarray, of: int) -> np.ndarray:
 
 
 class DetectionAccumulator:
-    """Per-unit, per-class detection counts [fp32, int8, matched] of a raw head, (units, classes · 3) float64."""
+    """Per-unit, per-class detection counts [fp32, int8, matched] of a raw head, (units, classes · 3) float64.
 
-    def __init__(self, samples: int, classes: int, rules: DetectionRules, units: Units | None = None) -> None:
+    It keeps the head's box and score channels (:meth:`DetectionRules.channels`): class ``k`` is the score channel
+    ``score_idx[k]`` of the head.
+    """
+
+    def __init__(self, samples: int, rules: DetectionRules, box_idx: np.ndarray, score_idx: np.ndarray,
+                 units: Units | None = None) -> None:
         self.units = units if units is not None else Units(samples, samples)
-        self.classes = classes
         self.rules = rules
-        self.counts = np.zeros((self.units.count, classes * 3), dtype=np.float64)
+        self.box_idx = np.asarray(box_idx, dtype=np.intp)
+        self.score_idx = np.asarray(score_idx, dtype=np.intp)
+        self.classes = int(self.score_idx.size)
+        self.counts = np.zeros((self.units.count, self.classes * 3), dtype=np.float64)
 
-    def add(self, start: int, a: np.ndarray, b: np.ndarray, box_idx: np.ndarray, score_idx: np.ndarray) -> np.ndarray:
+    def add(self, start: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Fold samples ``start ..`` of the fp32 and int8 heads (n, C, A) in; return each one's disagreement.
 
         A sample's disagreement is (missed + extra) / (fp32 + int8 detections), 0 without detections.
         """
-        if score_idx.size != self.classes:
-            raise ValueError(f"{score_idx.size} score channels for an accumulator of {self.classes} classes")
-        found_a = decode(a, self.rules, box_idx, score_idx)
-        found_b = decode(b, self.rules, box_idx, score_idx)
+        found_a = decode(a, self.rules, self.box_idx, self.score_idx)
+        found_b = decode(b, self.rules, self.box_idx, self.score_idx)
         rows = np.stack([match(x, y, self.rules.match_iou, self.classes) for x, y in zip(found_a, found_b)])
         _put_counts(self.units, self.counts, start, rows.reshape(rows.shape[0], -1).astype(np.float64))
         total = rows.sum(axis=1)  # (n, 3)
@@ -318,25 +323,25 @@ class DetectionAccumulator:
 
     def merge(self, other: DetectionAccumulator) -> DetectionAccumulator:
         """Return the accumulator of both halves of a split fixture (disjoint samples, same units and classes)."""
-        if other.units != self.units or other.classes != self.classes:
+        if other.units != self.units or not np.array_equal(other.score_idx, self.score_idx):
             raise ValueError(f"cannot merge detection counts over different units or classes ({self.units}, "
                              f"{self.classes} vs {other.units}, {other.classes})")
-        merged = DetectionAccumulator(self.units.samples, self.classes, self.rules, self.units)
+        merged = DetectionAccumulator(self.units.samples, self.rules, self.box_idx, self.score_idx, self.units)
         # a sample's row is zero in the half that did not see it: adding places it (or sums blocks)
         merged.counts = self.counts + other.counts
         return merged
 
     def state(self, rows: slice) -> dict[str, np.ndarray]:
-        """Return the count rows of ``rows`` (a shard's own units)."""
-        return {"counts": self.counts[rows]}
+        """Return the count rows of ``rows`` (a shard's own units) and the head's box and score channels."""
+        return {"counts": self.counts[rows], "box_idx": self.box_idx, "score_idx": self.score_idx}
 
     @classmethod
-    def restore(cls, arrays: dict[str, np.ndarray], classes: int, rules: DetectionRules, units: Units,
+    def restore(cls, arrays: dict[str, np.ndarray], rules: DetectionRules, units: Units,
                 rows: slice) -> DetectionAccumulator:
         """Return the accumulator :meth:`state` described; the units outside ``rows`` hold zeros."""
-        acc = cls(units.samples, classes, rules, units)
-        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, classes * 3), units.count,
-                            rows)
+        acc = cls(units.samples, rules, arrays["box_idx"], arrays["score_idx"], units)
+        acc.counts = placed(np.asarray(arrays["counts"], dtype=np.float64).reshape(-1, acc.classes * 3),
+                            units.count, rows)
         return acc
 
 

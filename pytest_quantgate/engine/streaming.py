@@ -707,6 +707,10 @@ class LabelAccumulator(CountRows):
         return np.asarray(flips / np.maximum(total, 1))
 
 
+    def unit_rates(self) -> np.ndarray:
+        """Return each unit's flip share (0 where it counted nothing): what ranks the worst samples."""
+        return np.asarray(self.counts[:, 0] / np.maximum(self.counts[:, 1], 1))
+
     def rate(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Return the flip rate, or one per weight row (B, units)."""
         if weights is None:
