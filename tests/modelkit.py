@@ -169,3 +169,14 @@ def pin(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
         if build is not None:
             entry["int8_build"] = build
     return entry
+
+
+def registry_entry(**raw: Any) -> Any:
+    """Return the Entry a one-entry registry of ``raw`` keys parses to (files need not exist); refuse problems."""
+    from pytest_quantgate.io.registry import parse_registry
+
+    keys = {"id": "synthetic", "onnx": "s.onnx", "quant_mode": "dynamic", "sha256": "0" * 64,
+            "int8_sha256": "1" * 64, **raw}
+    registry = parse_registry({"schema_version": 1, "models": [keys]}, Path("registry.json"))
+    assert not registry.problems, registry.problems
+    return registry.entries[0]

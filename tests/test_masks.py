@@ -5,23 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import pytest
 
 from pytest_quantgate.engine.comparison import Collector, CompareOptions, compare, plan_outputs
 from pytest_quantgate.errors import FixtureError, RegistryError
-from pytest_quantgate.io.registry import parse_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
 
 N, T, V = 96, 12, 40
 
 
 def _entry(**extra: Any) -> Any:
-    raw = {"id": "seq", "onnx": "s.onnx", "quant_mode": "dynamic", "sha256": "0" * 64, "int8_sha256": "1" * 64,
-           "quant_channel_axis": None, **extra}
-    registry = parse_registry({"schema_version": 1, "models": [raw]}, Path("registry.json"))
-    assert not registry.problems, registry.problems
-    return registry.entries[0]
+    return modelkit.registry_entry(id="seq", quant_channel_axis=None, **extra)
 
 
 def _sequences(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -16,13 +16,13 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import pytest
 
 from pytest_quantgate.engine import streaming
 from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
 from pytest_quantgate.engine.streaming import Field, LabelAccumulator, PairAccumulator, Units
-from pytest_quantgate.io.registry import parse_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,9 +153,7 @@ def test_nan_samples_are_counted_past_the_cap() -> None:
 
 
 def _entry(**extra: Any) -> Any:
-    raw = {"id": "synthetic", "onnx": "s.onnx", "quant_mode": "dynamic", "sha256": "0" * 64,
-           "int8_sha256": "1" * 64, **extra}
-    return parse_registry({"schema_version": 1, "models": [raw]}, Path("registry.json")).entries[0]
+    return modelkit.registry_entry(**extra)
 
 
 def _intervals(outputs: dict[str, tuple[np.ndarray, np.ndarray]], specs: tuple[TensorSpec, ...], target: np.ndarray,
@@ -276,23 +274,30 @@ def _tiny_project(root: Path, samples: int) -> Path:
     return tiny_project(root, samples, deploy_batch=64)
 
 
+def _measure_capped(root: Path, registry: Path, diagnose: str, verdicts: tuple[int, ...]) -> tuple[Any, float]:
+    """Run `quantgate measure` in a child under a 2.5 GiB address-space cap; return its JSON row and peak RSS (MiB).
+
+    The child must exit with one of ``verdicts`` (0 pass, 1 fail); anything else fails the test with its output.
+    """
+    out = root / "o.json"
+    code = (f"import sys; from pytest_quantgate.frontends.cli import main; "
+            f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(root / 'fixtures')!r}, '--ep', 'cpu', "
+            f"'--diagnose', {diagnose!r}, '--json', {str(out)!r}]); "
+            f"hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]; "
+            f"print('MAXRSS', hwm); sys.exit(0 if rc in {verdicts!r} else 100 + rc)")
+    proc = subprocess.run(["prlimit", f"--as={5 << 29}", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=900, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())[0], int(proc.stdout.split("MAXRSS")[-1].split()[0]) / 1024
+
+
 def test_two_million_tiny_samples_are_gated_under_a_memory_cap(tmp_path: Path) -> None:
     """The issue's shape: many tiny samples in a small archive. Before, the per-sample state alone outgrew the
     2.5 GiB cap (an 'unexpected MemoryError' naming no file); now it finishes with a verdict in bounded RSS."""
     samples = 2_000_000
     registry = _tiny_project(tmp_path, samples)
     assert (tmp_path / "fixtures" / "tiny.npz").stat().st_size < 24 << 20  # 64 MB of float32 samples
-    out = tmp_path / "o.json"
-    code = (f"import sys; from pytest_quantgate.frontends.cli import main; "
-            f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(tmp_path / 'fixtures')!r}, '--ep', 'cpu', "
-            f"'--diagnose', 'always', '--json', {str(out)!r}]); "
-            f"hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]; "
-            f"print('MAXRSS', hwm); sys.exit(rc)")
-    proc = subprocess.run(["prlimit", f"--as={5 << 29}", sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    peak_mib = int(proc.stdout.split("MAXRSS")[-1].split()[0]) / 1024
-    row = json.loads(out.read_text())[0]
+    row, peak_mib = _measure_capped(tmp_path, registry, "always", verdicts=(0,))
     result = row["result"]
     assert row["verdict"] == "PASS" and result["samples"] == samples and result["interval"] is not None
     assert len(result["diagnosis"]["samples"]) == 4  # the worst samples, found among each output's kept ones
@@ -440,17 +445,8 @@ def test_detector_heads_and_score_maps_are_judged_under_a_memory_cap(tmp_path: P
     """Every anchor of an 8400-anchor head passes NMS candidates and the maps are 268k values per sample: the task
     views stream like the sums (counts per sample and class or channel), so the run stays under a 2.5 GiB cap."""
     registry = _task_project(tmp_path, 96)
-    out = tmp_path / "o.json"
-    code = (f"import sys; from pytest_quantgate.frontends.cli import main; "
-            f"rc = main(['measure', {str(registry)!r}, '--fixtures', {str(tmp_path / 'fixtures')!r}, '--ep', 'cpu', "
-            f"'--diagnose', 'off', '--json', {str(out)!r}]); "
-            f"hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]; "
-            f"print('MAXRSS', hwm); sys.exit(0 if rc in (0, 1) else rc)")
-    proc = subprocess.run(["prlimit", f"--as={5 << 29}", sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    peak_mib = int(proc.stdout.split("MAXRSS")[-1].split()[0]) / 1024
-    result = json.loads(out.read_text())[0]["result"]
+    row, peak_mib = _measure_capped(tmp_path, registry, "off", verdicts=(0, 1))
+    result = row["result"]
     head, maps = result["outputs"]
     assert head["detections"]["fp32"] > 1000 and len(maps["thresholds"]["channels"]) == 2
     print(f"task views: peak RSS {peak_mib:.0f} MiB, {head['detections']['fp32']} fp32 detections, verdict "

@@ -9,21 +9,19 @@ produce them here. ``.ci/run`` merges real CPU and OpenVINO reports from its two
 from __future__ import annotations
 
 import copy
-import html
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import browserkit
 import pytest
 from conftest import GateProject
 
 from pytest_quantgate.frontends.cli import main
 from pytest_quantgate.reporting.merge import merge_files, render_html
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 EVIL = "<img src=x onerror=alert(1)>&\"'"
 
 
@@ -314,19 +312,10 @@ window.addEventListener('load', () => {
 
 
 def _browse(page: str, tmp_path: Path) -> dict[str, Any]:
-    """Return what headless chromium sees of ``page``."""
-    path = tmp_path / "probe.html"
-    path.write_text(page.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
-    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--window-size=1600,1000", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path}/ud",
-                           "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120, check=False)
-    found = re.search(r'data-probe="([^"]*)"', done.stdout)
-    assert found, done.stderr[-2000:]
-    probe: dict[str, Any] = json.loads(html.unescape(found.group(1)))
-    return probe
+    """Return what headless chromium sees of ``page`` (the PROBE's findings)."""
+    return browserkit.browse(page, tmp_path, PROBE, window="1600,1000")
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium")
 def test_html_page_renders_the_table_provenance_and_divergence_and_escapes_everything(
         reports: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cpu, openvino = reports

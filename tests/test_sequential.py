@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import pytest
 from conftest import GateProject
@@ -17,7 +18,6 @@ from pytest_quantgate.engine import sequential as sq
 from pytest_quantgate.engine.comparison import CompareOptions, compare
 from pytest_quantgate.engine.metrics import MomentTerm, bootstrap_drop
 from pytest_quantgate.engine.streaming import PairAccumulator, pair_moments
-from pytest_quantgate.io.registry import parse_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
 from pytest_quantgate.records import GateResult, Interval, Outcome, read_report
 
@@ -207,9 +207,7 @@ OUTPUTS = (TensorSpec("y", "tensor(float)", ("N", 1)),)
 
 
 def _entry(**extra: Any) -> Any:
-    raw = {"id": "synthetic", "onnx": "s.onnx", "quant_mode": "dynamic", "sha256": "0" * 64,
-           "int8_sha256": "1" * 64, **extra}
-    return parse_registry({"schema_version": 1, "models": [raw]}, Path("registry.json")).entries[0]
+    return modelkit.registry_entry(**extra)
 
 
 def _compare(budget: float, **options: Any) -> GateResult:

@@ -18,7 +18,7 @@ from pytest_quantgate.engine import streaming
 from pytest_quantgate.engine.comparison import Collector, CompareOptions, plan_outputs
 from pytest_quantgate.errors import ShardError
 from pytest_quantgate.frontends.cli import main
-from pytest_quantgate.io.registry import load_registry, parse_registry
+from pytest_quantgate.io.registry import load_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
 from pytest_quantgate.records import GateResult, dump
 from pytest_quantgate.runner import shards
@@ -56,11 +56,8 @@ def _comparable(result: GateResult) -> Any:
 
 
 def _entry(**extra: Any) -> Any:
-    raw = {"id": "task", "onnx": "t.onnx", "quant_mode": "static", "sha256": "0" * 64, "int8_sha256": "1" * 64,
-           "quant_calibration_set": "c.npz", **extra}
-    registry = parse_registry({"schema_version": 1, "models": [raw]}, Path("registry.json"))
-    assert not registry.problems, registry.problems
-    return registry.entries[0]
+    return modelkit.registry_entry(id="task", onnx="t.onnx", quant_mode="static", quant_calibration_set="c.npz",
+                                   **extra)
 
 
 def _sharded_decide(tmp_path: Path, entry: Any, name: str, fp32: np.ndarray, int8: np.ndarray, n: int, chunk: int,

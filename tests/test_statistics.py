@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import onnx
 import pytest
@@ -15,20 +16,18 @@ from conftest import GateProject, rounded_weights
 
 from pytest_quantgate.engine import comparison
 from pytest_quantgate.engine.comparison import CompareOptions, compare
-from pytest_quantgate.records import GateResult
-from pytest_quantgate.errors import FixtureError
 from pytest_quantgate.engine.metrics import DropTerm, bootstrap_drop, samples_needed
+from pytest_quantgate.errors import FixtureError
 from pytest_quantgate.io.registry import parse_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
+from pytest_quantgate.records import GateResult
 
 INPUTS = (TensorSpec("x", "tensor(float)", ("N", 1)),)
 OUTPUTS = (TensorSpec("y", "tensor(float)", ("N", 1)),)
 
 
 def _entry(**extra: Any) -> Any:
-    raw = {"id": "synthetic", "onnx": "s.onnx", "quant_mode": "dynamic", "sha256": "0" * 64,
-           "int8_sha256": "1" * 64, **extra}
-    return parse_registry({"schema_version": 1, "models": [raw]}, Path("registry.json")).entries[0]
+    return modelkit.registry_entry(**extra)
 
 
 def _data(n: int = 300, noise: float = 0.06, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -199,8 +198,8 @@ def _tiny(project: GateProject, samples: int) -> None:
 def _straddling_budget(project: GateProject) -> tuple[float, Any]:
     """Measure the tiny entry as pytest will (same seed stream, 200 replicates); return a budget between the
     point drop and the upper bound, and the result."""
-    from pytest_quantgate.runner import gate
     from pytest_quantgate.io.registry import load_registry
+    from pytest_quantgate.runner import gate
     from pytest_quantgate.settings import Settings
 
     path = project.model / "registry.json"

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import modelkit
 import numpy as np
 import pytest
 
 from pytest_quantgate.engine.comparison import CompareOptions, compare
-from pytest_quantgate.io.registry import parse_registry
 from pytest_quantgate.io.soak import Fixture, TensorSpec
 
 CLASSES, ANCHORS, N = 6, 400, 64
@@ -22,11 +22,8 @@ HEAD = {"detections": {"layout": "yolo", "boxes": "0:4", "scores": "4:", "score_
 
 
 def _entry(**extra: Any) -> Any:
-    raw = {"id": "task", "onnx": "t.onnx", "quant_mode": "static", "sha256": "0" * 64, "int8_sha256": "1" * 64,
-           "quant_calibration_set": "c.npz", **extra}
-    registry = parse_registry({"schema_version": 1, "models": [raw]}, Path("registry.json"))
-    assert not registry.problems, registry.problems
-    return registry.entries[0]
+    return modelkit.registry_entry(id="task", onnx="t.onnx", quant_mode="static", quant_calibration_set="c.npz",
+                                   **extra)
 
 
 def _run(entry: Any, name: str, fp32: np.ndarray, int8: np.ndarray, **arrays: np.ndarray) -> Any:
